@@ -1,0 +1,144 @@
+"""Typed configuration of one imaging rig: the single file (`rig.yaml`) a facility engineer edits.
+
+Every field is validated at start-up, so a bad config fails before the microscope starts streaming.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos in rig.yaml: reject them instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(_Strict):
+    """ZeroMQ endpoints and flow control towards the microscope controller."""
+
+    tile_endpoint: str = Field(
+        "tcp://127.0.0.1:5555",
+        description="Appliance binds a PULL socket here; the controller connects PUSH and sends tiles.",
+    )
+    feedback_endpoint: str = Field(
+        "tcp://127.0.0.1:5556",
+        description="Appliance binds a PUSH socket here; the controller connects PULL and receives "
+        "per-tile results, errors and retake flags.",
+    )
+    max_in_flight: int = Field(
+        8, ge=1, le=1024,
+        description="Credits: tiles between receive and durable write. At the limit the ingest stops "
+        "reading, the ZeroMQ pipe fills and the controller's send blocks (it is slowed, never dropped).",
+    )
+    receive_hwm: int = Field(2, ge=1, le=1000, description="ZeroMQ RCVHWM in messages (tiles are MBs).")
+    max_tile_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Largest accepted pixel frame; larger frames are refused."
+    )
+    max_tile_side: int = Field(32768, ge=16, description="Largest accepted tile height or width (px).")
+
+
+class OutputConfig(_Strict):
+    """Where corrected tiles, originals and the QC record are written."""
+
+    directory: Path = Field(Path("appliance-out"), description="Root output directory (created).")
+    keep_originals: bool = Field(True, description="Keep the as-acquired tile when it was modified.")
+    fsync: bool = Field(True, description="fsync files before a tile counts as done (durability).")
+
+
+class ReplicaConfig(_Strict):
+    """How a Ray Serve deployment is replicated across local GPUs (or CPUs where none)."""
+
+    num_replicas: int = Field(1, ge=1, le=64)
+    num_gpus_per_replica: float = Field(
+        0.0, ge=0.0, le=8.0, description="Fractional GPUs per replica; 0 runs on CPU."
+    )
+    num_cpus_per_replica: float = Field(0.5, ge=0.0, le=64.0)
+    max_ongoing_requests: int = Field(4, ge=1, le=1024)
+    max_queued_requests: int = Field(
+        16, ge=1, le=100_000, description="Serve rejects beyond this; the ingest retries, never drops."
+    )
+    max_batch_size: int = Field(4, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0)
+
+
+class DetectorConfig(ReplicaConfig):
+    """Blur detector: backend and the thresholds that turn a blur estimate into a label."""
+
+    backend: Literal["auto", "onnx", "classical"] = Field(
+        "auto", description="auto = bundled learned model if present, else the classical focus metric."
+    )
+    model_path: Path | None = Field(None, description="ONNX model; None uses the bundled weights.")
+    max_restorable_sigma_px: float = Field(
+        3.0, gt=0.0, le=50.0,
+        description="Largest blur (Gaussian-equivalent PSF sigma, px) the deblur model restores well; "
+        "beyond it a tile is flagged for retake instead of restored.",
+    )
+    sharp_sigma_px: float = Field(
+        0.8, gt=0.0, le=50.0, description="At or below this estimated blur a tile is `sharp`."
+    )
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> DetectorConfig:
+        if self.sharp_sigma_px >= self.max_restorable_sigma_px:
+            raise ValueError(
+                f"detector.sharp_sigma_px ({self.sharp_sigma_px}) must be below "
+                f"detector.max_restorable_sigma_px ({self.max_restorable_sigma_px})"
+            )
+        return self
+
+
+class DeblurConfig(ReplicaConfig):
+    """Deblur model: backend and tiled-inference geometry."""
+
+    backend: Literal["auto", "onnx", "torch", "classical"] = Field(
+        "auto", description="auto = fastest correct learned backend available, else classical Wiener."
+    )
+    model_path: Path | None = Field(None, description="Model file; None uses the bundled weights.")
+
+
+class RayConfig(_Strict):
+    """Ray cluster to run on; defaults start a local one."""
+
+    address: str | None = Field(None, description="Existing cluster address; None starts a local one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (None = all).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local cluster (None = detect).")
+
+
+class RigConfig(_Strict):
+    """Everything the appliance needs to serve one microscope."""
+
+    rig_name: str = Field("rig", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    ingest: IngestConfig = IngestConfig()
+    output: OutputConfig = OutputConfig()
+    detector: DetectorConfig = DetectorConfig()
+    deblur: DeblurConfig = DeblurConfig()
+    ray: RayConfig = RayConfig()
+
+
+class ConfigError(ValueError):
+    """rig.yaml cannot be used; the message names the file, the field and what is wrong."""
+
+
+def load_rig_config(path: Path) -> RigConfig:
+    """Read and validate a rig.yaml; raise ConfigError naming the bad field."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return RigConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: invalid config: {problems}") from exc

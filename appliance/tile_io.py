@@ -1,0 +1,96 @@
+"""Tile pixels on disk: read PNG/TIFF, check they are a usable EM tile, write TIFF atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+SUPPORTED_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.uint8), np.dtype(np.uint16))
+MIN_TILE_SIDE = 32
+
+
+class TileError(ValueError):
+    """A tile cannot be processed; the message names the tile and the problem."""
+
+
+def check_tile_pixels(pixels: np.ndarray, name: str) -> None:
+    """Raise TileError unless `pixels` is a 2-D uint8/uint16 image with some contrast.
+
+    Shapes are (height, width); tiles smaller than MIN_TILE_SIDE px on a side cannot be judged.
+    """
+    if not isinstance(pixels, np.ndarray):
+        raise TileError(f"{name}: expected a numpy array, got {type(pixels).__name__}")
+    if pixels.dtype not in SUPPORTED_DTYPES:
+        raise TileError(f"{name}: unsupported dtype {pixels.dtype}; send uint8 or uint16 grayscale")
+    if pixels.ndim != 2:
+        raise TileError(f"{name}: expected a 2-D grayscale image, got shape {pixels.shape}")
+    if pixels.size == 0:
+        raise TileError(f"{name}: empty image (shape {pixels.shape})")
+    if min(pixels.shape) < MIN_TILE_SIDE:
+        raise TileError(f"{name}: tile {pixels.shape} is smaller than {MIN_TILE_SIDE} px on a side")
+    # A constant tile (beam blanked, detector off) carries no focus information at all.
+    if int(pixels.max()) == int(pixels.min()):
+        raise TileError(f"{name}: constant image (every pixel = {int(pixels.flat[0])}); nothing to judge")
+
+
+def read_tile(path: Path) -> np.ndarray:
+    """Read a PNG or TIFF tile as a 2-D uint8/uint16 array (H, W); raise TileError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TileError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            pixels = tifffile.imread(path)
+        elif suffix == ".png":
+            pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if pixels is None:
+                raise TileError(f"{path}: not a readable PNG")
+        else:
+            raise TileError(f"{path}: unsupported file type {suffix!r}; use .png, .tif or .tiff")
+    except TileError:
+        raise
+    except Exception as exc:  # tifffile raises many types for corrupt files
+        raise TileError(f"{path}: cannot read image: {exc}") from exc
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 3 and pixels.shape[2] in (3, 4) and _channels_equal(pixels):
+        # Grayscale saved as RGB(A) by some viewers: accept, since no information is lost.
+        pixels = np.ascontiguousarray(pixels[:, :, 0])
+    check_tile_pixels(pixels, str(path))
+    return pixels
+
+
+def _channels_equal(pixels: np.ndarray) -> bool:
+    return bool(np.array_equal(pixels[:, :, 0], pixels[:, :, 1]) and np.array_equal(pixels[:, :, 0], pixels[:, :, 2]))
+
+
+def write_tile_atomic(path: Path, pixels: np.ndarray, fsync: bool = True) -> None:
+    """Write `pixels` as TIFF at `path` via temp file + rename, so a reader never sees half a tile."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp_name, pixels, photometric="minisblack")
+        if fsync:
+            _fsync_path(Path(tmp_name), os.O_RDONLY)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    if fsync:
+        # The rename is durable only once the directory entry is on disk.
+        _fsync_path(path.parent, os.O_RDONLY)
+
+
+def _fsync_path(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
