@@ -1,0 +1,1 @@
+"""Training, evaluation and export of the appliance's models (not installed; run from the repo root)."""
