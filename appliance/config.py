@@ -98,6 +98,24 @@ class DeblurConfig(ReplicaConfig):
         "auto", description="auto = fastest correct learned backend available, else classical Wiener."
     )
     model_path: Path | None = Field(None, description="Model file; None uses the bundled weights.")
+    patch_size: int = Field(
+        512, ge=64, le=4096,
+        description="Side (px) of the square patches tiled inference runs on; a multiple of 16.",
+    )
+    patch_overlap: int = Field(
+        32, ge=0, le=512,
+        description="Context (px) each patch shares with its neighbours, blended out so there are no seams.",
+    )
+    patch_batch: int = Field(4, ge=1, le=256, description="Patches per model call (raise on a GPU).")
+
+    @model_validator(mode="after")
+    def _patch_geometry(self) -> DeblurConfig:
+        if self.patch_size % 16 or self.patch_size <= 4 * self.patch_overlap:
+            raise ValueError(
+                f"deblur.patch_size ({self.patch_size}) must be a multiple of 16 and more than "
+                f"4 x deblur.patch_overlap ({self.patch_overlap})"
+            )
+        return self
 
 
 class RayConfig(_Strict):
