@@ -64,6 +64,28 @@ class ReplicaConfig(_Strict):
     max_batch_size: int = Field(4, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0)
 
+    @model_validator(mode="after")
+    def _batch_fits_replica(self) -> ReplicaConfig:
+        # A replica never holds more than max_ongoing_requests, so a larger batch could never fill.
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) must not exceed max_ongoing_requests "
+                f"({self.max_ongoing_requests})"
+            )
+        return self
+
+    def deployment_options(self) -> dict[str, object]:
+        """Ray Serve `.options(...)` for this deployment: replicas pinned, queues bounded."""
+        return {
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {
+                "num_cpus": self.num_cpus_per_replica,
+                "num_gpus": self.num_gpus_per_replica,
+            },
+        }
+
 
 class DetectorConfig(ReplicaConfig):
     """Blur detector: backend and the thresholds that turn a blur estimate into a label."""

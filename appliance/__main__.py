@@ -1,0 +1,3 @@
+from appliance.cli import app
+
+app(prog_name="python -m appliance")

@@ -1,0 +1,100 @@
+"""`python -m appliance ...`: demo, serve, score, deblur."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from appliance.config import ConfigError, DeblurConfig, DetectorConfig, load_rig_config
+from appliance.offline import FileResult
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def demo(
+    tiles: Annotated[int, typer.Option(min=1, help="Tiles to replay (the bundled samples in turn).")] = 120,
+    rate: Annotated[float, typer.Option(min=0.0, help="Tiles/s to send; 0 = flat out.")] = 25.4,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default appliance-out/demo-<time>).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run the whole appliance locally on CPU on the bundled real EM sample tiles and print a summary."""
+    _setup_logging(verbose)
+    from appliance.demo import run_demo
+    from appliance.report import print_table, replay_table
+
+    report, output_dir = run_demo(out, tiles, rate or None)
+    print_table(replay_table(report, "appliance demo", {"outputs": str(output_dir)}))
+    if report.lost or report.duplicated:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option(help="Rig config (see rig.example.yaml).")],
+    verbose: bool = False,
+) -> None:
+    """Run the appliance for a rig until SIGTERM/SIGINT, then drain in-flight tiles and exit."""
+    _setup_logging(verbose)
+    try:
+        cfg = load_rig_config(config)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    from appliance.service import serve_until_signal
+
+    serve_until_signal(cfg)
+
+
+def _emit(results: list[FileResult] | object, as_json: bool) -> int:
+    failures = 0
+    for result in results:  # type: ignore[attr-defined]
+        if result.error:
+            failures += 1
+            err_console.print(f"[red]error:[/red] {result.error}")
+        elif as_json:
+            print(json.dumps(result.record), flush=True)
+        else:
+            record = result.record
+            print(" ".join(f"{key}={record[key]}" for key in record if key != "region_scores"), flush=True)
+    return failures
+
+
+@app.command()
+def score(
+    files: Annotated[list[Path], typer.Argument(help="PNG/TIFF tiles, 8- or 16-bit grayscale.")],
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per file.")] = False,
+    backend: Annotated[str, typer.Option(help="auto | onnx | classical")] = "auto",
+) -> None:
+    """Score focus offline: blur_score (0 sharp ... 1 very blurred), label, blur estimate, region map."""
+    from appliance.offline import score_files
+
+    failures = _emit(score_files(files, DetectorConfig(backend=backend)), json_lines)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def deblur(
+    files: Annotated[list[Path], typer.Argument(help="PNG/TIFF tiles, 8- or 16-bit grayscale.")],
+    out: Annotated[Path, typer.Option(help="Directory for the restored TIFFs (created).")],
+    force: Annotated[bool, typer.Option(help="Restore every file, not only those scored `soft`.")] = False,
+    backend: Annotated[str, typer.Option(help="auto | onnx | torch | classical")] = "auto",
+) -> None:
+    """Restore soft-focus tiles offline with the same detector and deblur model as the appliance."""
+    from appliance.offline import deblur_files
+
+    results = deblur_files(files, out, DetectorConfig(), DeblurConfig(backend=backend), force)
+    if _emit(results, True):
+        raise typer.Exit(1)

@@ -1,0 +1,241 @@
+"""Wire protocol v1 (docs/protocol.md): msgpack headers + raw pixel frames; validation only, no I/O.
+
+Nothing received is ever unpickled: headers are msgpack maps checked field by field, pixels are raw
+bytes whose length must match the declared shape and dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
+SECTION_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
+DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
+
+ErrorCode = Literal[
+    "bad_message", "unknown_version", "unknown_type", "bad_field", "bad_frame", "oversized",
+    "duplicate_seq", "bad_pixels", "processing_failed",
+]
+
+
+class ProtocolError(ValueError):
+    """A message broke the protocol; `code` is the wire error code, context echoes what was readable."""
+
+    def __init__(self, code: ErrorCode, message: str, context: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        self.context = context or {}
+
+
+class _Header(BaseModel):
+    # strict: a wire "5" is not the int 5, and true is not 1.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    v: Literal[1]
+    section: str = Field(pattern=SECTION_NAME)
+
+
+class SectionStart(_Header):
+    type: Literal["start"]
+    expected_tiles: int = Field(0, ge=0)
+
+
+class TileHeader(_Header):
+    type: Literal["tile"]
+    tile_id: str = Field(pattern=SAFE_NAME)
+    seq: int = Field(ge=0, lt=2**63)
+    shape: list[Annotated[int, Field(ge=1, le=2**20)]] = Field(min_length=2, max_length=2)
+    dtype: Literal["uint8", "uint16"]
+    pixel_size_nm: float = Field(gt=0)
+    stage_x_um: float
+    stage_y_um: float
+    t_acquired: float
+    t_sent: float
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.shape[0] * self.shape[1] * DTYPES[self.dtype].itemsize
+
+
+class SectionEnd(_Header):
+    type: Literal["end"]
+    n_tiles: int = Field(ge=0)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A validated tile: its header and its pixels (H, W) as a read-only view of the received frame."""
+
+    header: TileHeader
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    max_tile_bytes: int
+    max_tile_side: int
+    min_tile_side: int = 32
+
+
+StreamMessage = SectionStart | Tile | SectionEnd
+_HEADER_TYPES: dict[str, type[_Header]] = {"start": SectionStart, "tile": TileHeader, "end": SectionEnd}
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def unpack_map(frame: bytes | memoryview, max_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+    """Decode one msgpack map with string keys; raise ProtocolError(bad_message) otherwise."""
+    if len(frame) > max_bytes:
+        raise ProtocolError("bad_message", f"header frame is {len(frame)} bytes; the limit is {max_bytes}")
+    try:
+        obj = msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, ext_hook=_reject_ext,
+            max_str_len=max_bytes, max_bin_len=max_bytes,
+            max_array_len=4096, max_map_len=256,
+        )
+    except (ValueError, msgpack.UnpackException) as exc:  # ExtraData, FormatError, StackError, ...
+        raise ProtocolError("bad_message", f"header frame is not valid msgpack: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_message", f"header must be a msgpack map, got {type(obj).__name__}")
+    return obj
+
+
+def _echo(raw: dict[str, Any]) -> dict[str, Any]:
+    """The identifying fields of a bad message, kept only when they are plain values."""
+    echoed: dict[str, Any] = {}
+    for key in ("section", "tile_id"):
+        if isinstance(raw.get(key), str) and len(raw[key]) <= 128:
+            echoed[key] = raw[key]
+    if isinstance(raw.get("seq"), int) and not isinstance(raw.get("seq"), bool):
+        echoed["seq"] = raw["seq"]
+    return echoed
+
+
+def decode_stream_message(frames: Sequence[bytes | memoryview], limits: StreamLimits) -> StreamMessage:
+    """Validate one multipart message from the controller; raise ProtocolError with a wire code."""
+    if not frames:
+        raise ProtocolError("bad_message", "empty multipart message")
+    raw = unpack_map(frames[0])
+    context = _echo(raw)
+    if raw.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "unknown_version", f"protocol version {raw.get('v')!r} is not supported; send v={PROTOCOL_VERSION}",
+            context,
+        )
+    kind = raw.get("type")
+    header_type = _HEADER_TYPES.get(kind) if isinstance(kind, str) else None
+    if header_type is None:
+        raise ProtocolError("unknown_type", f"message type {kind!r} is not one of start, tile, end", context)
+    expected_frames = 2 if kind == "tile" else 1
+    if len(frames) != expected_frames:
+        raise ProtocolError(
+            "bad_message", f"a {kind} message has {expected_frames} frame(s), got {len(frames)}", context
+        )
+    try:
+        header = header_type.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'header'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ProtocolError("bad_field", f"invalid {kind} header: {problems}", context) from None
+    if not isinstance(header, TileHeader):
+        return header
+    return Tile(header=header, pixels=_decode_pixels(header, frames[1], limits, context))
+
+
+def _decode_pixels(
+    header: TileHeader, frame: bytes | memoryview, limits: StreamLimits, context: dict[str, Any]
+) -> np.ndarray:
+    height, width = header.shape
+    if max(height, width) > limits.max_tile_side:
+        raise ProtocolError(
+            "oversized", f"tile shape {height}x{width} exceeds the {limits.max_tile_side} px side limit", context
+        )
+    if min(height, width) < limits.min_tile_side:
+        raise ProtocolError(
+            "bad_field", f"tile shape {height}x{width} is below the {limits.min_tile_side} px side minimum",
+            context,
+        )
+    if len(frame) > limits.max_tile_bytes:
+        raise ProtocolError(
+            "oversized", f"pixel frame is {len(frame)} bytes; the limit is {limits.max_tile_bytes}", context
+        )
+    if len(frame) != header.frame_bytes:
+        raise ProtocolError(
+            "bad_frame",
+            f"pixel frame is {len(frame)} bytes but shape {height}x{width} {header.dtype} needs "
+            f"{header.frame_bytes} (truncated or wrong shape/dtype)",
+            context,
+        )
+    return np.frombuffer(frame, dtype=DTYPES[header.dtype]).reshape(height, width)
+
+
+def _pack(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def encode_start(section: str, expected_tiles: int = 0) -> list[bytes]:
+    """Frames of a `start` message."""
+    return [_pack({"v": PROTOCOL_VERSION, "type": "start", "section": section, "expected_tiles": expected_tiles})]
+
+
+def encode_end(section: str, n_tiles: int) -> list[bytes]:
+    """Frames of an `end` message."""
+    return [_pack({"v": PROTOCOL_VERSION, "type": "end", "section": section, "n_tiles": n_tiles})]
+
+
+def encode_tile(header: TileHeader, pixels: np.ndarray) -> list[bytes | memoryview]:
+    """Frames of a `tile` message; pixels are sent without a copy when already C-contiguous."""
+    expected = DTYPES[header.dtype]
+    if pixels.shape != tuple(header.shape) or pixels.dtype.newbyteorder("<") != expected:
+        raise ValueError(f"pixels {pixels.shape} {pixels.dtype} do not match header {header.shape} {header.dtype}")
+    pixels = np.ascontiguousarray(pixels, dtype=expected)
+    return [_pack(header.model_dump()), memoryview(pixels).cast("B")]
+
+
+# ---- feedback (appliance -> controller) ----
+
+FeedbackType = Literal["result", "retake", "error", "section_done"]
+_FEEDBACK_KEYS: dict[str, frozenset[str]] = {
+    "result": frozenset(
+        {"section", "tile_id", "seq", "label", "action", "blur_score", "sigma_px", "path", "latency_s"}
+    ),
+    "retake": frozenset({"section", "tile_id", "seq", "reason", "blur_score"}),
+    "error": frozenset({"code", "message", "section", "tile_id", "seq"}),
+    "section_done": frozenset(
+        {"section", "n_done", "n_sharp", "n_soft", "n_retake", "n_error", "n_expected"}
+    ),
+}
+
+
+def encode_feedback(kind: FeedbackType, **fields: Any) -> bytes:
+    """One feedback frame; the keys must be exactly those of `kind` in docs/protocol.md."""
+    expected = _FEEDBACK_KEYS[kind]
+    if set(fields) != expected:
+        raise ValueError(f"{kind} feedback needs keys {sorted(expected)}, got {sorted(fields)}")
+    return _pack({"v": PROTOCOL_VERSION, "type": kind, **fields})
+
+
+def decode_feedback(frame: bytes | memoryview) -> dict[str, Any]:
+    """Validate one feedback frame (controller side); raise ProtocolError on anything unexpected."""
+    raw = unpack_map(frame)
+    if raw.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("unknown_version", f"feedback version {raw.get('v')!r} is not {PROTOCOL_VERSION}")
+    kind = raw.get("type")
+    if kind not in _FEEDBACK_KEYS:
+        raise ProtocolError("unknown_type", f"feedback type {kind!r} is unknown")
+    keys = set(raw) - {"v", "type"}
+    if keys != _FEEDBACK_KEYS[kind]:
+        raise ProtocolError("bad_field", f"{kind} feedback has keys {sorted(keys)}")
+    return raw

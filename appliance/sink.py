@@ -1,0 +1,212 @@
+"""Sink actor: writes each tile and its QC record durably, then tells the controller (result, retake).
+
+A tile counts as done only after its file and its QC line are on disk; only then is its `result` sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import zmq
+
+from appliance.assessment import BlurAssessment
+from appliance.config import OutputConfig
+from appliance.feedback import FeedbackChannel
+from appliance.protocol import ErrorCode, TileHeader, encode_feedback
+from appliance.tile_io import write_tile_atomic
+
+log = logging.getLogger(__name__)
+
+QC_FILENAME = "qc.jsonl"
+
+
+class QcLog:
+    """Append-only JSON Lines QC record; each line is flushed (and fsynced) before it counts."""
+
+    def __init__(self, path: Path, fsync: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fsync = fsync
+        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n")
+        self._handle.flush()
+        if self._fsync:
+            os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+@dataclass
+class TileOutcome:
+    """What the ingest learned about one tile, handed to the sink with the pixels."""
+
+    header: TileHeader
+    t_received: float
+    assessment: BlurAssessment | None = None
+    deblur_version: str = ""
+    failure: str = ""
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def tile_paths(output_dir: Path, header: TileHeader) -> tuple[Path, Path]:
+    """(delivered tile, kept original) paths for a tile; names come from validated protocol fields."""
+    section_dir = output_dir / header.section
+    return section_dir / f"{header.tile_id}.tif", section_dir / "originals" / f"{header.tile_id}.tif"
+
+
+def _action(outcome: TileOutcome, restored: bool) -> str:
+    if outcome.failure:
+        return "failed"
+    if restored:
+        return "restored"
+    assert outcome.assessment is not None
+    return "flagged" if outcome.assessment.label == "retake" else "written"
+
+
+@ray.remote(num_cpus=0)
+class SinkActor:
+    """Owns the output directory, the QC record and the feedback socket (one writer for each)."""
+
+    def __init__(self, output: OutputConfig, feedback_endpoint: str) -> None:
+        self._output = output
+        self._dir = Path(output.directory).resolve()
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._qc = QcLog(self._dir / QC_FILENAME, output.fsync)
+        self._context = zmq.Context()
+        self._feedback = FeedbackChannel(self._context, feedback_endpoint)
+        self._qc_lock = asyncio.Lock()
+        self._counts: Counter[str] = Counter()
+        self._section_counts: dict[str, Counter[str]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    def endpoints(self) -> dict[str, str]:
+        return {"feedback": self._feedback.endpoint, "output_dir": str(self._dir)}
+
+    async def write_tile(
+        self, outcome: TileOutcome, pixels: np.ndarray, restored: np.ndarray | None
+    ) -> str:
+        """Write the delivered tile (+ original when restored), the QC line, then send feedback.
+
+        pixels / restored: (H, W) uint8/uint16, usually ObjectRefs resolved by Ray. Returns the action.
+        """
+        self._ensure_flusher()
+        header = outcome.header
+        delivered_path, original_path = tile_paths(self._dir, header)
+        t0 = time.perf_counter()
+        is_restored = restored is not None and not outcome.failure
+        await asyncio.to_thread(
+            write_tile_atomic, delivered_path, restored if is_restored else pixels, self._output.fsync
+        )
+        kept_original = is_restored and self._output.keep_originals
+        if kept_original:
+            await asyncio.to_thread(write_tile_atomic, original_path, pixels, self._output.fsync)
+        action = _action(outcome, is_restored)
+        timings = {**outcome.timings_s, "write_s": time.perf_counter() - t0}
+        latency_s = time.time() - outcome.t_received
+        timings["total_s"] = latency_s
+        assessment = outcome.assessment
+        record: dict[str, Any] = {
+            "t": time.time(),
+            "section": header.section,
+            "tile_id": header.tile_id,
+            "seq": header.seq,
+            "action": action,
+            "path": str(delivered_path.relative_to(self._dir)),
+            "original_path": str(original_path.relative_to(self._dir)) if kept_original else None,
+            "shape": list(header.shape),
+            "dtype": header.dtype,
+            "pixel_size_nm": header.pixel_size_nm,
+            "stage_x_um": header.stage_x_um,
+            "stage_y_um": header.stage_y_um,
+            "t_acquired": header.t_acquired,
+            **(assessment.to_record() if assessment else {"label": None, "blur_score": None}),
+            "deblur_version": outcome.deblur_version if is_restored else None,
+            "error": outcome.failure or None,
+            "timings_s": timings,
+        }
+        record["detector_version"] = record.pop("model_version", None)
+        async with self._qc_lock:
+            await asyncio.to_thread(self._qc.append, record)
+        self._count(header.section, "error" if outcome.failure else str(record["label"]))
+        ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
+        if outcome.failure:
+            self._send_error("processing_failed", f"tile written as acquired: {outcome.failure}", ids)
+            return action
+        assert assessment is not None
+        self._feedback.send(encode_feedback(
+            "result", **ids, label=assessment.label, action=action, blur_score=assessment.blur_score,
+            sigma_px=assessment.sigma_px, path=record["path"], latency_s=latency_s,
+        ))
+        if assessment.label == "retake":
+            self._feedback.send(encode_feedback(
+                "retake", **ids, reason=assessment.reason or "beyond repair", blur_score=assessment.blur_score
+            ))
+        return action
+
+    async def record_rejection(self, code: ErrorCode, message: str, context: dict[str, Any]) -> None:
+        """A message was refused: QC line first (durable), then the error to the controller."""
+        ids = {key: context.get(key) for key in ("section", "tile_id", "seq")}
+        record = {"t": time.time(), **ids, "action": "rejected", "code": code, "error": message}
+        async with self._qc_lock:
+            await asyncio.to_thread(self._qc.append, record)
+        self._counts["rejected"] += 1
+        self._send_error(code, message, ids)
+
+    def finish_section(self, section: str, n_expected: int | None) -> dict[str, int | None]:
+        """All tiles of `section` are done: send `section_done` with its counts."""
+        counts = self._section_counts.pop(section, Counter())
+        summary: dict[str, int | None] = {
+            "n_done": sum(counts.values()),
+            "n_sharp": counts["sharp"],
+            "n_soft": counts["soft"],
+            "n_retake": counts["retake"],
+            "n_error": counts["error"],
+            "n_expected": n_expected,
+        }
+        self._feedback.send(encode_feedback("section_done", section=section, **summary))
+        return summary
+
+    def stats(self) -> dict[str, int]:
+        return {**self._counts, "feedback_pending": self._feedback.pending,
+                "feedback_overflowed": self._feedback.n_overflowed}
+
+    def close(self) -> dict[str, int]:
+        """Flush what the controller has not taken yet (bounded by LINGER) and close files."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        stats = self.stats()
+        self._feedback.close()
+        self._context.term()
+        self._qc.close()
+        return stats
+
+    def _count(self, section: str, outcome: str) -> None:
+        self._counts[outcome] += 1
+        self._section_counts.setdefault(section, Counter())[outcome] += 1
+
+    def _send_error(self, code: ErrorCode, message: str, ids: dict[str, Any]) -> None:
+        self._feedback.send(encode_feedback("error", code=code, message=message, **ids))
+
+    def _ensure_flusher(self) -> None:
+        # Frames queued while the controller was away go out even when no new tile arrives.
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            if self._feedback.pending:
+                self._feedback.flush()
