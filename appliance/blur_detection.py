@@ -109,10 +109,13 @@ def extract_patches(tile: np.ndarray, per_cell: int = 1) -> tuple[np.ndarray, np
 
 
 _IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
-# Median re-blur estimate -> true added sigma, measured on the training split (models/detector/
-# calibrate_classical.py): the raw estimate includes the images' own blur and the pre-smoothing.
-_CLASSICAL_RAW = np.array([0.84, 0.93, 1.09, 1.30, 1.76, 3.0])
-_CLASSICAL_TRUE = np.array([0.0, 0.5, 1.0, 2.0, 3.0, 6.0])
+# Median raw re-blur estimate -> true added sigma on the training split, measured by
+# `python -m models.detector.calibrate_classical`: the raw value includes the images' own blur and the
+# pre-smoothing, and under-reads large blur (few edges survive the noise threshold).
+# Beyond ~2 px the raw value stops rising, so the classical backend cannot tell 2 px from 6 px: it
+# reports at most 2 px and relies on "not judgeable" (no edges left) for strong blur.
+_CLASSICAL_RAW = np.array([0.75, 0.83, 1.07, 1.35])
+_CLASSICAL_TRUE = np.array([0.0, 0.5, 1.0, 2.0])
 
 
 def _gradient_magnitude(image: np.ndarray) -> np.ndarray:
@@ -146,6 +149,11 @@ class ClassicalBackend:
         return PatchEstimates(sigma, weight, np.ones(n), np.zeros(n))
 
     def _one(self, patch: np.ndarray) -> tuple[float, float]:
+        raw, weight = self.raw_sigma(patch)
+        return float(np.interp(raw, _CLASSICAL_RAW, _CLASSICAL_TRUE)), weight
+
+    def raw_sigma(self, patch: np.ndarray) -> tuple[float, float]:
+        """Uncalibrated re-blur sigma (px) of one float patch and its weight (0 = no usable edges)."""
         # Immerkaer's noise estimate; the edge threshold keeps noise from posing as sharp detail.
         noise = float(np.abs(cv2.filter2D(patch, cv2.CV_32F, _IMMERKAER)[1:-1, 1:-1]).mean())
         noise *= math.sqrt(math.pi / 2) / 6
@@ -156,8 +164,7 @@ class ClassicalBackend:
         if edges.mean() < 0.01:
             return 0.0, 0.0
         ratio = max(float(g0[edges].sum() / max(g1[edges].sum(), 1e-12)), 1.0001)
-        raw = self._reblur_sigma / math.sqrt(ratio * ratio - 1.0)
-        return float(np.interp(raw, _CLASSICAL_RAW, _CLASSICAL_TRUE)), 1.0
+        return self._reblur_sigma / math.sqrt(ratio * ratio - 1.0), 1.0
 
 
 class OnnxBackend:
@@ -272,7 +279,9 @@ class BlurDetector:
     def from_config(cls, cfg: DetectorConfig) -> BlurDetector:
         """Build the backend named by cfg.backend (`auto`: bundled learned model if present)."""
         model_path = Path(cfg.model_path) if cfg.model_path is not None else BUNDLED_MODEL
-        if cfg.backend == "classical" or (cfg.backend == "auto" and not model_path.is_file()):
+        # auto falls back only when no model was asked for: a missing configured model is an error.
+        fallback = cfg.model_path is None and not model_path.is_file()
+        if cfg.backend == "classical" or (cfg.backend == "auto" and fallback):
             return cls(ClassicalBackend(), cfg)
         if not model_path.is_file():
             raise FileNotFoundError(

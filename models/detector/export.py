@@ -1,0 +1,74 @@
+"""Export a trained BlurNet checkpoint to ONNX (+ a JSON sidecar) for the appliance runtime.
+
+    python -m models.detector.export models/detector/runs/v1/best.pt
+
+Writes appliance/weights/blur_detector.onnx and blur_detector.json (model_version, patch size, output
+layout, training config), then checks ONNX Runtime agrees with torch on random patches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.detector.net import OUTPUTS, BlurNet
+from models.detector.train import LOG_OFFSET
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "appliance" / "weights"
+PATCH = 64
+
+
+def load_checkpoint(checkpoint: Path) -> BlurNet:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = BlurNet(tuple(state["config"]["model"]["widths"]))
+    model.load_state_dict(state["state_dict"])
+    return model.eval()
+
+
+def export(checkpoint: Path, out_dir: Path = WEIGHTS_DIR) -> Path:
+    """Checkpoint -> out_dir/blur_detector.onnx (dynamic batch) + .json; returns the ONNX path."""
+    import onnxruntime as ort
+
+    model = load_checkpoint(checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / "blur_detector.onnx"
+    example = torch.rand(4, 1, PATCH, PATCH)
+    torch.onnx.export(
+        model, (example,), str(onnx_path), input_names=["patches"], output_names=["estimates"],
+        dynamic_axes={"patches": {0: "n"}, "estimates": {0: "n"}}, opset_version=17, dynamo=False,
+    )
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:8]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    meta = {
+        "model_version": f"blurnet-v1-{digest}",
+        "patch": PATCH,
+        "input": "patches float32 (N, 1, 64, 64) in [0, 1] (pixel / dtype max)",
+        "outputs": list(OUTPUTS),
+        "log_offset": LOG_OFFSET,
+        "epoch": state["epoch"],
+        "train_config": state["config"],
+    }
+    onnx_path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    # The runtime trusts this file: prove it computes what the torch model computes.
+    x = np.random.default_rng(0).random((16, 1, PATCH, PATCH), dtype=np.float32)
+    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"patches": x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    print(f"exported {onnx_path} ({onnx_path.stat().st_size} bytes), {meta['model_version']}")
+    return onnx_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    export(parser.parse_args().checkpoint)
+
+
+if __name__ == "__main__":
+    main()
