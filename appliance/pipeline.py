@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 DETECTOR_APP = "blur-detector"
 DEBLUR_APP = "deblur"
+# Per-request access logs at 25 tiles/s would drown the rig's log; warnings and errors still show.
+SERVE_LOGGING = LoggingConfig(log_level="WARNING", enable_access_log=False)
 
 
 @dataclass(frozen=True)
@@ -45,17 +47,16 @@ class Appliance:
     def start(self) -> RunningEndpoints:
         """Start Ray (local unless configured), deploy both models, bind the sockets."""
         self._init_ray()
-        # No HTTP proxy: tiles arrive over ZeroMQ only. Per-request access logs would drown the rig's log.
-        serve.start(
-            proxy_location="Disabled",
-            logging_config=LoggingConfig(log_level="WARNING", enable_access_log=False),
-        )
+        # No HTTP proxy: tiles arrive over ZeroMQ only.
+        serve.start(proxy_location="Disabled", logging_config=SERVE_LOGGING)
         detector = serve.run(
-            DetectorDeployment.options(**self.cfg.detector.deployment_options()).bind(self.cfg.detector),
+            DetectorDeployment.options(**self.cfg.detector.deployment_options(), logging_config=SERVE_LOGGING)
+            .bind(self.cfg.detector),
             name=DETECTOR_APP, route_prefix=None,
         )
         deblur = serve.run(
-            DeblurDeployment.options(**self.cfg.deblur.deployment_options()).bind(self.cfg.deblur),
+            DeblurDeployment.options(**self.cfg.deblur.deployment_options(), logging_config=SERVE_LOGGING)
+            .bind(self.cfg.deblur),
             name=DEBLUR_APP, route_prefix=None,
         )
         self._sink = SinkActor.remote(self.cfg.output, self.cfg.ingest.feedback_endpoint)
@@ -83,6 +84,7 @@ class Appliance:
         if self._owns_ray:
             ray.shutdown()
         self._ingest = self._sink = None
+        self.endpoints = None
         return final
 
     def _init_ray(self) -> None:

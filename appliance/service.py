@@ -23,10 +23,14 @@ def serve_until_signal(cfg: RigConfig, stop: threading.Event | None = None) -> d
         log.warning("%s received: draining in-flight tiles", signal.Signals(signum).name)
         stop.set()
 
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in signals}
     appliance = Appliance(cfg)
     try:
         endpoints = appliance.start()
+        # ray.init installs its own fatal-signal handlers in this process: take SIGTERM/SIGINT back.
+        for sig in signals:
+            signal.signal(sig, _on_signal)
         print(f"appliance {cfg.rig_name} ready: tiles {endpoints.tile}, feedback {endpoints.feedback}, "
               f"output {endpoints.output_dir}", flush=True)
         while not stop.wait(STATS_EVERY_S):
