@@ -47,6 +47,7 @@ class Appliance:
     def start(self) -> RunningEndpoints:
         """Start Ray (local unless configured), deploy both models, bind the sockets."""
         self._init_ray()
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
         # No HTTP proxy: tiles arrive over ZeroMQ only.
         serve.start(proxy_location="Disabled", logging_config=SERVE_LOGGING)
         detector = serve.run(

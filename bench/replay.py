@@ -1,0 +1,195 @@
+"""Replay tiles over ZeroMQ to an appliance and measure it; also time the bare detector/deblur loops.
+
+Examples:
+  python bench/replay.py --local --tiles 300                        # MultiSEM-size tiles, 25.4 tiles/s
+  python bench/replay.py --local --tiles 300 --rate 0               # flat out
+  python bench/replay.py --tiles-dir /data/section_0001 --tile-endpoint tcp://rig:5555 \
+      --feedback-endpoint tcp://rig:5556                            # a running appliance
+
+Generated tiles are mosaics of real EM (../shared/data/isbi2012-train) at MultiSEM size (default
+2400x2400 uint8, 5.76 MB); by default 1 in 16 is made soft (Gaussian sigma 1.5 px) and 1 in 16 beyond
+repair (sigma 6 px) with models.blur_synth. Prints a table and writes a JSON report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # bench/ runs from a checkout: models/ is importable from there
+
+from appliance.config import ConfigError, IngestConfig, RigConfig, load_rig_config  # noqa: E402
+from appliance.replay_client import MULTISEM_TILES_PER_S, ControllerClient, ReplayReport  # noqa: E402
+from appliance.report import print_table, replay_table  # noqa: E402
+from appliance.tile_io import TileError, read_tile  # noqa: E402
+
+app = typer.Typer(add_completion=False)
+
+
+def multisem_tiles(count: int, side: int, dtype: str, soft_every: int, retake_every: int) -> list[tuple[str, np.ndarray]]:
+    """A pool of `count` real-EM mosaics of side x side px; some soft or beyond repair (blur_synth)."""
+    from models.blur_synth import BlurParams, load_image, load_split, synthesize
+
+    images = [load_image(path) for path in load_split("train") + load_split("val") + load_split("test")]
+    rng = np.random.default_rng(0)
+    pool = []
+    for index in range(count):
+        picks = rng.choice(len(images), size=(side // 512 + 1) ** 2)
+        rows = side // 512 + 1
+        mosaic = np.vstack([np.hstack([images[p] for p in picks[r * rows:(r + 1) * rows]]) for r in range(rows)])
+        sharp = mosaic[:side, :side]
+        if dtype == "uint16":
+            sharp = sharp.astype(np.uint16) * 257
+        params, kind = None, "sharp"
+        if retake_every and index % retake_every == retake_every - 1:
+            params, kind = BlurParams("gaussian", 6.0), "retake"
+        elif soft_every and index % soft_every == soft_every // 2:
+            params, kind = BlurParams("gaussian", 1.5), "soft"
+        tile = sharp if params is None else synthesize(sharp, params, rng, noise=True, dtype=np.dtype(dtype))
+        pool.append((f"{kind}{index:03d}", np.ascontiguousarray(tile)))
+    return pool
+
+
+def directory_tiles(directory: Path) -> list[tuple[str, np.ndarray]]:
+    """Every PNG/TIFF in `directory` (sorted), read and checked; a bad file stops the bench naming it."""
+    paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff"))
+    if not paths:
+        raise typer.BadParameter(f"no .png/.tif/.tiff tiles in {directory}")
+    return [(path.stem, read_tile(path)) for path in paths]
+
+
+def numbered(pool: list[tuple[str, np.ndarray]], count: int) -> Iterator[tuple[str, np.ndarray]]:
+    for index, (name, pixels) in enumerate(itertools.islice(itertools.cycle(pool), count)):
+        yield f"{index:06d}_{name}", pixels
+
+
+def time_bare_loops(cfg: RigConfig, pool: list[tuple[str, np.ndarray]], repeats: int) -> dict[str, Any]:
+    """Detector and deblur called directly in this process (no Ray, no ZeroMQ) on the same tiles."""
+    from appliance.blur_detection import BlurDetector
+    from appliance.restoration import TileRestorer
+
+    detector = BlurDetector.from_config(cfg.detector)
+    restorer = TileRestorer.from_config(cfg.deblur)
+    tiles = [pixels for _, pixels in pool]
+    detector.assess(tiles[:1])  # warm-up (session creation, caches)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        assessments = detector.assess(tiles)
+    detect_s = (time.perf_counter() - t0) / (repeats * len(tiles))
+    soft = [(tile, a) for tile, a in zip(tiles, assessments, strict=True) if a.label == "soft"]
+    deblur_s = float("nan")
+    if soft:
+        t1 = time.perf_counter()
+        for tile, assessment in soft:
+            restorer.restore([tile], [assessment])
+        deblur_s = (time.perf_counter() - t1) / len(soft)
+    soft_fraction = len(soft) / len(tiles)
+    per_tile_s = detect_s + soft_fraction * (deblur_s if soft else 0.0)
+    return {
+        "detector_version": detector.model_version, "deblur_version": restorer.model_version,
+        "detect_s_per_tile": detect_s, "deblur_s_per_soft_tile": deblur_s, "soft_fraction": soft_fraction,
+        "detector_tiles_per_s": 1.0 / detect_s, "deblur_tiles_per_s": 1.0 / deblur_s if soft else None,
+        "bare_mix_tiles_per_s": 1.0 / per_tile_s,
+        "labels": {label: sum(a.label == label for a in assessments) for label in ("sharp", "soft", "retake")},
+    }
+
+
+def bench_config(config: Path | None) -> RigConfig:
+    if config is None:
+        return RigConfig(ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*"))
+    try:
+        return load_rig_config(config)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def main(
+    tiles: Annotated[int, typer.Option(min=1, help="Tiles to send.")] = 300,
+    rate: Annotated[float, typer.Option(min=0.0, help="Tiles/s; 0 = flat out.")] = MULTISEM_TILES_PER_S,
+    tiles_dir: Annotated[Path | None, typer.Option(help="Replay these PNG/TIFF tiles instead of generated ones.")] = None,
+    side: Annotated[int, typer.Option(min=64, help="Generated tile side (px).")] = 2400,
+    dtype: Annotated[str, typer.Option(help="Generated tile dtype: uint8 | uint16.")] = "uint8",
+    pool: Annotated[int, typer.Option(min=1, help="Distinct generated tiles, sent in turn.")] = 16,
+    soft_every: Annotated[int, typer.Option(min=0, help="Every Nth generated tile is soft (0 = none).")] = 16,
+    retake_every: Annotated[int, typer.Option(min=0, help="Every Nth is beyond repair (0 = none).")] = 16,
+    local: Annotated[bool, typer.Option(help="Start an appliance in this process (local Ray) for the run.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Rig config for --local and the bare loops.")] = None,
+    tile_endpoint: Annotated[str, typer.Option(help="Running appliance's tile endpoint.")] = "tcp://127.0.0.1:5555",
+    feedback_endpoint: Annotated[str, typer.Option(help="Running appliance's feedback endpoint.")] = "tcp://127.0.0.1:5556",
+    bare_repeats: Annotated[int, typer.Option(min=0, help="Passes of the bare loops over the pool (0 = skip).")] = 1,
+    json_out: Annotated[Path | None, typer.Option(help="JSON report path.")] = None,
+) -> None:
+    """Replay tiles, print throughput/latency/loss and the pipeline/bare ratio, write JSON."""
+    if dtype not in ("uint8", "uint16"):
+        raise typer.BadParameter(f"--dtype {dtype!r}: use uint8 or uint16")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cfg = bench_config(config)
+    try:
+        tile_pool = directory_tiles(tiles_dir) if tiles_dir else multisem_tiles(pool, side, dtype, soft_every,
+                                                                                 retake_every)
+    except TileError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    mb = tile_pool[0][1].nbytes / 1e6
+    print(f"{len(tile_pool)} distinct tiles of {tile_pool[0][1].shape} {tile_pool[0][1].dtype} ({mb:.2f} MB)")
+
+    bare = time_bare_loops(cfg, tile_pool, bare_repeats) if bare_repeats else None
+
+    from appliance.demo import run_replay
+    from appliance.pipeline import Appliance
+
+    section = time.strftime("bench-%Y%m%d-%H%M%S")
+    if local:
+        appliance = Appliance(cfg)
+        appliance.start()
+        try:
+            report = run_replay(appliance, numbered(tile_pool, tiles), tiles, rate or None, section)
+            stats = appliance.stats()
+        finally:
+            appliance.drain_and_stop()
+    else:
+        with ControllerClient(tile_endpoint, feedback_endpoint) as client:
+            report = client.send_section(section, numbered(tile_pool, tiles), rate_hz=rate or None)
+        stats = None
+    _report(report, bare, stats, rate, json_out, tile_pool)
+
+
+def _report(
+    report: ReplayReport, bare: dict[str, Any] | None, stats: dict[str, Any] | None, rate: float,
+    json_out: Path | None, tile_pool: list[tuple[str, np.ndarray]],
+) -> None:
+    extra: dict[str, Any] = {"target rate": f"{rate} tiles/s" if rate else "flat out"}
+    ratio = None
+    if bare:
+        ratio = report.tiles_per_s / bare["bare_mix_tiles_per_s"]
+        extra["bare detector"] = f"{bare['detector_tiles_per_s']:.1f} tiles/s ({bare['detector_version']})"
+        if bare["deblur_tiles_per_s"]:
+            extra["bare deblur"] = f"{bare['deblur_tiles_per_s']:.2f} tiles/s ({bare['deblur_version']})"
+        extra["bare loop, same mix"] = f"{bare['bare_mix_tiles_per_s']:.1f} tiles/s"
+        extra["pipeline / bare"] = f"{ratio:.2f}"
+    print_table(replay_table(report, "bench/replay.py", extra))
+    out = json_out or REPO_ROOT / "bench" / "results" / f"replay-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "pipeline": report.summary(), "bare": bare, "pipeline_over_bare": ratio, "appliance_stats": stats,
+        "tile_shape": list(tile_pool[0][1].shape), "tile_dtype": str(tile_pool[0][1].dtype),
+        "tile_mb": tile_pool[0][1].nbytes / 1e6, "rate_hz": rate or None, "cpu_count": os.cpu_count(),
+    }
+    out.write_text(json.dumps(payload, indent=2, default=float))
+    print(f"JSON report: {out}")
+    if report.lost or report.duplicated:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
