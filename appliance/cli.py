@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from appliance.config import ConfigError, DeblurConfig, DetectorConfig, load_rig_config
 from appliance.offline import FileResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-err_console = Console(stderr=True)
+
+
+def _error(message: str) -> None:
+    # Plain, unwrapped lines: operators grep them and scripts parse them.
+    typer.echo(f"error: {message}", err=True)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -50,7 +53,7 @@ def serve(
     try:
         cfg = load_rig_config(config)
     except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        _error(str(exc))
         raise typer.Exit(2) from None
     from appliance.service import serve_until_signal
 
@@ -62,7 +65,7 @@ def _emit(results: list[FileResult] | object, as_json: bool) -> int:
     for result in results:  # type: ignore[attr-defined]
         if result.error:
             failures += 1
-            err_console.print(f"[red]error:[/red] {result.error}")
+            _error(result.error)
         elif as_json:
             print(json.dumps(result.record), flush=True)
         else:
