@@ -129,6 +129,10 @@ class IngestActor:
             self._credits.release()
         except ProtocolError as exc:
             self._spawn(self._reject(exc.code, exc.message, exc.context), section=None, holds_credit=True)
+        except Exception as exc:  # e.g. object store full: tell the controller, keep the loop alive
+            log.exception("could not accept a message")
+            self._spawn(self._reject("processing_failed", f"appliance could not accept the message: {exc!r}; "
+                                     "resend it", {}), section=None, holds_credit=True)
 
     def _accept_tile(self, tile: Tile, t_received: float) -> None:
         header = tile.header
