@@ -148,10 +148,10 @@ class IngestActor:
             check_tile_pixels(tile.pixels, f"{header.section}/{header.tile_id}")
         except TileError as exc:
             raise ProtocolError("bad_pixels", str(exc), ids) from None
-        section.seqs.add(header.seq)
-        section.tile_ids.add(header.tile_id)
         # One copy, into the object store; everything downstream passes the reference.
         pixels_ref = ray.put(tile.pixels)
+        section.seqs.add(header.seq)
+        section.tile_ids.add(header.tile_id)
         self._stats["tiles_accepted"] += 1
         self._spawn(self._process_tile(header, pixels_ref, t_received), section=section, holds_credit=True)
 
