@@ -70,6 +70,19 @@ class ReplayReport:
 TileSource = Iterable[tuple[str, np.ndarray]]
 
 
+def tile_frames(
+    section: str, tile_id: str, seq: int, pixels: np.ndarray, pixel_size_nm: float = 4.0
+) -> list[bytes | memoryview]:
+    """Frames of one `tile` message, stamped now; the stage position is a stand-in grid from `seq`."""
+    now = time.time()
+    header = TileHeader(
+        v=1, type="tile", section=section, tile_id=tile_id, seq=seq, shape=list(pixels.shape),
+        dtype=str(pixels.dtype), pixel_size_nm=pixel_size_nm, stage_x_um=float(seq % 100),
+        stage_y_um=float(seq // 100), t_acquired=now, t_sent=now,
+    )
+    return encode_tile(header, pixels)
+
+
 class ControllerClient:
     """PUSH tiles to `tile_endpoint`, PULL feedback from `feedback_endpoint` (docs/protocol.md)."""
 
@@ -117,14 +130,8 @@ class ControllerClient:
                 delay = t_start + seq / rate_hz - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-            now = time.time()
-            header = TileHeader(
-                v=1, type="tile", section=section, tile_id=tile_id, seq=seq, shape=list(pixels.shape),
-                dtype=str(pixels.dtype), pixel_size_nm=pixel_size_nm, stage_x_um=float(seq % 100),
-                stage_y_um=float(seq // 100), t_acquired=now, t_sent=now,
-            )
             sent_at[seq] = time.perf_counter()
-            self._send(encode_tile(header, pixels), report)
+            self._send(tile_frames(section, tile_id, seq, pixels, pixel_size_nm), report)
             report.sent += 1
             report.bytes_sent += pixels.nbytes
             if on_progress:

@@ -12,8 +12,7 @@ import pytest
 
 from appliance.config import DeblurConfig, DetectorConfig, IngestConfig, OutputConfig, RigConfig
 from appliance.demo import cycle_tiles
-from appliance.protocol import TileHeader, encode_tile
-from appliance.replay_client import ControllerClient
+from appliance.replay_client import ControllerClient, tile_frames
 from appliance.tile_io import read_tile
 
 LOOPBACK = dict(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*")
@@ -76,21 +75,13 @@ def test_fast_controller_is_slowed_not_dropped(
     assert report.send_blocked_s > 0.2, "the controller's send should have blocked while the appliance was full"
 
 
-def _tile_frames(section: str, tile_id: str, seq: int, pixels: np.ndarray) -> list[bytes | memoryview]:
-    header = TileHeader(
-        v=1, type="tile", section=section, tile_id=tile_id, seq=seq, shape=list(pixels.shape),
-        dtype=str(pixels.dtype), pixel_size_nm=4.0, stage_x_um=0.0, stage_y_um=0.0, t_acquired=0.0, t_sent=0.0,
-    )
-    return encode_tile(header, pixels)
-
-
 def test_each_bad_input_gets_its_error_and_the_stream_continues(
     start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
 ) -> None:
     appliance = start_appliance(rig(tmp_path, max_tile_bytes=600_000))
     endpoints = appliance.endpoints  # type: ignore[attr-defined]
     good = real_em_tiles[0][1]
-    good_frames = _tile_frames("bad", "good_0", 0, good)
+    good_frames = tile_frames("bad", "good_0", 0, good)
     header = bytes(good_frames[0])
     fields = msgpack.unpackb(header)
     bad_messages: list[tuple[str, list[bytes | memoryview]]] = [
@@ -98,15 +89,15 @@ def test_each_bad_input_gets_its_error_and_the_stream_continues(
         ("unknown_version", [msgpack.packb({**fields, "v": 7, "seq": 101}), good_frames[1]]),
         ("bad_field", [msgpack.packb({**fields, "dtype": "float64", "seq": 102}), good_frames[1]]),
         ("bad_frame", [msgpack.packb({**fields, "seq": 103}), bytes(good_frames[1])[:1000]]),
-        ("oversized", _tile_frames("bad", "big", 104, np.tile(good, (2, 2)))),
+        ("oversized", tile_frames("bad", "big", 104, np.tile(good, (2, 2)))),
         ("duplicate_seq", [msgpack.packb({**fields, "tile_id": "other"}), good_frames[1]]),
-        ("bad_pixels", _tile_frames("bad", "blank", 105, np.full((512, 512), 7, np.uint8))),
+        ("bad_pixels", tile_frames("bad", "blank", 105, np.full((512, 512), 7, np.uint8))),
     ]
     with ControllerClient(endpoints.tile, endpoints.feedback) as controller:
         controller.send_raw(good_frames)
         for _, frames in bad_messages:
             controller.send_raw(frames)
-        controller.send_raw(_tile_frames("bad", "good_1", 1, real_em_tiles[1][1]))
+        controller.send_raw(tile_frames("bad", "good_1", 1, real_em_tiles[1][1]))
         assert controller.wait_for(
             lambda fb: sum(m["type"] == "result" for m in fb) == 2 and sum(m["type"] == "error" for m in fb) == 7,
             timeout_s=60,

@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from appliance.demo import cycle_tiles
-from appliance.replay_client import ControllerClient
+from appliance.replay_client import ControllerClient, tile_frames
 
 
 def _serve(config: Path) -> subprocess.Popen[str]:
@@ -56,13 +56,7 @@ def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
         tile_endpoint, feedback_endpoint = _wait_ready(process)
         with ControllerClient(tile_endpoint, feedback_endpoint) as controller:
             for seq, (tile_id, pixels) in enumerate(cycle_tiles(real_em_tiles, 12)):
-                from appliance.protocol import TileHeader, encode_tile
-
-                header = TileHeader(
-                    v=1, type="tile", section="term", tile_id=tile_id, seq=seq, shape=list(pixels.shape),
-                    dtype="uint8", pixel_size_nm=4.0, stage_x_um=0.0, stage_y_um=0.0, t_acquired=0.0, t_sent=0.0,
-                )
-                controller.send_raw(encode_tile(header, pixels))
+                controller.send_raw(tile_frames("term", tile_id, seq, pixels))
             # Wait until the ingest has accepted tiles, then stop it while they are in flight.
             assert controller.wait_for(lambda fb: len(fb) >= 1, timeout_s=60)
             process.send_signal(signal.SIGTERM)
