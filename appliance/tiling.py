@@ -1,9 +1,10 @@
 """Overlap-and-blend tiled inference: run a fully convolutional model on an image of any size.
 
 Pure numpy: the model is any callable `run_batch(patches (N, 1, P, P) float32) -> (N, 1, P, P) float32`.
-The image is reflect-padded by `overlap`, cut into P x P patches that overlap by 2 * `overlap`, and the
-outputs are blended with weights that ramp down to ~0 at each patch border, so the seams where a patch
-saw zero padding carry no weight and the result matches whole-image inference within tolerance.
+The image is reflect-padded by `overlap`, cut into patches (side <= P) that overlap by 2 * `overlap`, and
+the outputs are blended with weights that ramp down to ~0 at each patch border, so the pixels a patch
+restored with little context (next to its zero-padded border) carry little weight: no seams, and the
+result matches whole-image inference within tolerance.
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ def patch_starts(length: int, patch: int, stride: int) -> list[int]:
 def _ramp(length: int, overlap: int) -> np.ndarray:
     ramp = np.ones(length, dtype=np.float64)
     if overlap > 0:
-        # Starts just above 0 so that every pixel keeps a positive total weight.
-        t = (np.arange(overlap) + 0.5) / overlap
+        # Neighbouring patches share 2 * overlap px; over that band one patch's weight rises as the
+        # other's falls (raised cosine, they sum to 1), so the pixels a patch saw near its own border,
+        # with little context, count least. Starts just above 0: every pixel keeps a positive weight.
+        band = 2 * overlap
+        t = (np.arange(band) + 0.5) / band
         edge = 0.5 - 0.5 * np.cos(np.pi * t)
-        ramp[:overlap] = edge
-        ramp[length - overlap :] = edge[::-1]
+        ramp[:band] = edge
+        ramp[length - band :] = edge[::-1]
     return ramp
 
 
 def blend_window(height: int, width: int, overlap: int) -> np.ndarray:
-    """(height, width) float32 weights: raised-cosine ramp over `overlap` px at each border, 1 inside."""
+    """(height, width) float32 weights: raised-cosine ramp over 2 * `overlap` px at each border."""
     return np.outer(_ramp(height, overlap), _ramp(width, overlap)).astype(np.float32)
 
 
@@ -56,9 +60,8 @@ def run_tiled(
             f"run_tiled: patch {patch} must be a multiple of {multiple} and > 4 * overlap {overlap}"
         )
     height, width = image.shape
-    # Patches smaller than P where the image is: shrink P so tiny tiles are not padded 10x.
-    patch_h = min(patch, _round_up(height + 2 * overlap, multiple))
-    patch_w = min(patch, _round_up(width + 2 * overlap, multiple))
+    patch_h = _patch_side(height, patch, overlap, multiple)
+    patch_w = _patch_side(width, patch, overlap, multiple)
     pad_bottom = max(0, patch_h - (height + 2 * overlap))
     pad_right = max(0, patch_w - (width + 2 * overlap))
     padded = _reflect_pad(image, overlap, overlap + pad_bottom, overlap, overlap + pad_right)
@@ -82,6 +85,16 @@ def run_tiled(
             weight[y : y + patch_h, x : x + patch_w] += window
     result = accum / weight
     return result[overlap : overlap + height, overlap : overlap + width]
+
+
+def _patch_side(length: int, patch: int, overlap: int, multiple: int) -> int:
+    """Smallest patch side <= `patch` that covers `length` px in as few patches as `patch` allows.
+
+    A fixed side would waste work: a 512 px tile with 32 px context needs 576 px, i.e. four 512 px
+    patches, where one 576 px patch (or, capped at 512, two 320 px ones per axis) does.
+    """
+    count = max(1, -(-length // (patch - 2 * overlap)))
+    return min(patch, _round_up(-(-length // count) + 2 * overlap, multiple))
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -1,0 +1,280 @@
+"""Deblur benchmark on the held-out test images: learned model vs Wiener and Richardson–Lucy.
+
+    nice -n 10 python bench/deblur_eval.py          # writes bench/results/deblur_eval.json + PNG figure
+
+1. Quality: per blur family and strength, mean PSNR / SSIM (uint8, vs the sharp original) of the
+   blurred input, Wiener and Richardson–Lucy given the TRUE PSF with their parameter (noise-to-signal
+   ratio, iteration count) picked per tile by the PSNR against the truth (their best case, an oracle
+   no rig has), and the learned model (TileRestorer, blind: it is given nothing but the pixels).
+   Tiles: the 4 test images (512x512) x `--draws` renderings each, Poisson-Gaussian noise drawn as in
+   training. `tilted` has no single PSF, so the classical columns are empty there.
+2. Target row: Gaussian sigma 1-3 px plus noise, averaged over the strengths in that range.
+3. Restorable range: the largest strength at which the model still restores well on every family
+   (criterion in `restorable_sigma`): the value for `DetectorConfig.max_restorable_sigma_px`.
+4. Figure: input / Wiener / model / truth crops, bench/results/deblur_examples.png.
+5. Speed: megapixels/s and full-size tiles/s (2400x2400 uint8, 1700x1700 uint16) per backend on this
+   machine; on a CUDA machine also the GPU backends (torch fp16 channels_last, ONNX Runtime CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # models/ is not installed
+
+from appliance.assessment import BlurAssessment  # noqa: E402
+from appliance.config import DeblurConfig  # noqa: E402
+from appliance.deconvolution import richardson_lucy, wiener_deconvolve  # noqa: E402
+from appliance.restoration import BUNDLED_MODEL, TileRestorer  # noqa: E402
+from models.blur_synth import (  # noqa: E402
+    FAMILIES,
+    BlurParams,
+    load_image,
+    load_split,
+    psf_kernel,
+    quantize,
+    sample_blur,
+    synthesize,
+    to_unit_float,
+)
+from models.deblur.metrics import psnr, ssim  # noqa: E402
+
+STRENGTHS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
+TARGET_RANGE = (1.0, 3.0)
+WIENER_NSR = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
+RL_ITERATIONS = (2, 5, 10, 20, 35, 50)
+METHODS = ("input", "wiener", "rl", "model")
+# "Restores well" at a strength: mean PSNR gain >= 2 dB over the input AND mean SSIM >= 0.6 on every
+# family. Past it the output is either barely better than the input or structurally wrong.
+RESTORABLE_MIN_GAIN_DB = 2.0
+RESTORABLE_MIN_SSIM = 0.6
+RESULTS = REPO / "bench" / "results"
+
+
+def fixed_blur(family: str, sigma: float, rng: np.random.Generator) -> BlurParams:
+    """A blur of exactly `sigma`; anisotropy and angle drawn as in training."""
+    drawn = sample_blur(rng, family, sigma_range=(sigma, sigma))
+    return BlurParams(family, sigma, drawn.anisotropy, drawn.angle_deg)  # type: ignore[arg-type]
+
+
+def best_wiener(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Wiener output (uint8) with the noise-to-signal ratio that is best against the truth."""
+    candidates = [quantize(np.clip(wiener_deconvolve(blurred01, psf, n), 0, 1)) for n in WIENER_NSR]
+    return max(candidates, key=lambda c: psnr(c, truth, 255.0))
+
+
+def best_rl(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Richardson–Lucy output (uint8) at the iteration count that is best against the truth."""
+    candidates = [quantize(np.clip(richardson_lucy(blurred01, psf, n), 0, 1)) for n in RL_ITERATIONS]
+    return max(candidates, key=lambda c: psnr(c, truth, 255.0))
+
+
+def restore_cell(
+    restorer: TileRestorer | None, images: list[np.ndarray], family: str, sigma: float, draws: int, seed: int
+) -> tuple[dict[str, dict[str, float]], list[dict[str, np.ndarray]]]:
+    """Mean PSNR/SSIM per method for one (family, strength) cell, plus the outputs of the first tile."""
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS}
+    examples = []
+    for image in images:
+        for _ in range(draws):
+            params = fixed_blur(family, sigma, rng)
+            blurred = synthesize(image, params, rng)
+            outputs = {"input": blurred}
+            if family != "tilted":
+                psf = psf_kernel(params)
+                outputs["wiener"] = best_wiener(to_unit_float(blurred), psf, image)
+                outputs["rl"] = best_rl(to_unit_float(blurred), psf, image)
+            if restorer is not None:
+                assessment = BlurAssessment(0.5, "soft", sigma, params.anisotropy, params.angle_deg)
+                outputs["model"] = restorer.restore([blurred], [assessment])[0]
+            for name, out in outputs.items():
+                scores[name].append((psnr(out, image, 255.0), ssim(out, image, 255.0)))
+            examples.append({**outputs, "truth": image})
+    cell = {
+        m: {"psnr": float(np.mean([s[0] for s in v])), "ssim": float(np.mean([s[1] for s in v])), "n": len(v)}
+        for m, v in scores.items()
+        if v
+    }
+    if "model" in cell and "wiener" in cell:
+        # Per tile, the better classical answer (an even stronger baseline than the better mean).
+        better = [max(w[0], r[0]) for w, r in zip(scores["wiener"], scores["rl"], strict=True)]
+        cell["best_classical_per_tile"] = {"psnr": float(np.mean(better)), "n": len(better)}
+    return cell, examples[:1]
+
+
+def target_summary(table: dict[str, dict[str, dict]]) -> dict[str, float]:
+    """Gaussian blur in TARGET_RANGE: mean PSNR per method and the model's gains (dB)."""
+    cells = [c for key, c in table.items() if key.startswith("gaussian@")
+             and TARGET_RANGE[0] <= float(key.split("@")[1]) <= TARGET_RANGE[1]]
+    mean = {m: float(np.mean([c[m]["psnr"] for c in cells])) for m in METHODS if all(m in c for c in cells)}
+    summary = {f"{m}_psnr": v for m, v in mean.items()}
+    if "model" in mean:
+        summary["model_gain_over_input_db"] = mean["model"] - mean["input"]
+        summary["model_gain_over_better_classical_db"] = mean["model"] - max(mean["wiener"], mean["rl"])
+        per_tile = float(np.mean([c["best_classical_per_tile"]["psnr"] for c in cells]))
+        summary["model_gain_over_per_tile_best_classical_db"] = mean["model"] - per_tile
+    return summary
+
+
+def restorable_sigma(table: dict[str, dict[str, dict]]) -> float | None:
+    """Largest strength up to which the model restores well on every family (see RESTORABLE_*)."""
+    largest = None
+    for sigma in STRENGTHS:
+        cells = [table.get(f"{family}@{sigma}") for family in FAMILIES]
+        if any(c is None or "model" not in c for c in cells):
+            break
+        ok = all(
+            c["model"]["psnr"] - c["input"]["psnr"] >= RESTORABLE_MIN_GAIN_DB
+            and c["model"]["ssim"] >= RESTORABLE_MIN_SSIM
+            for c in cells
+        )
+        if not ok:
+            break
+        largest = sigma
+    return largest
+
+
+def write_figure(examples: dict[str, dict[str, np.ndarray]], path: Path, crop: int = 192) -> None:
+    """Rows = blur cases, columns = input / Wiener (true PSF) / model / truth; 2x nearest zoom, labelled."""
+    columns = ("input", "wiener", "model", "truth")
+    rows = []
+    for case, outputs in examples.items():
+        cells = []
+        for name in columns:
+            image = outputs.get(name)
+            if image is None:
+                tile = np.full((crop, crop), 255, np.uint8)
+                label = f"{name}: n/a (no single PSF)"
+            else:
+                tile = image[160 : 160 + crop, 160 : 160 + crop]
+                label = f"{case} {name}" if name == "input" else name
+            tile = cv2.resize(tile, (2 * crop, 2 * crop), interpolation=cv2.INTER_NEAREST)
+            cv2.putText(tile, label, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 255, 3, cv2.LINE_AA)
+            cv2.putText(tile, label, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 0, 1, cv2.LINE_AA)
+            cells.append(np.pad(tile, 2, constant_values=255))
+        rows.append(np.hstack(cells))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.vstack(rows)):
+        raise OSError(f"{path}: could not write the figure")
+
+
+def full_size_tiles() -> dict[str, np.ndarray]:
+    """Blurred full-size tiles (~5.8 MB): 2400x2400 uint8 and 1700x1700 uint16, mosaics of test images."""
+    rng = np.random.default_rng(7)
+    blurred = [synthesize(load_image(p), BlurParams("gaussian", 2.0), rng) for p in load_split("test")]
+    mosaic = np.block([[blurred[(r + 2 * c) % 4] for c in range(5)] for r in range(5)])
+    return {
+        "2400x2400_uint8": np.ascontiguousarray(mosaic[:2400, :2400]),
+        "1700x1700_uint16": np.ascontiguousarray(mosaic[:1700, :1700].astype(np.uint16) * 257),
+    }
+
+
+def bench_speed(restorer: TileRestorer, seconds: float, batch: int) -> dict[str, float]:
+    """Megapixels/s and tiles/s of restore() on full-size tiles, after one warm-up batch."""
+    result: dict[str, float] = {}
+    for name, tile in full_size_tiles().items():
+        tiles = [tile] * batch
+        assessments = [BlurAssessment(0.5, "soft", 2.0)] * batch
+        restorer.restore(tiles, assessments)  # warm-up: session, allocations, cuDNN autotuning
+        n, start = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - start < seconds:
+            restorer.restore(tiles, assessments)
+            n += batch
+        elapsed = time.perf_counter() - start
+        result[f"{name}_tiles_per_s"] = n / elapsed
+        result[f"{name}_megapixels_per_s"] = n * tile.size / 1e6 / elapsed
+    return result
+
+
+def speed_backends(model_path: Path | None) -> list[tuple[str, DeblurConfig]]:
+    backends = [("classical", DeblurConfig(backend="classical"))]
+    if model_path is not None and model_path.is_file():
+        backends.append(("onnx", DeblurConfig(backend="onnx", model_path=model_path)))
+        if Path("/proc/driver/nvidia/version").exists():
+            # GPU: big patches in big batches; `auto` picks torch fp16 or ONNX Runtime CUDA.
+            gpu = {"model_path": model_path, "patch_size": 1024, "patch_batch": 16}
+            backends += [("auto", DeblurConfig(backend="auto", **gpu)),
+                         ("torch", DeblurConfig(backend="torch", **gpu))]
+    return backends
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="ONNX model (sidecar .json beside)")
+    parser.add_argument("--draws", type=int, default=2, help="renderings per test image and cell")
+    parser.add_argument("--strengths", type=float, nargs="*", default=list(STRENGTHS))
+    parser.add_argument("--speed-seconds", type=float, default=20.0)
+    parser.add_argument("--speed-batch", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS / "deblur_eval.json")
+    parser.add_argument("--seed", type=int, default=4)
+    args = parser.parse_args()
+
+    model_path = args.model if args.model.is_file() else None
+    restorer = TileRestorer.from_config(DeblurConfig(backend="onnx", model_path=model_path)) if model_path else None
+    images = [load_image(p) for p in load_split("test")]
+    table: dict[str, dict] = {}
+    examples: dict[str, dict[str, np.ndarray]] = {}
+    for f_index, family in enumerate(FAMILIES):
+        for s_index, sigma in enumerate(args.strengths):
+            key = f"{family}@{sigma:g}"
+            seed = args.seed * 1000 + f_index * 100 + s_index
+            table[key], first = restore_cell(restorer, images, family, float(sigma), args.draws, seed)
+            if sigma in (2.0, 3.0) and family in ("gaussian", "astigmatic", "tilted"):
+                examples[f"{family} s={sigma:g}"] = first[0]
+            print(_row_text(key, table[key]), flush=True)
+    figure = RESULTS / "deblur_examples.png"
+    write_figure(examples, figure)
+    speed = {}
+    for name, cfg in speed_backends(model_path):
+        speed_restorer = TileRestorer.from_config(cfg)
+        speed[speed_restorer.backend] = bench_speed(speed_restorer, args.speed_seconds, args.speed_batch)
+        print(name, speed_restorer.backend, json.dumps(speed[speed_restorer.backend]), flush=True)
+    result = {
+        "model_version": restorer.model_version if restorer else None,
+        "table": table,
+        "target_gaussian_sigma_1_3": target_summary(table),
+        "max_restorable_sigma_px": restorable_sigma(table),
+        "restorable_criterion": f"every family: mean PSNR gain >= {RESTORABLE_MIN_GAIN_DB} dB over the "
+        f"blurred input and mean SSIM >= {RESTORABLE_MIN_SSIM}",
+        "speed": speed,
+        "figure": str(figure.relative_to(REPO)),
+        "settings": {"draws": args.draws, "seed": args.seed, "wiener_nsr_grid": WIENER_NSR,
+                     "rl_iterations_grid": RL_ITERATIONS, "test_images": [p.name for p in load_split("test")]},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "gpu": Path("/proc/driver/nvidia/version").exists()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print_summary(result)
+    print(f"wrote {args.out} and {figure}")
+
+
+def _row_text(key: str, cell: dict) -> str:
+    parts = [f"{key:16s}"]
+    for m in METHODS:
+        parts.append(f"{m} {cell[m]['psnr']:6.2f}/{cell[m]['ssim']:.3f}" if m in cell else f"{m}    n/a     ")
+    return " | ".join(parts)
+
+
+def print_summary(result: dict) -> None:
+    print("\nPSNR dB / SSIM (uint8, vs sharp original), mean over test tiles")
+    print(f"{'family@sigma':16s} | " + " | ".join(f"{m:>14s}" for m in METHODS))
+    for key, cell in result["table"].items():
+        print(_row_text(key, cell))
+    print("\nTarget (Gaussian sigma 1-3 px + noise):", json.dumps(result["target_gaussian_sigma_1_3"], indent=1))
+    print("max_restorable_sigma_px:", result["max_restorable_sigma_px"], "-", result["restorable_criterion"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Export a trained run to the runtime's weights: ONNX (CPU / ONNX Runtime CUDA) + torch.export (GPU).
+
+`python -m models.deblur.export --run models/deblur/runs/nafnet-w16-v1` writes, atomically,
+appliance/weights/deblur.onnx, deblur.pt2 and deblur.json (the sidecar `appliance.restoration` reads),
+after checking that ONNX Runtime reproduces the torch model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.deblur.network import DeblurNet
+from models.deblur.train import build_model
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "appliance" / "weights"
+ONNX_OPSET = 17
+# Largest |torch - ONNX Runtime| accepted on the model scale (fp32 both; differences are summation order).
+EXPORT_TOLERANCE = 1e-4
+
+
+def load_run(run_dir: Path, checkpoint: str = "best.pt") -> tuple[DeblurNet, dict[str, Any]]:
+    """Model in eval mode and the checkpoint dict (config, step, val_psnr) of a training run."""
+    state = torch.load(run_dir / checkpoint, map_location="cpu", weights_only=False)
+    model = build_model(state["config"]["model"])
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def export_onnx(model: DeblurNet, path: Path) -> None:
+    """ONNX with dynamic batch, height and width (multiples of model.size_multiple)."""
+    dummy = torch.zeros(1, 1, 4 * model.size_multiple, 4 * model.size_multiple)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    # The TorchScript exporter: no onnxscript dependency, and the graph is plain convolutions.
+    torch.onnx.export(
+        model, (dummy,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+        input_names=["blurred"], output_names=["restored"],
+        dynamic_axes={"blurred": axes, "restored": axes},
+    )
+
+
+def export_program(model: DeblurNet, path: Path) -> None:
+    """torch.export program (no Python class needed to load it) with dynamic batch, height, width."""
+    multiple = model.size_multiple
+    dummy = torch.zeros(2, 1, 8 * multiple, 8 * multiple)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    dynamic = {"x": {0: batch, 2: multiple * torch.export.Dim("h", min=1, max=1024),
+                     3: multiple * torch.export.Dim("w", min=1, max=1024)}}
+    program = torch.export.export(model, (dummy,), dynamic_shapes=dynamic)
+    torch.export.save(program, str(path))
+
+
+def max_onnx_difference(model: DeblurNet, onnx_path: Path, seed: int = 0) -> float:
+    """Largest |torch - ONNX Runtime CPU| on a random non-square batch (model scale)."""
+    import onnxruntime as ort
+
+    m = model.size_multiple
+    probe = np.random.default_rng(seed).random((2, 1, 12 * m, 20 * m), dtype=np.float32)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(probe)).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(["restored"], {"blurred": probe})[0]
+    return float(np.abs(expected - got).max())
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_run(run_dir: Path, out_dir: Path = WEIGHTS_DIR, checkpoint: str = "best.pt") -> dict[str, Any]:
+    """Export `run_dir/checkpoint` into `out_dir` (deblur.onnx, deblur.pt2, deblur.json); returns the card."""
+    model, state = load_run(run_dir, checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        staging = Path(tmp)
+        export_onnx(model, staging / "deblur.onnx")
+        difference = max_onnx_difference(model, staging / "deblur.onnx")
+        if difference > EXPORT_TOLERANCE:
+            raise RuntimeError(f"ONNX export disagrees with torch by {difference:.2e} > {EXPORT_TOLERANCE}")
+        export_program(model, staging / "deblur.pt2")
+        cfg = state["config"]
+        card = {
+            "model_version": f"deblur-{cfg['run_name']}-step{state['step']}",
+            "size_multiple": model.size_multiple,
+            "input_name": "blurred",
+            "output_name": "restored",
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "val_psnr_model_scale": state["val_psnr"],
+            "onnx_max_abs_diff_vs_torch": difference,
+            "onnx_sha256": _sha256(staging / "deblur.onnx"),
+            "recipe": cfg,
+            "torch": torch.__version__,
+        }
+        (staging / "deblur.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        # Rename each file into place only after all three were written and checked.
+        for name in ("deblur.onnx", "deblur.pt2", "deblur.json"):
+            os.replace(staging / name, out_dir / name)
+    return card
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="models/deblur/runs/<run_name>")
+    parser.add_argument("--checkpoint", default="best.pt")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    args = parser.parse_args()
+    card = export_run(args.run, args.out, args.checkpoint)
+    print(json.dumps({k: card[k] for k in ("model_version", "parameters", "onnx_max_abs_diff_vs_torch")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""DeblurNet: a small NAFNet-style U-Net (Chen et al., "Simple Baselines for Image Restoration", 2022).
+
+Kept from NAFNet: LayerNorm2d, depthwise 3x3 convolutions, SimpleGate instead of activations, the
+feed-forward half of each block, per-block learned residual scales, strided-conv down / PixelShuffle up,
+a global residual (the network predicts the correction to its input).
+Dropped: Simplified Channel Attention. Its global average pool makes every output pixel depend on the
+whole input, so a patch would restore differently from the same pixels inside a 2400 x 2400 tile
+(the train/test mismatch NAFNet's authors fix with TLC); without it the network is local, and tiled
+inference equals whole-image inference up to the blended patch borders.
+
+Input and output: float32 (N, 1, H, W) on the scale of `appliance.intensity.to_model_scale`;
+H and W must be multiples of 2 ** len(enc_blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of each pixel (N, C, H, W)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class SimpleGate(nn.Module):
+    """Split channels in two halves and multiply them: NAFNet's replacement for GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return a * b
+
+
+class NAFBlock(nn.Module):
+    """Spatial mixing (1x1 -> depthwise 3x3 -> gate -> 1x1) then a gated feed-forward, both residual."""
+
+    def __init__(self, channels: int, expand: int = 2) -> None:
+        super().__init__()
+        hidden = channels * expand
+        self.norm1 = LayerNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, hidden, 1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.conv3 = nn.Conv2d(hidden // 2, channels, 1)
+        self.norm2 = LayerNorm2d(channels)
+        self.conv4 = nn.Conv2d(channels, hidden, 1)
+        self.conv5 = nn.Conv2d(hidden // 2, channels, 1)
+        self.gate = SimpleGate()
+        # Zero-initialised residual scales: every block starts as the identity (stable early training).
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv3(self.gate(self.conv2(self.conv1(self.norm1(x)))))
+        x = x + y * self.beta
+        y = self.conv5(self.gate(self.conv4(self.norm2(x))))
+        return x + y * self.gamma
+
+
+class DeblurNet(nn.Module):
+    """U-Net of NAFBlocks: `width` channels at full resolution, doubled at each of the encoder levels."""
+
+    def __init__(
+        self,
+        width: int = 16,
+        enc_blocks: tuple[int, ...] = (1, 1, 2),
+        middle_blocks: int = 2,
+        dec_blocks: tuple[int, ...] = (1, 1, 1),
+    ) -> None:
+        super().__init__()
+        if len(enc_blocks) != len(dec_blocks):
+            raise ValueError(f"enc_blocks {enc_blocks} and dec_blocks {dec_blocks} need the same length")
+        self.intro = nn.Conv2d(1, width, 3, padding=1)
+        self.ending = nn.Conv2d(width, 1, 3, padding=1)
+        self.encoders = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        channels = width
+        for count in enc_blocks:
+            self.encoders.append(nn.Sequential(*[NAFBlock(channels) for _ in range(count)]))
+            self.downs.append(nn.Conv2d(channels, channels * 2, 2, stride=2))
+            channels *= 2
+        self.middle = nn.Sequential(*[NAFBlock(channels) for _ in range(middle_blocks)])
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for count in dec_blocks:
+            self.ups.append(nn.Sequential(nn.Conv2d(channels, channels * 2, 1, bias=False), nn.PixelShuffle(2)))
+            channels //= 2
+            self.decoders.append(nn.Sequential(*[NAFBlock(channels) for _ in range(count)]))
+        self.size_multiple = 2 ** len(enc_blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.intro(x)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs, strict=True):
+            features = encoder(features)
+            skips.append(features)
+            features = down(features)
+        features = self.middle(features)
+        for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips), strict=True):
+            features = decoder(up(features) + skip)
+        return x + self.ending(features)
