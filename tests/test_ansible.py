@@ -176,6 +176,24 @@ def _remove_user(rig: Rig) -> None:
         subprocess.run(["groupdel", rig.group], capture_output=True, check=False)
 
 
+def _nft_can_check() -> bool:
+    """Whether this machine can validate an nftables ruleset (nft installed, and root for netlink)."""
+    return shutil.which("nft") is not None and os.geteuid() == 0
+
+
+def _fake_nvidia_smi(path: Path) -> Path:
+    # Stands in for the driver's CLI on machines without GPUs: the exact output of
+    # `nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader` on a 2-GPU rig.
+    path.write_text(
+        "#!/bin/sh\n"
+        "echo '0, NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB'\n"
+        "echo '1, NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB'\n",
+        encoding="utf-8",
+    )
+    path.chmod(0o755)
+    return path
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory):
     """Apply the playbook twice to a fresh throwaway rig, then once more with a code and config change."""
@@ -186,17 +204,31 @@ def rig(tmp_path_factory: pytest.TempPathFactory):
         if rig.first.returncode == 0:
             rig.second = _playbook(rig.inventory, rig.vars_file)
             rig.cpu_config = load_rig_config(rig.rig_yaml)
-        # A code edit and a GPU rig's config, pushed with tags: only install and config may change.
+        # A code edit, two GPUs found and a firewall, pushed with tags: only these parts may change.
         (rig.source / "appliance" / "_ci_marker.py").write_text("CI_EDIT = True\n", encoding="utf-8")
-        rig.write_vars(deblur_appliance_num_gpus=2, deblur_appliance_max_in_flight=16)
+        rig.write_vars(
+            deblur_appliance_require_gpu=True,
+            deblur_appliance_nvidia_smi=str(_fake_nvidia_smi(root / "nvidia-smi")),
+            deblur_appliance_max_in_flight=16,
+            deblur_appliance_manage_firewall=_nft_can_check(),
+            deblur_appliance_controller_address="192.0.2.10",
+        )
         rig.third = (
-            _playbook(rig.inventory, rig.vars_file, "--tags", "install,config")
-            if rig.second is not None and rig.second.returncode == 0 else None
+            _playbook(rig.inventory, rig.vars_file, "--tags", "install,config,firewall")
+            if rig.second is not None and rig.second.returncode == 0
+            else None
         )
         yield rig
     finally:
         _remove_user(rig)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _assert_systemd_accepts(unit: Path) -> None:
+    """systemd-analyze verify the unit where systemd is installed (it is, on every rig)."""
+    if shutil.which("systemd-analyze"):
+        proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def _require_ok(run: PlaybookRun | None) -> PlaybookRun:
@@ -267,20 +299,41 @@ def test_rendered_rig_yaml_is_a_valid_cpu_only_rig_config(rig):
     assert first_config.ray.num_gpus == 0
 
 
-def test_code_and_config_changes_reinstall_rerender_and_notify_a_restart(rig):
+def test_code_config_and_gpu_changes_reinstall_rerender_and_notify_a_restart(rig):
     third = _require_ok(rig.third)
-    assert sorted(third.changed_tasks) == sorted(
-        ["Install em-deblur-appliance into the virtualenv", "Record what is installed", "Write rig.yaml"]
-    )
-    assert third.handlers_run == ["Restart the appliance"]
+    expected = ["Install em-deblur-appliance into the virtualenv", "Record what is installed", "Write rig.yaml"]
+    handlers = ["Restart the appliance"]
+    if _nft_can_check():
+        expected += ["Write the nftables rules for the appliance's ports", "Write the systemd unit that loads them"]
+        handlers = ["Reload systemd units", "Reload the appliance firewall", *handlers]
+    assert sorted(third.changed_tasks) == sorted(expected)
+    assert third.handlers_run == handlers
     installed = Path(rig.variables["deblur_appliance_venv_dir"]).glob("lib/python*/site-packages/appliance")
     assert [p for p in installed if (p / "_ci_marker.py").exists()], "edited source was not reinstalled"
     config = load_rig_config(rig.rig_yaml)
-    # 2 GPUs: 2 deblur replicas x 0.4 GPU and 1 detector replica x 0.2 GPU on each.
+    # 2 GPUs found: 2 deblur replicas x 0.4 GPU and 1 detector replica x 0.2 GPU on each.
     assert (config.deblur.num_replicas, config.deblur.num_gpus_per_replica) == (4, 0.4)
     assert (config.detector.num_replicas, config.detector.num_gpus_per_replica) == (2, 0.2)
     assert config.ray.num_gpus == 2
     assert config.ingest.max_in_flight == 16
+
+
+def test_firewall_admits_only_the_controller_to_the_appliance_ports(rig):
+    if not _nft_can_check():
+        pytest.skip("nft not installed or not root: cannot validate the ruleset (apt-get install nftables)")
+    _require_ok(rig.third)
+    ruleset = Path(rig.variables["deblur_appliance_config_dir"]) / "firewall.nft"
+    rules = [line.strip() for line in ruleset.read_text(encoding="utf-8").splitlines() if "dport" in line]
+    assert rules == [
+        'tcp dport { 5555, 5556 } iifname "lo" accept',
+        "tcp dport { 5555, 5556 } ip saddr 192.0.2.10 accept",
+        "tcp dport { 5555, 5556 } drop",
+    ]
+    proc = subprocess.run(["nft", "--check", "--file", str(ruleset)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    unit = Path(rig.variables["deblur_appliance_systemd_unit_dir"]) / "em-deblur-appliance-firewall.service"
+    assert f"ExecStart=/usr/sbin/nft --file {ruleset}" in unit.read_text(encoding="utf-8")
+    _assert_systemd_accepts(unit)
 
 
 def test_service_and_data_directories_belong_to_the_service_user(rig):
@@ -301,9 +354,7 @@ def test_systemd_unit_runs_serve_and_drains_on_stop(rig):
         assert line in unit
     logrotate = (Path(rig.variables["deblur_appliance_logrotate_dir"]) / "em-deblur-appliance").read_text()
     assert "copytruncate" in logrotate
-    if shutil.which("systemd-analyze"):
-        proc = subprocess.run(["systemd-analyze", "verify", str(rig.unit_file)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_systemd_accepts(rig.unit_file)
 
 
 def test_required_gpu_without_driver_fails_before_changing_anything(tmp_path):
