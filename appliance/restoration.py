@@ -2,11 +2,12 @@
 
 Backends (`DeblurConfig.backend`):
 - ``onnx``      bundled ONNX model in ONNX Runtime (CUDA provider when installed and a GPU exists, else CPU);
-- ``torch``     the same weights as a `torch.export` program, fp16 + channels_last on a CUDA GPU;
+- ``torch``     the same weights as a `torch.export` program; on a CUDA GPU fp16 (or bf16) + channels_last,
+                whole tiles restored on the device (`appliance.torch_backend`);
 - ``classical`` Wiener deconvolution with the elliptical Gaussian PSF the blur detector estimated;
 - ``auto``      the fastest correct one available: torch on CUDA, else ONNX Runtime CUDA, else ONNX
                 Runtime CPU, else classical (no model file). A GPU backend is kept only if it agrees
-                with ONNX Runtime CPU on a probe patch.
+                with ONNX Runtime CPU (fp32) on a probe patch.
 torch is imported only when a CUDA GPU is visible or the torch backend is asked for.
 """
 
@@ -16,6 +17,7 @@ import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,8 @@ CLASSICAL_VERSION = "classical-wiener-1"
 GPU_AGREEMENT_TOLERANCE = 0.02
 
 BatchFn = Callable[[np.ndarray], np.ndarray]
+# Whole same-shape tiles in, restored tiles out; second argument: reflect margin (px).
+WholeTilesFn = Callable[[Sequence[np.ndarray], int], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,15 @@ class TileRestorer:
 
     def __init__(
         self,
-        run_batch: BatchFn | None,
+        run_patches: BatchFn | None,
         model_version: str,
         backend: str,
         cfg: DeblurConfig,
         size_multiple: int = 1,
+        restore_whole: WholeTilesFn | None = None,
     ) -> None:
-        self._run_batch = run_batch  # None = classical Wiener
+        self._run_patches = run_patches  # None = classical Wiener
+        self._restore_whole = restore_whole  # device-resident whole-tile path (torch on CUDA)
         self.model_version = model_version
         self.backend = backend
         self._cfg = cfg
@@ -97,8 +103,11 @@ class TileRestorer:
                 "(`python -m models.deblur.export`) or set deblur.backend: classical"
             )
         card = ModelCard.load(model_path)
-        run_batch, backend = _choose_learned_backend(cfg.backend, model_path, card)
-        return cls(run_batch, f"{card.model_version}+{backend}", backend, cfg, card.size_multiple)
+        engine = _choose_learned_backend(cfg.backend, model_path, card)
+        return cls(
+            engine.run_patches, f"{card.model_version}+{engine.name}", engine.name, cfg,
+            card.size_multiple, engine.restore_whole,
+        )
 
     def restore(
         self,
@@ -123,17 +132,31 @@ class TileRestorer:
                     f"{name}: labelled retake (estimated blur sigma {assessment.sigma_px:.2f} px); "
                     "not restored: flag it for retake instead of sending it to deblur"
                 )
+        if self._restore_whole is not None:
+            return self._restore_whole_batches(tiles)
         return [self._restore_one(p, a) for p, a in zip(tiles, assessments, strict=True)]
+
+    def _restore_whole_batches(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+        assert self._restore_whole is not None
+        restored: list[np.ndarray | None] = [None] * len(tiles)
+        groups: dict[tuple[tuple[int, ...], np.dtype], list[int]] = {}
+        for index, pixels in enumerate(tiles):
+            groups.setdefault((pixels.shape, pixels.dtype), []).append(index)
+        for indices in groups.values():  # one device call per shape and dtype
+            outputs = self._restore_whole([tiles[i] for i in indices], self._cfg.patch_overlap)
+            for index, out in zip(indices, outputs, strict=True):
+                restored[index] = out
+        return [r for r in restored if r is not None]
 
     def _restore_one(self, pixels: np.ndarray, assessment: BlurAssessment) -> np.ndarray:
         window = intensity_window(pixels)
         image = to_model_scale(pixels, window)
-        if self._run_batch is None:
+        if self._run_patches is None:
             restored = classical_restore(image, assessment)
         else:
             restored = run_tiled(
                 image,
-                self._run_batch,
+                self._run_patches,
                 patch=self._cfg.patch_size,
                 overlap=self._cfg.patch_overlap,
                 batch_size=self._cfg.patch_batch,
@@ -155,28 +178,46 @@ def _cuda_visible() -> bool:
     return Path("/proc/driver/nvidia/version").exists()
 
 
-def _choose_learned_backend(requested: str, model_path: Path, card: ModelCard) -> tuple[BatchFn, str]:
+@dataclass(frozen=True)
+class _Engine:
+    name: str
+    run_patches: BatchFn
+    restore_whole: WholeTilesFn | None = None
+
+
+def _choose_learned_backend(requested: str, model_path: Path, card: ModelCard) -> _Engine:
     if requested == "torch":
-        return _torch_runner(model_path, card), "torch-" + _torch_device()
-    cpu = _onnx_runner(model_path, card, ["CPUExecutionProvider"])
-    if requested == "auto" and _cuda_visible():
-        candidates: list[tuple[str, Callable[[], BatchFn]]] = []
-        if importlib.util.find_spec("torch") is not None:
-            candidates.append(("torch-cuda-fp16", lambda: _torch_runner(model_path, card)))
-        if _ort_has_cuda():
-            candidates.append(
-                ("onnx-cuda", lambda: _onnx_runner(model_path, card, ["CUDAExecutionProvider"]))
-            )
-        for name, build in candidates:
+        return _torch_engine(model_path, card, None)
+    cpu = _Engine("onnx-cpu", _onnx_runner(model_path, card, ["CPUExecutionProvider"]))
+    if requested == "onnx":
+        if _cuda_visible() and _ort_has_cuda():
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            return _Engine("onnx-cuda", _onnx_runner(model_path, card, providers))
+        return cpu
+    if _cuda_visible():  # auto: fastest first, each kept only if it agrees with fp32 on the CPU
+        for build in _gpu_candidates(model_path, card):
             try:
-                runner = build()
+                engine = build()
             except Exception:  # a broken GPU stack must not stop the rig: the next backend serves
                 continue
-            if _agrees(runner, cpu, card.size_multiple):
-                return runner, name
-    if requested == "onnx" and _cuda_visible() and _ort_has_cuda():
-        return _onnx_runner(model_path, card, ["CUDAExecutionProvider", "CPUExecutionProvider"]), "onnx-cuda"
-    return cpu, "onnx-cpu"
+            if _agrees(engine.run_patches, cpu.run_patches, card.size_multiple):
+                return engine
+    return cpu
+
+
+def _gpu_candidates(model_path: Path, card: ModelCard) -> list[Callable[[], _Engine]]:
+    candidates: list[Callable[[], _Engine]] = []
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            from appliance.torch_backend import cuda_dtypes
+
+            candidates += [partial(_torch_engine, model_path, card, dtype) for dtype in cuda_dtypes()]
+    if _ort_has_cuda():
+        providers = ["CUDAExecutionProvider"]
+        candidates.append(lambda: _Engine("onnx-cuda", _onnx_runner(model_path, card, providers)))
+    return candidates
 
 
 def _agrees(candidate: BatchFn, reference: BatchFn, multiple: int) -> bool:
@@ -209,32 +250,16 @@ def _onnx_runner(model_path: Path, card: ModelCard, providers: list[str]) -> Bat
     return run
 
 
-def _torch_device() -> str:
+def _torch_engine(model_path: Path, card: ModelCard, dtype: object | None) -> _Engine:
+    """torch.export program next to the .onnx file: on CUDA in `dtype` (default fp16), else fp32 CPU."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from appliance.torch_backend import TorchDeblur
 
-
-def _torch_runner(model_path: Path, card: ModelCard) -> BatchFn:
-    """torch.export program next to the .onnx file; fp16 + channels_last on CUDA, fp32 on CPU."""
-    import torch
-
-    program_path = model_path.with_suffix(".pt2")
-    if not program_path.is_file():
-        raise FileNotFoundError(
-            f"{program_path}: torch backend needs the exported program; run `python -m models.deblur.export`"
-        )
-    device = torch.device(_torch_device())
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    module = torch.export.load(str(program_path)).module().to(device=device, dtype=dtype)
-    if device.type == "cuda":
-        module = module.to(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def run(batch: np.ndarray) -> np.ndarray:
-        inputs = torch.from_numpy(batch).to(device=device, dtype=dtype, non_blocking=True)
-        if device.type == "cuda":
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return module(inputs).float().cpu().numpy()
-
-    return run
+    if torch.cuda.is_available():
+        dtype = dtype if dtype is not None else torch.float16
+        deblur = TorchDeblur(model_path.with_suffix(".pt2"), card.size_multiple, "cuda", dtype)
+        name = "torch-cuda-" + str(dtype).removeprefix("torch.")
+        return _Engine(name, deblur.run_patches, deblur.restore_tiles)
+    deblur = TorchDeblur(model_path.with_suffix(".pt2"), card.size_multiple, "cpu", torch.float32)
+    return _Engine("torch-cpu", deblur.run_patches)

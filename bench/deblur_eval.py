@@ -145,7 +145,7 @@ def restorable_sigma(table: dict[str, dict[str, dict]]) -> float | None:
     return largest
 
 
-def write_figure(examples: dict[str, dict[str, np.ndarray]], path: Path, crop: int = 192) -> None:
+def write_figure(examples: dict[str, dict[str, np.ndarray]], path: Path, crop: int = 128) -> None:
     """Rows = blur cases, columns = input / Wiener (true PSF) / model / truth; 2x nearest zoom, labelled."""
     columns = ("input", "wiener", "model", "truth")
     rows = []
@@ -157,11 +157,11 @@ def write_figure(examples: dict[str, dict[str, np.ndarray]], path: Path, crop: i
                 tile = np.full((crop, crop), 255, np.uint8)
                 label = f"{name}: n/a (no single PSF)"
             else:
-                tile = image[160 : 160 + crop, 160 : 160 + crop]
+                tile = image[200 : 200 + crop, 200 : 200 + crop]
                 label = f"{case} {name}" if name == "input" else name
             tile = cv2.resize(tile, (2 * crop, 2 * crop), interpolation=cv2.INTER_NEAREST)
-            cv2.putText(tile, label, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 255, 3, cv2.LINE_AA)
-            cv2.putText(tile, label, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 0, 1, cv2.LINE_AA)
+            cv2.putText(tile, label, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 255, 3, cv2.LINE_AA)
+            cv2.putText(tile, label, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 0, 1, cv2.LINE_AA)
             cells.append(np.pad(tile, 2, constant_values=255))
         rows.append(np.hstack(cells))
     path.parent.mkdir(parents=True, exist_ok=True)
