@@ -156,6 +156,7 @@ def _make_rig(root: Path) -> Rig:
         "deblur_appliance_pip_extra_args": ["--no-deps"],
         "deblur_appliance_log_mode": "file",
         "deblur_appliance_rig_name": "ci-rig",
+        "deblur_appliance_environment": {"OMP_NUM_THREADS": "1", "CI_LABEL": "ci 100%"},
     }
     for unit_dir in ("systemd", "logrotate.d"):  # stand-ins for /etc/systemd/system, /etc/logrotate.d
         (sysroot / unit_dir).mkdir(parents=True)
@@ -350,7 +351,8 @@ def test_systemd_unit_runs_serve_and_drains_on_stop(rig):
     unit = rig.unit_file.read_text(encoding="utf-8")
     assert f"ExecStart={rig.venv_python} -m appliance serve --config {rig.rig_yaml}\n" in unit
     for line in ("Restart=on-failure", "KillSignal=SIGTERM", "KillMode=mixed", "TimeoutStopSec=120",
-                 f"User={rig.user}", f"StandardOutput=append:{rig.variables['deblur_appliance_log_dir']}/"):
+                 f"User={rig.user}", f"StandardOutput=append:{rig.variables['deblur_appliance_log_dir']}/",
+                 'Environment="OMP_NUM_THREADS=1"\n', 'Environment="CI_LABEL=ci 100%%"\n'):
         assert line in unit
     logrotate = (Path(rig.variables["deblur_appliance_logrotate_dir"]) / "em-deblur-appliance").read_text()
     assert "copytruncate" in logrotate
