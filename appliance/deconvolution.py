@@ -94,10 +94,13 @@ def wiener_deconvolve(image: np.ndarray, psf: np.ndarray, nsr: float) -> np.ndar
     return restored[pad_y : pad_y + image.shape[0], pad_x : pad_x + image.shape[1]].astype(np.float32)
 
 
-def richardson_lucy(image: np.ndarray, psf: np.ndarray, iterations: int) -> np.ndarray:
+def richardson_lucy(
+    image: np.ndarray, psf: np.ndarray, iterations: int, initial: np.ndarray | None = None
+) -> np.ndarray:
     """Richardson–Lucy deconvolution (maximum likelihood under Poisson noise), `iterations` >= 1.
 
-    image: float32 (H, W), non-negative (e.g. [0, 1]); returns float32 (H, W), non-negative.
+    image: float32 (H, W), non-negative (e.g. [0, 1]); initial: estimate to continue from (a previous
+    result, to sweep iteration counts cheaply), default flat; returns float32 (H, W), non-negative.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -106,7 +109,10 @@ def richardson_lucy(image: np.ndarray, psf: np.ndarray, iterations: int) -> np.n
     kernel = psf.astype(np.float32)
     kernel_flipped = np.ascontiguousarray(kernel[::-1, ::-1])
     eps = np.float32(1e-6)  # keeps the ratio finite where the estimate reaches 0
-    estimate = np.full_like(observed, max(float(observed.mean()), 1e-3))
+    if initial is None:
+        estimate = np.full_like(observed, max(float(observed.mean()), 1e-3))
+    else:
+        estimate = np.asarray(initial, dtype=np.float32)
     for _ in range(iterations):
         # cv2.filter2D correlates; correlating with the flipped kernel is convolution.
         blurred = cv2.filter2D(estimate, -1, kernel_flipped, borderType=cv2.BORDER_REFLECT_101)

@@ -67,6 +67,14 @@ def test_wiener_keeps_mean_intensity(sharp01: np.ndarray) -> None:
     assert restored.mean() == pytest.approx(blurred.mean(), abs=2e-3)
 
 
+def test_rl_continues_from_a_previous_estimate(sharp01: np.ndarray) -> None:
+    blurred = apply_blur(sharp01, BlurParams("gaussian", 1.5))
+    psf = gaussian_psf(1.5)
+    in_one_go = richardson_lucy(blurred, psf, 8)
+    in_two_steps = richardson_lucy(blurred, psf, 5, initial=richardson_lucy(blurred, psf, 3))
+    np.testing.assert_allclose(in_two_steps, in_one_go, atol=1e-5)
+
+
 def test_rl_stays_non_negative_and_finite(sharp01: np.ndarray) -> None:
     noisy = synthesize((sharp01 * 255).astype(np.uint8), BlurParams("disk", 2.0), np.random.default_rng(1))
     restored = richardson_lucy(noisy.astype(np.float32) / 255.0, psf_kernel(BlurParams("disk", 2.0)), 10)
