@@ -2,6 +2,8 @@
 
 Seeded (numpy, torch) and single-process, so the same config on the same machine gives the same
 weights, unless the wall-clock cap `train.max_minutes` stops it early (logged in metrics.json).
+A config with `init_from` is a fine-tuning stage: it starts from its parent config's checkpoint, and
+trains the parent first when that run is missing, so one command reproduces the whole chain.
 Writes models/deblur/runs/<run_name>/{best.pt, last.pt, metrics.json, config.yaml}; `best.pt` is the
 checkpoint with the highest validation PSNR (validation = the `val` split; `test` is never read here).
 """
@@ -24,6 +26,7 @@ from models.deblur.data import load_images, make_batch
 from models.deblur.network import DeblurNet
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -67,6 +70,20 @@ def learning_rate(step: int, cfg: dict[str, Any]) -> float:
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def parent_checkpoint(init_from: dict[str, str]) -> dict[str, Any]:
+    """Checkpoint a fine-tuning stage starts from; trains the parent config first if its run is missing.
+
+    init_from: {"config": path relative to the repo root, "checkpoint": "best.pt" | "last.pt"}.
+    """
+    parent_config = REPO_ROOT / init_from["config"]
+    parent_run = RUNS_DIR / load_config(parent_config)["run_name"]
+    checkpoint = parent_run / init_from.get("checkpoint", "best.pt")
+    if not checkpoint.is_file():
+        print(f"parent run {parent_run} missing: training {parent_config} first", flush=True)
+        train(parent_config)
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
 def train(config_path: Path) -> Path:
     """Run the recipe; returns the run directory."""
     cfg = load_config(config_path)
@@ -78,8 +95,14 @@ def train(config_path: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(config_path, run_dir / "config.yaml")
 
+    model = build_model(cfg["model"])
+    init_from = cfg.get("init_from")
+    if init_from:
+        model.load_state_dict(parent_checkpoint(init_from)["model"])
+
     train_images = load_images("train")
-    val_rng = np.random.default_rng(int(cfg["seed"]) + 1)  # fixed validation set, independent of training
+    # Fixed validation set, independent of the training stream; a fine-tuning stage keeps its parent's.
+    val_rng = np.random.default_rng(int(data_cfg.get("val_seed", int(cfg["seed"]) + 1)))
     val_x, val_y = make_batch(
         load_images("val"), val_rng, int(data_cfg["val_patches"]),
         **pair_kwargs(data_cfg, int(data_cfg["val_patch"])),
@@ -87,7 +110,6 @@ def train(config_path: Path) -> Path:
     val_x_t, val_y_t = torch.from_numpy(val_x), torch.from_numpy(val_y)
     val_input_psnr = float(psnr_model_scale(val_x_t, val_y_t).mean())
 
-    model = build_model(cfg["model"])
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]),
         betas=tuple(train_cfg["betas"]),
