@@ -2,12 +2,14 @@
 
 A tile is judged from patches sampled at native resolution (never downscaled: focus lives in the finest
 detail): the tile is split into a GRID x GRID grid of cells and PATCH x PATCH patches are cut from each
-cell. A backend estimates, for every patch, the blur sigma (px), a reliability weight (blank resin or
-noise-only patches say little about focus), and for the learned backend the anisotropy and angle. The
-same aggregation then turns patch estimates into the tile's verdict, so backends are interchangeable:
+cell. A backend estimates, for every patch, the blur sigma (px) and a reliability weight (blank resin
+or noise-only patches say little about focus). The same aggregation then turns patch estimates into the
+tile's verdict, so backends are interchangeable:
 
 - region map: reliability-weighted mean of log-sigma per cell, smoothed over 3x3 cells;
-- tile sigma: the worse of the whole-tile mean and the worst reliable region (catches a tilted section);
+- PSF shape: anisotropy and major-axis angle from the blurred patches' structure tensors (psf_shape.py);
+- tile sigma (major axis): the worse of the whole-tile mean and the worst reliable region (catches a
+  tilted section), times sqrt(anisotropy) (backends read an elliptical PSF's geometric-mean sigma);
 - label: sigma <= sharp_sigma_px -> sharp; <= max_restorable_sigma_px -> soft; else retake (with reason);
   too little reliable structure -> retake ("not judgeable").
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from appliance.assessment import BlurAssessment, TileLabel
 from appliance.config import DetectorConfig
+from appliance.psf_shape import psf_shape, structure_tensors
 from appliance.tile_io import check_tile_pixels
 
 GRID = 8  # region map is GRID x GRID cells
@@ -53,8 +56,6 @@ class PatchEstimates:
 
     sigma_px: np.ndarray  # Gaussian-equivalent blur sigma (major axis), px
     weight: np.ndarray  # reliability >= 0 (0 = says nothing about focus)
-    anisotropy: np.ndarray  # sigma_major / sigma_minor, >= 1
-    angle_deg: np.ndarray  # major-axis angle in [0, 180)
 
 
 _ESTIMATE_FIELDS = tuple(PatchEstimates.__dataclass_fields__)
@@ -133,7 +134,7 @@ class ClassicalBackend:
     """Re-blur gradient ratio per patch (no learning): sigma from |grad I| / |grad (I * G_r)| at edges.
 
     For an edge blurred by sigma, the ratio R = sqrt(sigma^2 + r^2) / sigma, so sigma = r / sqrt(R^2 - 1).
-    Patches without edges clearly above the noise get weight 0. No anisotropy estimate (reports 1, 0).
+    Patches without edges clearly above the noise get weight 0.
     """
 
     model_version = "classical-reblur-v1"
@@ -146,7 +147,7 @@ class ClassicalBackend:
         weight = np.zeros(n)
         for k, patch in enumerate(patches):
             sigma[k], weight[k] = self._one(patch)
-        return PatchEstimates(sigma, weight, np.ones(n), np.zeros(n))
+        return PatchEstimates(sigma, weight)
 
     def _one(self, patch: np.ndarray) -> tuple[float, float]:
         raw, weight = self.raw_sigma(patch)
@@ -167,12 +168,21 @@ class ClassicalBackend:
         return self._reblur_sigma / math.sqrt(ratio * ratio - 1.0), 1.0
 
 
+def calibrate_sigma(sigma: np.ndarray, estimated: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Map raw sigma through a monotone table; beyond its end, scale by the last ratio."""
+    mapped = np.interp(sigma, estimated, true)
+    beyond = sigma > estimated[-1]
+    mapped[beyond] = sigma[beyond] * (true[-1] / estimated[-1])
+    return mapped
+
+
 class OnnxBackend:
     """The learned patch CNN (models/detector) run by ONNX Runtime; CUDA when available, else CPU.
 
     Model contract (written by models/detector/export.py into blur_detector.json):
     input `patches` float32 (N, 1, PATCH, PATCH) in [0, 1]; output `estimates` float32 (N, 5) =
-    [log(sigma + 0.5), log variance of that, log anisotropy, cos 2 angle, sin 2 angle].
+    [log(sigma + 0.5), log variance of that, log anisotropy, cos 2 angle, sin 2 angle]. The last three
+    heads are not used: the structure tensor (psf_shape.py) measured better on the val split.
     """
 
     def __init__(self, model_path: Path, intra_op_threads: int = 0) -> None:
@@ -183,6 +193,11 @@ class OnnxBackend:
         self.model_version = str(meta.get("model_version", f"onnx:{model_path.name}"))
         if int(meta.get("patch", PATCH)) != PATCH:
             raise ValueError(f"{model_path}: model expects {meta['patch']} px patches, runtime cuts {PATCH}")
+        # Monotone table (val split, models/detector/calibrate.py): network sigma -> true sigma in px.
+        table = meta.get("sigma_calibration")
+        self._calibration = (
+            (np.array(table["estimated"], float), np.array(table["true"], float)) if table else None
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         available = ort.get_available_providers()
@@ -195,10 +210,10 @@ class OnnxBackend:
         out = self.session.run(None, {self._input: patches[:, None, :, :].astype(np.float32, copy=False)})[0]
         out = out.astype(np.float64)
         sigma = np.maximum(np.exp(out[:, 0]) - _LOG_OFFSET, 0.0)
+        if self._calibration is not None:
+            sigma = calibrate_sigma(sigma, *self._calibration)
         weight = np.exp(-out[:, 1])  # inverse predicted variance of log-sigma
-        anisotropy = np.maximum(np.exp(out[:, 2]), 1.0)
-        angle = (np.degrees(np.arctan2(out[:, 4], out[:, 3])) / 2.0) % 180.0
-        return PatchEstimates(sigma, weight, anisotropy, angle)
+        return PatchEstimates(sigma, weight)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,8 +237,14 @@ class _TileEstimate:
     angle_deg: float
 
 
-def aggregate(est: PatchEstimates, cells: np.ndarray, min_weight: float) -> _TileEstimate:
-    """Combine one tile's patch estimates (cells: each patch's cell index) into region map and sigma."""
+def aggregate(
+    est: PatchEstimates, cells: np.ndarray, tensors: np.ndarray, min_weight: float
+) -> _TileEstimate:
+    """Combine one tile's patch estimates into region map, sigma and PSF shape.
+
+    cells: each patch's cell index (N,); tensors: psf_shape.structure_tensors of the patches (N, 3).
+    Backends read an elliptical PSF as its geometric-mean sigma; the reported sigma is the major axis.
+    """
     logs = np.log(est.sigma_px + _LOG_OFFSET)
     w = est.weight
     cell_w = np.bincount(cells, weights=w, minlength=GRID * GRID).reshape(GRID, GRID)
@@ -243,17 +264,11 @@ def aggregate(est: PatchEstimates, cells: np.ndarray, min_weight: float) -> _Til
         best_sigma = float(np.where(trusted, region_sigma, np.inf).min())
     else:
         worst, worst_sigma, best_sigma = (0, 0), global_sigma, global_sigma
-    # Anisotropy/angle: weighted over patches that are clearly blurred (angle means nothing when sharp).
+    # Shape only from clearly blurred patches: a sharp patch's gradients show content, not the PSF.
     blurred = w * (est.sigma_px > 1.0)
-    if blurred.sum() > 0:
-        anisotropy = float(np.exp((blurred * np.log(est.anisotropy)).sum() / blurred.sum()))
-        doubled = np.radians(2.0 * est.angle_deg)
-        angle = math.degrees(math.atan2((blurred * np.sin(doubled)).sum(), (blurred * np.cos(doubled)).sum()))
-        angle = (angle / 2.0) % 180.0
-    else:
-        anisotropy, angle = 1.0, 0.0
+    anisotropy, angle = psf_shape(tensors, blurred, global_sigma)
     return _TileEstimate(
-        sigma_px=max(global_sigma, worst_sigma),
+        sigma_px=max(global_sigma, worst_sigma) * math.sqrt(anisotropy),
         global_sigma_px=global_sigma,
         region_sigma=region_sigma,
         worst_cell=(int(worst[0]), int(worst[1])),
@@ -300,12 +315,14 @@ class BlurDetector:
         if not tiles:
             return []
         cut = [extract_patches(np.asarray(t), self.per_cell) for t in tiles]
-        estimates = self.backend.estimate(np.concatenate([p for p, _ in cut]))
+        all_patches = np.concatenate([p for p, _ in cut])
+        estimates = self.backend.estimate(all_patches)
+        tensors = structure_tensors(all_patches)
         results, start = [], 0
         for patches, cells in cut:
             stop = start + len(patches)
             part = PatchEstimates(*(getattr(estimates, f)[start:stop] for f in _ESTIMATE_FIELDS))
-            results.append(self._verdict(aggregate(part, cells, self._unit_weight)))
+            results.append(self._verdict(aggregate(part, cells, tensors[start:stop], self._unit_weight)))
             start = stop
         return results
 

@@ -3,7 +3,8 @@
     nice -n 10 python -m models.detector.train --config models/detector/config.yaml
 
 Writes <out_dir>/best.pt (lowest val loss) and <out_dir>/log.json, then calls export.py, which writes
-appliance/weights/blur_detector.onnx + .json. Only the train split is trained on; val picks the epoch;
+appliance/weights/blur_detector.onnx + .json, and calibrate.py, which adds the val-split sigma table.
+Only the train split is trained on; val picks the epoch and calibrates sigma;
 the test split is left to bench/detector_eval.py.
 """
 
@@ -56,17 +57,17 @@ def dihedral(x: torch.Tensor, t: dict[str, torch.Tensor], k: int, flip: bool) ->
     return x, t
 
 
-def loss_fn(out: torch.Tensor, t: dict[str, torch.Tensor], mse_weight: float) -> torch.Tensor:
+def loss_fn(out: torch.Tensor, t: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     err = out[:, 0] - t["log_sigma"]
     log_var = out[:, 1]
     nll = 0.5 * (torch.exp(-log_var) * err.detach() ** 2 + log_var)  # variance head only
-    fit = 0.5 * torch.exp(-log_var.detach()) * err**2 + mse_weight * err**2
+    fit = 0.5 * torch.exp(-log_var.detach()) * err**2 + weights["mse_weight"] * err**2
     aniso = t["aniso_w"] * (out[:, 2] - t["log_aniso"]) ** 2
     angle = t["angle_w"] * ((out[:, 3] - t["cos"]) ** 2 + (out[:, 4] - t["sin"]) ** 2)
-    return (nll + fit + aniso + 0.5 * angle).mean()
+    return (nll + fit + weights["aniso_weight"] * aniso + weights["angle_weight"] * angle).mean()
 
 
-def evaluate(model: BlurNet, x: torch.Tensor, t: dict[str, torch.Tensor], mse_weight: float) -> dict:
+def evaluate(model: BlurNet, x: torch.Tensor, t: dict[str, torch.Tensor], weights: dict[str, float]) -> dict:
     model.eval()
     outs = []
     with torch.no_grad():
@@ -74,10 +75,12 @@ def evaluate(model: BlurNet, x: torch.Tensor, t: dict[str, torch.Tensor], mse_we
             outs.append(model(x[i : i + 1024]))
     out = torch.cat(outs)
     err = (out[:, 0] - t["log_sigma"]).abs()
+    astig = t["angle_w"] > 0.5
     return {
-        "loss": float(loss_fn(out, t, mse_weight)),
+        "loss": float(loss_fn(out, t, weights)),
         "median_abs_err_log_sigma": float(err.median()),
         "mean_abs_err_log_sigma": float(err.mean()),
+        "median_abs_err_log_aniso_astigmatic": float((out[astig, 2] - t["log_aniso"][astig]).abs().median()),
     }
 
 
@@ -104,6 +107,7 @@ def train(config_path: Path) -> Path:
     steps = epochs * math.ceil(len(x_train) / bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg["lr"], total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
+    weights = {k: float(tcfg[k]) for k in ("mse_weight", "aniso_weight", "angle_weight")}
     log, best = [], math.inf
     for epoch in range(epochs):
         model.train()
@@ -113,7 +117,7 @@ def train(config_path: Path) -> Path:
             idx = order[i : i + bs]
             k, flip = int(torch.randint(4, (1,), generator=gen)), bool(torch.randint(2, (1,), generator=gen))
             x, t = dihedral(x_train[idx], {n: v[idx] for n, v in t_train.items()}, k, flip)
-            loss = loss_fn(model(x), t, tcfg["mse_weight"])
+            loss = loss_fn(model(x), t, weights)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -121,7 +125,7 @@ def train(config_path: Path) -> Path:
             running += float(loss.detach())
             if step % 100 == 0:
                 print(f"epoch {epoch} step {step} loss {running / (step + 1):.4f}", flush=True)
-        val = evaluate(model, x_val, t_val, tcfg["mse_weight"])
+        val = evaluate(model, x_val, t_val, weights)
         entry = {"epoch": epoch, "train_loss": running / (step + 1), "seconds": time.time() - t_epoch, **val}
         log.append(entry)
         print(json.dumps(entry), flush=True)
@@ -139,9 +143,10 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = train(args.config)
     if not args.no_export:
+        from models.detector.calibrate import calibrate
         from models.detector.export import export
 
-        export(checkpoint)
+        calibrate(export(checkpoint))
 
 
 if __name__ == "__main__":
