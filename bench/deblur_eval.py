@@ -221,10 +221,26 @@ def bench_speed(restorer: TileRestorer, seconds: float, batch: int) -> dict[str,
     return result
 
 
-def speed_backends(model_path: Path | None) -> list[tuple[str, DeblurConfig]]:
+def machine() -> dict[str, object]:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
+            "gpu": Path("/proc/driver/nvidia/version").exists()}
+
+
+def measure_speed(model_path: Path | None, seconds: float, batch: int, threads: int) -> dict[str, dict]:
+    """Throughput of every backend available here, keyed by the backend the restorer reports."""
+    speed = {}
+    for name, cfg in speed_backends(model_path, threads):
+        restorer = TileRestorer.from_config(cfg)
+        speed[restorer.backend] = bench_speed(restorer, seconds, batch)
+        print(name, restorer.backend, json.dumps(speed[restorer.backend]), flush=True)
+    return speed
+
+
+def speed_backends(model_path: Path | None, threads: int) -> list[tuple[str, DeblurConfig]]:
     backends = [("classical", DeblurConfig(backend="classical"))]
     if model_path is not None and model_path.is_file():
-        backends.append(("onnx", DeblurConfig(backend="onnx", model_path=model_path)))
+        cpu = {"model_path": model_path, "num_cpus_per_replica": float(threads)}
+        backends.append(("onnx", DeblurConfig(backend="onnx", **cpu)))
         if Path("/proc/driver/nvidia/version").exists():
             # GPU: big patches in big batches; `auto` picks torch fp16 or ONNX Runtime CUDA.
             gpu = {"model_path": model_path, "patch_size": 1024, "patch_batch": 16}
@@ -239,10 +255,21 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=2, help="renderings per test image and cell")
     parser.add_argument("--strengths", type=float, nargs="*", default=list(STRENGTHS))
     parser.add_argument("--speed-seconds", type=float, default=20.0)
-    parser.add_argument("--speed-batch", type=int, default=1)
+    parser.add_argument("--speed-batch", type=int, default=8 if Path("/proc/driver/nvidia/version").exists() else 1,
+                        help="tiles per restore() call (default 8 on a GPU, 1 on CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS / "deblur_eval.json")
     parser.add_argument("--seed", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime CPU threads (num_cpus_per_replica)")
+    parser.add_argument("--speed-only", action="store_true", help="only throughput, into deblur_speed.json")
     args = parser.parse_args()
+    if args.speed_only:
+        model_path = args.model if args.model.is_file() else None
+        speed = measure_speed(model_path, args.speed_seconds, args.speed_batch, args.threads)
+        out = args.out.with_name("deblur_speed.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"speed": speed, "machine": machine()}, indent=2), encoding="utf-8")
+        print(f"wrote {out}")
+        return
 
     model_path = args.model if args.model.is_file() else None
     restorer = TileRestorer.from_config(DeblurConfig(backend="onnx", model_path=model_path)) if model_path else None
@@ -259,11 +286,7 @@ def main() -> None:
             print(_row_text(key, table[key]), flush=True)
     figure = RESULTS / "deblur_examples.png"
     write_figure(examples, figure)
-    speed = {}
-    for name, cfg in speed_backends(model_path):
-        speed_restorer = TileRestorer.from_config(cfg)
-        speed[speed_restorer.backend] = bench_speed(speed_restorer, args.speed_seconds, args.speed_batch)
-        print(name, speed_restorer.backend, json.dumps(speed[speed_restorer.backend]), flush=True)
+    speed = measure_speed(model_path, args.speed_seconds, args.speed_batch, args.threads)
     result = {
         "model_version": restorer.model_version if restorer else None,
         "table": table,
@@ -278,8 +301,7 @@ def main() -> None:
         "figure": str(figure.relative_to(REPO)),
         "settings": {"draws": args.draws, "seed": args.seed, "wiener_nsr_grid": WIENER_NSR,
                      "rl_iterations_grid": RL_ITERATIONS, "test_images": [p.name for p in load_split("test")]},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "gpu": Path("/proc/driver/nvidia/version").exists()},
+        "machine": machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
