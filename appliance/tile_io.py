@@ -76,20 +76,22 @@ def write_tile_atomic(path: Path, pixels: np.ndarray, fsync: bool = True) -> Non
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp makes the file private (0600); delivered tiles are for the facility to read.
+        os.chmod(tmp_name, 0o644)
         tifffile.imwrite(tmp_name, pixels, photometric="minisblack")
         if fsync:
-            _fsync_path(Path(tmp_name), os.O_RDONLY)
+            _fsync_path(Path(tmp_name))
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     if fsync:
         # The rename is durable only once the directory entry is on disk.
-        _fsync_path(path.parent, os.O_RDONLY)
+        _fsync_path(path.parent)
 
 
-def _fsync_path(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
