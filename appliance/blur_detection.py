@@ -265,8 +265,11 @@ def aggregate(
     else:
         worst, worst_sigma, best_sigma = (0, 0), global_sigma, global_sigma
     # Shape only from clearly blurred patches: a sharp patch's gradients show content, not the PSF.
-    blurred = w * (est.sigma_px > 1.0)
-    anisotropy, angle = psf_shape(tensors, blurred, global_sigma)
+    blurred = w * (est.sigma_px > 1.0) * (np.abs(tensors).sum(axis=1) > 0)
+    if blurred.sum() >= 3.0 * min_weight:
+        anisotropy, angle = psf_shape(tensors, blurred, global_sigma)
+    else:  # too few blurred patches with structure to read a PSF shape from
+        anisotropy, angle = 1.0, 0.0
     return _TileEstimate(
         sigma_px=max(global_sigma, worst_sigma) * math.sqrt(anisotropy),
         global_sigma_px=global_sigma,
