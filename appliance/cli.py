@@ -92,7 +92,7 @@ def score(
 def deblur(
     files: Annotated[list[Path], typer.Argument(help="PNG/TIFF tiles, 8- or 16-bit grayscale.")],
     out: Annotated[Path, typer.Option(help="Directory for the restored TIFFs (created).")],
-    force: Annotated[bool, typer.Option(help="Restore every file, not only those scored `soft`.")] = False,
+    force: Annotated[bool, typer.Option(help="Also restore files scored `sharp` (never `retake`).")] = False,
     backend: Annotated[str, typer.Option(help="auto | onnx | torch | classical")] = "auto",
 ) -> None:
     """Restore soft-focus tiles offline with the same detector and deblur model as the appliance."""

@@ -27,7 +27,7 @@ def score_files(paths: list[Path], cfg: DetectorConfig) -> Iterator[FileResult]:
     detector = BlurDetector.from_config(cfg)
     for path in paths:
         try:
-            assessment = detector.assess([read_tile(path)])[0]
+            assessment = detector.assess([read_tile(path)], names=[str(path)])[0]
         except TileError as exc:
             yield FileResult(path, error=str(exc))
             continue
@@ -37,10 +37,10 @@ def score_files(paths: list[Path], cfg: DetectorConfig) -> Iterator[FileResult]:
 def deblur_files(
     paths: list[Path], out_dir: Path, detector_cfg: DetectorConfig, deblur_cfg: DeblurConfig, force: bool
 ) -> Iterator[FileResult]:
-    """Restore each `soft` file (every file with `force`) into out_dir/<stem>.tif, atomically.
+    """Restore each `soft` file (and `sharp` ones with `force`) into out_dir/<stem>.tif, atomically.
 
-    Sharp and retake files are written unchanged: the model is never asked to invent what it cannot
-    restore unless `force` says so.
+    Sharp files are written unchanged; `retake` files are too, always: restoring blur beyond the
+    model's measured range would invent structure.
     """
     detector = BlurDetector.from_config(detector_cfg)
     restorer = TileRestorer.from_config(deblur_cfg)
@@ -50,9 +50,9 @@ def deblur_files(
         except TileError as exc:
             yield FileResult(path, error=str(exc))
             continue
-        assessment = detector.assess([pixels])[0]
-        restore = force or assessment.label == "soft"
-        output = restorer.restore([pixels], [assessment])[0] if restore else pixels
+        assessment = detector.assess([pixels], names=[str(path)])[0]
+        restore = assessment.label == "soft" or (force and assessment.label == "sharp")
+        output = restorer.restore([pixels], [assessment], names=[str(path)])[0] if restore else pixels
         out_path = out_dir / f"{path.stem}.tif"
         write_tile_atomic(out_path, output)
         yield FileResult(path, record={

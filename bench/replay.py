@@ -36,7 +36,9 @@ from appliance.tile_io import TileError, read_tile  # noqa: E402
 app = typer.Typer(add_completion=False)
 
 
-def multisem_tiles(count: int, side: int, dtype: str, soft_every: int, retake_every: int) -> list[tuple[str, np.ndarray]]:
+def multisem_tiles(
+    count: int, side: int, dtype: str, soft_every: int, retake_every: int
+) -> list[tuple[str, np.ndarray]]:
     """A pool of `count` real-EM mosaics of side x side px; some soft or beyond repair (blur_synth)."""
     from models.blur_synth import BlurParams, load_image, load_split, synthesize
 
@@ -117,7 +119,7 @@ def bench_config(config: Path | None) -> RigConfig:
 def main(
     tiles: Annotated[int, typer.Option(min=1, help="Tiles to send.")] = 300,
     rate: Annotated[float, typer.Option(min=0.0, help="Tiles/s; 0 = flat out.")] = MULTISEM_TILES_PER_S,
-    tiles_dir: Annotated[Path | None, typer.Option(help="Replay these PNG/TIFF tiles instead of generated ones.")] = None,
+    tiles_dir: Annotated[Path | None, typer.Option(help="Replay these PNG/TIFF tiles, not generated ones.")] = None,
     side: Annotated[int, typer.Option(min=64, help="Generated tile side (px).")] = 2400,
     dtype: Annotated[str, typer.Option(help="Generated tile dtype: uint8 | uint16.")] = "uint8",
     pool: Annotated[int, typer.Option(min=1, help="Distinct generated tiles, sent in turn.")] = 16,

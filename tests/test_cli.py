@@ -60,13 +60,15 @@ def test_score_names_the_bad_file_exits_nonzero_and_still_scores_the_rest(tmp_pa
     assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [str(good)]
 
 
-def test_deblur_restores_soft_tiles_into_out_dir_keeping_shape_and_dtype(tmp_path: Path) -> None:
+def test_deblur_restores_soft_tiles_and_never_restores_retakes(tmp_path: Path) -> None:
     soft = SAMPLE_DIR / "soft_gaussian_s1.5.png"
-    result = run_cli("deblur", str(soft), "--out", str(tmp_path / "restored"), "--force")
+    beyond = SAMPLE_DIR / "retake_gaussian_s6.0.png"
+    result = run_cli("deblur", str(soft), str(beyond), "--out", str(tmp_path / "restored"), "--force")
     assert result.returncode == 0, result.stderr
-    record = json.loads(result.stdout.splitlines()[0])
-    assert record["action"] == "restored"
-    restored = read_tile(Path(record["out"]))
-    original = read_tile(soft)
+    by_label = {r["label"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert by_label["soft"]["action"] == "restored"
+    restored, original = read_tile(Path(by_label["soft"]["out"])), read_tile(soft)
     assert restored.shape == original.shape and restored.dtype == original.dtype
     assert not np.array_equal(restored, original)
+    assert by_label["retake"]["action"] == "copied"
+    np.testing.assert_array_equal(read_tile(Path(by_label["retake"]["out"])), read_tile(beyond))
