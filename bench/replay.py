@@ -83,10 +83,11 @@ def time_bare_loops(cfg: RigConfig, pool: list[tuple[str, np.ndarray]], repeats:
     detector = BlurDetector.from_config(cfg.detector)
     restorer = TileRestorer.from_config(cfg.deblur)
     tiles = [pixels for _, pixels in pool]
+    batch = cfg.detector.max_batch_size  # the largest batch a replica sees
     detector.assess(tiles[:1])  # warm-up (session creation, caches)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        assessments = detector.assess(tiles)
+        assessments = [a for i in range(0, len(tiles), batch) for a in detector.assess(tiles[i:i + batch])]
     detect_s = (time.perf_counter() - t0) / (repeats * len(tiles))
     soft = [(tile, a) for tile, a in zip(tiles, assessments, strict=True) if a.label == "soft"]
     deblur_s = float("nan")
