@@ -102,7 +102,6 @@ class SinkActor:
 
         pixels / restored: (H, W) uint8/uint16, usually ObjectRefs resolved by Ray. Returns the action.
         """
-        self._ensure_flusher()
         header = outcome.header
         delivered_path, original_path = tile_paths(self._dir, header)
         t0 = time.perf_counter()
@@ -146,12 +145,12 @@ class SinkActor:
             self._send_error("processing_failed", f"tile written as acquired: {outcome.failure}", ids)
             return action
         assert assessment is not None
-        self._feedback.send(encode_feedback(
+        self._send(encode_feedback(
             "result", **ids, label=assessment.label, action=action, blur_score=assessment.blur_score,
             sigma_px=assessment.sigma_px, path=record["path"], latency_s=latency_s,
         ))
         if assessment.label == "retake":
-            self._feedback.send(encode_feedback(
+            self._send(encode_feedback(
                 "retake", **ids, reason=assessment.reason or "beyond repair", blur_score=assessment.blur_score
             ))
         return action
@@ -165,7 +164,7 @@ class SinkActor:
         self._counts["rejected"] += 1
         self._send_error(code, message, ids)
 
-    def finish_section(self, section: str, n_expected: int | None) -> dict[str, int | None]:
+    async def finish_section(self, section: str, n_expected: int | None) -> dict[str, int | None]:
         """All tiles of `section` are done: send `section_done` with its counts."""
         counts = self._section_counts.pop(section, Counter())
         summary: dict[str, int | None] = {
@@ -176,14 +175,14 @@ class SinkActor:
             "n_error": counts["error"],
             "n_expected": n_expected,
         }
-        self._feedback.send(encode_feedback("section_done", section=section, **summary))
+        self._send(encode_feedback("section_done", section=section, **summary))
         return summary
 
     def stats(self) -> dict[str, int]:
         return {**self._counts, "feedback_pending": self._feedback.pending,
                 "feedback_overflowed": self._feedback.n_overflowed}
 
-    def close(self) -> dict[str, int]:
+    async def close(self) -> dict[str, int]:
         """Flush what the controller has not taken yet (bounded by LINGER) and close files."""
         if self._flusher is not None:
             self._flusher.cancel()
@@ -198,12 +197,13 @@ class SinkActor:
         self._section_counts.setdefault(section, Counter())[outcome] += 1
 
     def _send_error(self, code: ErrorCode, message: str, ids: dict[str, Any]) -> None:
-        self._feedback.send(encode_feedback("error", code=code, message=message, **ids))
+        self._send(encode_feedback("error", code=code, message=message, **ids))
 
-    def _ensure_flusher(self) -> None:
+    def _send(self, frame: bytes) -> None:
         # Frames queued while the controller was away go out even when no new tile arrives.
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+        self._feedback.send(frame)
 
     async def _flush_periodically(self) -> None:
         while True:

@@ -12,6 +12,7 @@ import pytest
 
 from appliance.config import DeblurConfig, DetectorConfig, IngestConfig, OutputConfig, RigConfig
 from appliance.demo import cycle_tiles
+from appliance.protocol import encode_end, encode_start
 from appliance.replay_client import ControllerClient, tile_frames
 from appliance.tile_io import read_tile
 
@@ -102,7 +103,15 @@ def test_each_bad_input_gets_its_error_and_the_stream_continues(
             lambda fb: sum(m["type"] == "result" for m in fb) == 2 and sum(m["type"] == "error" for m in fb) == 7,
             timeout_s=60,
         ), controller.feedback()
+        # An empty section (start, end, no tiles) is still closed with its counts.
+        controller.send_raw(encode_start("empty"))
+        controller.send_raw(encode_end("empty", 0))
+        assert controller.wait_for(
+            lambda fb: any(m["type"] == "section_done" and m["section"] == "empty" for m in fb), timeout_s=30
+        )
         feedback = controller.feedback()
+    empty_done = next(m for m in feedback if m["type"] == "section_done" and m["section"] == "empty")
+    assert (empty_done["n_done"], empty_done["n_expected"]) == (0, 0)
     errors = [m for m in feedback if m["type"] == "error"]
     assert sorted(m["code"] for m in errors) == sorted(code for code, _ in bad_messages)
     truncated = next(m for m in errors if m["code"] == "bad_frame")
