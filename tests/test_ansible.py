@@ -28,8 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 ANSIBLE_DIR = REPO / "ansible"
 ROLE_DIR = ANSIBLE_DIR / "roles" / "deblur_appliance"
 
+# ansible-core and ansible-lint come with this interpreter's environment (dev extra), which the README's
+# test command runs without activating: look for them beside the interpreter first.
+TOOL_PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
 pytestmark = pytest.mark.skipif(
-    shutil.which("ansible-playbook") is None,
+    shutil.which("ansible-playbook", path=TOOL_PATH) is None,
     reason="ansible-playbook is not on PATH (pip install -e '.[dev]' installs ansible-core and ansible-lint)",
 )
 
@@ -54,7 +58,9 @@ class PlaybookRun:
 
 def _ansible_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"))
+    env.update(
+        PATH=TOOL_PATH, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg")
+    )
     return env
 
 
