@@ -38,7 +38,8 @@ def demo(
     from appliance.report import print_table, replay_table
 
     report, output_dir = run_demo(out, tiles, rate or None)
-    print_table(replay_table(report, "appliance demo", {"outputs": str(output_dir)}))
+    print_table(replay_table(report, "appliance demo"))
+    typer.echo(f"outputs (tiles, originals/, qc.jsonl): {output_dir}")
     if report.lost or report.duplicated:
         raise typer.Exit(1)
 

@@ -27,6 +27,7 @@ def test_demo_replays_sample_tiles_and_prints_summary(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("tiles in", "sharp", "soft (deblurred)", "retake", "throughput", "p50", "p99", "lost"):
         assert row in result.stdout
+    assert f"outputs (tiles, originals/, qc.jsonl): {(tmp_path / 'demo').resolve()}" in result.stdout
     assert len((tmp_path / "demo" / "qc.jsonl").read_text().splitlines()) == 24
     assert len(list((tmp_path / "demo" / "demo").glob("*.tif"))) == 24
 
