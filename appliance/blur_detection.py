@@ -31,6 +31,7 @@ import numpy as np
 
 from appliance.assessment import BlurAssessment, TileLabel
 from appliance.config import DetectorConfig
+from appliance.onnx_session import open_session
 from appliance.psf_shape import psf_shape, structure_tensors
 from appliance.tile_io import check_tile_pixels
 
@@ -186,8 +187,6 @@ class OnnxBackend:
     """
 
     def __init__(self, model_path: Path, intra_op_threads: int = 0) -> None:
-        import onnxruntime as ort  # imported here so the classical backend works without it
-
         meta_path = model_path.with_suffix(".json")
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         self.model_version = str(meta.get("model_version", f"onnx:{model_path.name}"))
@@ -198,11 +197,7 @@ class OnnxBackend:
         self._calibration = (
             (np.array(table["estimated"], float), np.array(table["true"], float)) if table else None
         )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        self.session = open_session(model_path, intra_op_threads)
         self.providers = self.session.get_providers()
         self._input = self.session.get_inputs()[0].name
 
@@ -306,9 +301,7 @@ class BlurDetector:
                 f"detector.model_path: {model_path} does not exist; point it at an ONNX file or use "
                 "detector.backend: classical"
             )
-        # As many ONNX Runtime threads as CPUs the replica reserved (as the deblur does): on a shared
-        # 2-core box more threads only contend (measured: 1 thread 31-47 tiles/s, auto 18-49).
-        return cls(OnnxBackend(model_path, intra_op_threads=max(1, int(cfg.num_cpus_per_replica))), cfg)
+        return cls(OnnxBackend(model_path, intra_op_threads=cfg.inference_threads), cfg)
 
     def assess(self, tiles: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[BlurAssessment]:
         """Judge a batch of 2-D uint8/uint16 tiles (any size >= 32 px); raises TileError on bad input."""

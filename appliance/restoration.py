@@ -26,6 +26,7 @@ from appliance.assessment import BlurAssessment
 from appliance.config import DeblurConfig
 from appliance.deconvolution import MIN_DECONV_SIGMA_PX, auto_nsr, gaussian_psf, wiener_deconvolve
 from appliance.intensity import from_model_scale, intensity_window, to_model_scale
+from appliance.onnx_session import CPU, CUDA, open_session, ort_has_cuda
 from appliance.tile_io import TileError, check_tile_pixels
 from appliance.tiling import run_tiled
 
@@ -188,11 +189,11 @@ class _Engine:
 def _choose_learned_backend(cfg: DeblurConfig, model_path: Path, card: ModelCard) -> _Engine:
     if cfg.backend == "torch":
         return _torch_engine(model_path, card, None)
-    threads = max(1, int(cfg.num_cpus_per_replica))
-    cpu = _Engine("onnx-cpu", _onnx_runner(model_path, card, ["CPUExecutionProvider"], threads))
+    threads = cfg.inference_threads
+    cpu = _Engine("onnx-cpu", _onnx_runner(model_path, card, [CPU], threads))
     if cfg.backend == "onnx":
-        if _cuda_visible() and _ort_has_cuda():
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if _cuda_visible() and ort_has_cuda():
+            providers = [CUDA, CPU]
             return _Engine("onnx-cuda", _onnx_runner(model_path, card, providers, threads))
         return cpu
     if _cuda_visible():  # auto: fastest first, each kept only if it agrees with fp32 on the CPU
@@ -215,8 +216,8 @@ def _gpu_candidates(model_path: Path, card: ModelCard, threads: int) -> list[Cal
             from appliance.torch_backend import cuda_dtypes
 
             candidates += [partial(_torch_engine, model_path, card, dtype) for dtype in cuda_dtypes()]
-    if _ort_has_cuda():
-        providers = ["CUDAExecutionProvider"]
+    if ort_has_cuda():
+        providers = [CUDA]
         candidates.append(lambda: _Engine("onnx-cuda", _onnx_runner(model_path, card, providers, threads)))
     return candidates
 
@@ -232,21 +233,8 @@ def _agrees(candidate: BatchFn, reference: BatchFn, multiple: int) -> bool:
     return bool(np.isfinite(diff).all() and diff.max() <= GPU_AGREEMENT_TOLERANCE)
 
 
-def _ort_has_cuda() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
 def _onnx_runner(model_path: Path, card: ModelCard, providers: list[str], threads: int) -> BatchFn:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # As many threads as CPUs the replica reserved: more only contend with the other replicas (on the
-    # shared 2-core box one thread ran 0.53 MP/s, two 0.30 MP/s).
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    session = open_session(model_path, threads, providers)
 
     def run(batch: np.ndarray) -> np.ndarray:
         return session.run([card.output_name], {card.input_name: batch})[0]
