@@ -27,7 +27,6 @@ class FeedbackChannel:
         self._socket.bind(endpoint)
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._outbox: deque[bytes] = deque()
-        self.n_sent = 0
         self.n_overflowed = 0
 
     def send(self, frame: bytes) -> None:
@@ -48,7 +47,6 @@ class FeedbackChannel:
             except zmq.Again:
                 break
             self._outbox.popleft()
-            self.n_sent += 1
         return len(self._outbox)
 
     @property

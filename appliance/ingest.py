@@ -54,7 +54,6 @@ class IngestActor:
     def __init__(
         self, cfg: IngestConfig, detector: DeploymentHandle, deblur: DeploymentHandle, sink: ray.actor.ActorHandle
     ) -> None:
-        self._cfg = cfg
         self._limits = StreamLimits(max_tile_bytes=cfg.max_tile_bytes, max_tile_side=cfg.max_tile_side)
         self._detector = detector
         self._deblur = deblur
@@ -74,9 +73,6 @@ class IngestActor:
             "received": 0, "tiles_accepted": 0, "tiles_done": 0, "rejected": 0, "failed": 0,
             "backpressure_retries": 0, "in_flight": 0, "max_in_flight_seen": 0, "sink_errors": 0,
         }
-
-    def tile_endpoint(self) -> str:
-        return self.endpoint
 
     async def start(self) -> str:
         """Begin receiving; returns the bound endpoint (resolves `tcp://host:*` to the real port)."""
