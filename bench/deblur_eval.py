@@ -14,7 +14,12 @@
    tile rendered in focus with the same noise draw); the second sets
    `DetectorConfig.max_restorable_sigma_px`.
 4. Figure: input / Wiener / model / truth crops, bench/results/deblur_examples.png.
-5. Speed: megapixels/s and full-size tiles/s (2400x2400 uint8, 1700x1700 uint16) per backend on this
+5. Headroom (Gaussian, target range): PSNR of the truth band-limited where the blur's transfer function
+   falls below a floor (what recovering every frequency above the floor exactly, and nothing below it,
+   would score), and the noise-free case (blur + quantisation only) for the input, oracle Wiener and the
+   model. It shows how much of the target the data allows, with no model in the way. Plus a no-blur row:
+   noisy in-focus tiles sent to the model anyway (what a false `soft` label costs).
+6. Speed: megapixels/s and full-size tiles/s (2400x2400 uint8, 1700x1700 uint16) per backend on this
    machine; on a CUDA machine also the GPU backends (torch fp16 channels_last, ONNX Runtime CUDA).
 """
 
@@ -41,6 +46,7 @@ from appliance.restoration import BUNDLED_MODEL, TileRestorer  # noqa: E402
 from models.blur_synth import (  # noqa: E402
     FAMILIES,
     BlurParams,
+    apply_blur,
     load_image,
     load_split,
     psf_kernel,
@@ -66,6 +72,8 @@ METHODS = ("input", "wiener", "rl", "model", "retake")
 RETAKE_MAX_DEFICIT_DB = 1.5
 MIN_GAIN_DB = 1.0
 ORACLE_MAX_DEFICIT_DB = 0.5
+# Transfer-function floors of the headroom rows: 0.05 = a frequency attenuated 20x by the blur.
+OTF_FLOORS = (0.1, 0.05, 0.02)
 RESULTS = REPO / "bench" / "results"
 
 
@@ -140,6 +148,52 @@ def target_summary(table: dict[str, dict[str, dict]]) -> dict[str, float]:
         per_tile = float(np.mean([c["best_classical_per_tile"]["psnr"] for c in cells]))
         summary["model_gain_over_per_tile_best_classical_db"] = mean["model"] - per_tile
     return summary
+
+
+def sharp_cell(restorer: TileRestorer | None, images: list[np.ndarray], draws: int, seed: int) -> dict[str, float]:
+    """Tiles with noise but no blur, sent to the model anyway (a detector false `soft`): does it harm them?"""
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[float]] = {"input": [], "model": []}
+    for image in images:
+        for _ in range(draws):
+            noisy = synthesize(image, None, rng)
+            scores["input"].append(psnr(noisy, image, 255.0))
+            if restorer is not None:
+                assessment = BlurAssessment(0.5, "soft", 0.0, 1.0, 0.0)
+                scores["model"].append(psnr(restorer.restore([noisy], [assessment])[0], image, 255.0))
+    return {f"{name}_psnr": float(np.mean(v)) for name, v in scores.items() if v}
+
+
+def band_limited(truth: np.ndarray, sigma: float, otf_floor: float) -> np.ndarray:
+    """`truth` (float64) without the frequencies a Gaussian blur of `sigma` px attenuates below `otf_floor`."""
+    fy = np.fft.fftfreq(truth.shape[0])[:, None]
+    fx = np.fft.fftfreq(truth.shape[1])[None, :]
+    otf = np.exp(-2.0 * np.pi**2 * sigma**2 * (fx**2 + fy**2))
+    return np.real(np.fft.ifft2(np.fft.fft2(truth.astype(np.float64)) * (otf >= otf_floor)))
+
+
+def headroom(restorer: TileRestorer | None, images: list[np.ndarray], strengths: list[float]) -> dict[str, dict]:
+    """Per Gaussian strength in TARGET_RANGE (and their mean): band-limit PSNRs and noise-free results."""
+    rows: dict[str, dict[str, float]] = {}
+    for sigma in [s for s in strengths if TARGET_RANGE[0] <= s <= TARGET_RANGE[1]]:
+        params = BlurParams("gaussian", sigma)
+        scores: dict[str, list[float]] = {}
+        for image in images:
+            for floor in OTF_FLOORS:
+                scores.setdefault(f"band_limit_otf_{floor:g}", []).append(
+                    psnr(band_limited(image, sigma, floor), image, 255.0))
+            blurred = quantize(apply_blur(to_unit_float(image), params))  # no noise
+            outputs = {"noise_free_input": blurred,
+                       "noise_free_wiener": best_wiener(to_unit_float(blurred), psf_kernel(params), image)}
+            if restorer is not None:
+                assessment = BlurAssessment(0.5, "soft", sigma, 1.0, 0.0)
+                outputs["noise_free_model"] = restorer.restore([blurred], [assessment])[0]
+            for name, out in outputs.items():
+                scores.setdefault(name, []).append(psnr(out, image, 255.0))
+        rows[f"gaussian@{sigma:g}"] = {name: float(np.mean(v)) for name, v in scores.items()}
+    if rows:
+        rows["mean"] = {name: float(np.mean([r[name] for r in rows.values()])) for name in next(iter(rows.values()))}
+    return rows
 
 
 def _retake_equivalent(cell: dict) -> bool:
@@ -286,11 +340,15 @@ def main() -> None:
             print(_row_text(key, table[key]), flush=True)
     figure = RESULTS / "deblur_examples.png"
     write_figure(examples, figure)
+    headroom_rows = headroom(restorer, images, [float(s) for s in args.strengths])
+    sharp_row = sharp_cell(restorer, images, args.draws, args.seed * 1000 + 999)
     speed = measure_speed(model_path, args.speed_seconds, args.speed_batch, args.threads)
     result = {
         "model_version": restorer.model_version if restorer else None,
         "table": table,
         "target_gaussian_sigma_1_3": target_summary(table),
+        "headroom_gaussian": headroom_rows,
+        "no_blur_noise_only": sharp_row,
         "max_restorable_sigma_px": restorable_sigma(table, "model_best"),
         "restorable_criterion": f"every family: model PSNR gain >= {MIN_GAIN_DB} dB over the input and "
         f"<= {ORACLE_MAX_DEFICIT_DB} dB below the better true-PSF Wiener/RL",
@@ -322,6 +380,11 @@ def print_summary(result: dict) -> None:
     for key, cell in result["table"].items():
         print(_row_text(key, cell))
     print("\nTarget (Gaussian sigma 1-3 px + noise):", json.dumps(result["target_gaussian_sigma_1_3"], indent=1))
+    print("\nHeadroom (Gaussian, PSNR dB vs the sharp original; band_limit_otf_F = truth without the frequencies"
+          " the blur attenuates below F; noise_free_* = blur + uint8 quantisation only)")
+    for key, row in result["headroom_gaussian"].items():
+        print(f"{key:16s} " + "  ".join(f"{name} {value:6.2f}" for name, value in row.items()))
+    print("No blur, noise only (a tile wrongly sent to deblur):", json.dumps(result["no_blur_noise_only"]))
     print("max_restorable_sigma_px:", result["max_restorable_sigma_px"], "-", result["restorable_criterion"])
     print("retake-equivalent up to:", result["retake_equivalent_sigma_px"], "-", result["retake_equivalent_criterion"])
 

@@ -41,6 +41,7 @@ def build_model(model_cfg: dict[str, Any]) -> DeblurNet:
         enc_blocks=tuple(model_cfg["enc_blocks"]),
         middle_blocks=int(model_cfg["middle_blocks"]),
         dec_blocks=tuple(model_cfg["dec_blocks"]),
+        noise_map=bool(model_cfg.get("noise_map", False)),
     )
 
 
@@ -59,6 +60,15 @@ def psnr_model_scale(restored: torch.Tensor, sharp: torch.Tensor) -> torch.Tenso
     """PSNR (dB) per patch with peak 1 on the model scale (the tile's 0.1-99.9 % intensity window)."""
     mse = (restored - sharp).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-12)
     return -10.0 * torch.log10(mse)
+
+
+def training_loss(restored: torch.Tensor, sharp: torch.Tensor, kind: str) -> torch.Tensor:
+    """"l1": mean absolute error; "psnr": mean of -PSNR per patch (NAFNet's loss; optimises the metric)."""
+    if kind == "l1":
+        return (restored - sharp).abs().mean()
+    if kind == "psnr":
+        return -psnr_model_scale(restored, sharp).mean()
+    raise ValueError(f"train.loss must be 'l1' or 'psnr', not {kind!r}")
 
 
 def learning_rate(step: int, cfg: dict[str, Any]) -> float:
@@ -84,6 +94,19 @@ def parent_checkpoint(init_from: dict[str, str]) -> dict[str, Any]:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)
 
 
+def load_parent_weights(model: DeblurNet, parent_state: dict[str, torch.Tensor]) -> None:
+    """Start from a parent's weights; input channels the parent lacks (the noise map) start at zero weight,
+    so the fine-tuning begins exactly at the parent's output."""
+    state = dict(parent_state)
+    intro = model.intro.weight
+    parent_intro = state["intro.weight"]
+    if parent_intro.shape[1] < intro.shape[1]:
+        padded = torch.zeros_like(intro)
+        padded[:, : parent_intro.shape[1]] = parent_intro
+        state["intro.weight"] = padded
+    model.load_state_dict(state)
+
+
 def train(config_path: Path) -> Path:
     """Run the recipe; returns the run directory."""
     cfg = load_config(config_path)
@@ -98,7 +121,7 @@ def train(config_path: Path) -> Path:
     model = build_model(cfg["model"])
     init_from = cfg.get("init_from")
     if init_from:
-        model.load_state_dict(parent_checkpoint(init_from)["model"])
+        load_parent_weights(model, parent_checkpoint(init_from)["model"])
 
     train_images = load_images("train")
     # Fixed validation set, independent of the training stream; a fine-tuning stage keeps its parent's.
@@ -118,13 +141,14 @@ def train(config_path: Path) -> Path:
     best_psnr, started, stopped_early = -math.inf, time.monotonic(), False
     kwargs = pair_kwargs(data_cfg, int(data_cfg["patch"]))
     steps = int(train_cfg["steps"])
+    loss_kind = str(train_cfg.get("loss", "l1"))
     step = 0
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, train_cfg)
         blurred, sharp = make_batch(train_images, rng, int(data_cfg["batch"]), **kwargs)
         model.train()
-        loss = (model(torch.from_numpy(blurred)) - torch.from_numpy(sharp)).abs().mean()
+        loss = training_loss(model(torch.from_numpy(blurred)), torch.from_numpy(sharp), loss_kind)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(train_cfg["grad_clip"]))
@@ -135,7 +159,7 @@ def train(config_path: Path) -> Path:
             model.eval()
             with torch.inference_mode():
                 val_psnr = float(psnr_model_scale(model(val_x_t), val_y_t).mean())
-            record = {"step": step + 1, "minutes": round(minutes, 2), "train_l1": float(loss.detach()),
+            record = {"step": step + 1, "minutes": round(minutes, 2), "train_loss": float(loss.detach()),
                       "val_psnr": val_psnr, "val_gain_db": val_psnr - val_input_psnr}
             history.append(record)
             print(json.dumps(record), flush=True)
