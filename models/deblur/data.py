@@ -36,6 +36,7 @@ def make_pair(
     sigma_range: tuple[float, float],
     sharp_fraction: float,
     uint16_fraction: float,
+    noise_free_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One random (blurred, sharp) pair, float32 (1, patch, patch) each, on the model scale."""
     image = images[int(rng.integers(len(images)))]
@@ -47,7 +48,9 @@ def make_pair(
     if rng.random() >= sharp_fraction:
         params = sample_blur(rng, str(rng.choice(list(families))), sigma_range)
     dtype = np.uint16 if rng.random() < uint16_fraction else np.uint8
-    blurred = synthesize(crop, params, rng, dtype=dtype)[margin:-margin, margin:-margin]
+    # Noise-free examples (quantisation only) only when asked: earlier stages' streams stay as they were.
+    noise = not (noise_free_fraction > 0.0 and rng.random() < noise_free_fraction)
+    blurred = synthesize(crop, params, rng, noise=noise, dtype=dtype)[margin:-margin, margin:-margin]
     sharp = to_unit_float(crop)[margin:-margin, margin:-margin] * float(np.iinfo(dtype).max)
     window = intensity_window(blurred)
     return to_model_scale(blurred, window)[None], to_model_scale(sharp, window)[None]

@@ -53,6 +53,7 @@ def pair_kwargs(data_cfg: dict[str, Any], patch: int) -> dict[str, Any]:
         "sigma_range": tuple(data_cfg["sigma_range"]),
         "sharp_fraction": float(data_cfg["sharp_fraction"]),
         "uint16_fraction": float(data_cfg["uint16_fraction"]),
+        "noise_free_fraction": float(data_cfg.get("noise_free_fraction", 0.0)),
     }
 
 
@@ -126,10 +127,9 @@ def train(config_path: Path) -> Path:
     train_images = load_images("train")
     # Fixed validation set, independent of the training stream; a fine-tuning stage keeps its parent's.
     val_rng = np.random.default_rng(int(data_cfg.get("val_seed", int(cfg["seed"]) + 1)))
-    val_x, val_y = make_batch(
-        load_images("val"), val_rng, int(data_cfg["val_patches"]),
-        **pair_kwargs(data_cfg, int(data_cfg["val_patch"])),
-    )
+    # Validation keeps the benchmark's noise (no noise-free examples), so every stage is scored alike.
+    val_kwargs = {**pair_kwargs(data_cfg, int(data_cfg["val_patch"])), "noise_free_fraction": 0.0}
+    val_x, val_y = make_batch(load_images("val"), val_rng, int(data_cfg["val_patches"]), **val_kwargs)
     val_x_t, val_y_t = torch.from_numpy(val_x), torch.from_numpy(val_y)
     val_input_psnr = float(psnr_model_scale(val_x_t, val_y_t).mean())
 
