@@ -37,6 +37,7 @@ from appliance.focus_metrics import BASELINES  # noqa: E402
 from models.blur_synth import (  # noqa: E402
     FAMILIES,
     BlurParams,
+    dihedral_tiles,
     load_image,
     load_split,
     quantize,
@@ -60,16 +61,6 @@ def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
     ranks[order] = np.repeat(avg, counts)
     u = ranks[len(negatives) :].sum() - len(positives) * (len(positives) + 1) / 2.0
     return float(u / (len(negatives) * len(positives)))
-
-
-def dihedral_tiles(split: str) -> list[np.ndarray]:
-    tiles = []
-    for path in load_split(split):  # type: ignore[arg-type]
-        image = load_image(path)
-        for k in range(4):
-            rotated = np.rot90(image, k)
-            tiles += [np.ascontiguousarray(rotated), np.ascontiguousarray(rotated[:, ::-1])]
-    return tiles
 
 
 def blur_params(family: str, sigma: float, rng: np.random.Generator) -> BlurParams:

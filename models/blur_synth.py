@@ -237,3 +237,14 @@ def load_image(path: Path) -> np.ndarray:
     if pixels is None or pixels.ndim != 2:
         raise ValueError(f"{path}: not a readable 2-D grayscale image")
     return pixels
+
+
+def dihedral_tiles(split: Literal["train", "val", "test"]) -> list[np.ndarray]:
+    """Every image of `split` in its 8 rotations/mirrors (rot90 k = 0..3, each unmirrored then mirrored)."""
+    tiles = []
+    for path in load_split(split):
+        image = load_image(path)
+        for k in range(4):
+            rotated = np.rot90(image, k)
+            tiles += [np.ascontiguousarray(rotated), np.ascontiguousarray(rotated[:, ::-1])]
+    return tiles

@@ -19,19 +19,10 @@ import numpy as np
 from appliance import psf_shape
 from appliance.blur_detection import BUNDLED_MODEL, BlurDetector, OnnxBackend
 from appliance.config import DetectorConfig
-from models.blur_synth import BlurParams, load_image, load_split, sample_blur, synthesize
+from models.blur_synth import BlurParams, dihedral_tiles, sample_blur, synthesize
 
 GRID_SIGMA = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 FAMILIES = ("gaussian", "disk")  # isotropic: astigmatism is psf_shape.py's job
-
-
-def _val_tiles() -> list[np.ndarray]:
-    tiles = []
-    for path in load_split("val"):
-        image = load_image(path)
-        for k in range(4):
-            tiles += [np.rot90(image, k).copy(), np.rot90(image, k)[:, ::-1].copy()]
-    return tiles
 
 
 def fit_intrinsic_c2(model_path: Path = BUNDLED_MODEL, seed: int = 8) -> float:
@@ -39,7 +30,7 @@ def fit_intrinsic_c2(model_path: Path = BUNDLED_MODEL, seed: int = 8) -> float:
     detector = BlurDetector(OnnxBackend(model_path), DetectorConfig())
     rng = np.random.default_rng(seed)
     cases = []
-    for tile in _val_tiles()[::2]:
+    for tile in dihedral_tiles("val")[::2]:
         for sigma in (1.5, 2.0, 3.0, 4.0, 6.0):
             params = sample_blur(rng, "astigmatic", sigma_range=(sigma, sigma))
             cases.append((synthesize(tile, params, rng), params))
@@ -64,7 +55,7 @@ def calibrate(model_path: Path = BUNDLED_MODEL, seed: int = 7) -> dict[str, list
     meta_path.write_text(json.dumps(meta, indent=2))  # measure the raw network
     detector = BlurDetector(OnnxBackend(model_path), DetectorConfig())
     rng = np.random.default_rng(seed)
-    tiles = _val_tiles()
+    tiles = dihedral_tiles("val")
     estimated = []
     for sigma in GRID_SIGMA:
         rendered = []
