@@ -25,7 +25,10 @@ MAX_PIXELS_PER_CALL = 48_000_000
 class TorchDeblur:
     """The exported deblur program on one device, in one floating-point dtype."""
 
-    def __init__(self, program_path: Path, size_multiple: int, device: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, program_path: Path, size_multiple: int, device: str, dtype: torch.dtype,
+        compact_transfers: bool = True, compile_network: bool = False,
+    ) -> None:
         if not program_path.is_file():
             raise FileNotFoundError(
                 f"{program_path}: the torch backend needs the exported program; "
@@ -38,6 +41,12 @@ class TorchDeblur:
         self._channels_last = self.device.type == "cuda"
         if self._channels_last:
             self._module = self._module.to(memory_format=torch.channels_last)
+        # Tiles cross the bus in their own width (uint8: 1 B/px, uint16: 2 B/px) through pinned host
+        # buffers; False keeps the int32 round trip (4 B/px each way), measured against it in
+        # bench/gpu_suite.py.
+        self._compact = compact_transfers
+        if compile_network:  # fuses the norm/gate element-wise ops; costs a compile per new tile shape
+            self._module = torch.compile(self._module, dynamic=False)
 
     def _network(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.dtype)
@@ -64,9 +73,7 @@ class TorchDeblur:
         restored: list[np.ndarray] = []
         for first in range(0, len(tiles), per_call):
             stack = np.stack(tiles[first : first + per_call])
-            # torch has no uint16 arithmetic: widen on the host (cheap view-copy), convert on the device.
-            host = torch.from_numpy(stack if dtype == np.uint8 else stack.astype(np.int32))
-            pixels = host.to(self.device, non_blocking=True).float()
+            pixels = self._upload(stack)
             low, high = _intensity_window(pixels)
             scale = (high - low)[:, None, None]
             image = ((pixels - low[:, None, None]) / scale)[:, None]
@@ -75,8 +82,36 @@ class TorchDeblur:
             padded = F.pad(image, (margin, margin + pad_right, margin, margin + pad_bottom), mode="reflect")
             out = self._network(padded)[:, 0, margin : margin + height, margin : margin + width]
             out = torch.clamp(torch.round(out * scale + low[:, None, None]), 0.0, full)
-            restored += list(out.to(torch.int32).cpu().numpy().astype(dtype))
+            restored += list(self._download(out, dtype))
         return restored
+
+    def _upload(self, stack: np.ndarray) -> torch.Tensor:
+        """(N, H, W) uint8/uint16 host tiles -> float32 (N, H, W) on the device, exact."""
+        if not self._compact:
+            # torch has no uint16 arithmetic: widen on the host, convert on the device.
+            host = torch.from_numpy(stack if stack.dtype == np.uint8 else stack.astype(np.int32))
+            return host.to(self.device, non_blocking=True).float()
+        # uint16 travels as its int16 bit pattern and is unwrapped on the device.
+        bits = stack if stack.dtype == np.uint8 else stack.view(np.int16)
+        staged = torch.empty(bits.shape, dtype=_TORCH_INT[bits.dtype], pin_memory=self.device.type == "cuda")
+        staged.numpy()[...] = bits
+        device = staged.to(self.device, non_blocking=True)
+        if stack.dtype == np.uint8:
+            return device.float()
+        return (device.to(torch.int32) & 0xFFFF).float()
+
+    def _download(self, out: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+        """Rounded, clamped float (N, H, W) on the device -> (N, H, W) host array of integer `dtype`."""
+        if not self._compact:
+            return out.to(torch.int32).cpu().numpy().astype(dtype)
+        if dtype == np.uint8:
+            return out.to(torch.uint8).cpu().numpy()
+        # v - 32768 fits int16; its bits XOR the sign bit are v as uint16.
+        shifted = (out.to(torch.int32) - 32768).to(torch.int16).cpu().numpy()
+        return shifted.view(np.uint16) ^ np.uint16(0x8000)
+
+
+_TORCH_INT = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}
 
 
 def _intensity_window(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

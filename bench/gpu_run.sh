@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One run on a GPU machine (H100/H200), sized to a time budget: bench/gpu_suite.py (issue 9's figures),
+# then, when its recipe and packed data are there, a wall-clock-capped deblur training run
+# (models/deblur/gpu.yaml) whose checkpoint and curves land in OUT_DIR/deblur/ for export on a CPU machine.
+#
+#   bench/gpu_run.sh OUT_DIR [BUDGET_S]
+#
+# Packages the GPU machine lacks can come as a tarball of site-packages: $CARRY_DIR/site.tar.xz (added to
+# sys.path after the machine's own packages); real EM for the tiles: $CARRY_DIR/isbi2012-train/ (else
+# ../shared/data); packed training data: $CARRY_DIR/em_train.npz (models/deblur/pack_data.py).
+#
+# DEVICE=cpu SUITE_ARGS="--side 512 --scale 0.06" runs the same steps on a CPU machine (a rehearsal).
+set -u
+out=$(realpath -m "${1:?usage: bench/gpu_run.sh OUT_DIR [BUDGET_S]}")
+budget=${2:-540}
+device=${DEVICE:-cuda}
+cd "$(dirname "$0")/.."
+carry=${CARRY_DIR:-.gpu}
+started=$SECONDS
+left() { echo $((budget - (SECONDS - started))); }
+mkdir -p "$out"
+exec > >(tee "$out/run.log") 2>&1
+export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled PYTHONPATH=$PWD
+
+if [ -f "$carry/site.tar.xz" ] && [ "$device" = cuda ]; then
+  mkdir -p /tmp/site && tar -C /tmp/site -xJf "$carry/site.tar.xz" || exit 2
+  echo /tmp/site >"$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_carried.pth"
+fi
+[ -d "$carry/isbi2012-train" ] && export ISBI2012_DIR=$PWD/$carry/isbi2012-train
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+# Fail fast (seconds, not minutes) when the stack is incomplete.
+python3 -c 'import ray, zmq, pydantic, torch, onnxruntime, cv2, tifffile, typer, rich, msgpack, yaml
+print("ray", ray.__version__, "zmq", zmq.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())
+assert torch.cuda.is_available() or "'"$device"'" == "cpu"' || exit 3
+# A .pt2 saved by a newer torch does not load in an older one: rebuild it from the ONNX weights.
+python3 -c 'import torch; torch.export.load("appliance/weights/deblur.pt2")' 2>/dev/null \
+  || python3 -m models.deblur.rebuild_program || exit 4
+echo "setup done, $(left) s left"
+
+suite_s=${SUITE_BUDGET_S:-230}
+# shellcheck disable=SC2086  # SUITE_ARGS is a list of options
+timeout $((suite_s + 45)) python3 bench/gpu_suite.py --device "$device" --out "$out" --budget-s "$suite_s" ${SUITE_ARGS:-}
+echo "suite exit $?, $(left) s left"
+
+if [ -f models/deblur/gpu.yaml ] && [ -f "$carry/em_train.npz" ]; then
+  # Leave 80 s for validation, saving and the exported program's speed.
+  minutes=$(python3 -c "print(max(0.5, ($(left) - 80) / 60))")
+  echo "training for $minutes min"
+  timeout $(($(left) - 20)) python3 -m models.deblur.train --config models/deblur/gpu.yaml --device "$device" \
+    --data "$carry/em_train.npz" --out-dir /tmp/deblur-runs --max-minutes "$minutes"
+  echo "train exit $?, $(left) s left"
+  run=$(dirname "$(ls -t /tmp/deblur-runs/*/best.pt 2>/dev/null | head -1)")
+  if [ -n "$run" ] && [ "$run" != . ]; then
+    mkdir -p "$out/deblur" && cp "$run"/best.pt "$run"/metrics.json "$run"/config.yaml "$out/deblur/"
+    if [ -f bench/gpu_deblur_speed.py ] && [ "$(left)" -gt 30 ]; then
+      timeout $(($(left) - 10)) python3 bench/gpu_deblur_speed.py --run "$run" --device "$device" \
+        --out "$out/deblur/speed.json"
+    fi
+  fi
+fi
+echo "done, $(left) s left"

@@ -1,0 +1,354 @@
+"""The whole appliance measured on one machine in one run, sized to a time budget (GPU or CPU).
+
+Examples:
+  python bench/gpu_suite.py --device cuda --out bench/results/gpu          # ~3 min on one H100/H200
+  python bench/gpu_suite.py --device cpu --side 512 --scale 0.1 --out /tmp/suite   # the same run on CPU
+
+In one process and one Ray cluster, on real-EM mosaics of MultiSEM size (bench/replay.py's pool):
+1. environment (GPU, driver, versions, CPUs);
+2. the bare detector loop (no Ray, no ZeroMQ) at batch 1 and the replica's batch;
+3. the bare deblur loop on soft tiles, per backend variant (torch fp16 / bf16, compact vs int32
+   host<->device transfers, batch 1 vs 4), each compared with the fp32 ONNX Runtime CPU output of the
+   same tile in DN (the CPU rig's result);
+4. the pipeline (ingest -> Serve detector/deblur -> sink, replicas as in the rig config): sharp tiles at
+   25.4/s, sharp flat out, 1/16 soft + 1/16 retake flat out and at 25.4/s; lost/duplicated, latency
+   send -> durable, and pipeline/bare in the same run.
+Writes `suite.json` and `suite.md` (the table) into --out; tiles go to a scratch directory that is
+deleted afterwards. Each phase checks the budget and records what it skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # bench/ runs from a checkout: models/ and bench/ are importable
+
+from appliance.assessment import BlurAssessment  # noqa: E402
+from appliance.config import ConfigError, DeblurConfig, IngestConfig, OutputConfig, RigConfig, load_rig_config  # noqa: E402
+from appliance.replay_client import MULTISEM_TILES_PER_S  # noqa: E402
+from bench.replay import multisem_tiles, numbered  # noqa: E402
+
+app = typer.Typer(add_completion=False)
+GPU_CONFIG = REPO_ROOT / "bench" / "rig-gpu.yaml"
+SOFT_SIGMA_PX = 1.5
+
+
+class Budget:
+    """Wall-clock budget of the whole run; phases ask before they start."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What this run measured on: CPU count, Python, library versions, GPU name and driver."""
+    import onnxruntime
+    import ray
+
+    env: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "ray": ray.__version__, "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers": onnxruntime.get_available_providers(),
+    }
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        if device == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    except ImportError:
+        env["torch"] = None
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+        env["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
+    return env
+
+
+def rate(calls: Callable[[], int], min_calls: int, max_s: float) -> dict[str, float]:
+    """Run `calls` (each returns tiles done) at least min_calls times or until max_s; tiles/s."""
+    done, count, started = 0, 0, time.perf_counter()
+    while count < min_calls or time.perf_counter() - started < max_s:
+        done += calls()
+        count += 1
+        if time.perf_counter() - started >= max_s and count >= 2:
+            break
+    seconds = time.perf_counter() - started
+    return {"tiles": done, "seconds": round(seconds, 3), "tiles_per_s": round(done / seconds, 2)}
+
+
+def bare_detector(cfg: RigConfig, tiles: list[np.ndarray], max_s: float) -> dict[str, Any]:
+    """The detector alone in this process with the replica's threads, at batch 1 and the replica's batch."""
+    from appliance.blur_detection import BlurDetector
+
+    detector = BlurDetector.from_config(cfg.detector)
+    detector.assess(tiles[:1])  # session creation
+    result: dict[str, Any] = {"model_version": detector.model_version, "threads": cfg.detector.inference_threads}
+    for batch in sorted({1, cfg.detector.max_batch_size}):
+        cursor = iter(range(10**9))
+
+        def one_batch(batch: int = batch, cursor: Any = cursor) -> int:
+            start = (next(cursor) * batch) % len(tiles)
+            chunk = [tiles[(start + i) % len(tiles)] for i in range(batch)]
+            return len(detector.assess(chunk))
+
+        result[f"batch_{batch}"] = rate(one_batch, 3, max_s / 2)
+    return result
+
+
+def soft_tiles(sharp: list[np.ndarray], count: int) -> list[np.ndarray]:
+    """`count` copies of sharp mosaics blurred (Gaussian 1.5 px, SEM noise), as the soft tiles of a section."""
+    from models.blur_synth import BlurParams, synthesize
+
+    rng = np.random.default_rng(1)
+    return [synthesize(sharp[i % len(sharp)], BlurParams("gaussian", SOFT_SIGMA_PX), rng, noise=True,
+                       dtype=sharp[0].dtype) for i in range(count)]
+
+
+def dn_agreement(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Largest and typical |candidate - reference| in DN, and the share of pixels more than 1 DN apart."""
+    diff = np.abs(candidate.astype(np.int64) - reference.astype(np.int64))
+    return {"max_dn": int(diff.max()), "p99_9_dn": float(np.percentile(diff, 99.9)),
+            "share_over_1_dn": float((diff > 1).mean())}
+
+
+def deblur_variants(device: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, TorchDeblur keyword arguments) to time; the first is the appliance's path on this device."""
+    import torch
+
+    if device != "cuda":
+        return [("torch-cpu-float32", {"dtype": torch.float32})]
+    variants = [("torch-cuda-float16", {"dtype": torch.float16}),
+                ("torch-cuda-float16 int32 transfers (before)", {"dtype": torch.float16, "compact_transfers": False})]
+    if torch.cuda.is_bf16_supported():
+        variants.insert(1, ("torch-cuda-bfloat16", {"dtype": torch.bfloat16}))
+    return variants
+
+
+def time_variant(
+    kwargs: dict[str, Any], tiles: list[np.ndarray], reference: np.ndarray, margin: int, device: str, max_s: float
+) -> dict[str, Any]:
+    """One TorchDeblur variant: first-call time, DN agreement with `reference` (tile 0), tiles/s at batch 1 (4)."""
+    from appliance.restoration import BUNDLED_MODEL, ModelCard
+    from appliance.torch_backend import TorchDeblur
+
+    engine = TorchDeblur(BUNDLED_MODEL.with_suffix(".pt2"), ModelCard.load(BUNDLED_MODEL).size_multiple, device,
+                         **kwargs)
+    warm = time.perf_counter()
+    (first,) = engine.restore_tiles(tiles[:1], margin)
+    entry: dict[str, Any] = {"first_call_s": round(time.perf_counter() - warm, 2),
+                             "vs_onnx_cpu_fp32": dn_agreement(first, reference)}
+    for batch in (1, 4) if device == "cuda" else (1,):
+        cursor = iter(range(10**9))
+
+        def call(batch: int = batch, cursor: Any = cursor) -> int:
+            start = next(cursor) * batch
+            return len(engine.restore_tiles([tiles[(start + i) % len(tiles)] for i in range(batch)], margin))
+
+        entry[f"batch_{batch}"] = rate(call, 2, max_s / 2)
+    return entry
+
+
+def bare_deblur(
+    cfg: RigConfig, tiles: list[np.ndarray], variants: list[tuple[str, dict[str, Any]]], budget: Budget,
+    max_s: float,
+) -> dict[str, Any]:
+    """Restored tiles/s per backend variant and its agreement with fp32 ONNX Runtime CPU (tiled), in DN."""
+    from appliance.restoration import TileRestorer
+
+    reference_cfg = DeblurConfig(backend="onnx", num_cpus_per_replica=float(os.cpu_count() or 1))
+    onnx_cpu = TileRestorer.from_config(reference_cfg)
+    assessment = BlurAssessment(blur_score=0.4, label="soft", sigma_px=SOFT_SIGMA_PX)
+    started = time.perf_counter()
+    (reference,) = onnx_cpu.restore(tiles[:1], [assessment])
+    result: dict[str, Any] = {
+        "onnx_cpu_reference": {"threads": reference_cfg.inference_threads,
+                               "tiles_per_s": round(1.0 / (time.perf_counter() - started), 3)},
+        "variants": {},
+    }
+    device = "cuda" if cfg.deblur.num_gpus_per_replica > 0 else "cpu"
+    for name, kwargs in variants:
+        if budget.left_s() < max_s + 30:
+            result["variants"][name] = {"skipped": "time budget"}
+            continue
+        try:
+            result["variants"][name] = time_variant(kwargs, tiles, reference, cfg.deblur.patch_overlap, device, max_s)
+        except Exception as exc:  # one broken variant must not cost the rest of the run
+            result["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    result["auto_choice"] = TileRestorer.from_config(cfg.deblur).backend
+    return result
+
+
+def pipeline_rows(
+    cfg: RigConfig, sharp_pool: list[tuple[str, np.ndarray]], mix_pool: list[tuple[str, np.ndarray]],
+    scale: float, budget: Budget,
+) -> list[dict[str, Any]]:
+    """One appliance, four sections: sharp at 25.4/s, sharp flat out, mix flat out, mix at 25.4/s."""
+    from appliance.demo import run_replay
+    from appliance.pipeline import Appliance
+
+    plan = [("sharp tiles at 25.4/s", sharp_pool, 300, MULTISEM_TILES_PER_S),
+            ("sharp tiles, flat out", sharp_pool, 500, None),
+            ("1/16 soft + 1/16 retake, flat out", mix_pool, 500, None),
+            ("1/16 soft + 1/16 retake at 25.4/s", mix_pool, 300, MULTISEM_TILES_PER_S)]
+    rows: list[dict[str, Any]] = []
+    appliance = Appliance(cfg)
+    appliance.start()
+    try:
+        for index, (title, pool, tiles, rate_hz) in enumerate(plan):
+            count = max(16, int(tiles * scale))
+            expected_s = count / (rate_hz or 20.0) + 20
+            if budget.left_s() < expected_s:
+                rows.append({"row": title, "skipped": f"time budget ({budget.left_s():.0f} s left)"})
+                continue
+            report = run_replay(appliance, numbered(pool, count), count, rate_hz, f"suite-{index}")
+            rows.append({"row": title, "rate_hz": rate_hz, **report.summary()})
+        rows.append({"row": "appliance counters", **appliance.stats()})
+    finally:
+        appliance.drain_and_stop()
+    return rows
+
+
+def _torch_float16() -> Any:
+    import torch
+
+    return torch.float16
+
+
+def suite_config(config: Path | None, device: str, work_dir: Path) -> RigConfig:
+    """The rig config of the run (bench/rig-gpu.yaml on cuda), writing into the scratch directory."""
+    path = config or (GPU_CONFIG if device == "cuda" else None)
+    try:
+        cfg = load_rig_config(path) if path else RigConfig(
+            ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*"))
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return cfg.model_copy(update={"output": OutputConfig(directory=work_dir, keep_originals=cfg.output.keep_originals,
+                                                         fsync=cfg.output.fsync)})
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The suite's table, as it goes into the README (one line per measurement)."""
+    env = result["environment"]
+    lines = [f"Device: {env.get('gpu') or env['device']} ({env.get('nvidia_smi', '')}), {env['cpu_count']} CPUs, "
+             f"{env['date']}; tiles {result['tile']}", "", "| what | tiles/s | detail |", "|---|---|---|"]
+    det = result.get("bare_detector", {})
+    for key in ("batch_1", "batch_4", "batch_8"):
+        if key in det:
+            lines.append(f"| bare detector, {key.replace('_', ' ')} ({det['threads']} thread(s)) | "
+                         f"{det[key]['tiles_per_s']} | {det['model_version']} |")
+    deb = result.get("bare_deblur", {})
+    if deb:
+        lines.append(f"| bare deblur, ONNX Runtime CPU fp32 (reference, {deb['onnx_cpu_reference']['threads']} "
+                     f"threads) | {deb['onnx_cpu_reference']['tiles_per_s']} | |")
+        for name, entry in deb.get("variants", {}).items():
+            for key in ("batch_1", "batch_4"):
+                if key in entry:
+                    agree = entry["vs_onnx_cpu_fp32"]
+                    lines.append(f"| bare deblur, {name}, {key.replace('_', ' ')} | {entry[key]['tiles_per_s']} | "
+                                 f"vs fp32 CPU: max {agree['max_dn']} DN, {100 * agree['share_over_1_dn']:.3f} % "
+                                 f"of pixels > 1 DN |")
+            if "batch_1" not in entry:
+                lines.append(f"| bare deblur, {name} | - | {entry.get('skipped') or entry.get('error')} |")
+        lines.append(f"| deblur backend chosen by `auto` | | {deb.get('auto_choice')} |")
+    for row in result.get("pipeline", []):
+        if "tiles_per_s" in row:
+            lines.append(f"| pipeline: {row['row']} ({row['sent']} tiles) | {row['tiles_per_s']:.1f} | "
+                         f"p50 / p95 / p99 {row['latency_p50_s']:.2f} / {row['latency_p95_s']:.2f} / "
+                         f"{row['latency_p99_s']:.2f} s, lost {row['lost']}, dup {row['duplicated']} |")
+        elif "skipped" in row:
+            lines.append(f"| pipeline: {row['row']} | - | {row['skipped']} |")
+    for name, value in result.get("ratios", {}).items():
+        lines.append(f"| {name} | {value:.2f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def ratios(result: dict[str, Any]) -> dict[str, float]:
+    """pipeline / bare in the same run: flat-out sharp over the bare detector at the replica's batch."""
+    det = result.get("bare_detector", {})
+    bare = det.get(f"batch_{result['config']['detector']['max_batch_size']}", {}).get("tiles_per_s")
+    flat = next((r for r in result.get("pipeline", []) if r["row"] == "sharp tiles, flat out" and "tiles_per_s" in r),
+                None)
+    if not bare or flat is None:
+        return {}
+    replicas = result["config"]["detector"]["num_replicas"]
+    ratio = {"pipeline flat-out sharp / bare detector (one replica's loop)": flat["tiles_per_s"] / bare}
+    if replicas > 1:
+        name = f"pipeline flat-out sharp / bare detector x {replicas} replicas"
+        ratio[name] = flat["tiles_per_s"] / (bare * replicas)
+    return ratio
+
+
+@app.command()
+def main(
+    out: Annotated[Path, typer.Option(help="Folder for suite.json and suite.md (created).")],
+    device: Annotated[str, typer.Option(help="cuda | cpu.")] = "cuda",
+    config: Annotated[Path | None, typer.Option(help="Rig config (default: bench/rig-gpu.yaml on cuda).")] = None,
+    budget_s: Annotated[float, typer.Option(min=60, help="Wall-clock budget of the whole run (s).")] = 300,
+    side: Annotated[int, typer.Option(min=64, help="Tile side (px).")] = 2400,
+    scale: Annotated[float, typer.Option(min=0.01, max=10, help="Scale of the pipeline rows' tile counts.")] = 1.0,
+    work_dir: Annotated[Path | None, typer.Option(help="Scratch for written tiles (default: a temp dir).")] = None,
+) -> None:
+    """Run every phase within the budget; print the table; write suite.json and suite.md."""
+    if device not in ("cuda", "cpu"):
+        raise typer.BadParameter(f"--device {device!r}: use cuda or cpu")
+    budget = Budget(budget_s)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="suite-", dir=work_dir))
+    cfg = suite_config(config, device, scratch)
+    result: dict[str, Any] = {"environment": environment(device), "config": cfg.model_dump(mode="json")}
+
+    def save() -> None:
+        result["ratios"] = ratios(result)
+        (out / "suite.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / "suite.md").write_text(markdown(result))
+
+    try:
+        sharp_pool = multisem_tiles(16, side, "uint8", 0, 0)
+        mix_pool = multisem_tiles(16, side, "uint8", 16, 16)
+        result["tile"] = f"{side}x{side} uint8 ({sharp_pool[0][1].nbytes / 1e6:.2f} MB)"
+        print(f"[{budget.left_s():.0f} s left] bare detector", flush=True)
+        result["bare_detector"] = bare_detector(cfg, [p for _, p in sharp_pool + mix_pool], max_s=10)
+        save()
+        print(f"[{budget.left_s():.0f} s left] bare deblur", flush=True)
+        soft = soft_tiles([p for _, p in sharp_pool], 8)
+        deblur_s = 12 if device == "cuda" else 30
+        result["bare_deblur"] = bare_deblur(cfg, soft, deblur_variants(device), budget, deblur_s)
+        save()
+        print(f"[{budget.left_s():.0f} s left] pipeline", flush=True)
+        result["pipeline"] = pipeline_rows(cfg, sharp_pool, mix_pool, scale, budget)
+        save()
+        if device == "cuda":  # last: its compile time must not cost the pipeline rows
+            print(f"[{budget.left_s():.0f} s left] torch.compile variant", flush=True)
+            compiled = [("torch-cuda-float16 torch.compile", {"dtype": _torch_float16(), "compile_network": True})]
+            extra = bare_deblur(cfg, soft, compiled, Budget(budget.left_s() - 60), deblur_s)
+            result["bare_deblur"]["variants"].update(extra["variants"])
+    finally:
+        save()
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(markdown(result))
+    lost = sum(row.get("lost", 0) + row.get("duplicated", 0) for row in result.get("pipeline", []))
+    if lost:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
