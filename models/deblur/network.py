@@ -11,8 +11,15 @@ inference equals whole-image inference up to the blended patch borders.
 Added (``noise_map=True``): a fixed, local noise-level channel (`NoiseLevelMap`) beside the pixels.
 Without it the network hedged between noise levels: on clean tiles it smoothed like on noisy ones.
 
-Input and output: float32 (N, 1, H, W) on the scale of `appliance.intensity.to_model_scale`;
-H and W must be multiples of 2 ** len(enc_blocks).
+Added (``psf_planes=True``, deblur v3): the blur detector's estimate as extra input planes
+(`appliance.psf_planes`: known flag, tile sigma, local sigma from the region map, astigmatism vector),
+concatenated to the pixels at the intro convolution. The planes are per-pixel functions of the tile
+position, so cutting them with the pixels keeps tiled inference exact; all-zero planes (known = 0) are
+the blind path, trained alongside.
+
+Input: float32 (N, 1 + n_planes, H, W): channel 0 the pixels on the scale of
+`appliance.intensity.to_model_scale`, then the planes in `PLANE_NAMES` order (none for a blind model).
+Output: float32 (N, 1, H, W). H and W must be multiples of 2 ** len(enc_blocks).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from appliance.psf_planes import PLANE_NAMES
 
 
 class LayerNorm2d(nn.Module):
@@ -32,6 +41,13 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            # Mixed-precision training: statistics in fp32 (bf16 keeps 8 mantissa bits). Exported
+            # programs (traced in fp32, no autocast) never take this branch, so they carry no casts.
+            return self._normalise(x.float()).to(x.dtype)
+        return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(1, keepdim=True)
         var = (x - mean).pow(2).mean(1, keepdim=True)
         return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
@@ -103,12 +119,15 @@ class DeblurNet(nn.Module):
         middle_blocks: int = 2,
         dec_blocks: tuple[int, ...] = (1, 1, 1),
         noise_map: bool = False,
+        psf_planes: bool = False,
     ) -> None:
         super().__init__()
         if len(enc_blocks) != len(dec_blocks):
             raise ValueError(f"enc_blocks {enc_blocks} and dec_blocks {dec_blocks} need the same length")
         self.noise_map = NoiseLevelMap() if noise_map else None
-        self.intro = nn.Conv2d(2 if noise_map else 1, width, 3, padding=1)
+        self.plane_count = len(PLANE_NAMES) if psf_planes else 0
+        self.input_channels = 1 + self.plane_count
+        self.intro = nn.Conv2d(self.input_channels + (1 if noise_map else 0), width, 3, padding=1)
         self.ending = nn.Conv2d(width, 1, 3, padding=1)
         self.encoders = nn.ModuleList()
         self.downs = nn.ModuleList()
@@ -127,7 +146,13 @@ class DeblurNet(nn.Module):
         self.size_multiple = 2 ** len(enc_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.intro(x if self.noise_map is None else torch.cat([x, self.noise_map(x)], dim=1))
+        pixels = x[:, :1] if self.plane_count else x
+        stacked = [pixels]
+        if self.noise_map is not None:
+            stacked.append(self.noise_map(pixels))
+        if self.plane_count:
+            stacked.append(x[:, 1:])
+        features = self.intro(stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=1))
         skips = []
         for encoder, down in zip(self.encoders, self.downs, strict=True):
             features = encoder(features)
@@ -136,4 +161,28 @@ class DeblurNet(nn.Module):
         features = self.middle(features)
         for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips), strict=True):
             features = decoder(up(features) + skip)
-        return x + self.ending(features)
+        return pixels + self.ending(features)
+
+
+def conv_gflop(model: nn.Module, height: int, width: int) -> float:
+    """GFLOP (2 x multiply-adds of every convolution) for one (1, C, height, width) input.
+
+    Counted on a small probe with forward hooks and scaled by area: every layer is convolutional, so the
+    cost is linear in the pixel count. Elementwise work (norms, gates) is left out (< 5 %).
+    """
+    probe_side = 8 * getattr(model, "size_multiple", 1)
+    macs = [0]
+
+    def count(module: nn.Conv2d, _inputs: tuple, output: torch.Tensor) -> None:
+        kh, kw = module.kernel_size
+        macs[0] += output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        channels = getattr(model, "input_channels", 1)
+        with torch.inference_mode():
+            model(torch.zeros(1, channels, probe_side, probe_side))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return 2.0 * macs[0] * (height * width) / (probe_side * probe_side) / 1e9

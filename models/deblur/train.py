@@ -4,17 +4,32 @@ Seeded (numpy, torch) and single-process, so the same config on the same machine
 weights, unless the wall-clock cap `train.max_minutes` stops it early (logged in metrics.json).
 A config with `init_from` is a fine-tuning stage: it starts from its parent config's checkpoint, and
 trains the parent first when that run is missing, so one command reproduces the whole chain.
-Writes models/deblur/runs/<run_name>/{best.pt, last.pt, metrics.json, config.yaml}; `best.pt` is the
-checkpoint with the highest validation PSNR (validation = the `val` split; `test` is never read here).
+Writes <out-dir>/<run_name>/{best.pt, last.pt, metrics.json, config.yaml} (out-dir defaults to
+models/deblur/runs); `best.pt` is the checkpoint with the highest validation PSNR (validation = the `val`
+split; `test` is never read here).
+
+Two data sources, chosen by the config:
+- `data.source: isbi` (the CPU stages 1-4): numpy pairs from ../shared/data (`models.deblur.data`);
+- `data.source: packed` (gpu.yaml): sharp images from ONE packed .npz (`models.deblur.pack_data`,
+  `--data`), blurred, noised and paired with detector-like PSF planes on the training device
+  (`models.deblur.gpu_synth`). Needs no ../shared.
+`--device cuda` adds bf16 autocast, a fused AdamW, channels_last and TF32; `--device cpu` runs the same
+code (how the tests run it). The wall-clock cap counts from the start of `train` (data loading included)
+and is checked after every step; the run then validates, saves and exits. With `train.schedule: time`
+the cosine learning rate decays over whichever ends first, the steps or the minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
-import shutil
+import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +37,14 @@ import numpy as np
 import torch
 import yaml
 
-from models.deblur.data import load_images, make_batch
-from models.deblur.network import DeblurNet
+from models.deblur.network import DeblurNet, conv_gflop
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# best.pt / last.pt must come back from a GPU machine whose per-file limit is 16 MiB: above this,
+# the checkpoint's floating-point tensors are stored in fp16.
+MAX_CHECKPOINT_BYTES = 14_500_000
+TILE_SIDE_PX = 2400  # the MultiSEM tile the GFLOP figure is quoted for
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -42,6 +60,7 @@ def build_model(model_cfg: dict[str, Any]) -> DeblurNet:
         middle_blocks=int(model_cfg["middle_blocks"]),
         dec_blocks=tuple(model_cfg["dec_blocks"]),
         noise_map=bool(model_cfg.get("noise_map", False)),
+        psf_planes=bool(model_cfg.get("psf_planes", False)),
     )
 
 
@@ -72,12 +91,18 @@ def training_loss(restored: torch.Tensor, sharp: torch.Tensor, kind: str) -> tor
     raise ValueError(f"train.loss must be 'l1' or 'psnr', not {kind!r}")
 
 
-def learning_rate(step: int, cfg: dict[str, Any]) -> float:
-    """Linear warm-up, then cosine decay from lr to min_lr over the remaining steps."""
+def learning_rate(step: int, cfg: dict[str, Any], minutes: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr over the remaining steps.
+
+    With `schedule: time` the decay follows whichever is further along: steps or wall-clock minutes
+    (of `max_minutes`), so a time-capped run still ends at min_lr.
+    """
     lr, min_lr, warmup, steps = cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["steps"]
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
+    if cfg.get("schedule", "steps") == "time":
+        progress = max(progress, minutes / float(cfg["max_minutes"]))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -108,84 +133,270 @@ def load_parent_weights(model: DeblurNet, parent_state: dict[str, torch.Tensor])
     model.load_state_dict(state)
 
 
-def train(config_path: Path) -> Path:
-    """Run the recipe; returns the run directory."""
-    cfg = load_config(config_path)
-    torch.set_num_threads(int(cfg["threads"]))
-    torch.manual_seed(int(cfg["seed"]))
-    rng = np.random.default_rng(int(cfg["seed"]))
-    data_cfg, train_cfg = cfg["data"], cfg["train"]
-    run_dir = RUNS_DIR / cfg["run_name"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config_path, run_dir / "config.yaml")
+@dataclass
+class DataSource:
+    """Training batches and fixed validation sets on the training device.
 
-    model = build_model(cfg["model"])
-    init_from = cfg.get("init_from")
-    if init_from:
-        load_parent_weights(model, parent_checkpoint(init_from)["model"])
+    next_batch() -> (inputs (B, C, P, P), sharp (B, 1, P, P)); val: name -> (inputs, sharp), where
+    "val" is every validation patch and other names are subsets (per source, blind planes).
+    """
 
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    val: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def isbi_source(cfg: dict[str, Any], rng: np.random.Generator) -> DataSource:
+    """The CPU stages' data: numpy pairs from the isbi2012-train splits (`models.deblur.data`)."""
+    from models.deblur.data import load_images, make_batch
+
+    data_cfg = cfg["data"]
     train_images = load_images("train")
     # Fixed validation set, independent of the training stream; a fine-tuning stage keeps its parent's.
     val_rng = np.random.default_rng(int(data_cfg.get("val_seed", int(cfg["seed"]) + 1)))
     # Validation keeps the benchmark's noise (no noise-free examples), so every stage is scored alike.
     val_kwargs = {**pair_kwargs(data_cfg, int(data_cfg["val_patch"])), "noise_free_fraction": 0.0}
     val_x, val_y = make_batch(load_images("val"), val_rng, int(data_cfg["val_patches"]), **val_kwargs)
-    val_x_t, val_y_t = torch.from_numpy(val_x), torch.from_numpy(val_y)
-    val_input_psnr = float(psnr_model_scale(val_x_t, val_y_t).mean())
-
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]),
-        betas=tuple(train_cfg["betas"]),
-    )
-    history: list[dict[str, float]] = []
-    best_psnr, started, stopped_early = -math.inf, time.monotonic(), False
     kwargs = pair_kwargs(data_cfg, int(data_cfg["patch"]))
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        blurred, sharp = make_batch(train_images, rng, int(data_cfg["batch"]), **kwargs)
+        return torch.from_numpy(blurred), torch.from_numpy(sharp)
+
+    return DataSource(next_batch, {"val": (torch.from_numpy(val_x), torch.from_numpy(val_y))})
+
+
+def packed_source(
+    cfg: dict[str, Any], data_path: Path, device: torch.device, rng: np.random.Generator
+) -> DataSource:
+    """Sharp images from the packed .npz, degraded on `device` (`models.deblur.gpu_synth`).
+
+    Validation: `data.val_patches` patches spread over the val-split sources (isbi 22-25 and the
+    held-out em-corpus source), blurred with the same families and noise (never noise-free) and given
+    detector-like PSF planes; "val_blind" is the same patches with blind planes, "val/<source>" each
+    source's share.
+    """
+    from models.deblur.gpu_synth import DeviceImages, SynthConfig, make_batch
+    from models.deblur.pack_data import load_packed
+
+    data_cfg = cfg["data"]
+    packed = load_packed(data_path)
+    train = DeviceImages([p.pixels for p in packed if p.split == "train"], device)
+    synth = SynthConfig.from_config(data_cfg)
+    generator = torch.Generator(device=device).manual_seed(int(cfg["seed"]))
+    val_synth = SynthConfig.from_config({**data_cfg, "noise_free_fraction": 0.0}, int(data_cfg["val_patch"]))
+    val_seed = int(data_cfg.get("val_seed", int(cfg["seed"]) + 1))
+    val_rng = np.random.default_rng(val_seed)
+    val_generator = torch.Generator(device=device).manual_seed(val_seed)
+    sources = sorted({p.source for p in packed if p.split == "val"})
+    per_source = max(1, int(data_cfg["val_patches"]) // max(1, len(sources)))
+    val: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for source in sources:
+        images = DeviceImages([p.pixels for p in packed if p.split == "val" and p.source == source], device)
+        parts = []
+        for first in range(0, per_source, synth.batch):
+            chunk = SynthConfig(**{**val_synth.__dict__, "batch": min(synth.batch, per_source - first)})
+            parts.append(make_batch(images, val_rng, val_generator, chunk))
+        val[f"val/{source}"] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    inputs = torch.cat([x for x, _ in val.values()])
+    val["val"] = (inputs, torch.cat([y for _, y in val.values()]))
+    blind = inputs.clone()
+    blind[:, 1:] = 0.0
+    val["val_blind"] = (blind, val["val"][1])
+    return DataSource(lambda: make_batch(train, rng, generator, synth), val)
+
+
+def make_optimizer(model: DeblurNet, train_cfg: dict[str, Any], fused: bool) -> torch.optim.AdamW:
+    """AdamW from the `train:` section; fused (one kernel for all parameters) on CUDA."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]),
+        betas=tuple(train_cfg["betas"]), fused=fused or None,
+    )
+
+
+def evaluate(model: DeblurNet, inputs: torch.Tensor, sharp: torch.Tensor, chunk: int, amp: Any) -> float:
+    """Mean PSNR (model scale) of the model's output over a validation set, `chunk` patches at a time."""
+    model.eval()
+    scores = []
+    with torch.inference_mode():
+        for first in range(0, len(inputs), chunk):
+            with amp():
+                restored = model(inputs[first : first + chunk])
+            scores.append(psnr_model_scale(restored.float(), sharp[first : first + chunk]))
+    model.train()
+    return float(torch.cat(scores).mean())
+
+
+def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
+    """The serialised checkpoint; fp16 tensors when fp32 would exceed MAX_CHECKPOINT_BYTES."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    if buffer.tell() <= MAX_CHECKPOINT_BYTES:
+        return buffer.getvalue()
+    halved = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    buffer = io.BytesIO()
+    torch.save({**checkpoint, "model": halved, "stored_dtype": "float16"}, buffer)
+    return buffer.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write then rename: a run killed mid-write never leaves a truncated checkpoint or metrics file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def device_setup(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """Backend switches for `device`; returns the autocast context factory (bf16 on CUDA, none on CPU)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext
+    torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+
+def to_device(model: DeblurNet, device: torch.device) -> DeblurNet:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def effective_config(
+    config_path: Path, data_path: Path | None, max_minutes: float | None, device: str | None
+) -> dict[str, Any]:
+    """The config file with the command line's overrides applied (recorded in the run's config.yaml)."""
+    cfg = load_config(config_path)
+    if data_path is not None:
+        cfg["data"]["packed"] = str(data_path)
+    if max_minutes is not None:
+        cfg["train"]["max_minutes"] = float(max_minutes)
+    cfg["device"] = device or cfg.get("device", "cpu")
+    if cfg["device"] not in ("cpu", "cuda"):
+        raise ValueError(f"device: {cfg['device']!r}; use 'cpu' or 'cuda'")
+    return cfg
+
+
+def train(
+    config_path: Path,
+    device: str | None = None,
+    data_path: Path | None = None,
+    out_dir: Path | None = None,
+    max_minutes: float | None = None,
+) -> Path:
+    """Run the recipe; returns the run directory. Arguments override the config (see `main`)."""
+    started = time.monotonic()
+    cfg = effective_config(config_path, data_path, max_minutes, device)
+    torch_device = torch.device(cfg["device"])
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+    torch.set_num_threads(int(cfg["threads"]))
+    torch.manual_seed(int(cfg["seed"]))
+    rng = np.random.default_rng(int(cfg["seed"]))
+    data_cfg, train_cfg = cfg["data"], cfg["train"]
+    run_dir = Path(out_dir if out_dir is not None else RUNS_DIR) / cfg["run_name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+
+    model = build_model(cfg["model"])
+    init_from = cfg.get("init_from")
+    if init_from:
+        load_parent_weights(model, parent_checkpoint(init_from)["model"])
+    size = {"parameters": sum(p.numel() for p in model.parameters()),
+            "gflop_per_2400_tile": round(conv_gflop(model, TILE_SIDE_PX, TILE_SIDE_PX), 1)}
+    print(json.dumps(size), flush=True)
+    model = to_device(model, torch_device)
+    amp = device_setup(torch_device)
+
+    if data_cfg.get("source", "isbi") == "packed":
+        if not data_cfg.get("packed"):
+            raise ValueError("data.source: packed needs the packed file: pass --data PATH.npz (pack_data.py)")
+        source = packed_source(cfg, Path(data_cfg["packed"]), torch_device, rng)
+    else:
+        source = isbi_source(cfg, rng)
+    val_input_psnr = float(psnr_model_scale(source.val["val"][0][:, :1], source.val["val"][1]).mean())
+    val_chunk = int(data_cfg.get("val_chunk", data_cfg["batch"]))
+
+    optimizer = make_optimizer(model, train_cfg, fused=torch_device.type == "cuda")
+    optimizer_kind = "adamw-fused" if torch_device.type == "cuda" else "adamw"
+    history: list[dict[str, float]] = []
+    best_psnr, stopped_early = -math.inf, False
     steps = int(train_cfg["steps"])
     loss_kind = str(train_cfg.get("loss", "l1"))
+    cap_minutes = float(train_cfg["max_minutes"])
+    loop_started = time.monotonic()
     step = 0
+
+    def summary() -> dict[str, Any]:
+        elapsed = time.monotonic() - loop_started
+        return {
+            "config": cfg, "steps_done": step + 1, "stopped_by_time_cap": stopped_early,
+            "val_input_psnr": val_input_psnr, "best_val_psnr": best_psnr, "history": history,
+            "minutes": round((time.monotonic() - started) / 60.0, 3),
+            "seconds_per_step": round(elapsed / (step + 1), 4), **size,
+            "device": torch.cuda.get_device_name() if torch_device.type == "cuda" else "cpu",
+            "optimizer": optimizer_kind,
+            "torch": torch.__version__,
+        }
+
+    model.train()
     for step in range(steps):
+        minutes = (time.monotonic() - started) / 60.0
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, train_cfg)
-        blurred, sharp = make_batch(train_images, rng, int(data_cfg["batch"]), **kwargs)
-        model.train()
-        loss = training_loss(model(torch.from_numpy(blurred)), torch.from_numpy(sharp), loss_kind)
+            group["lr"] = learning_rate(step, train_cfg, minutes)
+        inputs, sharp = source.next_batch()
+        if torch_device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with amp():
+            restored = model(inputs)
+        loss = training_loss(restored.float(), sharp, loss_kind)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(train_cfg["grad_clip"]))
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as exc:
+            if step > 0 or optimizer_kind != "adamw-fused":
+                raise
+            # The fused kernel's layout checks have refused channels_last parameters on some torch builds;
+            # a one-shot GPU run must not die of it: the first step is redone with the foreach kernel.
+            print(f"fused AdamW failed ({exc}); using the foreach AdamW", flush=True)
+            optimizer = make_optimizer(model, train_cfg, fused=False)
+            optimizer.param_groups[0]["lr"] = learning_rate(step, train_cfg, minutes)
+            optimizer.step()
+            optimizer_kind = f"adamw-foreach (fused failed: {exc})"
         minutes = (time.monotonic() - started) / 60.0
-        last_step = step == steps - 1 or minutes >= float(train_cfg["max_minutes"])
+        last_step = step == steps - 1 or minutes >= cap_minutes
         if (step + 1) % int(train_cfg["val_every"]) == 0 or last_step:
-            model.eval()
-            with torch.inference_mode():
-                val_psnr = float(psnr_model_scale(model(val_x_t), val_y_t).mean())
-            record = {"step": step + 1, "minutes": round(minutes, 2), "train_loss": float(loss.detach()),
-                      "val_psnr": val_psnr, "val_gain_db": val_psnr - val_input_psnr}
+            scores = {name: evaluate(model, x, y, val_chunk, amp) for name, (x, y) in source.val.items()}
+            record = {"step": step + 1, "minutes": round(minutes, 3), "train_loss": float(loss.detach()),
+                      "val_psnr": scores["val"], "val_gain_db": scores["val"] - val_input_psnr,
+                      **{f"{name}_psnr": v for name, v in scores.items() if name != "val"},
+                      "lr": optimizer.param_groups[0]["lr"]}
             history.append(record)
             print(json.dumps(record), flush=True)
-            checkpoint = {"model": model.state_dict(), "config": cfg, "step": step + 1, "val_psnr": val_psnr}
-            torch.save(checkpoint, run_dir / "last.pt")
-            if val_psnr > best_psnr:
-                best_psnr = val_psnr
-                torch.save(checkpoint, run_dir / "best.pt")
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            checkpoint = {"model": state, "config": cfg, "step": step + 1, "val_psnr": scores["val"]}
+            data = checkpoint_bytes(checkpoint)
+            write_atomic(run_dir / "last.pt", data)
+            if scores["val"] > best_psnr:
+                best_psnr = scores["val"]
+                write_atomic(run_dir / "best.pt", data)
+            stopped_early = last_step and step < steps - 1
+            write_atomic(run_dir / "metrics.json", json.dumps(summary(), indent=2).encode())
         if last_step:
-            stopped_early = step < steps - 1
             break
-    summary = {
-        "config": cfg, "steps_done": step + 1, "stopped_by_time_cap": stopped_early,
-        "val_input_psnr": val_input_psnr, "best_val_psnr": best_psnr, "history": history,
-        "minutes": round((time.monotonic() - started) / 60.0, 2),
-        "torch": torch.__version__,
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return run_dir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parent / "config.yaml")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="overrides the config's device")
+    parser.add_argument("--data", type=Path, default=None, help="packed .npz (models.deblur.pack_data)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="runs folder (default models/deblur/runs)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="overrides train.max_minutes")
     args = parser.parse_args()
-    print(f"run written to {train(args.config)}")
+    run_dir = train(args.config, args.device, args.data, args.out_dir, args.max_minutes)
+    print(f"run written to {run_dir}")
 
 
 if __name__ == "__main__":
