@@ -265,14 +265,27 @@ def effective_config(
 ) -> dict[str, Any]:
     """The config file with the command line's overrides applied (recorded in the run's config.yaml)."""
     cfg = load_config(config_path)
+    cfg["device"] = device or cfg.get("device", "cpu")
+    if cfg["device"] not in ("cpu", "cuda"):
+        raise ValueError(f"device: {cfg['device']!r}; use 'cpu' or 'cuda'")
+    cfg = merge_overrides(cfg, cfg.pop("cpu_overrides", None) if cfg["device"] == "cpu" else None)
+    cfg.pop("cpu_overrides", None)
     if data_path is not None:
         cfg["data"]["packed"] = str(data_path)
     if max_minutes is not None:
         cfg["train"]["max_minutes"] = float(max_minutes)
-    cfg["device"] = device or cfg.get("device", "cpu")
-    if cfg["device"] not in ("cpu", "cuda"):
-        raise ValueError(f"device: {cfg['device']!r}; use 'cpu' or 'cuda'")
     return cfg
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """`base` with the nested keys of `overrides` replaced (e.g. gpu.yaml's `cpu_overrides`)."""
+    merged = dict(base)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overrides(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def train(
