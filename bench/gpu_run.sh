@@ -42,11 +42,12 @@ suite_s=${SUITE_BUDGET_S:-230}
 timeout $((suite_s + 45)) python3 bench/gpu_suite.py --device "$device" --out "$out" --budget-s "$suite_s" ${SUITE_ARGS:-}
 echo "suite exit $?, $(left) s left"
 
-if [ -f models/deblur/gpu.yaml ] && [ -f "$carry/em_train.npz" ]; then
+train_config=${TRAIN_CONFIG:-models/deblur/gpu.yaml}
+if [ -f "$train_config" ] && [ -f "$carry/em_train.npz" ]; then
   # Leave 80 s for validation, saving and the exported program's speed.
   minutes=$(python3 -c "print(max(0.5, ($(left) - 80) / 60))")
   echo "training for $minutes min"
-  timeout $(($(left) - 20)) python3 -m models.deblur.train --config models/deblur/gpu.yaml --device "$device" \
+  timeout $(($(left) - 20)) python3 -m models.deblur.train --config "$train_config" --device "$device" \
     --data "$carry/em_train.npz" --out-dir /tmp/deblur-runs --max-minutes "$minutes"
   echo "train exit $?, $(left) s left"
   run=$(dirname "$(ls -t /tmp/deblur-runs/*/best.pt 2>/dev/null | head -1)")
