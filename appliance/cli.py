@@ -35,11 +35,16 @@ def demo(
     """Run the whole appliance locally on CPU on the bundled real EM sample tiles and print a summary."""
     _setup_logging(verbose)
     from appliance.demo import run_demo
+    from appliance.pipeline import Appliance
     from appliance.report import print_table, replay_table
 
-    report, output_dir = run_demo(out, tiles, rate or None)
-    print_table(replay_table(report, "appliance demo"))
+    report, output_dir, report_html = run_demo(out, tiles, rate or None, verbose)
+    print_table(replay_table(report, "appliance demo (bundled 512x512 sample tiles)"))
     typer.echo(f"outputs (tiles, originals/, qc.jsonl): {output_dir}")
+    if report_html.is_file():
+        typer.echo(f"QC report (focus map, per beam, retakes), open in a browser: {report_html}")
+    else:
+        _error(f"no QC report at {report_html}; Ray's logs: {Appliance.ray_log_dir()}")
     if report.lost or report.duplicated:
         raise typer.Exit(1)
 
