@@ -6,8 +6,10 @@ Each actor owns a private registry and hands its exposition text to the driver o
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+# `*_created` timestamps would be one more series per metric that no dashboard reads.
+disable_created_metrics()
 PREFIX = "em_appliance_"
 # Receive -> durable spans ms (sharp tiles on a GPU rig) to minutes (CPU deblur behind a queue).
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)

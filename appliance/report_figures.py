@@ -10,6 +10,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -56,9 +57,9 @@ def focus_map_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figure:
     axes = figure.add_subplot()
     norm = Normalize(0.0, thresholds.sigma_max_px)
     sigmas = np.array([np.nan if t.sigma_px is None else t.sigma_px for t in tiles], dtype=float)
-    tiles_drawn = PolyCollection(tile_polygons(tiles), array=np.ma.masked_invalid(sigmas), cmap=CMAP, norm=norm,
+    cmap = colormaps[CMAP].with_extremes(bad=NO_SIGMA_COLOUR)
+    tiles_drawn = PolyCollection(tile_polygons(tiles), array=np.ma.masked_invalid(sigmas), cmap=cmap, norm=norm,
                                  edgecolors="face", linewidths=0.2)
-    tiles_drawn.get_cmap().set_bad(NO_SIGMA_COLOUR)
     tiles_drawn.set_gid("tiles")
     axes.add_collection(tiles_drawn)
     colorbar = figure.colorbar(tiles_drawn, ax=axes, extend="max", shrink=0.8)
