@@ -23,7 +23,7 @@ from appliance.section_qc import TileQc
 REPORT_FILENAME = "report.html"
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1100px}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+table{border-collapse:collapse;margin:.5em 0 1.5em;max-width:100%}td.text{overflow-wrap:anywhere}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f0f0f0;text-align:left}td.text{text-align:left}figure{margin:0 0 1.5em}img{max-width:100%}
 .summary td:first-child{text-align:left}
 """
