@@ -197,11 +197,11 @@ class IngestActor:
         restored_ref: ray.ObjectRef | None = None
         try:
             t0 = time.perf_counter()
-            outcome.assessment = await self._call("BlurDetector", self._detector, pixels_ref)
+            outcome.assessment = await self._call(self._detector, pixels_ref)
             outcome.timings_s["detect_s"] = time.perf_counter() - t0
             if outcome.assessment.label == "soft":
                 t1 = time.perf_counter()
-                restored = await self._call("Deblur", self._deblur, pixels_ref, outcome.assessment)
+                restored = await self._call(self._deblur, pixels_ref, outcome.assessment)
                 outcome.timings_s["deblur_s"] = time.perf_counter() - t1
                 restored_ref, outcome.deblur_version = restored.pixels_ref, restored.model_version
                 self._metrics.deblur_busy_s.labels(replica=restored.replica).inc(restored.busy_s)
@@ -212,22 +212,22 @@ class IngestActor:
         await self._sink.write_tile.remote(outcome, pixels_ref, restored_ref)
         self._stats["tiles_done"] += 1
 
-    async def _call(self, deployment: str, handle: DeploymentHandle, *args: Any) -> Any:
-        depth = self._metrics.queue_depth.labels(deployment=deployment)
+    async def _call(self, handle: DeploymentHandle, *args: Any) -> Any:
+        depth = self._metrics.queue_depth.labels(deployment=handle.deployment_name)
         depth.inc()
         try:
-            return await self._call_until_accepted(deployment, handle, *args)
+            return await self._call_until_accepted(handle, *args)
         finally:
             depth.dec()
 
-    async def _call_until_accepted(self, deployment: str, handle: DeploymentHandle, *args: Any) -> Any:
+    async def _call_until_accepted(self, handle: DeploymentHandle, *args: Any) -> Any:
         delay = RETRY_DELAY_S[0]
         while True:
             try:
                 return await handle.remote(*args)
             except BackPressureError:
                 self._stats["backpressure_retries"] += 1
-                self._metrics.serve_rejections.labels(deployment=deployment).inc()
+                self._metrics.serve_rejections.labels(deployment=handle.deployment_name).inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_DELAY_S[1])
 

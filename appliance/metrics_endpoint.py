@@ -27,15 +27,15 @@ SCRAPE_TIMEOUT_S = 10.0
 class HostMetrics:
     """Metrics of the machine, read at scrape time: disk free under the output directory, replicas."""
 
-    def __init__(self, output_dir: Path, deblur_replicas: int, detector_replicas: int) -> None:
+    def __init__(self, output_dir: Path, replicas_by_deployment: dict[str, int]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         free = Gauge(f"{PREFIX}disk_free_bytes", "Free bytes on the output directory's file system.",
                      registry=self.registry)
         free.set_function(lambda: shutil.disk_usage(output_dir).free)
         replicas = Gauge(f"{PREFIX}replicas", "Configured Serve replicas per deployment.", ["deployment"],
                          registry=self.registry)
-        replicas.labels(deployment="Deblur").set(deblur_replicas)
-        replicas.labels(deployment="BlurDetector").set(detector_replicas)
+        for deployment, count in replicas_by_deployment.items():
+            replicas.labels(deployment=deployment).set(count)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -83,7 +83,8 @@ class Appliance:
         return self.endpoints
 
     def _start_metrics(self, output_dir: str) -> str:
-        host = HostMetrics(Path(output_dir), self.cfg.deblur.num_replicas, self.cfg.detector.num_replicas)
+        host = HostMetrics(Path(output_dir), {DetectorDeployment.name: self.cfg.detector.num_replicas,
+                                              DeblurDeployment.name: self.cfg.deblur.num_replicas})
         ingest, sink = self._ingest, self._sink
 
         def collect() -> bytes:

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.collections import PolyCollection
+from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 
 from appliance.section_qc import TileQc
 
@@ -73,13 +71,12 @@ def focus_map_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figure:
         ("empty (not judgeable)", lambda t: t.empty, dict(marker="s", facecolors="none", edgecolors="#ff7f0e")),
         ("failed", lambda t: t.action == "failed", dict(marker="D", color="black")),
     )
-    handles: list[Line2D | Patch] = []
+    handles: list[PathCollection] = []
     for name, chosen, style in marks:
         picked = [t for t in tiles if chosen(t)]
         if picked:
-            axes.scatter([t.stage_x_um for t in picked], [t.stage_y_um for t in picked], s=marker_size,
-                         linewidths=1.2, label=name, **style)
-            handles.append(axes.collections[-1])  # type: ignore[arg-type]
+            handles.append(axes.scatter([t.stage_x_um for t in picked], [t.stage_y_um for t in picked],
+                                        s=marker_size, linewidths=1.2, label=name, **style))
     axes.autoscale_view()
     axes.set_aspect("equal")
     axes.set_xlabel("stage x (µm)")
@@ -131,7 +128,7 @@ def timeline_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figure:
     span = float(done.max(initial=0.0))
     width = max(span / 40.0, 1.0)
     edges = np.arange(0.0, span + width, width)
-    counts, _ = np.histogram(done, bins=edges) if done.size else (np.zeros(0), edges)
+    counts, _ = np.histogram(done, bins=edges)
     bottom.bar(edges[:-1] / scale, counts / width, width=width / scale, align="edge", color="#21918c")
     bottom.set_ylabel("throughput (tiles/s)")
     bottom.set_xlabel(f"time since the first tile was acquired ({unit})")

@@ -23,7 +23,8 @@ from appliance.section_qc import TileQc
 REPORT_FILENAME = "report.html"
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1100px}
-table{border-collapse:collapse;margin:.5em 0 1.5em;max-width:100%}td.text{overflow-wrap:anywhere}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+table{border-collapse:collapse;margin:.5em 0 1.5em;max-width:100%}td.text{overflow-wrap:anywhere}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f0f0f0;text-align:left}td.text{text-align:left}figure{margin:0 0 1.5em}img{max-width:100%}
 .summary td:first-child{text-align:left}
 """
@@ -33,7 +34,7 @@ def _png_tag(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
-def _table(header: list[str], rows: list[list[str]], text_columns: set[int] = frozenset()) -> str:
+def _table(header: list[str], rows: list[list[str]], text_columns: frozenset[int] = frozenset()) -> str:
     """HTML table; cells are already-escaped HTML."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
@@ -139,7 +140,7 @@ Gaussian-equivalent PSF sigma in pixels: sharp ≤ {thresholds.sharp_sigma_px:g}
 <h2>Timeline</h2>
 <figure id="timeline">{images["timeline"]}</figure>
 <h2 id="retakes">Retakes and failures ({len(retakes)})</h2>
-{_table(retake_header, retakes, text_columns={1, 5, 6}) if retakes else "<p>None.</p>"}
+{_table(retake_header, retakes, text_columns=frozenset({1, 5, 6})) if retakes else "<p>None.</p>"}
 </body></html>
 """
 

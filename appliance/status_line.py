@@ -14,11 +14,13 @@ def tiles_done(sink_counts: Mapping[str, int]) -> int:
 
 def human_bytes(n_bytes: float) -> str:
     """1234567 -> '1.2 MB' (decimal units, as disk tools print them)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n_bytes < 1000 or unit == "TB":
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+    if n_bytes < 1000:
+        return f"{n_bytes:.0f} B"
+    for unit in ("kB", "MB", "GB"):
         n_bytes /= 1000
-    raise AssertionError("unreachable")
+        if n_bytes < 1000:
+            return f"{n_bytes:.1f} {unit}"
+    return f"{n_bytes / 1000:.1f} TB"
 
 
 def status_line(
