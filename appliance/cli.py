@@ -1,4 +1,4 @@
-"""`python -m appliance ...`: demo, serve, score, deblur."""
+"""`python -m appliance ...`: demo, serve, report, score, deblur."""
 
 from __future__ import annotations
 
@@ -35,11 +35,16 @@ def demo(
     """Run the whole appliance locally on CPU on the bundled real EM sample tiles and print a summary."""
     _setup_logging(verbose)
     from appliance.demo import run_demo
+    from appliance.pipeline import Appliance
     from appliance.report import print_table, replay_table
 
-    report, output_dir = run_demo(out, tiles, rate or None)
-    print_table(replay_table(report, "appliance demo"))
+    report, output_dir, report_html = run_demo(out, tiles, rate or None, verbose)
+    print_table(replay_table(report, "appliance demo (bundled 512x512 sample tiles)"))
     typer.echo(f"outputs (tiles, originals/, qc.jsonl): {output_dir}")
+    if report_html.is_file():
+        typer.echo(f"QC report (focus map, per beam, retakes), open in a browser: {report_html}")
+    else:
+        _error(f"no QC report at {report_html}; Ray's logs: {Appliance.ray_log_dir()}")
     if report.lost or report.duplicated:
         raise typer.Exit(1)
 
@@ -47,7 +52,8 @@ def demo(
 @app.command()
 def serve(
     config: Annotated[Path, typer.Option(help="Rig config (see rig.example.yaml).")],
-    verbose: bool = False,
+    status_every: Annotated[float, typer.Option(min=0.1, help="Seconds between status lines.")] = 60.0,
+    verbose: Annotated[bool, typer.Option(help="Also show INFO logs and Ray's own output.")] = False,
 ) -> None:
     """Run the appliance for a rig until SIGTERM/SIGINT, then drain in-flight tiles and exit."""
     _setup_logging(verbose)
@@ -58,7 +64,38 @@ def serve(
         raise typer.Exit(2) from None
     from appliance.service import serve_until_signal
 
-    serve_until_signal(cfg)
+    serve_until_signal(cfg, status_every_s=status_every, verbose=verbose)
+
+
+@app.command()
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="The appliance's output directory (holds qc.jsonl).")],
+    section: Annotated[str | None, typer.Option(help="Section to report (default: every section).")] = None,
+    out: Annotated[Path | None, typer.Option(help="HTML file (default: OUTPUT_DIR/<section>/report.html).")] = None,
+    sharp_sigma_px: Annotated[float, typer.Option(help="detector.sharp_sigma_px of the run.")] = 0.8,
+    max_restorable_sigma_px: Annotated[float, typer.Option(help="detector.max_restorable_sigma_px.")] = 3.0,
+) -> None:
+    """Write a section's self-contained QC report (focus map, sigma histogram, per beam, timeline, retakes)."""
+    from appliance.report_figures import Thresholds
+    from appliance.section_qc import read_sections
+    from appliance.section_report import REPORT_FILENAME, write_section_report
+
+    qc_path = output_dir / "qc.jsonl"
+    try:
+        sections = read_sections(qc_path, section)
+    except (OSError, ValueError) as exc:
+        _error(f"{qc_path}: {exc.strerror}" if isinstance(exc, OSError) else str(exc))
+        raise typer.Exit(1) from None
+    if not sections:
+        _error(f"{qc_path}: no tiles" + (f" of section {section!r}" if section else ""))
+        raise typer.Exit(1)
+    if out is not None and len(sections) > 1:
+        _error(f"{qc_path} holds sections {', '.join(sections)}: choose one with --section to write {out}")
+        raise typer.Exit(2)
+    thresholds = Thresholds(sharp_sigma_px, max_restorable_sigma_px)
+    for name, tiles in sections.items():
+        path = out or output_dir / name / REPORT_FILENAME
+        typer.echo(write_section_report(name, tiles, output_dir, path, thresholds))
 
 
 def _emit(results: list[FileResult] | object, as_json: bool) -> int:

@@ -157,6 +157,31 @@ class RayConfig(_Strict):
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local cluster (None = detect).")
 
 
+class MetricsConfig(_Strict):
+    """Prometheus endpoint of the running appliance (every metric: docs/metrics.md)."""
+
+    enabled: bool = Field(True, description="Serve /metrics over HTTP while the appliance runs.")
+    address: str = Field(
+        "127.0.0.1:9464",
+        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
+        description="host:port of the endpoint. Loopback by default: a rig opens it to its monitoring host "
+        "only (Ansible: deblur_appliance_monitoring_address). Port 0 picks a free port (tests, demo).",
+    )
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """(host, port) to bind; brackets of an IPv6 literal removed."""
+        host, _, port = self.address.rpartition(":")
+        if int(port) > 65535:
+            raise ValueError(f"metrics.address {self.address!r}: port {port} is above 65535")
+        return host.strip("[]"), int(port)
+
+    @model_validator(mode="after")
+    def _port_in_range(self) -> MetricsConfig:
+        self.host_port  # noqa: B018 - raises on a bad port, naming the field
+        return self
+
+
 class RigConfig(_Strict):
     """Everything the appliance needs to serve one microscope."""
 
@@ -166,6 +191,7 @@ class RigConfig(_Strict):
     detector: DetectorConfig = DetectorConfig()
     deblur: DeblurConfig = DeblurConfig()
     ray: RayConfig = RayConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 class ConfigError(ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,10 +16,16 @@ from appliance.restoration import TileRestorer
 
 @dataclass(frozen=True)
 class RestoredTile:
-    """A restored tile left in the object store: the caller hands `pixels_ref` on without copying it."""
+    """A restored tile left in the object store: the caller hands `pixels_ref` on without copying it.
+
+    replica: which replica restored it; busy_s: its share of that replica's batch time (s), so the
+    shares summed per replica are the replica's compute time (utilisation in the metrics).
+    """
 
     pixels_ref: ray.ObjectRef
     model_version: str
+    replica: str = ""
+    busy_s: float = 0.0
 
 
 @serve.deployment(name="Deblur")
@@ -27,6 +34,7 @@ class DeblurDeployment:
 
     def __init__(self, cfg: DeblurConfig) -> None:
         self._restorer = TileRestorer.from_config(cfg)
+        self._replica = serve.get_replica_context().replica_id.unique_id
         self.restore_batch.set_max_batch_size(cfg.max_batch_size)
         self.restore_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -34,8 +42,11 @@ class DeblurDeployment:
     async def restore_batch(
         self, tiles: list[np.ndarray], assessments: list[BlurAssessment]
     ) -> list[RestoredTile]:
+        t0 = time.perf_counter()
         restored = self._restorer.restore(tiles, assessments)
-        return [RestoredTile(ray.put(pixels), self._restorer.model_version) for pixels in restored]
+        share_s = (time.perf_counter() - t0) / len(tiles)
+        version = self._restorer.model_version
+        return [RestoredTile(ray.put(pixels), version, self._replica, share_s) for pixels in restored]
 
     async def __call__(self, tile: np.ndarray, assessment: BlurAssessment) -> RestoredTile:
         """tile: (H, W) uint8/uint16 (ObjectRef resolved by Ray); returns same shape and dtype."""

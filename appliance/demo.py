@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -11,12 +12,15 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from appliance.config import IngestConfig, OutputConfig, RayConfig, RigConfig
+from appliance.config import IngestConfig, MetricsConfig, OutputConfig, RayConfig, RigConfig
 from appliance.pipeline import Appliance
 from appliance.replay_client import ControllerClient, ReplayReport
+from appliance.section_report import REPORT_FILENAME
 from appliance.tile_io import read_tile
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_tiles"
+DEMO_SECTION = "demo"
+DEMO_BEAMS = 7  # a small multi-beam head, so the report's per-beam table has rows
 
 
 def sample_tiles() -> list[tuple[str, np.ndarray]]:
@@ -34,20 +38,24 @@ def cycle_tiles(tiles: list[tuple[str, np.ndarray]], count: int) -> Iterator[tup
 
 
 def demo_config(output_dir: Path) -> RigConfig:
-    """Local Ray on this machine's CPUs, ephemeral loopback ports, outputs in `output_dir`."""
+    """Local Ray on this machine's CPUs, ephemeral loopback ports (metrics too), outputs in `output_dir`."""
     return RigConfig(
         rig_name="demo",
         ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*"),
         output=OutputConfig(directory=output_dir),
         ray=RayConfig(num_cpus=os.cpu_count() or 2),
+        metrics=MetricsConfig(address="127.0.0.1:0"),
     )
 
 
 def run_replay(
     appliance: Appliance, tiles: Iterator[tuple[str, np.ndarray]], count: int, rate_hz: float | None,
-    section: str,
+    section: str, beams: int = 0,
 ) -> ReplayReport:
-    """Stream `count` tiles to a started appliance with a progress bar; return what came back."""
+    """Stream `count` tiles to a started appliance with a progress bar; return what came back.
+
+    Tiles lie on a square montage; with `beams` > 0 they carry beam numbers in turn.
+    """
     assert appliance.endpoints is not None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with ControllerClient(appliance.endpoints.tile, appliance.endpoints.feedback) as client, \
@@ -60,16 +68,23 @@ def run_replay(
             progress.update(done_bar, completed=done)
 
         return client.send_section(section, tiles, rate_hz=rate_hz, on_progress=on_progress,
-                                   expected_tiles=count)
+                                   expected_tiles=count, columns=math.ceil(math.sqrt(count)), beams=beams)
 
 
-def run_demo(output_dir: Path | None, count: int, rate_hz: float | None) -> tuple[ReplayReport, Path]:
-    """Start the appliance, replay `count` sample tiles, drain and stop; returns (report, output dir)."""
+def run_demo(
+    output_dir: Path | None, count: int, rate_hz: float | None, verbose: bool = False
+) -> tuple[ReplayReport, Path, Path]:
+    """Start the appliance, replay `count` sample tiles, drain and stop.
+
+    Returns (replay report, output directory, the section's report.html). Prints the metrics URL first.
+    """
     output_dir = output_dir or Path("appliance-out") / time.strftime("demo-%Y%m%d-%H%M%S")
-    appliance = Appliance(demo_config(output_dir))
+    appliance = Appliance(demo_config(output_dir), ray_logs_to_terminal=verbose)
     endpoints = appliance.start()
+    print(f"metrics while it runs: curl {endpoints.metrics}", flush=True)
     try:
-        report = run_replay(appliance, cycle_tiles(sample_tiles(), count), count, rate_hz, "demo")
+        tiles = cycle_tiles(sample_tiles(), count)
+        report = run_replay(appliance, tiles, count, rate_hz, DEMO_SECTION, beams=DEMO_BEAMS)
     finally:
-        appliance.drain_and_stop()
-    return report, Path(endpoints.output_dir)
+        appliance.drain_and_stop()  # waits for the section report
+    return report, Path(endpoints.output_dir), Path(endpoints.output_dir) / DEMO_SECTION / REPORT_FILENAME

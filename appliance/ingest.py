@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from appliance.config import IngestConfig
+from appliance.metrics import IngestMetrics
 from appliance.protocol import (
     ProtocolError,
     SectionEnd,
@@ -73,6 +74,7 @@ class IngestActor:
             "received": 0, "tiles_accepted": 0, "tiles_done": 0, "rejected": 0, "failed": 0,
             "backpressure_retries": 0, "in_flight": 0, "max_in_flight_seen": 0, "sink_errors": 0,
         }
+        self._metrics = IngestMetrics(cfg.max_in_flight)
 
     async def start(self) -> str:
         """Begin receiving; returns the bound endpoint (resolves `tcp://host:*` to the real port)."""
@@ -94,15 +96,29 @@ class IngestActor:
     def stats(self) -> dict[str, int]:
         return dict(self._stats)
 
+    def metrics_text(self) -> bytes:
+        """This actor's Prometheus metrics (text format), for the driver's /metrics endpoint."""
+        return self._metrics.exposition()
+
     async def _receive_loop(self) -> None:
         while not self._stopping.is_set():
-            await self._credits.acquire()
+            await self._take_credit()
             frames = await self._next_message()
             if frames is None:
                 self._credits.release()
                 return
             self._stats["received"] += 1
+            self._metrics.messages_received.inc()
             self._handle(frames, time.time())
+
+    async def _take_credit(self) -> None:
+        # Time without a credit is time the controller is held back: the operator's "how far behind".
+        if not self._credits.locked():
+            await self._credits.acquire()
+            return
+        t0 = time.perf_counter()
+        await self._credits.acquire()
+        self._metrics.backpressure_s.inc(time.perf_counter() - t0)
 
     async def _next_message(self) -> list[zmq.Frame] | None:
         # Poll in short steps so that drain() is noticed while the controller is silent.
@@ -149,6 +165,7 @@ class IngestActor:
         section.seqs.add(header.seq)
         section.tile_ids.add(header.tile_id)
         self._stats["tiles_accepted"] += 1
+        self._metrics.tiles_received.inc()
         self._spawn(self._process_tile(header, pixels_ref, t_received), section=section, holds_credit=True)
 
     def _spawn(self, work: Any, section: _Section | None, holds_credit: bool = False) -> None:
@@ -158,6 +175,7 @@ class IngestActor:
             section.pending.add(task)
         if holds_credit:
             self._stats["in_flight"] += 1
+            self._metrics.in_flight.inc()
             self._stats["max_in_flight_seen"] = max(self._stats["max_in_flight_seen"], self._stats["in_flight"])
 
         def _done(finished: asyncio.Task[None]) -> None:
@@ -166,6 +184,7 @@ class IngestActor:
                 section.pending.discard(finished)
             if holds_credit:
                 self._stats["in_flight"] -= 1
+                self._metrics.in_flight.dec()
                 self._credits.release()
             if not finished.cancelled() and finished.exception() is not None:
                 self._stats["sink_errors"] += 1
@@ -185,6 +204,7 @@ class IngestActor:
                 restored = await self._call(self._deblur, pixels_ref, outcome.assessment)
                 outcome.timings_s["deblur_s"] = time.perf_counter() - t1
                 restored_ref, outcome.deblur_version = restored.pixels_ref, restored.model_version
+                self._metrics.deblur_busy_s.labels(replica=restored.replica).inc(restored.busy_s)
         except Exception as exc:  # a failing model must not lose the tile: it is written as acquired
             log.exception("tile %s/%s failed in processing", header.section, header.tile_id)
             outcome.failure = f"{type(exc).__name__}: {exc}"
@@ -193,12 +213,21 @@ class IngestActor:
         self._stats["tiles_done"] += 1
 
     async def _call(self, handle: DeploymentHandle, *args: Any) -> Any:
+        depth = self._metrics.queue_depth.labels(deployment=handle.deployment_name)
+        depth.inc()
+        try:
+            return await self._call_until_accepted(handle, *args)
+        finally:
+            depth.dec()
+
+    async def _call_until_accepted(self, handle: DeploymentHandle, *args: Any) -> Any:
         delay = RETRY_DELAY_S[0]
         while True:
             try:
                 return await handle.remote(*args)
             except BackPressureError:
                 self._stats["backpressure_retries"] += 1
+                self._metrics.serve_rejections.labels(deployment=handle.deployment_name).inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_DELAY_S[1])
 

@@ -60,6 +60,8 @@ class TileHeader(_Header):
     stage_y_um: float
     t_acquired: float
     t_sent: float
+    # Optional (added in v1 without a version bump: older controllers simply omit it).
+    beam: int | None = Field(None, ge=0, le=65535)
 
     @property
     def frame_bytes(self) -> int:

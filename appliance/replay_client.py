@@ -70,15 +70,27 @@ class ReplayReport:
 TileSource = Iterable[tuple[str, np.ndarray]]
 
 
+GRID_OVERLAP = 0.1  # neighbouring tiles share 10 % of their side, as in a stitched montage
+
+
+def grid_stage_um(seq: int, shape: tuple[int, ...], pixel_size_nm: float, columns: int) -> tuple[float, float]:
+    """Stand-in stage position (x, y) in µm of tile `seq` in a row-major montage `columns` tiles wide."""
+    height_um, width_um = (side * pixel_size_nm / 1000.0 for side in shape[:2])
+    step = 1.0 - GRID_OVERLAP
+    return (seq % columns) * width_um * step, (seq // columns) * height_um * step
+
+
 def tile_frames(
-    section: str, tile_id: str, seq: int, pixels: np.ndarray, pixel_size_nm: float = 4.0
+    section: str, tile_id: str, seq: int, pixels: np.ndarray, pixel_size_nm: float = 4.0,
+    columns: int = 100, beam: int | None = None,
 ) -> list[bytes | memoryview]:
     """Frames of one `tile` message, stamped now; the stage position is a stand-in grid from `seq`."""
     now = time.time()
+    stage_x_um, stage_y_um = grid_stage_um(seq, pixels.shape, pixel_size_nm, columns)
     header = TileHeader(
         v=1, type="tile", section=section, tile_id=tile_id, seq=seq, shape=list(pixels.shape),
-        dtype=str(pixels.dtype), pixel_size_nm=pixel_size_nm, stage_x_um=float(seq % 100),
-        stage_y_um=float(seq // 100), t_acquired=now, t_sent=now,
+        dtype=str(pixels.dtype), pixel_size_nm=pixel_size_nm, stage_x_um=stage_x_um,
+        stage_y_um=stage_y_um, t_acquired=now, t_sent=now, beam=beam,
     )
     return encode_tile(header, pixels)
 
@@ -115,11 +127,15 @@ class ControllerClient:
         on_progress: Callable[[int, int], None] | None = None,
         pixel_size_nm: float = 4.0,
         expected_tiles: int = 0,
+        columns: int = 100,
+        beams: int = 0,
     ) -> ReplayReport:
         """Stream one section (start, tiles, end) at `rate_hz` (None = flat out) and wait for it.
 
         Returns when `section_done` arrives or `timeout_s` after the last send; tiles with no result
-        by then count as lost. on_progress(sent, done) is called as tiles go out and come back.
+        by then count as lost. on_progress(sent, done) is called as tiles go out and come back, and
+        once more at the end with the final counts. Tiles lie on a montage `columns` wide; with
+        `beams` > 0 tile `seq` carries beam `seq % beams`.
         """
         report = ReplayReport()
         sent_at: dict[int, float] = {}
@@ -131,7 +147,8 @@ class ControllerClient:
                 if delay > 0:
                     time.sleep(delay)
             sent_at[seq] = time.perf_counter()
-            self._send(tile_frames(section, tile_id, seq, pixels, pixel_size_nm), report)
+            beam = seq % beams if beams else None
+            self._send(tile_frames(section, tile_id, seq, pixels, pixel_size_nm, columns, beam), report)
             report.sent += 1
             report.bytes_sent += pixels.nbytes
             if on_progress:
@@ -142,6 +159,8 @@ class ControllerClient:
             if on_progress:
                 on_progress(report.sent, self._count_done(section))
             time.sleep(0.05)
+        if on_progress:  # the last results may arrive together with section_done, after the last poll
+            on_progress(report.sent, self._count_done(section))
         report.wall_s = time.perf_counter() - t_start
         self._tally(section, sent_at, report)
         return report

@@ -22,7 +22,11 @@ import zmq
 from appliance.assessment import BlurAssessment
 from appliance.config import OutputConfig
 from appliance.feedback import FeedbackChannel
+from appliance.metrics import SinkMetrics
 from appliance.protocol import ErrorCode, TileHeader, encode_feedback
+from appliance.report_figures import Thresholds
+from appliance.section_qc import TileQc, tile_qc_from_record
+from appliance.section_report import REPORT_FILENAME, write_section_report
 from appliance.tile_io import write_tile_atomic
 
 log = logging.getLogger(__name__)
@@ -76,11 +80,15 @@ def _action(outcome: TileOutcome, restored: bool) -> str:
     return "flagged" if outcome.assessment.label == "retake" else "written"
 
 
+# matplotlib holds the GIL for seconds on a large section: render in another worker, not in the sink.
+_write_report_remote = ray.remote(num_cpus=0, max_retries=0)(write_section_report)
+
+
 @ray.remote(num_cpus=0)
 class SinkActor:
     """Owns the output directory, the QC record and the feedback socket (one writer for each)."""
 
-    def __init__(self, output: OutputConfig, feedback_endpoint: str) -> None:
+    def __init__(self, output: OutputConfig, feedback_endpoint: str, thresholds: Thresholds | None = None) -> None:
         self._output = output
         self._dir = Path(output.directory).resolve()
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +99,13 @@ class SinkActor:
         self._counts: Counter[str] = Counter()
         self._section_counts: dict[str, Counter[str]] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._metrics = SinkMetrics()
+        self._n_overflowed_seen = 0
+        self._thresholds = thresholds or Thresholds()
+        # Compact per-tile rows of each open section, for its report (qc.jsonl grows for the whole run).
+        self._section_tiles: dict[str, list[TileQc]] = {}
+        self._reports: set[asyncio.Task[None]] = set()
+        self._last_report = ""
 
     def endpoints(self) -> dict[str, str]:
         return {"feedback": self._feedback.endpoint, "output_dir": str(self._dir)}
@@ -131,6 +146,7 @@ class SinkActor:
             "stage_x_um": header.stage_x_um,
             "stage_y_um": header.stage_y_um,
             "t_acquired": header.t_acquired,
+            "beam": header.beam,
             **(assessment.to_record() if assessment else {"label": None, "blur_score": None}),
             "deblur_version": outcome.deblur_version if is_restored else None,
             "error": outcome.failure or None,
@@ -140,6 +156,8 @@ class SinkActor:
         async with self._qc_lock:
             await asyncio.to_thread(self._qc.append, record)
         self._count(header.section, "error" if outcome.failure else str(record["label"]))
+        self._section_tiles.setdefault(header.section, []).append(tile_qc_from_record(record))
+        self._metrics.observe_tile(record["label"], action, header.beam, record.get("sigma_px"), timings)
         ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
         if outcome.failure:
             self._send_error("processing_failed", f"tile written as acquired: {outcome.failure}", ids)
@@ -153,6 +171,7 @@ class SinkActor:
             self._send(encode_feedback(
                 "retake", **ids, reason=assessment.reason or "beyond repair", blur_score=assessment.blur_score
             ))
+            self._metrics.retake_flags.inc()
         return action
 
     async def record_rejection(self, code: ErrorCode, message: str, context: dict[str, Any]) -> None:
@@ -176,14 +195,44 @@ class SinkActor:
             "n_expected": n_expected,
         }
         self._send(encode_feedback("section_done", section=section, **summary))
+        self._metrics.sections_done.inc()
+        tiles = self._section_tiles.pop(section, [])
+        if tiles:
+            task = asyncio.get_running_loop().create_task(self._write_report(section, tiles))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
         return summary
+
+    async def _write_report(self, section: str, tiles: list[TileQc]) -> None:
+        out_path = self._dir / section / REPORT_FILENAME
+        try:
+            await _write_report_remote.remote(section, tiles, self._dir, out_path, self._thresholds)
+        except Exception as exc:  # the tiles and qc.jsonl are safe; `python -m appliance report` redoes it
+            log.error("section %s: could not write %s: %r", section, out_path, exc)
+            self._metrics.reports.labels(result="failed").inc()
+            return
+        self._metrics.reports.labels(result="written").inc()
+        self._last_report = str(out_path)
 
     def stats(self) -> dict[str, int]:
         return {**self._counts, "feedback_pending": self._feedback.pending,
                 "feedback_overflowed": self._feedback.n_overflowed}
 
+    def last_report(self) -> str:
+        """Path of the newest section report written ("" before the first)."""
+        return self._last_report
+
+    def metrics_text(self) -> bytes:
+        """This actor's Prometheus metrics (text format), for the driver's /metrics endpoint."""
+        self._metrics.feedback_pending.set(self._feedback.pending)
+        self._metrics.feedback_dropped.inc(self._feedback.n_overflowed - self._n_overflowed_seen)
+        self._n_overflowed_seen = self._feedback.n_overflowed
+        return self._metrics.exposition()
+
     async def close(self) -> dict[str, int]:
-        """Flush what the controller has not taken yet (bounded by LINGER) and close files."""
+        """Finish section reports, flush what the controller has not taken yet (bounded by LINGER), close files."""
+        if self._reports:
+            await asyncio.gather(*list(self._reports))
         if self._flusher is not None:
             self._flusher.cancel()
         stats = self.stats()
@@ -197,6 +246,7 @@ class SinkActor:
         self._section_counts.setdefault(section, Counter())[outcome] += 1
 
     def _send_error(self, code: ErrorCode, message: str, ids: dict[str, Any]) -> None:
+        self._metrics.errors.labels(code=code).inc()
         self._send(encode_feedback("error", code=code, message=message, **ids))
 
     def _send(self, frame: bytes) -> None:

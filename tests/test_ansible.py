@@ -219,6 +219,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory):
             deblur_appliance_max_in_flight=16,
             deblur_appliance_manage_firewall=_nft_can_check(),
             deblur_appliance_controller_address="192.0.2.10",
+            deblur_appliance_monitoring_address="192.0.2.50",
         )
         rig.third = (
             _playbook(rig.inventory, rig.vars_file, "--tags", "install,config,firewall")
@@ -304,6 +305,8 @@ def test_rendered_rig_yaml_is_a_valid_cpu_only_rig_config(rig):
     for deployment in (first_config.detector, first_config.deblur):
         assert deployment.num_replicas == 1 and deployment.num_gpus_per_replica == 0.0
     assert first_config.ray.num_gpus == 0
+    # No monitoring host: the metrics endpoint stays on loopback.
+    assert first_config.metrics.enabled and first_config.metrics.address == "127.0.0.1:9464"
 
 
 def test_code_config_and_gpu_changes_reinstall_rerender_and_notify_a_restart(rig):
@@ -323,6 +326,8 @@ def test_code_config_and_gpu_changes_reinstall_rerender_and_notify_a_restart(rig
     assert (config.detector.num_replicas, config.detector.num_gpus_per_replica) == (2, 0.2)
     assert config.ray.num_gpus == 2
     assert config.ingest.max_in_flight == 16
+    # A monitoring host: the endpoint listens where the ZeroMQ sockets do (the firewall limits who reaches it).
+    assert config.metrics.address == "0.0.0.0:9464"
 
 
 def test_firewall_admits_only_the_controller_to_the_appliance_ports(rig):
@@ -335,6 +340,9 @@ def test_firewall_admits_only_the_controller_to_the_appliance_ports(rig):
         'tcp dport { 5555, 5556 } iifname "lo" accept',
         "tcp dport { 5555, 5556 } ip saddr 192.0.2.10 accept",
         "tcp dport { 5555, 5556 } drop",
+        'tcp dport 9464 iifname "lo" accept',
+        "tcp dport 9464 ip saddr 192.0.2.50 accept",
+        "tcp dport 9464 drop",
     ]
     proc = subprocess.run(["nft", "--check", "--file", str(ruleset)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import tifffile
+from typer.testing import CliRunner
 
+from appliance.cli import app
 from appliance.demo import SAMPLE_DIR
 from appliance.tile_io import read_tile
 
@@ -30,6 +33,22 @@ def test_demo_replays_sample_tiles_and_prints_summary(tmp_path: Path) -> None:
     assert f"outputs (tiles, originals/, qc.jsonl): {(tmp_path / 'demo').resolve()}" in result.stdout
     assert len((tmp_path / "demo" / "qc.jsonl").read_text().splitlines()) == 24
     assert len(list((tmp_path / "demo" / "demo").glob("*.tif"))) == 24
+    # A clean terminal: both bars end at the true count, nothing from Ray, the report named last.
+    assert re.search(r"sent .* 24/24", result.stdout) and re.search(r"done .* 24/24", result.stdout), result.stdout
+    for noise in ("(raylet)", "INFO", "pid=", "WARNING"):
+        assert noise not in result.stdout + result.stderr, result.stdout + result.stderr
+    report = (tmp_path / "demo" / "demo" / "report.html").resolve()
+    assert result.stdout.rstrip().endswith(f"open in a browser: {report}")
+    assert 'data-tiles="24"' in report.read_text(encoding="utf-8")
+    assert re.search(r"metrics while it runs: curl http://127\.0\.0\.1:\d+/metrics", result.stdout)
+    # The same report offline, from qc.jsonl, to another file (in process: a second interpreter costs 3 s).
+    runner = CliRunner()
+    offline = runner.invoke(app, ["report", str(tmp_path / "demo"), "--section", "demo", "--out",
+                                  str(tmp_path / "r.html")])
+    assert offline.exit_code == 0, offline.output
+    assert 'data-tiles="24"' in (tmp_path / "r.html").read_text(encoding="utf-8")
+    missing = runner.invoke(app, ["report", str(tmp_path / "demo"), "--section", "nope"])
+    assert missing.exit_code == 1 and "no tiles of section 'nope'" in missing.output
 
 
 def test_score_json_gives_one_line_per_file_with_the_documented_fields() -> None:

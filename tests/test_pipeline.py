@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from appliance.config import DeblurConfig, DetectorConfig, IngestConfig, OutputConfig, RigConfig
+from appliance.config import DeblurConfig, DetectorConfig, IngestConfig, MetricsConfig, OutputConfig, RigConfig
 from appliance.demo import cycle_tiles
 from appliance.protocol import encode_end, encode_start
 from appliance.replay_client import ControllerClient, tile_frames
@@ -23,6 +23,7 @@ def rig(tmp_path: Path, **ingest: object) -> RigConfig:
     return RigConfig(
         ingest=IngestConfig(**{**LOOPBACK, **ingest}),  # type: ignore[arg-type]
         output=OutputConfig(directory=tmp_path / "out"),
+        metrics=MetricsConfig(address="127.0.0.1:0"),  # a free port: tests never collide with a running rig
     )
 
 

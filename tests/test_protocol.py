@@ -109,3 +109,17 @@ def test_error_echoes_identifying_fields_of_a_bad_tile() -> None:
 def test_encode_refuses_pixels_that_disagree_with_the_header() -> None:
     with pytest.raises(ValueError, match="do not match"):
         encode_tile(tile_header(), np.zeros((64, 96), np.uint8))
+
+
+def test_beam_is_optional_and_validated() -> None:
+    pixels = np.zeros((64, 96), np.uint16)
+    for beam in (None, 0, 90):
+        message = decode_stream_message([bytes(f) for f in encode_tile(tile_header(beam=beam), pixels)], LIMITS)
+        assert isinstance(message, Tile) and message.header.beam == beam
+    without = {k: v for k, v in tile_header().model_dump().items() if k != "beam"}  # an older controller
+    message = decode_stream_message([msgpack.packb(without), bytes(64 * 96 * 2)], LIMITS)
+    assert isinstance(message, Tile) and message.header.beam is None
+    for bad in (-1, "3", 1.0, 70000):
+        with pytest.raises(ProtocolError, match="beam") as info:
+            decode_stream_message([raw_header(beam=bad), bytes(64 * 96 * 2)], LIMITS)
+        assert info.value.code == "bad_field"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,24 +18,24 @@ from appliance.demo import cycle_tiles
 from appliance.replay_client import ControllerClient, tile_frames
 
 
-def _serve(config: Path) -> subprocess.Popen[str]:
+def _serve(config: Path, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "appliance", "serve", "--config", str(config)],
+        [sys.executable, "-m", "appliance", "serve", "--config", str(config), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
 
 
-def _wait_ready(process: subprocess.Popen[str], timeout_s: float = 120) -> tuple[str, str]:
+def _wait_ready(process: subprocess.Popen[str], timeout_s: float = 120) -> tuple[str, str, str]:
     deadline = time.monotonic() + timeout_s
     assert process.stdout is not None
     lines = []
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         lines.append(line)
-        match = re.search(r"ready: tiles (\S+), feedback (\S+),", line)
+        match = re.search(r"ready: tiles (\S+), feedback (\S+), output \S+, metrics (\S+)", line)
         if match:
-            return match.group(1), match.group(2)
+            return match.group(1), match.group(2), match.group(3)
         if process.poll() is not None:
             break
     raise AssertionError("appliance did not become ready:\n" + "".join(lines))
@@ -50,20 +51,29 @@ def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
                    "max_in_flight": 8},
         "output": {"directory": str(tmp_path / "out")},
         "ray": {"num_cpus": 2},
+        "metrics": {"address": "127.0.0.1:0"},
     }))
-    process = _serve(config)
+    process = _serve(config, "--status-every", "0.5")
     try:
-        tile_endpoint, feedback_endpoint = _wait_ready(process)
+        tile_endpoint, feedback_endpoint, metrics_url = _wait_ready(process)
         with ControllerClient(tile_endpoint, feedback_endpoint) as controller:
             for seq, (tile_id, pixels) in enumerate(cycle_tiles(real_em_tiles, 12)):
                 controller.send_raw(tile_frames("term", tile_id, seq, pixels))
             # Wait until the ingest has accepted tiles, then stop it while they are in flight.
             assert controller.wait_for(lambda fb: len(fb) >= 1, timeout_s=60)
+            with urllib.request.urlopen(metrics_url, timeout=15) as response:
+                scraped = response.read().decode()
+            time.sleep(0.6)  # at least one status line
             process.send_signal(signal.SIGTERM)
             output, _ = process.communicate(timeout=120)
             results = [m for m in controller.feedback() if m["type"] == "result"]
         assert process.returncode == 0, output
         assert "drained and stopped" in output
+        assert re.search(r"^status: [0-9.]+ tiles/s, in flight \d+/8, sharp \d+ soft \d+ retake \d+, errors 0, "
+                         r"disk free [0-9.]+ [kMGT]?B, no section report yet$", output, re.MULTILINE), output
+        assert "(raylet)" not in output and "killed by `ray.kill`" not in output, output
+        received = re.search(r"^em_appliance_tiles_received_total ([0-9.e+]+)$", scraped, re.MULTILINE)
+        assert received and 1 <= float(received.group(1)) <= 12, scraped
         # Every tile the appliance read was finished; the rest were never read (still the controller's).
         qc_lines = (tmp_path / "out" / "qc.jsonl").read_text().splitlines()
         assert len(qc_lines) == len(results) >= 1
