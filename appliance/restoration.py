@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +55,8 @@ GPU_MODEL = WEIGHTS_DIR / "deblur_gpu.onnx"  # PSF-aware GPU model, when exporte
 CLASSICAL_VERSION = "classical-wiener-1"
 # fp16 GPU output may differ from fp32 CPU output by this much (model scale, max abs) and still be kept.
 GPU_AGREEMENT_TOLERANCE = 0.02
+
+log = logging.getLogger(__name__)
 
 BatchFn = Callable[[np.ndarray], np.ndarray]
 # Whole same-shape tiles in, restored tiles out; then the reflect margin (px) and, for a PSF-aware model,
@@ -163,7 +166,10 @@ class TileRestorer:
             engine = _fastest_gpu_engine(GPU_MODEL, card, cfg.inference_threads)
             if engine is not None:
                 return cls._learned(cfg, card, engine)
-            # No GPU backend runs the GPU model correctly here: the CPU default serves, on the CPU.
+            log.warning(
+                "%s: no GPU backend builds it and agrees with ONNX Runtime CPU on this machine; serving the "
+                "CPU default %s instead", GPU_MODEL, BUNDLED_MODEL.name,
+            )
         model_path = Path(cfg.model_path) if cfg.model_path is not None else BUNDLED_MODEL
         if not model_path.is_file():
             if cfg.backend == "auto":
