@@ -128,7 +128,11 @@ class DeblurConfig(ReplicaConfig):
     backend: Literal["auto", "onnx", "torch", "classical"] = Field(
         "auto", description="auto = fastest correct learned backend available, else classical Wiener."
     )
-    model_path: Path | None = Field(None, description="Model file; None uses the bundled weights.")
+    model_path: Path | None = Field(
+        None,
+        description="Model file; None uses the bundled weights: deblur_gpu.onnx (PSF-aware) with backend auto "
+        "where a CUDA GPU is visible and it was exported, else deblur.onnx (appliance.restoration).",
+    )
     patch_size: int = Field(
         512, ge=64, le=4096,
         description="Side (px) of the square patches tiled inference runs on; a multiple of 16.",

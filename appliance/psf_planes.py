@@ -1,7 +1,8 @@
 """PSF planes: the blur detector's estimate as constant/interpolated input planes of the deblur model.
 
-Pure numpy, shared by the runtime (`appliance.restoration`, `appliance.torch_backend`) and, through a
-torch twin tested against it (`models/deblur/psf_planes_torch.py`), by training. Plane order
+Pure numpy, used by the runtime's tiled path (`appliance.restoration`); its torch twin
+(`appliance/psf_planes_torch.py`, tested equal to it) builds the same planes on the device for the
+whole-tile GPU path (`appliance.torch_backend`) and for training (`models/deblur/gpu_synth.py`). Plane order
 (`PLANE_NAMES`), each float32 (H, W) over the tile:
 
 - ``known``       1 where the detector gave an estimate, 0 on the blind path (then every plane is 0);

@@ -9,12 +9,28 @@ Backends (`DeblurConfig.backend`):
                 one that runs a 1024 x 1024 probe fastest among those that agree with ONNX Runtime
                 CPU (fp32) on a probe patch; else ONNX Runtime CPU, else classical (no model file).
 torch is imported only when a CUDA GPU is visible or the torch backend is asked for.
+
+Which weights (`DeblurConfig.model_path`; None = bundled, `bundled_model`):
+- ``appliance/weights/deblur_gpu.onnx`` (+ .pt2, .json): the PSF-aware GPU model (models/deblur/gpu.yaml,
+  exported with `--name deblur_gpu`), chosen only by ``auto`` on a machine where a CUDA GPU is visible
+  and only when it was exported there; if no GPU backend runs it correctly (none builds, or none agrees
+  with ONNX Runtime CPU), the CPU default below serves instead: the GPU model is too heavy for a CPU;
+- ``appliance/weights/deblur.onnx`` (+ .pt2, .json): the blind CPU model, the default everywhere else
+  (every CPU rig, and ``onnx`` / ``torch`` with no model_path).
+An explicit model_path is used as given, with any backend.
+
+PSF-aware models: the sidecar (`ModelCard`) lists the planes the model was trained with; each tile's
+planes are built from its BlurAssessment (`appliance.psf_planes`: estimate_from_assessment, psf_planes;
+all-zero blind planes when the assessment carries no usable estimate) and fed beside the pixels, cut
+with them by the tiled path and built on the device by the whole-tile torch path. A blind model (no
+`psf_planes` in its sidecar, like the bundled deblur.json) gets the pixels only.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -29,18 +45,23 @@ from appliance.config import DeblurConfig
 from appliance.deconvolution import MIN_DECONV_SIGMA_PX, auto_nsr, gaussian_psf, wiener_deconvolve
 from appliance.intensity import from_model_scale, intensity_window, to_model_scale
 from appliance.onnx_session import CPU, CUDA, open_session, ort_has_cuda
+from appliance.psf_planes import PLANE_NAMES, PLANE_VERSION, PsfEstimate, estimate_from_assessment, psf_planes
 from appliance.tile_io import TileError, check_tile_pixels
 from appliance.tiling import run_tiled
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-BUNDLED_MODEL = WEIGHTS_DIR / "deblur.onnx"
+BUNDLED_MODEL = WEIGHTS_DIR / "deblur.onnx"  # blind CPU model: the default
+GPU_MODEL = WEIGHTS_DIR / "deblur_gpu.onnx"  # PSF-aware GPU model, when exported (see the module docstring)
 CLASSICAL_VERSION = "classical-wiener-1"
 # fp16 GPU output may differ from fp32 CPU output by this much (model scale, max abs) and still be kept.
 GPU_AGREEMENT_TOLERANCE = 0.02
 
+log = logging.getLogger(__name__)
+
 BatchFn = Callable[[np.ndarray], np.ndarray]
-# Whole same-shape tiles in, restored tiles out; second argument: reflect margin (px).
-WholeTilesFn = Callable[[Sequence[np.ndarray], int], list[np.ndarray]]
+# Whole same-shape tiles in, restored tiles out; then the reflect margin (px) and, for a PSF-aware model,
+# each tile's PSF estimate (None = blind planes).
+WholeTilesFn = Callable[[Sequence[np.ndarray], int, Sequence[PsfEstimate | None] | None], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -51,23 +72,64 @@ class ModelCard:
     size_multiple: int  # H and W of a network input must be multiples of this (2^levels)
     input_name: str = "blurred"
     output_name: str = "restored"
+    # Channels of `input_name`: 1 = blind (pixels only); 1 + len(psf_planes) for a PSF-aware model.
+    input_channels: int = 1
+    psf_planes: tuple[str, ...] = ()  # plane names after the pixels, in channel order; () = blind
+    psf_plane_version: int | None = None  # appliance.psf_planes.PLANE_VERSION the model was trained with
+
+    @property
+    def psf_aware(self) -> bool:
+        """True when the model takes the PSF planes of `appliance.psf_planes` beside the pixels."""
+        return bool(self.psf_planes)
 
     @classmethod
     def load(cls, model_path: Path) -> ModelCard:
+        """Read `model_path`'s .json sidecar; RuntimeError naming the file if unreadable or incompatible."""
         sidecar = model_path.with_suffix(".json")
         try:
             raw = json.loads(sidecar.read_text(encoding="utf-8"))
-            return cls(
+            planes = raw.get("psf_planes", [])
+            if not isinstance(planes, list):
+                raise TypeError(f"psf_planes must be a list of names, got {planes!r}")
+            version = raw.get("psf_plane_version")
+            card = cls(
                 model_version=str(raw["model_version"]),
                 size_multiple=int(raw["size_multiple"]),
                 input_name=str(raw.get("input_name", "blurred")),
                 output_name=str(raw.get("output_name", "restored")),
+                input_channels=int(raw.get("input_channels", 1)),
+                psf_planes=tuple(str(name) for name in planes),
+                psf_plane_version=None if version is None else int(version),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RuntimeError(
                 f"{sidecar}: cannot read the deblur model's sidecar ({exc}); re-run "
                 "`python -m models.deblur.export` to write it next to the .onnx file"
             ) from exc
+        card.check_planes(sidecar)
+        return card
+
+    def check_planes(self, sidecar: Path) -> None:
+        """RuntimeError naming `sidecar` unless this runtime builds exactly the planes the model expects."""
+        if not self.psf_aware:
+            if self.input_channels != 1:
+                raise RuntimeError(
+                    f"{sidecar}: input_channels {self.input_channels} but no psf_planes listed; this "
+                    "runtime feeds a model either the pixels alone or the pixels and named PSF planes"
+                )
+            return
+        if self.psf_planes != PLANE_NAMES or self.psf_plane_version != PLANE_VERSION:
+            raise RuntimeError(
+                f"{sidecar}: the model was trained on PSF planes {list(self.psf_planes)} version "
+                f"{self.psf_plane_version}, but this runtime builds {list(PLANE_NAMES)} version "
+                f"{PLANE_VERSION} (appliance/psf_planes.py); retrain and export the model with this "
+                "appliance's models/deblur, or run the appliance version it was trained with"
+            )
+        if self.input_channels != 1 + len(self.psf_planes):
+            raise RuntimeError(
+                f"{sidecar}: input_channels {self.input_channels} does not match 1 pixel channel + "
+                f"{len(self.psf_planes)} PSF planes; re-run `python -m models.deblur.export`"
+            )
 
 
 class TileRestorer:
@@ -84,6 +146,7 @@ class TileRestorer:
         cfg: DeblurConfig,
         size_multiple: int = 1,
         restore_whole: WholeTilesFn | None = None,
+        psf_aware: bool = False,
     ) -> None:
         self._run_patches = run_patches  # None = classical Wiener
         self._restore_whole = restore_whole  # device-resident whole-tile path (torch on CUDA)
@@ -91,13 +154,23 @@ class TileRestorer:
         self.backend = backend
         self._cfg = cfg
         self._size_multiple = size_multiple
+        self.psf_aware = psf_aware  # the model takes PSF planes built from each tile's assessment
 
     @classmethod
     def from_config(cls, cfg: DeblurConfig) -> TileRestorer:
-        """Build the backend `cfg.backend` asks for (see the module docstring for `auto`)."""
-        model_path = Path(cfg.model_path) if cfg.model_path is not None else BUNDLED_MODEL
+        """Build the backend `cfg.backend` asks for (see the module docstring for `auto` and the weights)."""
         if cfg.backend == "classical":
             return cls(None, CLASSICAL_VERSION, "classical", cfg)
+        if cfg.model_path is None and bundled_model(cfg.backend, _cuda_visible()) == GPU_MODEL:
+            card = ModelCard.load(GPU_MODEL)
+            engine = _fastest_gpu_engine(GPU_MODEL, card, cfg.inference_threads)
+            if engine is not None:
+                return cls._learned(cfg, card, engine)
+            log.warning(
+                "%s: no GPU backend builds it and agrees with ONNX Runtime CPU on this machine; serving the "
+                "CPU default %s instead", GPU_MODEL, BUNDLED_MODEL.name,
+            )
+        model_path = Path(cfg.model_path) if cfg.model_path is not None else BUNDLED_MODEL
         if not model_path.is_file():
             if cfg.backend == "auto":
                 return cls(None, CLASSICAL_VERSION, "classical", cfg)
@@ -106,10 +179,13 @@ class TileRestorer:
                 "(`python -m models.deblur.export`) or set deblur.backend: classical"
             )
         card = ModelCard.load(model_path)
-        engine = _choose_learned_backend(cfg, model_path, card)
+        return cls._learned(cfg, card, _choose_learned_backend(cfg, model_path, card))
+
+    @classmethod
+    def _learned(cls, cfg: DeblurConfig, card: ModelCard, engine: _Engine) -> TileRestorer:
         return cls(
             engine.run_patches, f"{card.model_version}+{engine.name}", engine.name, cfg,
-            card.size_multiple, engine.restore_whole,
+            card.size_multiple, engine.restore_whole, card.psf_aware,
         )
 
     def restore(
@@ -136,17 +212,21 @@ class TileRestorer:
                     "not restored: flag it for retake instead of sending it to deblur"
                 )
         if self._restore_whole is not None:
-            return self._restore_whole_batches(tiles)
+            return self._restore_whole_batches(tiles, assessments)
         return [self._restore_one(p, a) for p, a in zip(tiles, assessments, strict=True)]
 
-    def _restore_whole_batches(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def _restore_whole_batches(
+        self, tiles: Sequence[np.ndarray], assessments: Sequence[BlurAssessment]
+    ) -> list[np.ndarray]:
         assert self._restore_whole is not None
         restored: list[np.ndarray | None] = [None] * len(tiles)
         groups: dict[tuple[tuple[int, ...], np.dtype], list[int]] = {}
         for index, pixels in enumerate(tiles):
             groups.setdefault((pixels.shape, pixels.dtype), []).append(index)
         for indices in groups.values():  # one device call per shape and dtype
-            outputs = self._restore_whole([tiles[i] for i in indices], self._cfg.patch_overlap)
+            # Only the estimates travel: a PSF-aware model's planes are built on the device.
+            estimates = [estimate_from_assessment(assessments[i]) for i in indices] if self.psf_aware else None
+            outputs = self._restore_whole([tiles[i] for i in indices], self._cfg.patch_overlap, estimates)
             for index, out in zip(indices, outputs, strict=True):
                 restored[index] = out
         return [r for r in restored if r is not None]
@@ -157,6 +237,7 @@ class TileRestorer:
         if self._run_patches is None:
             restored = classical_restore(image, assessment)
         else:
+            planes = psf_planes(*image.shape, estimate_from_assessment(assessment)) if self.psf_aware else None
             restored = run_tiled(
                 image,
                 self._run_patches,
@@ -164,6 +245,7 @@ class TileRestorer:
                 overlap=self._cfg.patch_overlap,
                 batch_size=self._cfg.patch_batch,
                 multiple=self._size_multiple,
+                planes=planes,
             )
         return from_model_scale(restored, window, pixels.dtype)
 
@@ -174,6 +256,14 @@ def classical_restore(image: np.ndarray, assessment: BlurAssessment) -> np.ndarr
         return image.copy()
     psf = gaussian_psf(assessment.sigma_px, max(1.0, assessment.anisotropy), assessment.angle_deg)
     return wiener_deconvolve(image, psf, auto_nsr(image))
+
+
+def bundled_model(backend: str, cuda_visible: bool) -> Path:
+    """The weights `DeblurConfig.model_path: None` starts from: GPU_MODEL for `auto` where a CUDA GPU is
+    visible and deblur_gpu.onnx + .json were exported, else BUNDLED_MODEL (every CPU rig)."""
+    if backend == "auto" and cuda_visible and GPU_MODEL.is_file() and GPU_MODEL.with_suffix(".json").is_file():
+        return GPU_MODEL
+    return BUNDLED_MODEL
 
 
 def _cuda_visible() -> bool:
@@ -199,18 +289,26 @@ def _choose_learned_backend(cfg: DeblurConfig, model_path: Path, card: ModelCard
             providers = [CUDA, CPU]
             return _Engine("onnx-cuda", _onnx_runner(model_path, card, providers, threads))
         return cpu
-    if _cuda_visible():  # auto: the fastest GPU backend that agrees with fp32 on the CPU
-        correct: list[tuple[float, _Engine]] = []
-        for build in _gpu_candidates(model_path, card, threads):
-            try:
-                engine = build()
-            except Exception:  # a broken GPU stack must not stop the rig: the next backend serves
-                continue
-            if _agrees(engine.run_patches, cpu.run_patches, card.size_multiple):
-                correct.append((_seconds_per_call(engine.run_patches), engine))
-        if correct:
-            return min(correct, key=lambda timed: timed[0])[1]
-    return cpu
+    gpu = _fastest_gpu_engine(model_path, card, threads, cpu.run_patches) if _cuda_visible() else None
+    return gpu if gpu is not None else cpu
+
+
+def _fastest_gpu_engine(
+    model_path: Path, card: ModelCard, threads: int, reference: BatchFn | None = None
+) -> _Engine | None:
+    """`auto` on a GPU: the fastest GPU backend that agrees with fp32 ONNX Runtime CPU (`reference`,
+    opened here when not given); None when none builds and agrees."""
+    correct: list[tuple[float, _Engine]] = []
+    for build in _gpu_candidates(model_path, card, threads):
+        try:
+            engine = build()
+        except Exception:  # a broken GPU stack must not stop the rig: the next backend serves
+            continue
+        if reference is None:
+            reference = _onnx_runner(model_path, card, [CPU], threads)
+        if _agrees(engine.run_patches, reference, card):
+            correct.append((_seconds_per_call(engine.run_patches, card), engine))
+    return min(correct, key=lambda timed: timed[0])[1] if correct else None
 
 
 def _gpu_candidates(model_path: Path, card: ModelCard, threads: int) -> list[Callable[[], _Engine]]:
@@ -228,10 +326,19 @@ def _gpu_candidates(model_path: Path, card: ModelCard, threads: int) -> list[Cal
     return candidates
 
 
-def _agrees(candidate: BatchFn, reference: BatchFn, multiple: int) -> bool:
+def _probe(side: int, card: ModelCard, seed: int) -> np.ndarray:
+    """float32 (1, card.input_channels, side, side): pseudo-random pixels, then (PSF-aware model) the
+    planes of a typical astigmatic blur."""
+    pixels = np.random.default_rng(seed).random((1, 1, side, side), dtype=np.float32)
+    if not card.psf_aware:
+        return pixels
+    planes = psf_planes(side, side, PsfEstimate(sigma_px=2.0, anisotropy=1.5, angle_deg=30.0))
+    return np.concatenate([pixels, planes[None]], axis=1)
+
+
+def _agrees(candidate: BatchFn, reference: BatchFn, card: ModelCard) -> bool:
     """True when `candidate` matches the fp32 CPU reference on a fixed pseudo-random probe patch."""
-    side = max(64, multiple)
-    probe = np.random.default_rng(0).random((1, 1, side, side), dtype=np.float32)
+    probe = _probe(max(64, card.size_multiple), card, seed=0)
     try:
         diff = np.abs(candidate(probe) - reference(probe))
     except Exception:
@@ -239,9 +346,9 @@ def _agrees(candidate: BatchFn, reference: BatchFn, multiple: int) -> bool:
     return bool(np.isfinite(diff).all() and diff.max() <= GPU_AGREEMENT_TOLERANCE)
 
 
-def _seconds_per_call(run: BatchFn, side: int = 1024, calls: int = 3) -> float:
-    """Best wall time of `calls` runs on one (1, 1, side, side) patch, after a warm-up call."""
-    probe = np.random.default_rng(1).random((1, 1, side, side), dtype=np.float32)
+def _seconds_per_call(run: BatchFn, card: ModelCard, side: int = 1024, calls: int = 3) -> float:
+    """Best wall time of `calls` runs on one (1, C, side, side) patch, after a warm-up call."""
+    probe = _probe(side, card, seed=1)
     run(probe)
     best = math.inf
     for _ in range(calls):
@@ -268,8 +375,12 @@ def _torch_engine(model_path: Path, card: ModelCard, dtype: object | None) -> _E
 
     if torch.cuda.is_available():
         dtype = dtype if dtype is not None else torch.float16
-        deblur = TorchDeblur(model_path.with_suffix(".pt2"), card.size_multiple, "cuda", dtype)
+        deblur = TorchDeblur(
+            model_path.with_suffix(".pt2"), card.size_multiple, "cuda", dtype, psf_planes=card.psf_aware
+        )
         name = "torch-cuda-" + str(dtype).removeprefix("torch.")
         return _Engine(name, deblur.run_patches, deblur.restore_tiles)
-    deblur = TorchDeblur(model_path.with_suffix(".pt2"), card.size_multiple, "cpu", torch.float32)
+    deblur = TorchDeblur(
+        model_path.with_suffix(".pt2"), card.size_multiple, "cpu", torch.float32, psf_planes=card.psf_aware
+    )
     return _Engine("torch-cpu", deblur.run_patches)

@@ -1,10 +1,14 @@
 """Overlap-and-blend tiled inference: run a fully convolutional model on an image of any size.
 
-Pure numpy: the model is any callable `run_batch(patches (N, 1, P, P) float32) -> (N, 1, P, P) float32`.
+Pure numpy: the model is any callable `run_batch(patches (N, C, P, P) float32) -> (N, 1, P, P) float32`.
 The image is reflect-padded by `overlap`, cut into patches (side <= P) that overlap by 2 * `overlap`, and
 the outputs are blended with weights that ramp down to ~0 at each patch border, so the pixels a patch
 restored with little context (next to its zero-padded border) carry little weight: no seams, and the
 result matches whole-image inference within tolerance.
+
+Extra input channels (`planes`, e.g. the PSF planes of `appliance.psf_planes`) are per-pixel functions
+of the position in the image: they are padded and cut exactly like the pixels, so each patch sees the
+values the whole image would have there (C = 1 + len(planes)).
 """
 
 from __future__ import annotations
@@ -46,15 +50,24 @@ def blend_window(height: int, width: int, overlap: int) -> np.ndarray:
 
 
 def run_tiled(
-    image: np.ndarray, run_batch: BatchFn, patch: int, overlap: int, batch_size: int, multiple: int = 1
+    image: np.ndarray,
+    run_batch: BatchFn,
+    patch: int,
+    overlap: int,
+    batch_size: int,
+    multiple: int = 1,
+    planes: np.ndarray | None = None,
 ) -> np.ndarray:
     """Apply `run_batch` to a float32 (H, W) image of any size by overlapping patches; float32 (H, W) out.
 
     patch: patch side P (px, a multiple of `multiple`); overlap: context margin (px) on each side, < P/4;
-    batch_size: patches per `run_batch` call; multiple: the network's size constraint (2^levels).
+    batch_size: patches per `run_batch` call; multiple: the network's size constraint (2^levels);
+    planes: optional float32 (K, H, W) channels fed beside the pixels (patches are (N, 1 + K, P, P)).
     """
     if image.ndim != 2:
         raise ValueError(f"run_tiled: expected a 2-D image, got shape {image.shape}")
+    if planes is not None and (planes.ndim != 3 or planes.shape[1:] != image.shape):
+        raise ValueError(f"run_tiled: planes of shape {planes.shape} for an image of shape {image.shape}")
     if patch % multiple or patch <= 4 * overlap:
         raise ValueError(
             f"run_tiled: patch {patch} must be a multiple of {multiple} and > 4 * overlap {overlap}"
@@ -64,8 +77,9 @@ def run_tiled(
     patch_w = _patch_side(width, patch, overlap, multiple)
     pad_bottom = max(0, patch_h - (height + 2 * overlap))
     pad_right = max(0, patch_w - (width + 2 * overlap))
-    padded = _reflect_pad(image, overlap, overlap + pad_bottom, overlap, overlap + pad_right)
-    ph, pw = padded.shape
+    channels = [image] if planes is None else [image, *planes]
+    padded = np.stack([_reflect_pad(c, overlap, overlap + pad_bottom, overlap, overlap + pad_right) for c in channels])
+    ph, pw = padded.shape[1:]
     window = blend_window(patch_h, patch_w, overlap)
     accum = np.zeros((ph, pw), dtype=np.float32)
     weight = np.zeros((ph, pw), dtype=np.float32)
@@ -76,9 +90,9 @@ def run_tiled(
     ]
     for first in range(0, len(positions), batch_size):
         chunk = positions[first : first + batch_size]
-        batch = np.stack([padded[y : y + patch_h, x : x + patch_w] for y, x in chunk])[:, None]
+        batch = np.stack([padded[:, y : y + patch_h, x : x + patch_w] for y, x in chunk])
         out = run_batch(np.ascontiguousarray(batch, dtype=np.float32))
-        if out.shape != batch.shape:
+        if out.shape != (len(chunk), 1, patch_h, patch_w):
             raise RuntimeError(f"run_tiled: model returned shape {out.shape} for input {batch.shape}")
         for (y, x), restored in zip(chunk, out[:, 0], strict=True):
             accum[y : y + patch_h, x : x + patch_w] += restored * window

@@ -5,6 +5,8 @@ dependency). On CUDA a tile never visits host numpy between upload and download:
 padding, the network (fp16/bf16, channels_last) and the conversion back to uint8/uint16 run on the GPU,
 because at 25.4 tiles/s the host-side blend of a 2400 x 2400 tile alone would use most of the budget.
 The network is local (no global pooling), so one whole-tile pass equals overlapped tiling (tested).
+A PSF-aware model (`psf_planes=True`) gets its planes built on the device from each tile's PsfEstimate
+(`appliance.psf_planes_torch`): a few numbers per tile cross the bus, not 5 x H x W floats.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from appliance.intensity import HIGH_PERCENTILE, LOW_PERCENTILE, SUBSAMPLE
+from appliance.psf_planes import PsfEstimate
+from appliance.psf_planes_torch import psf_planes_for_estimates
 
 # Largest batch x height x width sent through the network at once on a GPU (fp16 peak ~0.5 KB/px).
 MAX_PIXELS_PER_CALL = 48_000_000
@@ -27,7 +31,7 @@ class TorchDeblur:
 
     def __init__(
         self, program_path: Path, size_multiple: int, device: str, dtype: torch.dtype,
-        compact_transfers: bool = True, compile_network: bool = False,
+        compact_transfers: bool = True, compile_network: bool = False, psf_planes: bool = False,
     ) -> None:
         if not program_path.is_file():
             raise FileNotFoundError(
@@ -37,6 +41,7 @@ class TorchDeblur:
         self.device = torch.device(device)
         self.dtype = dtype
         self.size_multiple = size_multiple
+        self.psf_planes = psf_planes  # the program takes (N, 1 + planes, H, W): see appliance.psf_planes
         self._module = torch.export.load(str(program_path)).module().to(device=self.device, dtype=dtype)
         self._channels_last = self.device.type == "cuda"
         if self._channels_last:
@@ -56,16 +61,24 @@ class TorchDeblur:
 
     @torch.inference_mode()
     def run_patches(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 1, H, W) on the model scale -> same; the `run_tiled` batch function."""
+        """float32 (N, C, H, W) on the model scale (C = 1, or 1 + planes) -> (N, 1, H, W); the `run_tiled`
+        batch function."""
         inputs = torch.from_numpy(batch).to(self.device, non_blocking=True)
         return self._network(inputs).cpu().numpy()
 
     @torch.inference_mode()
-    def restore_tiles(self, tiles: Sequence[np.ndarray], margin: int) -> list[np.ndarray]:
+    def restore_tiles(
+        self, tiles: Sequence[np.ndarray], margin: int, estimates: Sequence[PsfEstimate | None] | None = None
+    ) -> list[np.ndarray]:
         """Whole same-shape uint8/uint16 tiles (H, W) -> restored tiles, same shape and dtype.
 
         margin: reflect padding (px) around each tile, as in tiled inference (`DeblurConfig.patch_overlap`).
+        estimates: per tile, the detector's PSF estimate (None = blind planes); used by a PSF-aware model
+        only, whose planes are built on the device and reflect-padded with the pixels (as `run_tiled`
+        cuts them); None for all tiles when not given.
         """
+        if estimates is not None and len(estimates) != len(tiles):
+            raise ValueError(f"restore_tiles: {len(tiles)} tiles but {len(estimates)} estimates")
         height, width = tiles[0].shape
         dtype = tiles[0].dtype
         full = float(np.iinfo(dtype).max)
@@ -77,6 +90,9 @@ class TorchDeblur:
             low, high = _intensity_window(pixels)
             scale = (high - low)[:, None, None]
             image = ((pixels - low[:, None, None]) / scale)[:, None]
+            if self.psf_planes:
+                chunk = estimates[first : first + per_call] if estimates is not None else [None] * len(stack)
+                image = torch.cat([image, psf_planes_for_estimates(height, width, chunk, self.device)], dim=1)
             pad_bottom = -(height + 2 * margin) % self.size_multiple
             pad_right = -(width + 2 * margin) % self.size_multiple
             padded = F.pad(image, (margin, margin + pad_right, margin, margin + pad_bottom), mode="reflect")

@@ -1,11 +1,17 @@
 """Deblur benchmark on the held-out test images: learned model vs Wiener and Richardson–Lucy.
 
     nice -n 10 python bench/deblur_eval.py          # writes bench/results/deblur_eval.json + PNG figure
+    nice -n 10 python bench/deblur_eval.py --model appliance/weights/deblur_gpu.onnx --estimate true
 
 1. Quality: per blur family and strength, mean PSNR / SSIM (uint8, vs the sharp original) of the
    blurred input, Wiener and Richardson–Lucy given the TRUE PSF with their parameter (noise-to-signal
    ratio, iteration count) picked per tile by the PSNR against the truth (their best case, an oracle
-   no rig has), and the learned model (TileRestorer, blind: it is given nothing but the pixels).
+   no rig has), and the learned model (TileRestorer). A blind model (the bundled CPU model) is given
+   nothing but the pixels; a PSF-aware model (sidecar `psf_planes`) also gets planes built from the
+   BlurAssessment passed to restore(), chosen by `--estimate`: `detector` (default: what the runtime
+   would have, the bundled detector's verdict on the blurred tile, label forced to `soft` so that every
+   strength is restored), `true` (the blur actually applied: sigma, anisotropy, angle; no region map,
+   so `tilted` gets its largest sigma everywhere) or `blind` (no estimate: all-zero planes).
    Tiles: the 4 test images (512x512) x `--draws` renderings each, Poisson-Gaussian noise drawn as in
    training. `tilted` has no single PSF, so the classical columns are empty there.
 2. Target row: Gaussian sigma 1-3 px plus noise, averaged over the strengths in that range.
@@ -26,11 +32,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -40,7 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # models/ is not installed
 
 from appliance.assessment import BlurAssessment  # noqa: E402
-from appliance.config import DeblurConfig  # noqa: E402
+from appliance.blur_detection import BlurDetector  # noqa: E402
+from appliance.config import DeblurConfig, DetectorConfig  # noqa: E402
 from appliance.deconvolution import richardson_lucy, wiener_deconvolve  # noqa: E402
 from appliance.restoration import BUNDLED_MODEL, TileRestorer  # noqa: E402
 from models.blur_synth import (  # noqa: E402
@@ -75,6 +85,32 @@ ORACLE_MAX_DEFICIT_DB = 0.5
 # Transfer-function floors of the headroom rows: 0.05 = a frequency attenuated 20x by the blur.
 OTF_FLOORS = (0.1, 0.05, 0.02)
 RESULTS = REPO / "bench" / "results"
+ESTIMATES = ("detector", "true", "blind")
+
+# The assessment restore() is given for a blurred uint8 tile and the blur applied to it (None: no blur).
+Assessor = Callable[[np.ndarray, BlurParams | None], BlurAssessment]
+
+
+def make_assessor(mode: str) -> Assessor:
+    """BlurAssessment per `--estimate` mode (see the module docstring); the model is PSF-aware or not."""
+    if mode == "detector":
+        detector = BlurDetector.from_config(DetectorConfig())
+
+        def detected(blurred: np.ndarray, _params: BlurParams | None) -> BlurAssessment:
+            verdict = detector.assess([blurred])[0]
+            # Restore whatever the label: the bench measures restoration at every strength; where the
+            # detector would flag a retake is bench/detector_eval.py's question.
+            return verdict if verdict.label == "soft" else dataclasses.replace(verdict, label="soft")
+
+        return detected
+    if mode == "true":
+        return lambda _blurred, params: (
+            BlurAssessment(0.5, "soft", 0.0) if params is None
+            else BlurAssessment(0.5, "soft", params.sigma_px, params.anisotropy, params.angle_deg)
+        )
+    if mode == "blind":
+        return lambda _blurred, _params: BlurAssessment(0.5, "soft", math.nan)
+    raise ValueError(f"--estimate {mode!r}; use one of {ESTIMATES}")
 
 
 def fixed_blur(family: str, sigma: float, rng: np.random.Generator) -> BlurParams:
@@ -100,11 +136,13 @@ def best_rl(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.nda
 
 
 def restore_cell(
-    restorer: TileRestorer | None, images: list[np.ndarray], family: str, sigma: float, draws: int, seed: int
+    restorer: TileRestorer | None, images: list[np.ndarray], family: str, sigma: float, draws: int, seed: int,
+    assess: Assessor,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, np.ndarray]]]:
     """Mean PSNR/SSIM per method for one (family, strength) cell, plus the outputs of the first tile."""
     rng = np.random.default_rng(seed)
     scores: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS}
+    given_sigma: list[float] = []
     examples = []
     for image in images:
         for _ in range(draws):
@@ -119,7 +157,8 @@ def restore_cell(
                 outputs["wiener"] = best_wiener(to_unit_float(blurred), psf, image)
                 outputs["rl"] = best_rl(to_unit_float(blurred), psf, image)
             if restorer is not None:
-                assessment = BlurAssessment(0.5, "soft", sigma, params.anisotropy, params.angle_deg)
+                assessment = assess(blurred, params)
+                given_sigma.append(assessment.sigma_px)
                 outputs["model"] = restorer.restore([blurred], [assessment])[0]
             for name, out in outputs.items():
                 scores[name].append((psnr(out, image, 255.0), ssim(out, image, 255.0)))
@@ -133,6 +172,10 @@ def restore_cell(
         # Per tile, the better classical answer (an even stronger baseline than the better mean).
         better = [max(w[0], r[0]) for w, r in zip(scores["wiener"], scores["rl"], strict=True)]
         cell["best_classical_per_tile"] = {"psnr": float(np.mean(better)), "n": len(better)}
+    if given_sigma:  # what the model was told (used by a PSF-aware model only); nan = no estimate
+        usable = [v for v in given_sigma if math.isfinite(v)]
+        cell["estimate"] = {"sigma_px_mean": float(np.mean(usable)) if usable else None,
+                            "no_estimate_fraction": 1.0 - len(usable) / len(given_sigma)}
     return cell, examples[:1]
 
 
@@ -150,7 +193,9 @@ def target_summary(table: dict[str, dict[str, dict]]) -> dict[str, float]:
     return summary
 
 
-def sharp_cell(restorer: TileRestorer | None, images: list[np.ndarray], draws: int, seed: int) -> dict[str, float]:
+def sharp_cell(
+    restorer: TileRestorer | None, images: list[np.ndarray], draws: int, seed: int, assess: Assessor
+) -> dict[str, float]:
     """Tiles with noise but no blur, sent to the model anyway (a detector false `soft`): does it harm them?"""
     rng = np.random.default_rng(seed)
     scores: dict[str, list[float]] = {"input": [], "model": []}
@@ -159,7 +204,7 @@ def sharp_cell(restorer: TileRestorer | None, images: list[np.ndarray], draws: i
             noisy = synthesize(image, None, rng)
             scores["input"].append(psnr(noisy, image, 255.0))
             if restorer is not None:
-                assessment = BlurAssessment(0.5, "soft", 0.0, 1.0, 0.0)
+                assessment = assess(noisy, None)
                 scores["model"].append(psnr(restorer.restore([noisy], [assessment])[0], image, 255.0))
     return {f"{name}_psnr": float(np.mean(v)) for name, v in scores.items() if v}
 
@@ -172,7 +217,9 @@ def band_limited(truth: np.ndarray, sigma: float, otf_floor: float) -> np.ndarra
     return np.real(np.fft.ifft2(np.fft.fft2(truth.astype(np.float64)) * (otf >= otf_floor)))
 
 
-def headroom(restorer: TileRestorer | None, images: list[np.ndarray], strengths: list[float]) -> dict[str, dict]:
+def headroom(
+    restorer: TileRestorer | None, images: list[np.ndarray], strengths: list[float], assess: Assessor
+) -> dict[str, dict]:
     """Per Gaussian strength in TARGET_RANGE (and their mean): band-limit PSNRs and noise-free results."""
     rows: dict[str, dict[str, float]] = {}
     for sigma in [s for s in strengths if TARGET_RANGE[0] <= s <= TARGET_RANGE[1]]:
@@ -186,8 +233,7 @@ def headroom(restorer: TileRestorer | None, images: list[np.ndarray], strengths:
             outputs = {"noise_free_input": blurred,
                        "noise_free_wiener": best_wiener(to_unit_float(blurred), psf_kernel(params), image)}
             if restorer is not None:
-                assessment = BlurAssessment(0.5, "soft", sigma, 1.0, 0.0)
-                outputs["noise_free_model"] = restorer.restore([blurred], [assessment])[0]
+                outputs["noise_free_model"] = restorer.restore([blurred], [assess(blurred, params)])[0]
             for name, out in outputs.items():
                 scores.setdefault(name, []).append(psnr(out, image, 255.0))
         rows[f"gaussian@{sigma:g}"] = {name: float(np.mean(v)) for name, v in scores.items()}
@@ -222,7 +268,7 @@ def restorable_sigma(table: dict[str, dict[str, dict]], criterion: str = "model_
     return largest
 
 
-def write_figure(examples: dict[str, dict[str, np.ndarray]], path: Path, crop: int = 128) -> None:
+def write_figure(examples: dict[str, dict[str, np.ndarray]], path: Path, model_label: str, crop: int = 128) -> None:
     """Rows = blur cases, columns = input / Wiener (true PSF) / model / truth; 2x nearest zoom, labelled."""
     columns = ("input", "wiener", "model", "truth")
     rows = []
@@ -236,7 +282,7 @@ def write_figure(examples: dict[str, dict[str, np.ndarray]], path: Path, crop: i
             else:
                 tile = image[200 : 200 + crop, 200 : 200 + crop]
                 label = {"input": f"{case} input", "wiener": "Wiener (true PSF, oracle)",
-                         "model": "model (blind)", "truth": "sharp original"}[name]
+                         "model": model_label, "truth": "sharp original"}[name]
             tile = cv2.resize(tile, (2 * crop, 2 * crop), interpolation=cv2.INTER_NEAREST)
             header = np.full((24, 2 * crop), 255, np.uint8)  # label above the crop, never over pixels
             cv2.putText(header, label, (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 0, 1, cv2.LINE_AA)
@@ -311,11 +357,18 @@ def main() -> None:
     parser.add_argument("--speed-seconds", type=float, default=20.0)
     parser.add_argument("--speed-batch", type=int, default=8 if Path("/proc/driver/nvidia/version").exists() else 1,
                         help="tiles per restore() call (default 8 on a GPU, 1 on CPU)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "deblur_eval.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default bench/results/deblur_eval.json (--estimate detector), else "
+                        "deblur_eval_<estimate>.json; the figure is written beside it")
+    parser.add_argument("--estimate", choices=ESTIMATES, default="detector",
+                        help="the BlurAssessment a PSF-aware model is given (a blind model ignores it)")
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime CPU threads (num_cpus_per_replica)")
     parser.add_argument("--speed-only", action="store_true", help="only throughput, into deblur_speed.json")
     args = parser.parse_args()
+    suffix = "" if args.estimate == "detector" else f"_{args.estimate}"
+    if args.out is None:
+        args.out = RESULTS / f"deblur_eval{suffix}.json"
     if args.speed_only:
         model_path = args.model if args.model.is_file() else None
         speed = measure_speed(model_path, args.speed_seconds, args.speed_batch, args.threads)
@@ -327,6 +380,8 @@ def main() -> None:
 
     model_path = args.model if args.model.is_file() else None
     restorer = TileRestorer.from_config(DeblurConfig(backend="onnx", model_path=model_path)) if model_path else None
+    assess = make_assessor(args.estimate)
+    psf_aware = restorer is not None and restorer.psf_aware
     images = [load_image(p) for p in load_split("test")]
     table: dict[str, dict] = {}
     examples: dict[str, dict[str, np.ndarray]] = {}
@@ -334,17 +389,19 @@ def main() -> None:
         for s_index, sigma in enumerate(args.strengths):
             key = f"{family}@{sigma:g}"
             seed = args.seed * 1000 + f_index * 100 + s_index
-            table[key], first = restore_cell(restorer, images, family, float(sigma), args.draws, seed)
+            table[key], first = restore_cell(restorer, images, family, float(sigma), args.draws, seed, assess)
             if sigma in (2.0, 3.0) and family in ("gaussian", "astigmatic", "tilted"):
                 examples[f"{family} s={sigma:g}"] = first[0]
             print(_row_text(key, table[key]), flush=True)
-    figure = RESULTS / "deblur_examples.png"
-    write_figure(examples, figure)
-    headroom_rows = headroom(restorer, images, [float(s) for s in args.strengths])
-    sharp_row = sharp_cell(restorer, images, args.draws, args.seed * 1000 + 999)
+    figure = args.out.with_name(f"deblur_examples{suffix}.png")
+    write_figure(examples, figure, f"model ({args.estimate} PSF)" if psf_aware else "model (blind)")
+    headroom_rows = headroom(restorer, images, [float(s) for s in args.strengths], assess)
+    sharp_row = sharp_cell(restorer, images, args.draws, args.seed * 1000 + 999, assess)
     speed = measure_speed(model_path, args.speed_seconds, args.speed_batch, args.threads)
     result = {
         "model_version": restorer.model_version if restorer else None,
+        "psf_aware": psf_aware,
+        "estimate": args.estimate,  # what a PSF-aware model was given; a blind model ignores it
         "table": table,
         "target_gaussian_sigma_1_3": target_summary(table),
         "headroom_gaussian": headroom_rows,
@@ -356,8 +413,8 @@ def main() -> None:
         "retake_equivalent_criterion": f"every family: model PSNR within {RETAKE_MAX_DEFICIT_DB} dB of a "
         "retake (same tile in focus, same noise)",
         "speed": speed,
-        "figure": str(figure.relative_to(REPO)),
-        "settings": {"draws": args.draws, "seed": args.seed, "wiener_nsr_grid": WIENER_NSR,
+        "figure": str(figure.relative_to(REPO)) if figure.is_relative_to(REPO) else str(figure),
+        "settings": {"draws": args.draws, "seed": args.seed, "estimate": args.estimate, "wiener_nsr_grid": WIENER_NSR,
                      "rl_iterations_grid": RL_ITERATIONS, "test_images": [p.name for p in load_split("test")]},
         "machine": machine(),
     }
@@ -375,7 +432,8 @@ def _row_text(key: str, cell: dict) -> str:
 
 
 def print_summary(result: dict) -> None:
-    print("\nPSNR dB / SSIM (uint8, vs sharp original), mean over test tiles")
+    estimate = f", estimate given to the model: {result['estimate']}" if result["psf_aware"] else ", blind model"
+    print(f"\nPSNR dB / SSIM (uint8, vs sharp original), mean over test tiles{estimate}")
     print(f"{'family@sigma':16s} | " + " | ".join(f"{m:>14s}" for m in METHODS))
     for key, cell in result["table"].items():
         print(_row_text(key, cell))

@@ -20,11 +20,11 @@ from appliance.psf_planes import (
     psf_planes,
     region_sigma_from_scores,
 )
+from appliance.psf_planes_torch import psf_planes_batch
 from models.blur_synth import load_image, load_split
 from models.deblur.export import export_run
 from models.deblur.network import DeblurNet
 from models.deblur.pack_data import PackedImage, load_packed, write_packed
-from models.deblur.psf_planes_torch import psf_planes_batch
 from models.deblur.train import REPO_ROOT, train
 
 

@@ -47,3 +47,22 @@ def test_bad_geometry_is_refused(em: np.ndarray) -> None:
         run_tiled(em, lambda b: b, patch=100, overlap=8, batch_size=1, multiple=8)
     with pytest.raises(ValueError, match="4 \\* overlap"):
         run_tiled(em, lambda b: b, patch=64, overlap=16, batch_size=1)
+
+
+def test_planes_are_cut_with_the_pixels(em: np.ndarray) -> None:
+    image = em[:300, :417]
+    yy, xx = np.mgrid[0:300, 0:417].astype(np.float32)
+    planes = np.stack([yy / 300, xx / 417])  # smooth, position-dependent, like the PSF planes
+    # A model that returns one of its input planes gives back that plane: each patch got the right window.
+    for k in range(2):
+        out = run_tiled(image, lambda b, k=k: b[:, 1 + k : 2 + k].copy(), 128, 16, 3, multiple=8, planes=planes)
+        np.testing.assert_allclose(out, planes[k], atol=1e-6)
+
+    def mixing(batch: np.ndarray) -> np.ndarray:  # local operator on the pixels, modulated by a plane
+        return gaussian_batch(batch[:, :1]) * (1 + batch[:, 1:2])
+
+    whole = run_tiled(image, mixing, patch=2048, overlap=16, batch_size=1, planes=planes)
+    tiled = run_tiled(image, mixing, patch=96, overlap=16, batch_size=4, planes=planes)
+    assert np.abs(tiled - whole).max() < 4e-3
+    with pytest.raises(ValueError, match="planes of shape"):
+        run_tiled(image, mixing, patch=96, overlap=16, batch_size=4, planes=planes[:, :10])

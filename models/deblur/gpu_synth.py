@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from appliance.intensity import HIGH_PERCENTILE, LOW_PERCENTILE, SUBSAMPLE
+from appliance.psf_planes_torch import psf_planes_batch
 from models.blur_synth import ANISOTROPY_RANGE, FAMILIES, PHOTONS_RANGE, READ_SIGMA_RANGE
-from models.deblur.psf_planes_torch import psf_planes_batch
 
 SUPERSAMPLE = 5
 TILTED_LEVELS = 6
