@@ -1,3 +1,3 @@
-from appliance.cli import app
+from appliance.tools.cli import app
 
 app(prog_name="python -m appliance")

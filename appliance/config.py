@@ -131,7 +131,7 @@ class DeblurConfig(ReplicaConfig):
     model_path: Path | None = Field(
         None,
         description="Model file; None uses the bundled weights: deblur_gpu.onnx (PSF-aware) with backend auto "
-        "where a CUDA GPU is visible and it was exported, else deblur.onnx (appliance.restoration).",
+        "where a CUDA GPU is visible and it was exported, else deblur.onnx (appliance.restoration.restorer).",
     )
     patch_size: int = Field(
         512, ge=64, le=4096,

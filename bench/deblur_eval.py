@@ -48,11 +48,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # models/ is not installed
 
-from appliance.assessment import BlurAssessment  # noqa: E402
-from appliance.blur_detection import BlurDetector  # noqa: E402
 from appliance.config import DeblurConfig, DetectorConfig  # noqa: E402
-from appliance.deconvolution import richardson_lucy, wiener_deconvolve  # noqa: E402
-from appliance.restoration import BUNDLED_MODEL, TileRestorer  # noqa: E402
+from appliance.detection.detector import BlurDetector  # noqa: E402
+from appliance.messages import BlurAssessment  # noqa: E402
+from appliance.restoration.restorer import TileRestorer  # noqa: E402
+from appliance.restoration.wiener import wiener_deconvolve  # noqa: E402
+from appliance.weights import DEBLUR_MODEL  # noqa: E402
+from bench.deconvolution import richardson_lucy  # noqa: E402
 from models.blur_synth import (  # noqa: E402
     FAMILIES,
     BlurParams,
@@ -351,7 +353,7 @@ def speed_backends(model_path: Path | None, threads: int) -> list[tuple[str, Deb
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="ONNX model (sidecar .json beside)")
+    parser.add_argument("--model", type=Path, default=DEBLUR_MODEL, help="ONNX model (sidecar .json beside)")
     parser.add_argument("--draws", type=int, default=2, help="renderings per test image and cell")
     parser.add_argument("--strengths", type=float, nargs="*", default=list(STRENGTHS))
     parser.add_argument("--speed-seconds", type=float, default=20.0)

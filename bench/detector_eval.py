@@ -31,9 +31,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # models/ is not installed
 
-from appliance.blur_detection import BUNDLED_MODEL, BlurDetector  # noqa: E402
 from appliance.config import DetectorConfig  # noqa: E402
-from appliance.focus_metrics import BASELINES  # noqa: E402
+from appliance.detection.detector import BLUR_DETECTOR_MODEL, BlurDetector  # noqa: E402
+from bench.focus_metrics import BASELINES  # noqa: E402
 from models.blur_synth import (  # noqa: E402
     FAMILIES,
     BlurParams,
@@ -159,7 +159,7 @@ def timed_metric(metric: Callable[[np.ndarray], float], seconds: float) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
+    parser.add_argument("--model", type=Path, default=BLUR_DETECTOR_MODEL)
     parser.add_argument("--realizations", type=int, default=2, help="noise/blur draws per tile")
     parser.add_argument("--speed-seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "detector_eval.json")

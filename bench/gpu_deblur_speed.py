@@ -26,8 +26,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from appliance.intensity import from_model_scale, intensity_window, to_model_scale  # noqa: E402
-from appliance.psf_planes import PsfEstimate, psf_planes  # noqa: E402
+from appliance.restoration.intensity import from_model_scale, intensity_window, to_model_scale  # noqa: E402
+from appliance.restoration.psf_planes import PsfEstimate, psf_planes  # noqa: E402
 from bench.gpu_suite import dn_agreement, soft_tiles  # noqa: E402
 from bench.replay import multisem_tiles  # noqa: E402
 from models.deblur.export import export_program, load_run  # noqa: E402

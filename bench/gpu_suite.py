@@ -37,10 +37,10 @@ import typer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # bench/ runs from a checkout: models/ and bench/ are importable
 
-from appliance.assessment import BlurAssessment  # noqa: E402
 from appliance.config import ConfigError, DeblurConfig, IngestConfig, OutputConfig, RigConfig, load_rig_config  # noqa: E402
-from appliance.replay_client import MULTISEM_TILES_PER_S  # noqa: E402
-from bench.replay import multisem_tiles, numbered  # noqa: E402
+from appliance.messages import BlurAssessment  # noqa: E402
+from appliance.tools.reference_controller import MULTISEM_TILES_PER_S  # noqa: E402
+from bench.replay import multisem_tiles  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 GPU_CONFIG = REPO_ROOT / "bench" / "rig-gpu.yaml"
@@ -96,7 +96,7 @@ def rate(calls: Callable[[], int], min_calls: int, max_s: float) -> dict[str, fl
 
 def bare_detector(cfg: RigConfig, tiles: list[np.ndarray], max_s: float) -> dict[str, Any]:
     """The detector alone in this process with the replica's threads, at batch 1 and the replica's batch."""
-    from appliance.blur_detection import BlurDetector
+    from appliance.detection.detector import BlurDetector
 
     detector = BlurDetector.from_config(cfg.detector)
     detector.assess(tiles[:1])  # session creation
@@ -146,10 +146,11 @@ def time_variant(
     kwargs: dict[str, Any], tiles: list[np.ndarray], reference: np.ndarray, margin: int, device: str, max_s: float
 ) -> dict[str, Any]:
     """One TorchDeblur variant: first-call time, DN agreement with `reference` (tile 0), tiles/s at batch 1 (4)."""
-    from appliance.restoration import BUNDLED_MODEL, ModelCard
-    from appliance.torch_backend import TorchDeblur
+    from appliance.restoration.restorer import load_sidecar
+    from appliance.restoration.torch_backend import TorchDeblur
+    from appliance.weights import DEBLUR_MODEL
 
-    engine = TorchDeblur(BUNDLED_MODEL.with_suffix(".pt2"), ModelCard.load(BUNDLED_MODEL).size_multiple, device,
+    engine = TorchDeblur(DEBLUR_MODEL.with_suffix(".pt2"), load_sidecar(DEBLUR_MODEL).size_multiple, device,
                          **kwargs)
     warm = time.perf_counter()
     (first,) = engine.restore_tiles(tiles[:1], margin)
@@ -171,7 +172,7 @@ def bare_deblur(
     max_s: float,
 ) -> dict[str, Any]:
     """Restored tiles/s per backend variant and its agreement with fp32 ONNX Runtime CPU (tiled), in DN."""
-    from appliance.restoration import TileRestorer
+    from appliance.restoration.restorer import TileRestorer
 
     reference_cfg = DeblurConfig(backend="onnx", num_cpus_per_replica=float(os.cpu_count() or 1))
     onnx_cpu = TileRestorer.from_config(reference_cfg)
@@ -201,8 +202,8 @@ def pipeline_rows(
     scale: float, budget: Budget,
 ) -> list[dict[str, Any]]:
     """One appliance, four sections: sharp at 25.4/s, sharp flat out, mix flat out, mix at 25.4/s."""
-    from appliance.demo import run_replay
-    from appliance.pipeline import Appliance
+    from appliance.serving.pipeline import Appliance
+    from appliance.tools.reference_controller import cycle_tiles, run_replay
 
     plan = [("sharp tiles at 25.4/s", sharp_pool, 300, MULTISEM_TILES_PER_S),
             ("sharp tiles, flat out", sharp_pool, 400, None),
@@ -219,7 +220,7 @@ def pipeline_rows(
             if budget.left_s() < expected_s:
                 rows.append({"row": title, "skipped": f"time budget ({budget.left_s():.0f} s left)"})
                 continue
-            report = run_replay(appliance, numbered(pool, count), count, rate_hz, f"suite-{index}")
+            report = run_replay(appliance, cycle_tiles(pool, count), count, rate_hz, f"suite-{index}")
             rows.append({"row": title, "rate_hz": rate_hz, **report.summary()})
         rows.append({"row": "appliance counters", **appliance.stats()})
     finally:

@@ -13,12 +13,10 @@ repair (sigma 6 px) with models.blur_synth. Prints a table and writes a JSON rep
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,9 +27,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # bench/ runs from a checkout: models/ is importable from there
 
 from appliance.config import ConfigError, IngestConfig, RigConfig, load_rig_config  # noqa: E402
-from appliance.replay_client import MULTISEM_TILES_PER_S, ControllerClient, ReplayReport  # noqa: E402
-from appliance.report import print_table, replay_table  # noqa: E402
 from appliance.tile_io import TileError, read_tile  # noqa: E402
+from appliance.tools.reference_controller import (  # noqa: E402
+    MULTISEM_TILES_PER_S,
+    ReferenceController,
+    ReplayReport,
+    cycle_tiles,
+    run_replay,
+)
+from appliance.tools.replay_summary import print_table, replay_table  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -70,15 +74,10 @@ def directory_tiles(directory: Path) -> list[tuple[str, np.ndarray]]:
     return [(path.stem, read_tile(path)) for path in paths]
 
 
-def numbered(pool: list[tuple[str, np.ndarray]], count: int) -> Iterator[tuple[str, np.ndarray]]:
-    for index, (name, pixels) in enumerate(itertools.islice(itertools.cycle(pool), count)):
-        yield f"{index:06d}_{name}", pixels
-
-
 def time_bare_loops(cfg: RigConfig, pool: list[tuple[str, np.ndarray]], repeats: int) -> dict[str, Any]:
     """Detector and deblur called directly in this process (no Ray, no ZeroMQ) on the same tiles."""
-    from appliance.blur_detection import BlurDetector
-    from appliance.restoration import TileRestorer
+    from appliance.detection.detector import BlurDetector
+    from appliance.restoration.restorer import TileRestorer
 
     detector = BlurDetector.from_config(cfg.detector)
     restorer = TileRestorer.from_config(cfg.deblur)
@@ -148,21 +147,20 @@ def main(
 
     bare = time_bare_loops(cfg, tile_pool, bare_repeats) if bare_repeats else None
 
-    from appliance.demo import run_replay
-    from appliance.pipeline import Appliance
+    from appliance.serving.pipeline import Appliance
 
     section = time.strftime("bench-%Y%m%d-%H%M%S")
     if local:
         appliance = Appliance(cfg)
         appliance.start()
         try:
-            report = run_replay(appliance, numbered(tile_pool, tiles), tiles, rate or None, section)
+            report = run_replay(appliance, cycle_tiles(tile_pool, tiles), tiles, rate or None, section)
             stats = appliance.stats()
         finally:
             appliance.drain_and_stop()
     else:
-        with ControllerClient(tile_endpoint, feedback_endpoint) as client:
-            report = client.send_section(section, numbered(tile_pool, tiles), rate_hz=rate or None)
+        with ReferenceController(tile_endpoint, feedback_endpoint) as client:
+            report = client.send_section(section, cycle_tiles(tile_pool, tiles), rate_hz=rate or None)
         stats = None
     _report(report, bare, stats, rate, json_out, tile_pool)
 

@@ -1,4 +1,4 @@
-"""Make the demo's bundled sample tiles (appliance/sample_tiles/) from held-out real EM.
+"""Make the demo's bundled sample tiles (appliance/tools/sample_tiles/) from held-out real EM.
 
 Sharp tiles are the ISBI 2012 test-split images as acquired; soft and retake tiles are the same images
 through models.blur_synth (seeded), so the demo exercises every path: write, restore, flag for retake.
@@ -14,7 +14,7 @@ import numpy as np
 
 from models.blur_synth import BlurParams, load_image, load_split, synthesize
 
-OUT_DIR = Path(__file__).resolve().parents[1] / "appliance" / "sample_tiles"
+OUT_DIR = Path(__file__).resolve().parents[1] / "appliance" / "tools" / "sample_tiles"
 
 # (file stem, test-split index, blur or None); strengths chosen inside/outside the restorable range.
 SAMPLES: tuple[tuple[str, int, BlurParams | None], ...] = (

@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 @pytest.fixture(scope="session")
 def real_em_tiles() -> list[tuple[str, np.ndarray]]:
     """The bundled sample tiles: real ISBI 2012 EM (sharp, soft and beyond repair), 512x512 uint8."""
-    from appliance.demo import sample_tiles
+    from appliance.tools.demo import sample_tiles
 
     return sample_tiles()
 
@@ -37,7 +37,7 @@ def ray_cluster() -> Iterator[None]:
 @pytest.fixture
 def start_appliance(ray_cluster: None, tmp_path: Path) -> Iterator[Callable[..., object]]:
     """Factory: start a real appliance (Serve deployments, actors, loopback sockets) from a RigConfig."""
-    from appliance.pipeline import Appliance
+    from appliance.serving.pipeline import Appliance
 
     started: list[Appliance] = []
 

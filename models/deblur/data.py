@@ -1,6 +1,6 @@
 """Training and validation pairs for the deblur model: real ISBI EM blurred by `models.blur_synth`.
 
-Each pair is (blurred, sharp) on the model scale of `appliance.intensity` (float32 (1, P, P)), the
+Each pair is (blurred, sharp) on the model scale of `appliance.restoration.intensity` (float32 (1, P, P)), the
 intensity window taken from the blurred patch exactly as the runtime takes it from a tile.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from appliance.intensity import intensity_window, to_model_scale
+from appliance.restoration.intensity import intensity_window, to_model_scale
 from models.blur_synth import load_image, load_split, sample_blur, synthesize, to_unit_float
 
 

@@ -1,13 +1,13 @@
 """Export a trained run to the runtime's weights: ONNX (CPU / ONNX Runtime CUDA) + torch.export (GPU).
 
 `python -m models.deblur.export --run models/deblur/runs/nafnet-w16-v1` writes, atomically,
-appliance/weights/deblur.onnx, deblur.pt2 and deblur.json (the sidecar `appliance.restoration` reads),
+appliance/weights/deblur.onnx, deblur.pt2 and deblur.json (the sidecar `appliance.sidecar.DeblurSidecar`),
 after checking that ONNX Runtime reproduces the torch model. `--name deblur_gpu` writes
 deblur_gpu.{onnx,pt2,json} instead (the PSF-aware GPU model beside the CPU default, never over it).
 Runs on a CPU; a checkpoint trained on a GPU (fp32 or fp16 tensors) loads the same way.
 
 Sidecar fields for a PSF-aware model (`model.psf_planes: true`): `input_channels` (1 + planes),
-`psf_planes` (plane names in channel order after the pixels, `appliance.psf_planes.PLANE_NAMES`) and
+`psf_planes` (plane names in channel order after the pixels, `appliance.restoration.psf_planes.PLANE_NAMES`) and
 `psf_plane_version`; a blind model has input_channels 1 and psf_planes []. The one input `blurred` is
 float32 (N, input_channels, H, W): channel 0 the pixels on the model scale, then the planes.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -25,11 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from appliance.psf_planes import PLANE_NAMES, PLANE_VERSION
-from models.deblur.network import DeblurNet, conv_gflop
-from models.deblur.train import TILE_SIDE_PX, build_model
+from appliance.restoration.psf_planes import PLANE_NAMES, PLANE_VERSION
+from appliance.sidecar import DeblurSidecar
+from appliance.weights import WEIGHTS_DIR
+from models.deblur.network import TILE_SIDE_PX, DeblurNet, conv_gflop
+from models.deblur.recipe import build_model
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "appliance" / "weights"
 ONNX_OPSET = 17
 # Largest |torch - ONNX Runtime| accepted on the model scale (fp32 both; differences are summation order).
 EXPORT_TOLERANCE = 1e-4
@@ -85,8 +85,8 @@ def _sha256(path: Path) -> str:
 
 def export_run(
     run_dir: Path, out_dir: Path = WEIGHTS_DIR, checkpoint: str = "best.pt", name: str = "deblur"
-) -> dict[str, Any]:
-    """Export `run_dir/checkpoint` into `out_dir` as <name>.onnx, <name>.pt2, <name>.json; returns the card."""
+) -> DeblurSidecar:
+    """Export `run_dir/checkpoint` into `out_dir` as <name>.onnx, <name>.pt2, <name>.json; returns the sidecar."""
     model, state = load_run(run_dir, checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [f"{name}.onnx", f"{name}.pt2", f"{name}.json"]
@@ -98,27 +98,27 @@ def export_run(
             raise RuntimeError(f"ONNX export disagrees with torch by {difference:.2e} > {EXPORT_TOLERANCE}")
         export_program(model, staging / files[1])
         cfg = state["config"]
-        card = {
-            "model_version": f"deblur-{cfg['run_name']}-step{state['step']}",
-            "size_multiple": model.size_multiple,
-            "input_name": "blurred",
-            "output_name": "restored",
-            "input_channels": model.input_channels,
-            "psf_planes": list(PLANE_NAMES) if model.plane_count else [],
-            "psf_plane_version": PLANE_VERSION,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "gflop_per_2400_tile": round(conv_gflop(model, TILE_SIDE_PX, TILE_SIDE_PX), 1),
-            "val_psnr_model_scale": state["val_psnr"],
-            "onnx_max_abs_diff_vs_torch": difference,
-            "onnx_sha256": _sha256(staging / files[0]),
-            "recipe": cfg,
-            "torch": torch.__version__,
-        }
-        (staging / files[2]).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        sidecar = DeblurSidecar(
+            model_version=f"deblur-{cfg['run_name']}-step{state['step']}",
+            size_multiple=model.size_multiple,
+            input_name="blurred",
+            output_name="restored",
+            input_channels=model.input_channels,
+            psf_planes=PLANE_NAMES if model.plane_count else (),
+            psf_plane_version=PLANE_VERSION,
+            parameters=sum(p.numel() for p in model.parameters()),
+            gflop_per_2400_tile=round(conv_gflop(model, TILE_SIDE_PX, TILE_SIDE_PX), 1),
+            val_psnr_model_scale=state["val_psnr"],
+            onnx_max_abs_diff_vs_torch=difference,
+            onnx_sha256=_sha256(staging / files[0]),
+            recipe=cfg,
+            torch=torch.__version__,
+        )
+        sidecar.write(staging / files[2])
         # Rename each file into place only after all three were written and checked.
         for file in files:
             os.replace(staging / file, out_dir / file)
-    return card
+    return sidecar
 
 
 def main() -> None:
@@ -128,9 +128,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--name", default="deblur", help="file stem: deblur (CPU default) or deblur_gpu")
     args = parser.parse_args()
-    card = export_run(args.run, args.out, args.checkpoint, args.name)
-    keys = ("model_version", "parameters", "gflop_per_2400_tile", "input_channels", "onnx_max_abs_diff_vs_torch")
-    print(json.dumps({k: card[k] for k in keys}))
+    sidecar = export_run(args.run, args.out, args.checkpoint, args.name)
+    keys = {"model_version", "parameters", "gflop_per_2400_tile", "input_channels", "onnx_max_abs_diff_vs_torch"}
+    print(sidecar.model_dump_json(include=keys))
 
 
 if __name__ == "__main__":

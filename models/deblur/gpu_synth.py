@@ -11,7 +11,7 @@ different PSF to every sample. Same families and ranges as `models.blur_synth`:
   TILTED_LEVELS uniformly blurred copies (fewer levels than blur_synth's 12: sigma error < 10 %);
 - Poisson-Gaussian noise after blur (photons per unit log-uniform 30-1000, read sigma 0-0.01), then
   quantisation to 8 or 16 bit; the intensity window is then taken from the blurred patch exactly as
-  `appliance.intensity` takes it from a tile.
+  `appliance.restoration.intensity` takes it from a tile.
 The PSF planes carry a detector-like estimate of the true blur (`perturbed_estimate`), not the truth.
 Per-sample random draws use a numpy Generator (a few scalars per sample); pixel noise a torch Generator
 on the device.
@@ -22,15 +22,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from appliance.intensity import HIGH_PERCENTILE, LOW_PERCENTILE, SUBSAMPLE
-from appliance.psf_planes_torch import psf_planes_batch
+from appliance.restoration.intensity import HIGH_PERCENTILE, LOW_PERCENTILE, SUBSAMPLE
+from appliance.restoration.psf_planes_torch import psf_planes_batch
 from models.blur_synth import ANISOTROPY_RANGE, FAMILIES, PHOTONS_RANGE, READ_SIGMA_RANGE
+
+if TYPE_CHECKING:
+    from models.deblur.recipe import DataConfig
 
 SUPERSAMPLE = 5
 TILTED_LEVELS = 6
@@ -39,7 +42,7 @@ REGION_GRID = 4  # region cells per patch side (the runtime's 8x8 map over a who
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """The `data:` section of a packed-data config (see models/deblur/gpu.yaml for each key)."""
+    """What the device synthesis needs of a packed-data recipe's `data:` section (models/deblur/recipe.py)."""
 
     patch: int
     margin: int
@@ -55,21 +58,14 @@ class SynthConfig:
     estimate_gain_log_sd: float
 
     @classmethod
-    def from_config(cls, data_cfg: dict[str, Any], patch: int | None = None) -> SynthConfig:
-        families = tuple(str(f) for f in data_cfg["families"])
-        unknown = [f for f in families if f not in FAMILIES]
-        if unknown:
-            raise ValueError(f"data.families: {unknown} unknown; use some of {FAMILIES}")
+    def from_data(cls, data: DataConfig, patch: int | None = None) -> SynthConfig:
+        """From the recipe's `data:` section; `patch` overrides its patch side (the validation patches)."""
         return cls(
-            patch=int(patch if patch is not None else data_cfg["patch"]), margin=int(data_cfg["margin"]),
-            batch=int(data_cfg["batch"]), families=families,
-            sigma_range=(float(data_cfg["sigma_range"][0]), float(data_cfg["sigma_range"][1])),
-            sharp_fraction=float(data_cfg["sharp_fraction"]), uint16_fraction=float(data_cfg["uint16_fraction"]),
-            noise_free_fraction=float(data_cfg.get("noise_free_fraction", 0.0)),
-            blind_fraction=float(data_cfg.get("blind_fraction", 0.2)),
-            wrong_estimate_fraction=float(data_cfg.get("wrong_estimate_fraction", 0.05)),
-            estimate_bias_px=tuple(data_cfg.get("estimate_bias_px", (0.0, 0.8))),  # type: ignore[arg-type]
-            estimate_gain_log_sd=float(data_cfg.get("estimate_gain_log_sd", 0.12)),
+            patch=patch if patch is not None else data.patch, margin=data.margin, batch=data.batch,
+            families=tuple(data.families), sigma_range=data.sigma_range, sharp_fraction=data.sharp_fraction,
+            uint16_fraction=data.uint16_fraction, noise_free_fraction=data.noise_free_fraction,
+            blind_fraction=data.blind_fraction, wrong_estimate_fraction=data.wrong_estimate_fraction,
+            estimate_bias_px=data.estimate_bias_px, estimate_gain_log_sd=data.estimate_gain_log_sd,
         )
 
     @property
@@ -204,7 +200,7 @@ def add_noise_and_quantise(
 
 
 def intensity_windows(blurred: torch.Tensor, full_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample (low, high), (B, 1, 1, 1), as `appliance.intensity.intensity_window` on the tile."""
+    """Per sample (low, high), (B, 1, 1, 1), as `appliance.restoration.intensity.intensity_window` on the tile."""
     sample = blurred[:, 0, ::SUBSAMPLE, ::SUBSAMPLE].reshape(blurred.shape[0], -1)
     q = torch.tensor([LOW_PERCENTILE / 100.0, HIGH_PERCENTILE / 100.0], device=blurred.device)
     low, high = torch.quantile(sample, q, dim=1)

@@ -12,13 +12,13 @@ Added (``noise_map=True``): a fixed, local noise-level channel (`NoiseLevelMap`)
 Without it the network hedged between noise levels: on clean tiles it smoothed like on noisy ones.
 
 Added (``psf_planes=True``, deblur v3): the blur detector's estimate as extra input planes
-(`appliance.psf_planes`: known flag, tile sigma, local sigma from the region map, astigmatism vector),
+(`appliance.restoration.psf_planes`: known flag, tile sigma, local sigma from the region map, astigmatism vector),
 concatenated to the pixels at the intro convolution. The planes are per-pixel functions of the tile
 position, so cutting them with the pixels keeps tiled inference exact; all-zero planes (known = 0) are
 the blind path, trained alongside.
 
 Input: float32 (N, 1 + n_planes, H, W): channel 0 the pixels on the scale of
-`appliance.intensity.to_model_scale`, then the planes in `PLANE_NAMES` order (none for a blind model).
+`appliance.restoration.intensity.to_model_scale`, then the planes in `PLANE_NAMES` order (none for a blind model).
 Output: float32 (N, 1, H, W). H and W must be multiples of 2 ** len(enc_blocks).
 """
 
@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from appliance.psf_planes import PLANE_NAMES
+from appliance.noise import IMMERKAER_L2_NORM, IMMERKAER_MASK
+from appliance.restoration.psf_planes import PLANE_NAMES
+
+TILE_SIDE_PX = 2400  # the MultiSEM tile the GFLOP figure is quoted for
 
 
 class LayerNorm2d(nn.Module):
@@ -97,7 +100,7 @@ class NoiseLevelMap(nn.Module):
 
     def __init__(self, window: int = 21) -> None:
         super().__init__()
-        kernel = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]) / 6.0
+        kernel = torch.from_numpy(IMMERKAER_MASK) / IMMERKAER_L2_NORM  # appliance.noise: one operator
         self.register_buffer("kernel", kernel[None, None], persistent=False)
         self.window = window
 

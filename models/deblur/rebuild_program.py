@@ -10,7 +10,6 @@ and this rebuild serve any torch (e.g. a GPU machine with an older image).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,19 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from models.deblur.export import EXPORT_TOLERANCE, WEIGHTS_DIR, export_program, max_onnx_difference
+from appliance.sidecar import DeblurSidecar
+from appliance.weights import DEBLUR_MODEL
+from models.deblur.export import EXPORT_TOLERANCE, export_program, max_onnx_difference
 from models.deblur.network import DeblurNet
-from models.deblur.train import build_model
+from models.deblur.recipe import build_model
 
 
 def network_from_onnx(onnx_path: Path) -> DeblurNet:
     """DeblurNet with the ONNX file's weights, built from the recipe in its sidecar."""
-    card = json.loads(onnx_path.with_suffix(".json").read_text(encoding="utf-8"))
-    model = build_model(card["recipe"]["model"])
+    sidecar = DeblurSidecar.for_model(onnx_path)
+    if sidecar.recipe is None:
+        raise SystemExit(f"{onnx_path.with_suffix('.json')}: no recipe to rebuild the network from")
+    model = build_model(sidecar.recipe["model"])
     weights = {init.name: torch.from_numpy(np.array(numpy_helper.to_array(init)))
                for init in onnx.load(str(onnx_path)).graph.initializer}
     state = {name: weights[name] for name in model.state_dict()}
@@ -36,7 +39,7 @@ def network_from_onnx(onnx_path: Path) -> DeblurNet:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR / "deblur.onnx")
+    parser.add_argument("--weights", type=Path, default=DEBLUR_MODEL)
     args = parser.parse_args()
     model = network_from_onnx(args.weights)
     difference = max_onnx_difference(model, args.weights)

@@ -37,42 +37,34 @@ import numpy as np
 import torch
 import yaml
 
-from models.deblur.network import DeblurNet, conv_gflop
+from models.deblur.network import TILE_SIDE_PX, DeblurNet, conv_gflop
+from models.deblur.recipe import (
+    DataConfig,
+    DeblurRecipe,
+    InitFrom,
+    TrainConfig,
+    build_model,
+    effective_recipe,
+    load_recipe,
+)
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # best.pt / last.pt must come back from a GPU machine whose per-file limit is 16 MiB: above this,
 # the checkpoint's floating-point tensors are stored in fp16.
 MAX_CHECKPOINT_BYTES = 14_500_000
-TILE_SIDE_PX = 2400  # the MultiSEM tile the GFLOP figure is quoted for
 
 
-def load_config(path: Path) -> dict[str, Any]:
-    """The training recipe as a dict (see models/deblur/config.yaml for every key)."""
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-
-
-def build_model(model_cfg: dict[str, Any]) -> DeblurNet:
-    """DeblurNet from the `model:` section of the config."""
-    return DeblurNet(
-        width=int(model_cfg["width"]),
-        enc_blocks=tuple(model_cfg["enc_blocks"]),
-        middle_blocks=int(model_cfg["middle_blocks"]),
-        dec_blocks=tuple(model_cfg["dec_blocks"]),
-        noise_map=bool(model_cfg.get("noise_map", False)),
-        psf_planes=bool(model_cfg.get("psf_planes", False)),
-    )
-
-
-def pair_kwargs(data_cfg: dict[str, Any], patch: int) -> dict[str, Any]:
+def pair_kwargs(data: DataConfig, patch: int) -> dict[str, Any]:
+    """`models.deblur.data.make_pair` arguments from the `data:` section, at patch side `patch`."""
     return {
         "patch": patch,
-        "margin": int(data_cfg["margin"]),
-        "families": list(data_cfg["families"]),
-        "sigma_range": tuple(data_cfg["sigma_range"]),
-        "sharp_fraction": float(data_cfg["sharp_fraction"]),
-        "uint16_fraction": float(data_cfg["uint16_fraction"]),
-        "noise_free_fraction": float(data_cfg.get("noise_free_fraction", 0.0)),
+        "margin": data.margin,
+        "families": list(data.families),
+        "sigma_range": data.sigma_range,
+        "sharp_fraction": data.sharp_fraction,
+        "uint16_fraction": data.uint16_fraction,
+        "noise_free_fraction": data.noise_free_fraction,
     }
 
 
@@ -91,29 +83,26 @@ def training_loss(restored: torch.Tensor, sharp: torch.Tensor, kind: str) -> tor
     raise ValueError(f"train.loss must be 'l1' or 'psnr', not {kind!r}")
 
 
-def learning_rate(step: int, cfg: dict[str, Any], minutes: float = 0.0) -> float:
+def learning_rate(step: int, cfg: TrainConfig, minutes: float = 0.0) -> float:
     """Linear warm-up, then cosine decay from lr to min_lr over the remaining steps.
 
     With `schedule: time` the decay follows whichever is further along: steps or wall-clock minutes
     (of `max_minutes`), so a time-capped run still ends at min_lr.
     """
-    lr, min_lr, warmup, steps = cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["steps"]
+    lr, min_lr, warmup, steps = cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
-    if cfg.get("schedule", "steps") == "time":
-        progress = max(progress, minutes / float(cfg["max_minutes"]))
+    if cfg.schedule == "time":
+        progress = max(progress, minutes / cfg.max_minutes)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def parent_checkpoint(init_from: dict[str, str]) -> dict[str, Any]:
-    """Checkpoint a fine-tuning stage starts from; trains the parent config first if its run is missing.
-
-    init_from: {"config": path relative to the repo root, "checkpoint": "best.pt" | "last.pt"}.
-    """
-    parent_config = REPO_ROOT / init_from["config"]
-    parent_run = RUNS_DIR / load_config(parent_config)["run_name"]
-    checkpoint = parent_run / init_from.get("checkpoint", "best.pt")
+def parent_checkpoint(init_from: InitFrom) -> dict[str, Any]:
+    """Checkpoint a fine-tuning stage starts from; trains the parent config first if its run is missing."""
+    parent_config = REPO_ROOT / init_from.config
+    parent_run = RUNS_DIR / load_recipe(parent_config).run_name
+    checkpoint = parent_run / init_from.checkpoint
     if not checkpoint.is_file():
         print(f"parent run {parent_run} missing: training {parent_config} first", flush=True)
         train(parent_config)
@@ -145,29 +134,32 @@ class DataSource:
     val: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def isbi_source(cfg: dict[str, Any], rng: np.random.Generator) -> DataSource:
+def val_seed(cfg: DeblurRecipe) -> int:
+    """The validation draw's seed: data.val_seed, else seed + 1 (a fine-tuning stage keeps its parent's)."""
+    return cfg.data.val_seed if cfg.data.val_seed is not None else cfg.seed + 1
+
+
+def isbi_source(cfg: DeblurRecipe, rng: np.random.Generator) -> DataSource:
     """The CPU stages' data: numpy pairs from the isbi2012-train splits (`models.deblur.data`)."""
     from models.deblur.data import load_images, make_batch
 
-    data_cfg = cfg["data"]
+    data = cfg.data
     train_images = load_images("train")
-    # Fixed validation set, independent of the training stream; a fine-tuning stage keeps its parent's.
-    val_rng = np.random.default_rng(int(data_cfg.get("val_seed", int(cfg["seed"]) + 1)))
+    # Fixed validation set, independent of the training stream.
+    val_rng = np.random.default_rng(val_seed(cfg))
     # Validation keeps the benchmark's noise (no noise-free examples), so every stage is scored alike.
-    val_kwargs = {**pair_kwargs(data_cfg, int(data_cfg["val_patch"])), "noise_free_fraction": 0.0}
-    val_x, val_y = make_batch(load_images("val"), val_rng, int(data_cfg["val_patches"]), **val_kwargs)
-    kwargs = pair_kwargs(data_cfg, int(data_cfg["patch"]))
+    val_kwargs = {**pair_kwargs(data, data.val_patch), "noise_free_fraction": 0.0}
+    val_x, val_y = make_batch(load_images("val"), val_rng, data.val_patches, **val_kwargs)
+    kwargs = pair_kwargs(data, data.patch)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        blurred, sharp = make_batch(train_images, rng, int(data_cfg["batch"]), **kwargs)
+        blurred, sharp = make_batch(train_images, rng, data.batch, **kwargs)
         return torch.from_numpy(blurred), torch.from_numpy(sharp)
 
     return DataSource(next_batch, {"val": (torch.from_numpy(val_x), torch.from_numpy(val_y))})
 
 
-def packed_source(
-    cfg: dict[str, Any], data_path: Path, device: torch.device, rng: np.random.Generator
-) -> DataSource:
+def packed_source(cfg: DeblurRecipe, data_path: Path, device: torch.device, rng: np.random.Generator) -> DataSource:
     """Sharp images from the packed .npz, degraded on `device` (`models.deblur.gpu_synth`).
 
     Validation: `data.val_patches` patches spread over the val-split sources (isbi 22-25 and the
@@ -178,17 +170,15 @@ def packed_source(
     from models.deblur.gpu_synth import DeviceImages, SynthConfig, make_batch
     from models.deblur.pack_data import load_packed
 
-    data_cfg = cfg["data"]
     packed = load_packed(data_path)
     train = DeviceImages([p.pixels for p in packed if p.split == "train"], device)
-    synth = SynthConfig.from_config(data_cfg)
-    generator = torch.Generator(device=device).manual_seed(int(cfg["seed"]))
-    val_synth = SynthConfig.from_config({**data_cfg, "noise_free_fraction": 0.0}, int(data_cfg["val_patch"]))
-    val_seed = int(data_cfg.get("val_seed", int(cfg["seed"]) + 1))
-    val_rng = np.random.default_rng(val_seed)
-    val_generator = torch.Generator(device=device).manual_seed(val_seed)
+    synth = SynthConfig.from_data(cfg.data)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    val_synth = SynthConfig.from_data(cfg.data.model_copy(update={"noise_free_fraction": 0.0}), cfg.data.val_patch)
+    val_rng = np.random.default_rng(val_seed(cfg))
+    val_generator = torch.Generator(device=device).manual_seed(val_seed(cfg))
     sources = sorted({p.source for p in packed if p.split == "val"})
-    per_source = max(1, int(data_cfg["val_patches"]) // max(1, len(sources)))
+    per_source = max(1, cfg.data.val_patches // max(1, len(sources)))
     val: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for source in sources:
         images = DeviceImages([p.pixels for p in packed if p.split == "val" and p.source == source], device)
@@ -205,11 +195,11 @@ def packed_source(
     return DataSource(lambda: make_batch(train, rng, generator, synth), val)
 
 
-def make_optimizer(model: DeblurNet, train_cfg: dict[str, Any], fused: bool) -> torch.optim.AdamW:
+def make_optimizer(model: DeblurNet, train_cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
     """AdamW from the `train:` section; fused (one kernel for all parameters) on CUDA."""
     return torch.optim.AdamW(
-        model.parameters(), lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]),
-        betas=tuple(train_cfg["betas"]), fused=fused or None,
+        model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+        betas=train_cfg.betas, fused=fused or None,
     )
 
 
@@ -260,34 +250,6 @@ def to_device(model: DeblurNet, device: torch.device) -> DeblurNet:
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def effective_config(
-    config_path: Path, data_path: Path | None, max_minutes: float | None, device: str | None
-) -> dict[str, Any]:
-    """The config file with the command line's overrides applied (recorded in the run's config.yaml)."""
-    cfg = load_config(config_path)
-    cfg["device"] = device or cfg.get("device", "cpu")
-    if cfg["device"] not in ("cpu", "cuda"):
-        raise ValueError(f"device: {cfg['device']!r}; use 'cpu' or 'cuda'")
-    cfg = merge_overrides(cfg, cfg.pop("cpu_overrides", None) if cfg["device"] == "cpu" else None)
-    cfg.pop("cpu_overrides", None)
-    if data_path is not None:
-        cfg["data"]["packed"] = str(data_path)
-    if max_minutes is not None:
-        cfg["train"]["max_minutes"] = float(max_minutes)
-    return cfg
-
-
-def merge_overrides(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """`base` with the nested keys of `overrides` replaced (e.g. gpu.yaml's `cpu_overrides`)."""
-    merged = dict(base)
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_overrides(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def train(
     config_path: Path,
     device: str | None = None,
@@ -297,51 +259,51 @@ def train(
 ) -> Path:
     """Run the recipe; returns the run directory. Arguments override the config (see `main`)."""
     started = time.monotonic()
-    cfg = effective_config(config_path, data_path, max_minutes, device)
-    torch_device = torch.device(cfg["device"])
+    cfg = effective_recipe(config_path, data_path, max_minutes, device)
+    recorded = cfg.as_dict()  # every effective value, kept with the run, its checkpoints and the export
+    torch_device = torch.device(cfg.device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
-    torch.set_num_threads(int(cfg["threads"]))
-    torch.manual_seed(int(cfg["seed"]))
-    rng = np.random.default_rng(int(cfg["seed"]))
-    data_cfg, train_cfg = cfg["data"], cfg["train"]
-    run_dir = Path(out_dir if out_dir is not None else RUNS_DIR) / cfg["run_name"]
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    data_cfg, train_cfg = cfg.data, cfg.train
+    run_dir = Path(out_dir if out_dir is not None else RUNS_DIR) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False), encoding="utf-8")
 
-    model = build_model(cfg["model"])
-    init_from = cfg.get("init_from")
-    if init_from:
-        load_parent_weights(model, parent_checkpoint(init_from)["model"])
+    model = build_model(cfg.model)
+    if cfg.init_from is not None:
+        load_parent_weights(model, parent_checkpoint(cfg.init_from)["model"])
     size = {"parameters": sum(p.numel() for p in model.parameters()),
             "gflop_per_2400_tile": round(conv_gflop(model, TILE_SIDE_PX, TILE_SIDE_PX), 1)}
     print(json.dumps(size), flush=True)
     model = to_device(model, torch_device)
     amp = device_setup(torch_device)
 
-    if data_cfg.get("source", "isbi") == "packed":
-        if not data_cfg.get("packed"):
+    if data_cfg.source == "packed":
+        if not data_cfg.packed:
             raise ValueError("data.source: packed needs the packed file: pass --data PATH.npz (pack_data.py)")
-        source = packed_source(cfg, Path(data_cfg["packed"]), torch_device, rng)
+        source = packed_source(cfg, Path(data_cfg.packed), torch_device, rng)
     else:
         source = isbi_source(cfg, rng)
     val_input_psnr = float(psnr_model_scale(source.val["val"][0][:, :1], source.val["val"][1]).mean())
-    val_chunk = int(data_cfg.get("val_chunk", data_cfg["batch"]))
+    val_chunk = data_cfg.val_chunk or data_cfg.batch
 
     optimizer = make_optimizer(model, train_cfg, fused=torch_device.type == "cuda")
     optimizer_kind = "adamw-fused" if torch_device.type == "cuda" else "adamw"
     history: list[dict[str, float]] = []
     best_psnr, stopped_early = -math.inf, False
-    steps = int(train_cfg["steps"])
-    loss_kind = str(train_cfg.get("loss", "l1"))
-    cap_minutes = float(train_cfg["max_minutes"])
+    steps = train_cfg.steps
+    loss_kind = train_cfg.loss
+    cap_minutes = train_cfg.max_minutes
     loop_started = time.monotonic()
     step = 0
 
     def summary() -> dict[str, Any]:
         elapsed = time.monotonic() - loop_started
         return {
-            "config": cfg, "steps_done": step + 1, "stopped_by_time_cap": stopped_early,
+            "config": recorded, "steps_done": step + 1, "stopped_by_time_cap": stopped_early,
             "val_input_psnr": val_input_psnr, "best_val_psnr": best_psnr, "history": history,
             "minutes": round((time.monotonic() - started) / 60.0, 3),
             "seconds_per_step": round(elapsed / (step + 1), 4), **size,
@@ -363,7 +325,7 @@ def train(
         loss = training_loss(restored.float(), sharp, loss_kind)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(train_cfg["grad_clip"]))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         try:
             optimizer.step()
         except RuntimeError as exc:
@@ -378,7 +340,7 @@ def train(
             optimizer_kind = f"adamw-foreach (fused failed: {exc})"
         minutes = (time.monotonic() - started) / 60.0
         last_step = step == steps - 1 or minutes >= cap_minutes
-        if (step + 1) % int(train_cfg["val_every"]) == 0 or last_step:
+        if (step + 1) % train_cfg.val_every == 0 or last_step:
             scores = {name: evaluate(model, x, y, val_chunk, amp) for name, (x, y) in source.val.items()}
             record = {"step": step + 1, "minutes": round(minutes, 3), "train_loss": float(loss.detach()),
                       "val_psnr": scores["val"], "val_gain_db": scores["val"] - val_input_psnr,
@@ -387,7 +349,7 @@ def train(
             history.append(record)
             print(json.dumps(record), flush=True)
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            checkpoint = {"model": state, "config": cfg, "step": step + 1, "val_psnr": scores["val"]}
+            checkpoint = {"model": state, "config": recorded, "step": step + 1, "val_psnr": scores["val"]}
             data = checkpoint_bytes(checkpoint)
             write_atomic(run_dir / "last.pt", data)
             if scores["val"] > best_psnr:

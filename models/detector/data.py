@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from appliance.detection.patches import PATCH
+from models.detector.recipe import PatchDataConfig
 from models.blur_synth import (
     BlurParams,
     load_image,
@@ -26,8 +28,6 @@ from models.blur_synth import (
     tilted_sigma_map,
     to_unit_float,
 )
-
-PATCH = 64
 
 
 @dataclass(frozen=True)
@@ -44,37 +44,37 @@ class PatchSet:
         return self.patches.astype(np.float32) / 65535.0
 
 
-def _augment_content(image: np.ndarray, rng: np.random.Generator, cfg: dict) -> np.ndarray:
+def _augment_content(image: np.ndarray, rng: np.random.Generator, cfg: PatchDataConfig) -> np.ndarray:
     """Float [0, 1] image -> flipped, downscaled, contrast/brightness-changed or blanked copy."""
     image = np.rot90(image, int(rng.integers(4)))
     if rng.random() < 0.5:
         image = image[:, ::-1]
-    scale = rng.uniform(*cfg["scale_range"])
+    scale = rng.uniform(*cfg.scale_range)
     if scale < 0.99:
         size = max(PATCH * 2, int(round(image.shape[0] * scale)))
         image = cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=cv2.INTER_AREA)
     level = rng.uniform(0.05, 0.95)
-    if rng.random() < cfg["p_blank"]:
+    if rng.random() < cfg.p_blank:
         # Blank resin / empty field: a faint, smooth background with no structure to focus on.
         field = cv2.GaussianBlur(rng.normal(0, 1, image.shape).astype(np.float32), (0, 0), 40.0)
         return np.clip(level + 0.5 * field / (np.abs(field).max() + 1e-6) * rng.uniform(0, 0.05), 0, 1)
-    lo, hi = cfg["contrast_range"]
+    lo, hi = cfg.contrast_range
     contrast = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     out = level + contrast * (image - image.mean())
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def render_patches(sharp: np.ndarray, rng: np.random.Generator, cfg: dict) -> PatchSet:
-    """One rendering of one sharp uint8 image -> cfg['patches_per_image'] labelled patches."""
+def render_patches(sharp: np.ndarray, rng: np.random.Generator, cfg: PatchDataConfig) -> PatchSet:
+    """One rendering of one sharp uint8 image -> cfg.patches_per_image labelled patches."""
     content = _augment_content(to_unit_float(sharp), rng, cfg)
     params: BlurParams | None = None
-    if rng.random() >= cfg["p_sharp"]:
-        params = sample_blur(rng, sigma_range=tuple(cfg["sigma_range"]))
-    dtype = np.uint16 if rng.random() < cfg["p_uint16"] else np.uint8
+    if rng.random() >= cfg.p_sharp:
+        params = sample_blur(rng, sigma_range=tuple(cfg.sigma_range))
+    dtype = np.uint16 if rng.random() < cfg.p_uint16 else np.uint8
     tile = synthesize(quantize(content, np.uint16), params, rng, noise=True, dtype=dtype)
     if tile.dtype == np.uint8:
         tile = tile.astype(np.uint16) * 257  # one scale for storage; the net sees [0, 1] either way
-    n = cfg["patches_per_image"]
+    n = cfg.patches_per_image
     h, w = tile.shape
     ys = rng.integers(0, h - PATCH + 1, n)
     xs = rng.integers(0, w - PATCH + 1, n)
@@ -94,7 +94,7 @@ def render_patches(sharp: np.ndarray, rng: np.random.Generator, cfg: dict) -> Pa
     return PatchSet(patches, sigma, aniso, angle, astig)
 
 
-def build_patch_set(split: str, renderings: int, seed: int, cfg: dict) -> PatchSet:
+def build_patch_set(split: str, renderings: int, seed: int, cfg: PatchDataConfig) -> PatchSet:
     """`renderings` renderings spread over the split's images, each seeded by (seed, index)."""
     images = [load_image(p) for p in load_split(split)]  # type: ignore[arg-type]
     parts = []
@@ -104,9 +104,9 @@ def build_patch_set(split: str, renderings: int, seed: int, cfg: dict) -> PatchS
     return PatchSet(*(np.concatenate([getattr(p, f) for p in parts]) for f in PatchSet.__dataclass_fields__))
 
 
-def cached_patch_set(split: str, renderings: int, seed: int, cfg: dict, cache_dir: Path) -> PatchSet:
+def cached_patch_set(split: str, renderings: int, seed: int, cfg: PatchDataConfig, cache_dir: Path) -> PatchSet:
     """build_patch_set, cached as .npz in cache_dir (rebuilding takes minutes on 2 cores)."""
-    digest = hashlib.sha1(repr(sorted(cfg.items())).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(repr(sorted(cfg.model_dump().items())).encode()).hexdigest()[:10]
     key = f"{split}-{renderings}-{seed}-{digest}.npz"
     path = cache_dir / key
     if path.is_file():

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.detector.net import OUTPUTS, BlurNet
-from models.detector.train import LOG_OFFSET
-
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "appliance" / "weights"
-PATCH = 64
+from appliance.detection.patches import PATCH
+from appliance.sidecar import DetectorSidecar
+from appliance.weights import BLUR_DETECTOR_MODEL, WEIGHTS_DIR
+from models.detector.network import LOG_OFFSET, OUTPUTS, BlurNet
+from models.detector.recipe import build_blurnet
 
 
 def load_checkpoint(checkpoint: Path) -> BlurNet:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model = BlurNet(tuple(state["config"]["model"]["widths"]))
+    model = build_blurnet(state["config"]["model"])
     model.load_state_dict(state["state_dict"])
     return model.eval()
 
@@ -36,7 +35,7 @@ def export(checkpoint: Path, out_dir: Path = WEIGHTS_DIR) -> Path:
 
     model = load_checkpoint(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / "blur_detector.onnx"
+    onnx_path = out_dir / BLUR_DETECTOR_MODEL.name
     example = torch.rand(4, 1, PATCH, PATCH)
     torch.onnx.export(
         model, (example,), str(onnx_path), input_names=["patches"], output_names=["estimates"],
@@ -44,24 +43,30 @@ def export(checkpoint: Path, out_dir: Path = WEIGHTS_DIR) -> Path:
     )
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:8]
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    meta = {
-        "model_version": f"blurnet-v1-{digest}",
-        "patch": PATCH,
-        "input": "patches float32 (N, 1, 64, 64) in [0, 1] (pixel / dtype max)",
-        "outputs": list(OUTPUTS),
-        "log_offset": LOG_OFFSET,
-        "epoch": state["epoch"],
-        "train_config": state["config"],
-    }
-    onnx_path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    sidecar = DetectorSidecar(
+        model_version=f"blurnet-v1-{digest}",
+        patch=PATCH,
+        input=f"patches float32 (N, 1, {PATCH}, {PATCH}) in [0, 1] (pixel / dtype max)",
+        outputs=list(OUTPUTS),
+        log_offset=LOG_OFFSET,
+        epoch=state["epoch"],
+        train_config=state["config"],
+        intrinsic_c2=_previous_c2(onnx_path.with_suffix(".json")),
+    )  # sigma_calibration (and a refitted intrinsic_c2): written by calibrate.py
+    sidecar.write(onnx_path.with_suffix(".json"))
     # The runtime trusts this file: prove it computes what the torch model computes.
     x = np.random.default_rng(0).random((16, 1, PATCH, PATCH), dtype=np.float32)
     got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"patches": x})[0]
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
-    print(f"exported {onnx_path} ({onnx_path.stat().st_size} bytes), {meta['model_version']}")
+    print(f"exported {onnx_path} ({onnx_path.stat().st_size} bytes), {sidecar.model_version}")
     return onnx_path
+
+
+def _previous_c2(sidecar_path: Path) -> float | None:
+    """The PSF-shape constant of the sidecar being replaced (calibrate.py refits it); None for a first export."""
+    return DetectorSidecar.load(sidecar_path).intrinsic_c2 if sidecar_path.is_file() else None
 
 
 def main() -> None:

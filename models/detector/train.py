@@ -18,12 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from models.detector.data import PatchSet, cached_patch_set
-from models.detector.net import BlurNet
-
-LOG_OFFSET = 0.5  # target = log(sigma + LOG_OFFSET); the runtime inverts the same offset
+from models.detector.network import LOG_OFFSET, BlurNet
+from models.detector.recipe import build_blurnet, load_detector_recipe
 
 
 def targets(data: PatchSet) -> dict[str, torch.Tensor]:
@@ -85,29 +83,29 @@ def evaluate(model: BlurNet, x: torch.Tensor, t: dict[str, torch.Tensor], weight
 
 
 def train(config_path: Path) -> Path:
-    cfg = yaml.safe_load(config_path.read_text())
-    seed, tcfg, dcfg = int(cfg["seed"]), cfg["train"], cfg["data"]
+    recipe = load_detector_recipe(config_path)
+    seed, tcfg, dcfg = recipe.seed, recipe.train, recipe.data
     torch.manual_seed(seed)
-    torch.set_num_threads(int(tcfg["threads"]))
-    out_dir = Path(cfg["out_dir"])
+    torch.set_num_threads(tcfg.threads)
+    out_dir = Path(recipe.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir.parent / "cache"
 
     t0 = time.time()
-    train_set = cached_patch_set("train", dcfg["train_renderings"], seed, dcfg, cache)
-    val_set = cached_patch_set("val", dcfg["val_images"], seed + 1, dcfg, cache)
+    train_set = cached_patch_set("train", dcfg.train_renderings, seed, dcfg, cache)
+    val_set = cached_patch_set("val", dcfg.val_images, seed + 1, dcfg, cache)
     print(f"data: {len(train_set.sigma)} train / {len(val_set.sigma)} val patches in {time.time() - t0:.0f}s")
     x_train = torch.from_numpy(train_set.as_unit_float()[:, None])
     x_val = torch.from_numpy(val_set.as_unit_float()[:, None])
     t_train, t_val = targets(train_set), targets(val_set)
 
-    model = BlurNet(tuple(cfg["model"]["widths"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
-    epochs, bs = int(tcfg["epochs"]), int(tcfg["batch_size"])
+    model = build_blurnet(recipe.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    epochs, bs = tcfg.epochs, tcfg.batch_size
     steps = epochs * math.ceil(len(x_train) / bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg["lr"], total_steps=steps, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(seed)
-    weights = {k: float(tcfg[k]) for k in ("mse_weight", "aniso_weight", "angle_weight")}
+    weights = {k: float(getattr(tcfg, k)) for k in ("mse_weight", "aniso_weight", "angle_weight")}
     log, best = [], math.inf
     for epoch in range(epochs):
         model.train()
@@ -131,7 +129,7 @@ def train(config_path: Path) -> Path:
         print(json.dumps(entry), flush=True)
         if val["loss"] < best:
             best = val["loss"]
-            torch.save({"state_dict": model.state_dict(), "config": cfg, "epoch": epoch}, out_dir / "best.pt")
+            torch.save({"state_dict": model.state_dict(), "config": recipe.as_dict(), "epoch": epoch}, out_dir / "best.pt")
     (out_dir / "log.json").write_text(json.dumps(log, indent=2))
     return out_dir / "best.pt"
 
@@ -143,10 +141,10 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = train(args.config)
     if not args.no_export:
-        from models.detector.calibrate import calibrate
+        from models.detector.calibrate import calibrate_all
         from models.detector.export import export
 
-        calibrate(export(checkpoint))
+        calibrate_all(export(checkpoint))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,216 @@
+"""Runtime blur detector: per tile a blur score, a label, a PSF estimate and a coarse region map.
+
+A tile is judged from patches sampled at native resolution (never downscaled: focus lives in the finest
+detail): the tile is split into a GRID x GRID grid of cells and PATCH x PATCH patches are cut from each
+cell. A backend estimates, for every patch, the blur sigma (px) and a reliability weight (blank resin
+or noise-only patches say little about focus). The same aggregation then turns patch estimates into the
+tile's verdict, so backends are interchangeable:
+
+- region map: reliability-weighted mean of log-sigma per cell, smoothed over 3x3 cells;
+- PSF shape: anisotropy and major-axis angle from the blurred patches' structure tensors (psf_shape.py);
+- tile sigma (major axis): the worse of the whole-tile mean and the worst reliable region (catches a
+  tilted section), times sqrt(anisotropy) (backends read an elliptical PSF's geometric-mean sigma);
+- label: sigma <= sharp_sigma_px -> sharp; <= max_restorable_sigma_px -> soft; else retake (with reason);
+  too little reliable structure -> retake ("not judgeable").
+
+Backends (`backends.py`): `onnx` (learned CNN, `appliance/weights/blur_detector.onnx`, ONNX Runtime, CUDA
+provider when available) and `classical` (re-blur gradient ratio, Zhuo & Sim 2011, calibrated on the
+training split); patch sampling: `patches.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from appliance.config import DetectorConfig
+from appliance.detection.backends import ClassicalBackend, OnnxBackend, PatchBackend, PatchEstimates
+from appliance.detection.patches import GRID, extract_patches
+from appliance.detection.psf_shape import psf_shape, structure_tensors
+from appliance.messages import BlurAssessment, TileLabel
+from appliance.sidecar import DetectorSidecar, SidecarError
+from appliance.tile_io import check_tile_pixels
+from appliance.weights import BLUR_DETECTOR_MODEL
+
+# blur_score = tanh(sigma / SCORE_SCALE_PX): 0 = sharp, 0.32 at 1 px, 0.76 at 3 px, 0.96 at 6 px.
+SCORE_SCALE_PX = 3.0
+# Below this share of reliable patches (in patch-equivalents) a tile cannot be judged.
+MIN_RELIABLE_FRACTION = 0.05
+_LOG_OFFSET = 0.5  # sigma is averaged as log(sigma + offset) so 0 px is finite
+
+
+def blur_score_from_sigma(sigma_px: float | np.ndarray) -> float | np.ndarray:
+    """Map a blur sigma (px, >= 0) to the blur score in [0, 1) (0 = sharp)."""
+    return np.tanh(np.maximum(sigma_px, 0.0) / SCORE_SCALE_PX)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aggregation: patch estimates -> region map -> tile verdict
+
+
+def _box3(grid: np.ndarray) -> np.ndarray:
+    padded = np.pad(grid, 1)
+    return sum(padded[i : i + GRID, j : j + GRID] for i in range(3) for j in range(3))
+
+
+@dataclass(frozen=True)
+class _TileEstimate:
+    sigma_px: float
+    global_sigma_px: float
+    region_sigma: np.ndarray  # (GRID, GRID)
+    worst_cell: tuple[int, int]
+    best_sigma_px: float
+    reliable_fraction: float
+    anisotropy: float
+    angle_deg: float
+
+
+def aggregate(
+    est: PatchEstimates, cells: np.ndarray, tensors: np.ndarray, min_weight: float, c2: float
+) -> _TileEstimate:
+    """Combine one tile's patch estimates into region map, sigma and PSF shape.
+
+    cells: each patch's cell index (N,); tensors: psf_shape.structure_tensors of the patches (N, 3);
+    c2: the PSF-shape constant of the backend's sidecar (px^2).
+    Backends read an elliptical PSF as its geometric-mean sigma; the reported sigma is the major axis.
+    """
+    logs = np.log(est.sigma_px + _LOG_OFFSET)
+    w = est.weight
+    cell_w = np.bincount(cells, weights=w, minlength=GRID * GRID).reshape(GRID, GRID)
+    cell_wl = np.bincount(cells, weights=w * logs, minlength=GRID * GRID).reshape(GRID, GRID)
+    total_w = float(w.sum())
+    global_log = float((w * logs).sum() / total_w) if total_w > 0 else math.log(_LOG_OFFSET)
+    smooth_w, smooth_wl = _box3(cell_w), _box3(cell_wl)
+    region_log = np.where(smooth_w > 0, smooth_wl / np.maximum(smooth_w, 1e-300), global_log)
+    region_sigma = np.maximum(np.exp(region_log) - _LOG_OFFSET, 0.0)
+    # Only regions backed by enough reliable patches may raise the tile's verdict.
+    trusted = smooth_w >= 3.0 * min_weight
+    global_sigma = max(math.exp(global_log) - _LOG_OFFSET, 0.0)
+    if trusted.any():
+        masked = np.where(trusted, region_sigma, -1.0)
+        worst = np.unravel_index(int(np.argmax(masked)), masked.shape)
+        worst_sigma = float(masked[worst])
+        best_sigma = float(np.where(trusted, region_sigma, np.inf).min())
+    else:
+        worst, worst_sigma, best_sigma = (0, 0), global_sigma, global_sigma
+    # Shape only from clearly blurred patches: a sharp patch's gradients show content, not the PSF.
+    blurred = w * (est.sigma_px > 1.0) * (np.abs(tensors).sum(axis=1) > 0)
+    if blurred.sum() >= 3.0 * min_weight:
+        anisotropy, angle = psf_shape(tensors, blurred, global_sigma, c2)
+    else:  # too few blurred patches with structure to read a PSF shape from
+        anisotropy, angle = 1.0, 0.0
+    return _TileEstimate(
+        sigma_px=max(global_sigma, worst_sigma) * math.sqrt(anisotropy),
+        global_sigma_px=global_sigma,
+        region_sigma=region_sigma,
+        worst_cell=(int(worst[0]), int(worst[1])),
+        best_sigma_px=best_sigma,
+        reliable_fraction=float(cell_w.sum() / max(len(w), 1) / max(min_weight, 1e-12)),
+        anisotropy=anisotropy,
+        angle_deg=angle,
+    )
+
+
+class BlurDetector:
+    """Judges tiles: blur score, label (sharp / soft / retake), PSF estimate and region map."""
+
+    def __init__(self, backend: PatchBackend, cfg: DetectorConfig, per_cell: int = 1) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self.per_cell = per_cell
+        self.model_version: str = backend.model_version
+        # A patch with this weight counts as one fully reliable patch-equivalent.
+        self._unit_weight = 1.0 if isinstance(backend, ClassicalBackend) else _ONNX_UNIT_WEIGHT
+        if backend.intrinsic_c2 is None:
+            raise SidecarError(
+                f"detector backend {backend.model_version}: its sidecar has no intrinsic_c2; "
+                f"{DetectorSidecar.rewrite_hint}"
+            )
+        self._c2 = backend.intrinsic_c2
+
+    @classmethod
+    def from_config(cls, cfg: DetectorConfig) -> BlurDetector:
+        """Build the backend named by cfg.backend (`auto`: bundled learned model if present)."""
+        model_path = Path(cfg.model_path) if cfg.model_path is not None else BLUR_DETECTOR_MODEL
+        # auto falls back only when no model was asked for: a missing configured model is an error.
+        fallback = cfg.model_path is None and not model_path.is_file()
+        if cfg.backend == "classical" or (cfg.backend == "auto" and fallback):
+            return cls(ClassicalBackend(), cfg)
+        if not model_path.is_file():
+            raise FileNotFoundError(
+                f"detector.model_path: {model_path} does not exist; point it at an ONNX file or use "
+                "detector.backend: classical"
+            )
+        return cls(OnnxBackend(model_path, intra_op_threads=cfg.inference_threads), cfg)
+
+    def assess(self, tiles: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[BlurAssessment]:
+        """Judge a batch of 2-D uint8/uint16 tiles (any size >= 32 px); raises TileError on bad input."""
+        names = list(names) if names is not None else [f"tile[{i}]" for i in range(len(tiles))]
+        if len(names) != len(tiles):
+            raise ValueError(f"assess: {len(tiles)} tiles but {len(names)} names")
+        for tile, name in zip(tiles, names, strict=True):
+            check_tile_pixels(tile, name)
+        if not tiles:
+            return []
+        cut = [extract_patches(np.asarray(t), self.per_cell) for t in tiles]
+        all_patches = np.concatenate([p for p, _ in cut])
+        estimates = self.backend.estimate(all_patches)
+        tensors = structure_tensors(all_patches)
+        results, start = [], 0
+        for patches, cells in cut:
+            stop = start + len(patches)
+            part = PatchEstimates(*(getattr(estimates, f)[start:stop] for f in PatchEstimates.__dataclass_fields__))
+            results.append(self._verdict(aggregate(part, cells, tensors[start:stop], self._unit_weight, self._c2)))
+            start = stop
+        return results
+
+    def _verdict(self, est: _TileEstimate) -> BlurAssessment:
+        cfg = self.cfg
+        label: TileLabel
+        reason = ""
+        if est.reliable_fraction < MIN_RELIABLE_FRACTION:
+            label = "retake"
+            reason = (
+                "not judgeable: almost no structure above the noise (blank resin, beam off, or blurred "
+                "beyond recognition)"
+            )
+        elif est.sigma_px <= cfg.sharp_sigma_px:
+            label = "sharp"
+        elif est.sigma_px <= cfg.max_restorable_sigma_px:
+            label = "soft"
+        else:
+            label = "retake"
+            r, c = est.worst_cell
+            if est.best_sigma_px <= cfg.max_restorable_sigma_px:
+                reason = (
+                    f"partial blur: region row {r} col {c} of the {GRID}x{GRID} map has blur sigma "
+                    f"~{est.sigma_px:.1f} px (restorable up to {cfg.max_restorable_sigma_px:g} px) while "
+                    f"the best region has ~{est.best_sigma_px:.1f} px: tilted or non-flat section?"
+                )
+            else:
+                reason = (
+                    f"blur sigma ~{est.sigma_px:.1f} px exceeds the restorable limit "
+                    f"{cfg.max_restorable_sigma_px:g} px (detector.max_restorable_sigma_px): refocus"
+                )
+        regions = blur_score_from_sigma(est.region_sigma)
+        # An unjudgeable tile scores 1.0: it must not pass as sharp whatever its estimate says.
+        score = 1.0 if reason.startswith("not judgeable") else float(blur_score_from_sigma(est.sigma_px))
+        return BlurAssessment(
+            blur_score=round(score, 4),
+            label=label,
+            sigma_px=round(est.sigma_px, 3),
+            anisotropy=round(est.anisotropy, 3),
+            angle_deg=round(est.angle_deg, 1),
+            region_scores=[[round(float(v), 4) for v in row] for row in regions],
+            reason=reason,
+            model_version=self.model_version,
+        )
+
+
+# The learned model's weight is 1/variance of log-sigma; a patch whose log-sigma is known to +-0.3
+# (about +-35 % in sigma) counts as one reliable patch.
+_ONNX_UNIT_WEIGHT = 1.0 / 0.3**2

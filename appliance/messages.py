@@ -1,0 +1,79 @@
+"""What the parts of the appliance hand each other about one tile (plain data, no I/O).
+
+In the order a tile meets them: the detector's verdict (`BlurAssessment`, Serve "BlurDetectorDeployment"
+-> ingest, deblur, sink, CLI), a restored tile (`RestoredTile`, Serve "DeblurDeployment" -> ingest) and
+what the ingest learned (`TileOutcome`, ingest -> sink). The sink turns a TileOutcome into the QC record
+(`appliance.qc_record`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # only names: the detector and the offline tools need neither Ray nor the wire protocol
+    import ray
+
+    from appliance.stream.protocol import TileHeader
+
+TileLabel = Literal["sharp", "soft", "retake"]
+TILE_LABELS: tuple[TileLabel, ...] = ("sharp", "soft", "retake")
+
+
+@dataclass(frozen=True)
+class BlurAssessment:
+    """Focus verdict for one tile.
+
+    blur_score: 0 = sharp ... 1 = very blurred.
+    label: `sharp` (write as is) | `soft` (restore with the deblur model) | `retake` (beyond repair or
+        not judgeable; flagged to the controller).
+    sigma_px: estimated blur as the Gaussian-equivalent PSF sigma in pixels (major axis).
+    anisotropy: sigma_major / sigma_minor (1.0 = isotropic defocus, > 1 = astigmatism).
+    angle_deg: orientation of the major axis, degrees in [0, 180).
+    region_scores: coarse grid (rows of floats, e.g. 8x8) of blur_score per region, to catch partial blur.
+    reason: why the label is `retake` ("" otherwise), in words an operator understands.
+    model_version: which detector produced this (recorded in the QC record).
+    """
+
+    blur_score: float
+    label: TileLabel
+    sigma_px: float
+    anisotropy: float = 1.0
+    angle_deg: float = 0.0
+    region_scores: list[list[float]] = field(default_factory=list)
+    reason: str = ""
+    model_version: str = ""
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain dict for JSON/msgpack (QC record, CLI output)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RestoredTile:
+    """A restored tile left in the object store: the caller hands `pixels_ref` on without copying it.
+
+    replica: which replica restored it; busy_s: its share of that replica's batch time (s), so the
+    shares summed per replica are the replica's compute time (utilisation in the metrics).
+    """
+
+    pixels_ref: ray.ObjectRef
+    model_version: str
+    replica: str = ""
+    busy_s: float = 0.0
+
+
+@dataclass
+class TileOutcome:
+    """What the ingest learned about one tile, handed to the sink with the pixels.
+
+    timings_s: seconds per stage the ingest timed (detect_s, deblur_s); failure: why processing failed
+    ("" = it did not; the tile is then written as acquired).
+    """
+
+    header: TileHeader
+    t_received: float
+    assessment: BlurAssessment | None = None
+    deblur_version: str = ""
+    failure: str = ""
+    timings_s: dict[str, float] = field(default_factory=dict)

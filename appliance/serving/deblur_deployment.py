@@ -1,0 +1,41 @@
+"""Ray Serve deployment of the deblur model: batches of soft tiles in, restored tiles out."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import ray
+from ray import serve
+
+from appliance.config import DeblurConfig
+from appliance.messages import BlurAssessment, RestoredTile
+from appliance.restoration.restorer import TileRestorer
+
+
+@serve.deployment  # name = class name (Ray Serve convention)
+class DeblurDeployment:
+    """Wraps one TileRestorer per replica (loaded once); concurrent calls are batched by Serve."""
+
+    def __init__(self, cfg: DeblurConfig) -> None:
+        self._restorer = TileRestorer.from_config(cfg)
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self.restore_batch.set_max_batch_size(cfg.max_batch_size)
+        self.restore_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch
+    async def restore_batch(
+        self, tiles: list[np.ndarray], assessments: list[BlurAssessment]
+    ) -> list[RestoredTile]:
+        t0 = time.perf_counter()
+        restored = self._restorer.restore(tiles, assessments)
+        share_s = (time.perf_counter() - t0) / len(tiles)
+        version = self._restorer.model_version
+        return [RestoredTile(ray.put(pixels), version, self._replica, share_s) for pixels in restored]
+
+    async def __call__(self, tile: np.ndarray, assessment: BlurAssessment) -> RestoredTile:
+        """tile: (H, W) uint8/uint16 (ObjectRef resolved by Ray); returns same shape and dtype."""
+        return await self.restore_batch(tile, assessment)
+
+    def model_version(self) -> str:
+        return self._restorer.model_version

@@ -1,0 +1,145 @@
+"""Wires ingest -> Serve detector/deblur -> sink on a Ray cluster; start, drain and stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.schema import LoggingConfig
+
+from appliance.config import RigConfig
+from appliance.operator.metrics_endpoint import SCRAPE_TIMEOUT_S, HostMetrics, MetricsEndpoint
+from appliance.operator.report_figures import Thresholds
+from appliance.serving.blur_detector_deployment import BlurDetectorDeployment
+from appliance.serving.deblur_deployment import DeblurDeployment
+from appliance.stream.ingest import IngestActor
+from appliance.stream.sink import SinkActor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RAY_LOG_DIR = "/tmp/ray/session_latest/logs"
+DETECTOR_APP = "blur-detector"
+DEBLUR_APP = "deblur"
+# Per-request access logs at 25 tiles/s would drown the rig's log; warnings and errors still show.
+SERVE_LOGGING = LoggingConfig(log_level="WARNING", enable_access_log=False)
+
+
+@dataclass(frozen=True)
+class RunningEndpoints:
+    """Where the running appliance listens (wildcard ports resolved) and writes."""
+
+    tile: str
+    feedback: str
+    output_dir: str
+    metrics: str | None = None  # http://host:port/metrics, None when metrics.enabled is false
+
+
+class Appliance:
+    """One appliance on one Ray cluster. Use `start()`, then `drain_and_stop()` (also on signals).
+
+    ray_logs_to_terminal: forward Ray's worker and raylet output to this process's stderr (--verbose);
+    otherwise it stays in Ray's session log files (`ray_log_dir`).
+    """
+
+    def __init__(self, cfg: RigConfig, ray_logs_to_terminal: bool = False) -> None:
+        self.cfg = cfg
+        self._ray_logs_to_terminal = ray_logs_to_terminal
+        self._owns_ray = False
+        self._ingest: Any = None
+        self._sink: Any = None
+        self._metrics: MetricsEndpoint | None = None
+        self.endpoints: RunningEndpoints | None = None
+
+    def start(self) -> RunningEndpoints:
+        """Start Ray (local unless configured), deploy both models, bind the sockets."""
+        self._init_ray()
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        # No HTTP proxy: tiles arrive over ZeroMQ only.
+        serve.start(proxy_location="Disabled", logging_config=SERVE_LOGGING)
+        detector = serve.run(
+            BlurDetectorDeployment.options(**self.cfg.detector.deployment_options(), logging_config=SERVE_LOGGING)
+            .bind(self.cfg.detector),
+            name=DETECTOR_APP, route_prefix=None,
+        )
+        deblur = serve.run(
+            DeblurDeployment.options(**self.cfg.deblur.deployment_options(), logging_config=SERVE_LOGGING)
+            .bind(self.cfg.deblur),
+            name=DEBLUR_APP, route_prefix=None,
+        )
+        thresholds = Thresholds(self.cfg.detector.sharp_sigma_px, self.cfg.detector.max_restorable_sigma_px)
+        self._sink = SinkActor.remote(self.cfg.output, self.cfg.ingest.feedback_endpoint, thresholds)
+        sink_info = ray.get(self._sink.endpoints.remote())
+        self._ingest = IngestActor.remote(self.cfg.ingest, detector, deblur, self._sink)
+        tile_endpoint = ray.get(self._ingest.start.remote())
+        metrics_url = self._start_metrics(sink_info["output_dir"]) if self.cfg.metrics.enabled else None
+        self.endpoints = RunningEndpoints(tile_endpoint, sink_info["feedback"], sink_info["output_dir"], metrics_url)
+        log.info("appliance %s listening: tiles %s, feedback %s, output %s, metrics %s", self.cfg.rig_name,
+                 self.endpoints.tile, self.endpoints.feedback, self.endpoints.output_dir, metrics_url)
+        return self.endpoints
+
+    def _start_metrics(self, output_dir: str) -> str:
+        host = HostMetrics(Path(output_dir), {BlurDetectorDeployment.name: self.cfg.detector.num_replicas,
+                                              DeblurDeployment.name: self.cfg.deblur.num_replicas})
+        ingest, sink = self._ingest, self._sink
+
+        def collect() -> bytes:
+            texts = ray.get([ingest.metrics_text.remote(), sink.metrics_text.remote()], timeout=SCRAPE_TIMEOUT_S)
+            return b"".join([*texts, host.exposition()])
+
+        self._metrics = MetricsEndpoint(*self.cfg.metrics.host_port, collect)
+        return self._metrics.start()
+
+    @staticmethod
+    def ray_log_dir() -> str:
+        """Where Ray writes its own logs for this session (workers, raylet, Serve)."""
+        try:  # no public API for it in Ray 2.60
+            return str(ray._private.worker._global_node.get_logs_dir_path())
+        except AttributeError:
+            return DEFAULT_RAY_LOG_DIR
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters of the ingest (received, in flight, retries) and the sink (by outcome)."""
+        return {"ingest": ray.get(self._ingest.stats.remote()), "sink": ray.get(self._sink.stats.remote())}
+
+    def last_report(self) -> str:
+        """Path of the newest section report ("" before the first section ended)."""
+        return str(ray.get(self._sink.last_report.remote()))
+
+    def drain_and_stop(self) -> dict[str, dict[str, int]]:
+        """Stop reading, finish every accepted tile, flush feedback, then tear everything down."""
+        final: dict[str, dict[str, int]] = {}
+        if self._ingest is not None:
+            final["ingest"] = ray.get(self._ingest.drain.remote())
+        if self._sink is not None:
+            final["sink"] = ray.get(self._sink.close.remote())
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
+        if self._owns_ray:
+            # Every tile is done: ray.shutdown ends the replicas too. serve.shutdown first would only add
+            # Ray's "(raylet) Task ServeController... killed by ray.kill" lines, which read like errors.
+            ray.shutdown()
+        elif ray.is_initialized():
+            serve.shutdown()  # a shared cluster outlives us: remove our deployments from it
+        self._ingest = self._sink = None
+        self.endpoints = None
+        return final
+
+    def _init_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        ray_cfg = self.cfg.ray
+        if ray_cfg.address is None:
+            # A local single-machine cluster: token auth guards nothing here and needs a token file.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            address=ray_cfg.address, num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus,
+            include_dashboard=False, log_to_driver=self._ray_logs_to_terminal, configure_logging=True,
+            logging_level=logging.INFO if self._ray_logs_to_terminal else logging.WARNING,
+        )
+        self._owns_ray = True

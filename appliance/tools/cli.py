@@ -1,0 +1,142 @@
+"""`python -m appliance ...`: demo, serve, report, score, deblur."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from appliance.config import ConfigError, DeblurConfig, DetectorConfig, load_rig_config
+from appliance.tools.offline import FileResult
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _error(message: str) -> None:
+    # Plain, unwrapped lines: operators grep them and scripts parse them.
+    typer.echo(f"error: {message}", err=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def demo(
+    tiles: Annotated[int, typer.Option(min=1, help="Tiles to replay (the bundled samples in turn).")] = 120,
+    rate: Annotated[float, typer.Option(min=0.0, help="Tiles/s to send; 0 = flat out.")] = 25.4,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default appliance-out/demo-<time>).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run the whole appliance locally on CPU on the bundled real EM sample tiles and print a summary."""
+    _setup_logging(verbose)
+    from appliance.serving.pipeline import Appliance
+    from appliance.tools.demo import run_demo
+    from appliance.tools.replay_summary import print_table, replay_table
+
+    report, output_dir, report_html = run_demo(out, tiles, rate or None, verbose)
+    print_table(replay_table(report, "appliance demo (bundled 512x512 sample tiles)"))
+    typer.echo(f"outputs (tiles, originals/, qc.jsonl): {output_dir}")
+    if report_html.is_file():
+        typer.echo(f"QC report (focus map, per beam, retakes), open in a browser: {report_html}")
+    else:
+        _error(f"no QC report at {report_html}; Ray's logs: {Appliance.ray_log_dir()}")
+    if report.lost or report.duplicated:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option(help="Rig config (see rig.example.yaml).")],
+    status_every: Annotated[float, typer.Option(min=0.1, help="Seconds between status lines.")] = 60.0,
+    verbose: Annotated[bool, typer.Option(help="Also show INFO logs and Ray's own output.")] = False,
+) -> None:
+    """Run the appliance for a rig until SIGTERM/SIGINT, then drain in-flight tiles and exit."""
+    _setup_logging(verbose)
+    try:
+        cfg = load_rig_config(config)
+    except ConfigError as exc:
+        _error(str(exc))
+        raise typer.Exit(2) from None
+    from appliance.serving.service import serve_until_signal
+
+    serve_until_signal(cfg, status_every_s=status_every, verbose=verbose)
+
+
+@app.command()
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="The appliance's output directory (holds qc.jsonl).")],
+    section: Annotated[str | None, typer.Option(help="Section to report (default: every section).")] = None,
+    out: Annotated[Path | None, typer.Option(help="HTML file (default: OUTPUT_DIR/<section>/report.html).")] = None,
+    sharp_sigma_px: Annotated[float, typer.Option(help="detector.sharp_sigma_px of the run.")] = 0.8,
+    max_restorable_sigma_px: Annotated[float, typer.Option(help="detector.max_restorable_sigma_px.")] = 3.0,
+) -> None:
+    """Write a section's self-contained QC report (focus map, sigma histogram, per beam, timeline, retakes)."""
+    from appliance.operator.report_figures import Thresholds
+    from appliance.operator.section_qc import read_sections
+    from appliance.operator.section_report import REPORT_FILENAME, write_section_report
+    from appliance.qc_record import QC_FILENAME
+
+    qc_path = output_dir / QC_FILENAME
+    try:
+        sections = read_sections(qc_path, section)
+    except (OSError, ValueError) as exc:
+        _error(f"{qc_path}: {exc.strerror}" if isinstance(exc, OSError) else str(exc))
+        raise typer.Exit(1) from None
+    if not sections:
+        _error(f"{qc_path}: no tiles" + (f" of section {section!r}" if section else ""))
+        raise typer.Exit(1)
+    if out is not None and len(sections) > 1:
+        _error(f"{qc_path} holds sections {', '.join(sections)}: choose one with --section to write {out}")
+        raise typer.Exit(2)
+    thresholds = Thresholds(sharp_sigma_px, max_restorable_sigma_px)
+    for name, tiles in sections.items():
+        path = out or output_dir / name / REPORT_FILENAME
+        typer.echo(write_section_report(name, tiles, output_dir, path, thresholds))
+
+
+def _emit(results: list[FileResult] | object, as_json: bool) -> int:
+    failures = 0
+    for result in results:  # type: ignore[attr-defined]
+        if result.error:
+            failures += 1
+            _error(result.error)
+        elif as_json:
+            print(json.dumps(result.record), flush=True)
+        else:
+            record = result.record
+            print(" ".join(f"{key}={record[key]}" for key in record if key != "region_scores"), flush=True)
+    return failures
+
+
+@app.command()
+def score(
+    files: Annotated[list[Path], typer.Argument(help="PNG/TIFF tiles, 8- or 16-bit grayscale.")],
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per file.")] = False,
+    backend: Annotated[str, typer.Option(help="auto | onnx | classical")] = "auto",
+) -> None:
+    """Score focus offline: blur_score (0 sharp ... 1 very blurred), label, blur estimate, region map."""
+    from appliance.tools.offline import score_files
+
+    failures = _emit(score_files(files, DetectorConfig(backend=backend)), json_lines)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def deblur(
+    files: Annotated[list[Path], typer.Argument(help="PNG/TIFF tiles, 8- or 16-bit grayscale.")],
+    out: Annotated[Path, typer.Option(help="Directory for the restored TIFFs (created).")],
+    force: Annotated[bool, typer.Option(help="Also restore files scored `sharp` (never `retake`).")] = False,
+    backend: Annotated[str, typer.Option(help="auto | onnx | torch | classical")] = "auto",
+) -> None:
+    """Restore soft-focus tiles offline with the same detector and deblur model as the appliance."""
+    from appliance.tools.offline import deblur_files
+
+    results = deblur_files(files, out, DetectorConfig(), DeblurConfig(backend=backend), force)
+    if _emit(results, True):
+        raise typer.Exit(1)

@@ -1,0 +1,285 @@
+"""Reference controller: streams tiles to an appliance over ZeroMQ and collects its feedback.
+
+Used by `python -m appliance demo`, `bench/replay.py` and the tests; a controller vendor can read it
+next to docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zmq
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from appliance.serving.pipeline import Appliance
+from appliance.stream.protocol import ProtocolError, TileHeader, decode_feedback, encode_end, encode_start, encode_tile
+
+MULTISEM_TILES_PER_S = 25.4
+
+
+@dataclass
+class ReplayReport:
+    """What the controller saw: every tile sent must come back exactly once as a result or an error."""
+
+    sent: int = 0
+    bytes_sent: int = 0
+    wall_s: float = 0.0
+    send_blocked_s: float = 0.0
+    results: Counter[str] = field(default_factory=Counter)  # by label
+    actions: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # by code
+    retake_flags: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    duplicated: int = 0
+    lost: int = 0
+    section_done: dict[str, Any] | None = None
+    bad_feedback: int = 0
+
+    @property
+    def done(self) -> int:
+        return sum(self.results.values())
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.done / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_sent / 1e6 / self.wall_s if self.wall_s > 0 else 0.0
+
+    def latency_percentile_s(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q)) if self.latencies_s else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent, "done": self.done, "lost": self.lost, "duplicated": self.duplicated,
+            "results_by_label": dict(self.results), "actions": dict(self.actions),
+            "errors_by_code": dict(self.errors), "retake_flags": self.retake_flags,
+            "wall_s": round(self.wall_s, 3), "tiles_per_s": round(self.tiles_per_s, 2),
+            "mb_per_s": round(self.mb_per_s, 2), "send_blocked_s": round(self.send_blocked_s, 3),
+            "latency_p50_s": self.latency_percentile_s(50), "latency_p95_s": self.latency_percentile_s(95),
+            "latency_p99_s": self.latency_percentile_s(99), "section_done": self.section_done,
+            "bad_feedback": self.bad_feedback,
+        }
+
+
+TileSource = Iterable[tuple[str, np.ndarray]]
+
+
+GRID_OVERLAP = 0.1  # neighbouring tiles share 10 % of their side, as in a stitched montage
+
+
+def grid_stage_um(seq: int, shape: tuple[int, ...], pixel_size_nm: float, columns: int) -> tuple[float, float]:
+    """Stand-in stage position (x, y) in µm of tile `seq` in a row-major montage `columns` tiles wide."""
+    height_um, width_um = (side * pixel_size_nm / 1000.0 for side in shape[:2])
+    step = 1.0 - GRID_OVERLAP
+    return (seq % columns) * width_um * step, (seq // columns) * height_um * step
+
+
+def tile_frames(
+    section: str, tile_id: str, seq: int, pixels: np.ndarray, pixel_size_nm: float = 4.0,
+    columns: int = 100, beam: int | None = None,
+) -> list[bytes | memoryview]:
+    """Frames of one `tile` message, stamped now; the stage position is a stand-in grid from `seq`."""
+    now = time.time()
+    stage_x_um, stage_y_um = grid_stage_um(seq, pixels.shape, pixel_size_nm, columns)
+    header = TileHeader(
+        v=1, type="tile", section=section, tile_id=tile_id, seq=seq, shape=list(pixels.shape),
+        dtype=str(pixels.dtype), pixel_size_nm=pixel_size_nm, stage_x_um=stage_x_um,
+        stage_y_um=stage_y_um, t_acquired=now, t_sent=now, beam=beam,
+    )
+    return encode_tile(header, pixels)
+
+
+class ReferenceController:
+    """PUSH tiles to `tile_endpoint`, PULL feedback from `feedback_endpoint` (docs/protocol.md)."""
+
+    def __init__(self, tile_endpoint: str, feedback_endpoint: str, send_hwm: int = 2) -> None:
+        self._context = zmq.Context()
+        self._push = self._context.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.SNDHWM, send_hwm)
+        self._push.setsockopt(zmq.LINGER, 5000)
+        self._push.connect(tile_endpoint)
+        self._feedback_endpoint = feedback_endpoint
+        self._lock = threading.Lock()
+        self._feedback: list[tuple[float, dict[str, Any]]] = []
+        self._bad_feedback = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._receiver = threading.Thread(target=self._receive_feedback, name="feedback", daemon=True)
+        self._receiver.start()
+        self._ready.wait(5)
+
+    def send_raw(self, frames: list[bytes | memoryview]) -> None:
+        """Send any multipart message as is (tests use it for malformed input)."""
+        self._push.send_multipart(frames, copy=False)
+
+    def send_section(
+        self,
+        section: str,
+        tiles: TileSource,
+        rate_hz: float | None = MULTISEM_TILES_PER_S,
+        timeout_s: float = 120.0,
+        on_progress: Callable[[int, int], None] | None = None,
+        pixel_size_nm: float = 4.0,
+        expected_tiles: int = 0,
+        columns: int = 100,
+        beams: int = 0,
+    ) -> ReplayReport:
+        """Stream one section (start, tiles, end) at `rate_hz` (None = flat out) and wait for it.
+
+        Returns when `section_done` arrives or `timeout_s` after the last send; tiles with no result
+        by then count as lost. on_progress(sent, done) is called as tiles go out and come back, and
+        once more at the end with the final counts. Tiles lie on a montage `columns` wide; with
+        `beams` > 0 tile `seq` carries beam `seq % beams`.
+        """
+        report = ReplayReport()
+        sent_at: dict[int, float] = {}
+        self._send(encode_start(section, expected_tiles), report)
+        t_start = time.perf_counter()
+        for seq, (tile_id, pixels) in enumerate(tiles):
+            if rate_hz:
+                delay = t_start + seq / rate_hz - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            sent_at[seq] = time.perf_counter()
+            beam = seq % beams if beams else None
+            self._send(tile_frames(section, tile_id, seq, pixels, pixel_size_nm, columns, beam), report)
+            report.sent += 1
+            report.bytes_sent += pixels.nbytes
+            if on_progress:
+                on_progress(report.sent, self._count_done(section))
+        self._send(encode_end(section, report.sent), report)
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline and not self._section_done(section):
+            if on_progress:
+                on_progress(report.sent, self._count_done(section))
+            time.sleep(0.05)
+        if on_progress:  # the last results may arrive together with section_done, after the last poll
+            on_progress(report.sent, self._count_done(section))
+        report.wall_s = time.perf_counter() - t_start
+        self._tally(section, sent_at, report)
+        return report
+
+    def feedback(self) -> list[dict[str, Any]]:
+        """Every feedback message received so far, in arrival order."""
+        with self._lock:
+            return [message for _, message in self._feedback]
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate(self.feedback()):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._receiver.join(timeout=5)
+        self._push.close()
+        self._context.term()
+
+    def __enter__(self) -> ReferenceController:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, frames: list[Any], report: ReplayReport) -> None:
+        # A blocked send is the appliance's backpressure: measure it, never drop.
+        t0 = time.perf_counter()
+        self._push.send_multipart(frames, copy=False)
+        report.send_blocked_s += time.perf_counter() - t0
+
+    def _receive_feedback(self) -> None:
+        pull = self._context.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.connect(self._feedback_endpoint)
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if not pull.poll(50):
+                    continue
+                frame = pull.recv()
+                try:
+                    message = decode_feedback(frame)
+                except ProtocolError:
+                    with self._lock:
+                        self._bad_feedback += 1
+                    continue
+                with self._lock:
+                    self._feedback.append((time.perf_counter(), message))
+        finally:
+            pull.close()
+
+    def _count_done(self, section: str) -> int:
+        with self._lock:
+            return sum(1 for _, m in self._feedback if m.get("section") == section and m["type"] in ("result", "error"))
+
+    def _section_done(self, section: str) -> bool:
+        with self._lock:
+            return any(m["type"] == "section_done" and m["section"] == section for _, m in self._feedback)
+
+    def _tally(self, section: str, sent_at: dict[int, float], report: ReplayReport) -> None:
+        seen: Counter[int] = Counter()
+        with self._lock:
+            messages = [(t, m) for t, m in self._feedback if m.get("section") == section]
+            report.bad_feedback = self._bad_feedback
+        for t_arrived, message in messages:
+            kind = message["type"]
+            if kind == "section_done":
+                report.section_done = message
+            elif kind == "retake":
+                report.retake_flags += 1
+            elif kind in ("result", "error"):
+                seq = message.get("seq")
+                if kind == "error":
+                    report.errors[message["code"]] += 1
+                if not isinstance(seq, int) or seq not in sent_at:
+                    continue
+                seen[seq] += 1
+                if kind == "result":
+                    report.results[message["label"]] += 1
+                    report.actions[message["action"]] += 1
+                    report.latencies_s.append(t_arrived - sent_at[seq])
+        report.duplicated = sum(count - 1 for count in seen.values() if count > 1)
+        report.lost = sum(1 for seq in sent_at if seq not in seen)
+
+
+def cycle_tiles(tiles: list[tuple[str, np.ndarray]], count: int) -> Iterator[tuple[str, np.ndarray]]:
+    """`count` tiles from `tiles` in turn, each with a unique tile id."""
+    for index, (name, pixels) in enumerate(itertools.islice(itertools.cycle(tiles), count)):
+        yield f"{index:06d}_{name}", pixels
+
+
+def run_replay(
+    appliance: Appliance, tiles: Iterator[tuple[str, np.ndarray]], count: int, rate_hz: float | None,
+    section: str, beams: int = 0,
+) -> ReplayReport:
+    """Stream `count` tiles to a started appliance with a progress bar; return what came back.
+
+    Tiles lie on a square montage; with `beams` > 0 they carry beam numbers in turn.
+    """
+    assert appliance.endpoints is not None
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with ReferenceController(appliance.endpoints.tile, appliance.endpoints.feedback) as client, \
+            Progress(*columns) as progress:
+        sent_bar = progress.add_task("sent", total=count)
+        done_bar = progress.add_task("done", total=count)
+
+        def on_progress(sent: int, done: int) -> None:
+            progress.update(sent_bar, completed=sent)
+            progress.update(done_bar, completed=done)
+
+        return client.send_section(section, tiles, rate_hz=rate_hz, on_progress=on_progress,
+                                   expected_tiles=count, columns=math.ceil(math.sqrt(count)), beams=beams)

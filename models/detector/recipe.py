@@ -1,0 +1,82 @@
+"""The blur detector's training recipe, typed: models/detector/config.yaml, validated before training.
+
+Unknown keys are refused naming the field; BlurNet is built from the typed `model:` section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.detector.network import BlurNet
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Range = list[float]  # [low, high]; a list, as in the YAML (the patch cache is keyed by these values)
+
+
+class PatchDataConfig(_Strict):
+    """`data:` how training patches are rendered from the train split (models/detector/data.py)."""
+
+    train_renderings: int = Field(ge=1, description="Blurred renderings of the training images (fixed pool).")
+    val_images: int = Field(ge=1, description="Renderings of the val images (never the test images).")
+    patches_per_image: int = Field(ge=1, description="Patches cut from each rendering.")
+    sigma_range: Range = Field(min_length=2, max_length=2, description="px, log-uniform.")
+    p_sharp: float = Field(ge=0, le=1, description="Share of renderings with no added blur.")
+    p_blank: float = Field(ge=0, le=1, description="Share of renderings that are (nearly) blank resin.")
+    contrast_range: Range = Field(min_length=2, max_length=2, description="Log-uniform contrast scale.")
+    scale_range: Range = Field(min_length=2, max_length=2, description="Downscale before blur.")
+    p_uint16: float = Field(ge=0, le=1)
+
+
+class BlurNetConfig(_Strict):
+    """`model:` the patch CNN (models/detector/network.py); BlurNet(**model_dump())."""
+
+    widths: tuple[int, ...] = Field(min_length=2, description="Channels of the full-resolution and stride-2 stages.")
+
+
+class DetectorTrainConfig(_Strict):
+    """`train:` epochs, AdamW + one-cycle schedule, loss weights."""
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    mse_weight: float = Field(ge=0, description="Plain MSE on log-sigma next to the Gaussian NLL.")
+    aniso_weight: float = Field(ge=0, description="Log-anisotropy MSE, weighted by blur strength.")
+    angle_weight: float = Field(ge=0, description="(cos 2θ, sin 2θ) MSE on astigmatic patches.")
+    threads: int = Field(ge=1)
+
+
+class DetectorRecipe(_Strict):
+    """One training run of the blur detector."""
+
+    seed: int
+    out_dir: str = Field(description="Run folder (gitignored); export copies the ONNX into appliance/weights/.")
+    data: PatchDataConfig
+    model: BlurNetConfig
+    train: DetectorTrainConfig
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict of the recipe, as recorded in the checkpoint and the sidecar."""
+        return self.model_dump(mode="json")
+
+
+def load_detector_recipe(path: Path) -> DetectorRecipe:
+    """Read and validate a detector recipe; ValueError naming the file and every bad field."""
+    try:
+        return DetectorRecipe.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"{path}: invalid recipe: {problems}") from exc
+
+
+def build_blurnet(model: BlurNetConfig | dict[str, Any]) -> BlurNet:
+    """BlurNet from the `model:` section (typed, or as recorded in a checkpoint)."""
+    return BlurNet(**BlurNetConfig.model_validate(model).model_dump())

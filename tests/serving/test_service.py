@@ -1,0 +1,97 @@
+"""`python -m appliance serve`: a real process, a real controller, SIGTERM drains, bad config refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from appliance.qc_record import QC_FILENAME, QcTileRecord, read_qc_lines
+from appliance.tools.reference_controller import ReferenceController, cycle_tiles, tile_frames
+
+
+def _serve(config: Path, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(config), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+
+
+def _wait_ready(process: subprocess.Popen[str], timeout_s: float = 120) -> tuple[str, str, str]:
+    deadline = time.monotonic() + timeout_s
+    assert process.stdout is not None
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        lines.append(line)
+        match = re.search(r"ready: tiles (\S+), feedback (\S+), output \S+, metrics (\S+)", line)
+        if match:
+            return match.group(1), match.group(2), match.group(3)
+        if process.poll() is not None:
+            break
+    raise AssertionError("appliance did not become ready:\n" + "".join(lines))
+
+
+def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
+    tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
+) -> None:
+    config = tmp_path / "rig.yaml"
+    config.write_text(yaml.safe_dump({
+        "rig_name": "test-rig",
+        "ingest": {"tile_endpoint": "tcp://127.0.0.1:*", "feedback_endpoint": "tcp://127.0.0.1:*",
+                   "max_in_flight": 8},
+        "output": {"directory": str(tmp_path / "out")},
+        "ray": {"num_cpus": 2},
+        "metrics": {"address": "127.0.0.1:0"},
+    }))
+    process = _serve(config, "--status-every", "0.5")
+    try:
+        tile_endpoint, feedback_endpoint, metrics_url = _wait_ready(process)
+        with ReferenceController(tile_endpoint, feedback_endpoint) as controller:
+            for seq, (tile_id, pixels) in enumerate(cycle_tiles(real_em_tiles, 12)):
+                controller.send_raw(tile_frames("term", tile_id, seq, pixels))
+            # Wait until the ingest has accepted tiles, then stop it while they are in flight.
+            assert controller.wait_for(lambda fb: len(fb) >= 1, timeout_s=60)
+            with urllib.request.urlopen(metrics_url, timeout=15) as response:
+                scraped = response.read().decode()
+            time.sleep(0.6)  # at least one status line
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=120)
+            results = [m for m in controller.feedback() if m["type"] == "result"]
+        assert process.returncode == 0, output
+        assert "drained and stopped" in output
+        assert re.search(r"^status: [0-9.]+ tiles/s, in flight \d+/8, sharp \d+ soft \d+ retake \d+, errors 0, "
+                         r"disk free [0-9.]+ [kMGT]?B, no section report yet$", output, re.MULTILINE), output
+        assert "(raylet)" not in output and "killed by `ray.kill`" not in output, output
+        received = re.search(r"^em_appliance_tiles_received_total ([0-9.e+]+)$", scraped, re.MULTILINE)
+        assert received and 1 <= float(received.group(1)) <= 12, scraped
+        # Every tile the appliance read was finished; the rest were never read (still the controller's).
+        qc_lines = read_qc_lines(tmp_path / "out" / QC_FILENAME)
+        assert len(qc_lines) == len(results) >= 1 and all(isinstance(r, QcTileRecord) for r in qc_lines)
+        for message in results:
+            assert (tmp_path / "out" / message["path"]).is_file()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_bad_config_is_refused_before_start_naming_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "rig.yaml"
+    config.write_text("ingest:\n  max_in_flight: 0\n  tile_endpiont: tcp://127.0.0.1:5555\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "ingest.max_in_flight" in result.stderr
+    assert "ingest.tile_endpiont" in result.stderr

@@ -1,0 +1,125 @@
+"""Wire protocol v1: round trips and every kind of bad input gets its error code (no sockets)."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from appliance.stream.protocol import (
+    MAX_HEADER_BYTES,
+    ProtocolError,
+    SectionEnd,
+    SectionStart,
+    StreamLimits,
+    Tile,
+    TileHeader,
+    decode_feedback,
+    decode_stream_message,
+    encode_end,
+    encode_feedback,
+    encode_start,
+    encode_tile,
+)
+
+LIMITS = StreamLimits(max_tile_bytes=1 << 20, max_tile_side=4096)
+
+
+def tile_header(**overrides: object) -> TileHeader:
+    fields: dict[str, object] = dict(
+        v=1, type="tile", section="sec-001", tile_id="tile_000042", seq=42, shape=[64, 96], dtype="uint16",
+        pixel_size_nm=4.0, stage_x_um=-12.5, stage_y_um=3.0, t_acquired=1.7e9, t_sent=1.7e9 + 0.1,
+    )
+    fields.update(overrides)
+    return TileHeader(**fields)  # type: ignore[arg-type]
+
+
+def raw_header(**overrides: object) -> bytes:
+    fields = tile_header().model_dump()
+    fields.update(overrides)
+    return msgpack.packb({k: v for k, v in fields.items() if v is not ...})
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_tile_round_trips_bit_exact(dtype: str) -> None:
+    pixels = (np.arange(64 * 96, dtype=np.uint32) * 37 % np.iinfo(dtype).max).astype(dtype).reshape(64, 96)
+    header = tile_header(dtype=dtype)
+    message = decode_stream_message([bytes(f) for f in encode_tile(header, pixels)], LIMITS)
+    assert isinstance(message, Tile)
+    assert message.header == header
+    assert message.pixels.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(message.pixels, pixels)
+
+
+def test_start_and_end_round_trip() -> None:
+    start = decode_stream_message(encode_start("sec-001", 45750), LIMITS)
+    end = decode_stream_message(encode_end("sec-001", 45750), LIMITS)
+    assert isinstance(start, SectionStart) and start.expected_tiles == 45750
+    assert isinstance(end, SectionEnd) and end.n_tiles == 45750
+
+
+def test_feedback_round_trips_and_rejects_unknown_keys() -> None:
+    frame = encode_feedback("retake", section="s", tile_id="t", seq=1, reason="blur too strong", blur_score=0.9)
+    assert decode_feedback(frame)["reason"] == "blur too strong"
+    with pytest.raises(ValueError, match="needs keys"):
+        encode_feedback("retake", section="s")
+    with pytest.raises(ProtocolError) as info:
+        decode_feedback(msgpack.packb({"v": 1, "type": "retake", "section": "s", "surprise": 1}))
+    assert info.value.code == "bad_field"
+
+
+PIXELS_64x96_U16 = bytes(64 * 96 * 2)
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "fragment"),
+    [
+        ([b"\xc1garbage"], "bad_message", "not valid msgpack"),
+        ([msgpack.packb([1, 2, 3])], "bad_message", "must be a msgpack map"),
+        ([b"\x80" + b"\x00" * MAX_HEADER_BYTES], "bad_message", "limit"),
+        ([raw_header(v=2), PIXELS_64x96_U16], "unknown_version", "version 2"),
+        ([raw_header(type="image"), PIXELS_64x96_U16], "unknown_type", "'image'"),
+        ([raw_header()], "bad_message", "2 frame(s), got 1"),
+        ([raw_header(dtype="float32"), PIXELS_64x96_U16], "bad_field", "dtype"),
+        ([raw_header(seq="42"), PIXELS_64x96_U16], "bad_field", "seq"),
+        ([raw_header(seq=True), PIXELS_64x96_U16], "bad_field", "seq"),
+        ([raw_header(tile_id="../../etc/passwd"), PIXELS_64x96_U16], "bad_field", "tile_id"),
+        ([raw_header(colour="red"), PIXELS_64x96_U16], "bad_field", "colour"),
+        ([raw_header(pixel_size_nm=...), PIXELS_64x96_U16], "bad_field", "pixel_size_nm"),
+        ([raw_header(shape=[64]), PIXELS_64x96_U16], "bad_field", "shape"),
+        ([raw_header(), PIXELS_64x96_U16[:-10]], "bad_frame", "truncated"),
+        ([raw_header(shape=[8, 8]), bytes(128)], "bad_field", "minimum"),
+        ([raw_header(shape=[5000, 64]), bytes(5000 * 64 * 2)], "oversized", "side limit"),
+        ([raw_header(shape=[4096, 4096], dtype="uint8"), bytes(4096 * 4096)], "oversized", "bytes"),
+    ],
+)
+def test_bad_input_gets_its_error_code(frames: list[bytes], code: str, fragment: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_stream_message(frames, LIMITS)
+    assert info.value.code == code
+    assert fragment in info.value.message
+
+
+def test_error_echoes_identifying_fields_of_a_bad_tile() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_stream_message([raw_header(), PIXELS_64x96_U16[:100]], LIMITS)
+    assert info.value.context == {"section": "sec-001", "tile_id": "tile_000042", "seq": 42}
+
+
+def test_encode_refuses_pixels_that_disagree_with_the_header() -> None:
+    with pytest.raises(ValueError, match="do not match"):
+        encode_tile(tile_header(), np.zeros((64, 96), np.uint8))
+
+
+def test_beam_is_optional_and_validated() -> None:
+    pixels = np.zeros((64, 96), np.uint16)
+    for beam in (None, 0, 90):
+        message = decode_stream_message([bytes(f) for f in encode_tile(tile_header(beam=beam), pixels)], LIMITS)
+        assert isinstance(message, Tile) and message.header.beam == beam
+    without = {k: v for k, v in tile_header().model_dump().items() if k != "beam"}  # an older controller
+    message = decode_stream_message([msgpack.packb(without), bytes(64 * 96 * 2)], LIMITS)
+    assert isinstance(message, Tile) and message.header.beam is None
+    for bad in (-1, "3", 1.0, 70000):
+        with pytest.raises(ProtocolError, match="beam") as info:
+            decode_stream_message([raw_header(beam=bad), bytes(64 * 96 * 2)], LIMITS)
+        assert info.value.code == "bad_field"
