@@ -54,7 +54,8 @@ class ReplicaConfig(_Strict):
 
     num_replicas: int = Field(1, ge=1, le=64)
     num_gpus_per_replica: float = Field(
-        0.0, ge=0.0, le=8.0, description="Fractional GPUs per replica; 0 runs on CPU."
+        0.0, ge=0.0, le=8.0,
+        description="GPUs per replica: a fraction of one GPU (replicas share it), or whole GPUs; 0 runs on CPU.",
     )
     num_cpus_per_replica: float = Field(0.5, ge=0.0, le=64.0)
     max_ongoing_requests: int = Field(4, ge=1, le=1024)
@@ -71,6 +72,16 @@ class ReplicaConfig(_Strict):
             raise ValueError(
                 f"max_batch_size ({self.max_batch_size}) must not exceed max_ongoing_requests "
                 f"({self.max_ongoing_requests})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_share_fits_one_gpu(self) -> ReplicaConfig:
+        # Ray places a fractional request inside one GPU: 1.5 GPUs could never be scheduled.
+        gpus = self.num_gpus_per_replica
+        if gpus > 1.0 and not gpus.is_integer():
+            raise ValueError(
+                f"num_gpus_per_replica ({gpus:g}) must be at most 1 (a share of one GPU) or a whole number"
             )
         return self
 
@@ -196,6 +207,40 @@ class RigConfig(_Strict):
     deblur: DeblurConfig = DeblurConfig()
     ray: RayConfig = RayConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _replicas_fit_the_gpus(self) -> RigConfig:
+        """The GPU-share rule: every replica's GPU share placed on ray.num_gpus GPUs, at most 1 per GPU.
+
+        Whole-GPU replicas take whole GPUs; fractional shares are packed first-fit decreasing. Checked when
+        the GPU count is given (Ansible always writes it); with ray.num_gpus null Ray detects the GPUs.
+        """
+        if self.ray.num_gpus is not None and not gpu_shares_fit(self._gpu_shares(), self.ray.num_gpus):
+            raise ValueError(
+                f"detector.num_replicas x detector.num_gpus_per_replica ({self.detector.num_replicas} x "
+                f"{self.detector.num_gpus_per_replica:g}) and deblur.num_replicas x deblur.num_gpus_per_replica "
+                f"({self.deblur.num_replicas} x {self.deblur.num_gpus_per_replica:g}) do not fit on "
+                f"ray.num_gpus ({self.ray.num_gpus}) GPUs at most 1 per GPU: Ray could never place every replica; "
+                "lower the replicas or their GPU shares"
+            )
+        return self
+
+    def _gpu_shares(self) -> list[float]:
+        return [d.num_gpus_per_replica for d in (self.detector, self.deblur) for _ in range(d.num_replicas)]
+
+
+def gpu_shares_fit(shares: list[float], gpus: int) -> bool:
+    """True when replicas asking for `shares` GPUs each can be placed on `gpus` GPUs, at most 1 per GPU."""
+    whole = sum(int(share) for share in shares if share >= 1.0)
+    free = [1.0] * (gpus - whole) if whole <= gpus else []
+    if whole > gpus:
+        return False
+    for share in sorted((s for s in shares if 0.0 < s < 1.0), reverse=True):
+        slot = next((i for i, left in enumerate(free) if left >= share - 1e-9), None)
+        if slot is None:
+            return False
+        free[slot] -= share
+    return True
 
 
 class ConfigError(ValueError):

@@ -138,7 +138,7 @@ class SinkActor:
         assert assessment is not None
         self._send(encode_feedback(
             "result", **ids, label=assessment.label, action=action, blur_score=assessment.blur_score,
-            sigma_px=assessment.sigma_px, path=record["path"], latency_s=latency_s,
+            sigma_px=assessment.sigma_px, path=record.path, latency_s=latency_s,
         ))
         if assessment.label == "retake":
             self._send(encode_feedback(

@@ -17,7 +17,6 @@ import cv2
 import numpy as np
 
 from appliance.detection.patches import PATCH
-from models.detector.recipe import PatchDataConfig
 from models.blur_synth import (
     BlurParams,
     load_image,
@@ -28,6 +27,7 @@ from models.blur_synth import (
     tilted_sigma_map,
     to_unit_float,
 )
+from models.detector.recipe import PatchDataConfig
 
 
 @dataclass(frozen=True)

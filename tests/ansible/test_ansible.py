@@ -24,7 +24,7 @@ import yaml
 
 from appliance.config import RigConfig, load_rig_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 ROLE_DIR = ANSIBLE_DIR / "roles" / "deblur_appliance"
 
@@ -32,10 +32,13 @@ ROLE_DIR = ANSIBLE_DIR / "roles" / "deblur_appliance"
 # test command runs without activating: look for them beside the interpreter first.
 TOOL_PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("ansible-playbook", path=TOOL_PATH) is None,
-    reason="ansible-playbook is not on PATH (pip install -e '.[dev]' installs ansible-core and ansible-lint)",
-)
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(
+        shutil.which("ansible-playbook", path=TOOL_PATH) is None,
+        reason="ansible-playbook is not on PATH (pip install -e '.[dev]' installs ansible-core and ansible-lint)",
+    ),
+]
 
 _RECAP = re.compile(
     r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"

@@ -8,6 +8,8 @@ import pytest
 from bench.focus_metrics import BASELINES, brenner_gradient, fft_highfreq_ratio, variance_of_laplacian
 from models.blur_synth import BlurParams, apply_blur, load_image, load_split, to_unit_float
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def sharp() -> np.ndarray:

@@ -19,6 +19,8 @@ from appliance.messages import TILE_LABELS
 from appliance.tile_io import TileError
 from models.blur_synth import BlurParams, load_image, load_split, synthesize
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def test_images() -> list[np.ndarray]:

@@ -20,6 +20,8 @@ from models.blur_synth import (
     to_unit_float,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def _second_moments(kernel: np.ndarray) -> np.ndarray:
     half = kernel.shape[0] // 2

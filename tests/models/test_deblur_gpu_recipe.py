@@ -27,6 +27,8 @@ from models.deblur.network import DeblurNet
 from models.deblur.pack_data import PackedImage, load_packed, write_packed
 from models.deblur.train import REPO_ROOT, train
 
+TIER = "fast"  # this module's default tier (tests/conftest.py); tests of the other tier are marked
+
 
 def torch_planes(height: int, width: int, estimate: PsfEstimate | None) -> np.ndarray:
     """The torch batch builder on one estimate, as training calls it."""
@@ -116,6 +118,7 @@ def cpu_run(packed_file, tmp_path_factory: pytest.TempPathFactory):
     return train(config, device="cpu", data_path=packed_file, out_dir=folder / "out", max_minutes=5.0)
 
 
+@pytest.mark.system
 def test_training_on_cpu_writes_checkpoints_and_curves(cpu_run) -> None:
     metrics = json.loads((cpu_run / "metrics.json").read_text())
     assert metrics["steps_done"] == 4 and not metrics["stopped_by_time_cap"]
@@ -129,6 +132,7 @@ def test_training_on_cpu_writes_checkpoints_and_curves(cpu_run) -> None:
     assert (cpu_run / "best.pt").stat().st_size < 15_000_000
 
 
+@pytest.mark.system
 def test_time_cap_stops_cleanly(packed_file, cpu_run) -> None:
     config = cpu_run / "config.yaml"
     cfg = yaml.safe_load(config.read_text())
@@ -140,6 +144,7 @@ def test_time_cap_stops_cleanly(packed_file, cpu_run) -> None:
     assert len(metrics["history"]) == 1 and (run / "best.pt").is_file()
 
 
+@pytest.mark.system
 def test_export_program_agrees_with_onnx_for_the_psf_model(cpu_run, tmp_path) -> None:
     card = export_run(cpu_run, tmp_path, name="deblur_gpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deblur_gpu.json", "deblur_gpu.onnx", "deblur_gpu.pt2"]

@@ -12,6 +12,8 @@ from models.blur_synth import BlurParams, add_sem_noise, apply_blur, load_image,
 from models.deblur.network import DeblurNet, NoiseLevelMap
 from models.deblur.train import load_parent_weights
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def soft_em() -> np.ndarray:

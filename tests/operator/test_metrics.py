@@ -16,7 +16,9 @@ from pydantic import ValidationError
 from appliance.config import IngestConfig, MetricsConfig, OutputConfig, RigConfig
 from appliance.tools.reference_controller import ReferenceController, cycle_tiles
 
-REPO = Path(__file__).resolve().parents[1]
+TIER = "fast"  # this module's default tier (tests/conftest.py); tests of the other tier are marked
+
+REPO = Path(__file__).resolve().parents[2]
 METRICS_DOC = REPO / "docs" / "metrics.md"
 DASHBOARD = REPO / "ansible" / "roles" / "deblur_appliance" / "files" / "grafana-dashboard.json"
 
@@ -43,6 +45,7 @@ def documented_metrics() -> set[str]:
     return set(re.findall(r"^\| `(em_appliance_\w+)`", METRICS_DOC.read_text(encoding="utf-8"), re.MULTILINE))
 
 
+@pytest.mark.system
 def test_scraped_counters_add_up_to_the_tiles_sent(
     start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
 ) -> None:

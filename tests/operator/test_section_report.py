@@ -17,6 +17,8 @@ from appliance.operator.report_figures import Thresholds, focus_map_figure, tile
 from appliance.operator.section_qc import TileQc, read_sections
 from appliance.operator.section_report import beam_rows, render_section_report, write_section_report
 
+TIER = "fast"  # this module's default tier (tests/conftest.py); tests of the other tier are marked
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -112,6 +114,7 @@ PROBE = """<script>window.addEventListener('load', () => {
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no headless browser (Debian: apt-get install chromium)")
+@pytest.mark.system
 def test_report_opens_in_headless_chromium_with_every_image_decoded(tmp_path: Path) -> None:
     out = write_section_report("s1", section_tiles(60), tmp_path, tmp_path / "s1" / "report.html", Thresholds())
     probed = out.with_name("probed.html")

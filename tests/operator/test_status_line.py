@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from appliance.operator.status_line import human_bytes, status_line
+
+pytestmark = pytest.mark.fast
 
 
 def test_status_line_reports_rate_over_the_interval_and_every_field() -> None:

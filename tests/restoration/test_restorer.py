@@ -15,6 +15,8 @@ from appliance.restoration.restorer import TileRestorer
 from appliance.tile_io import TileError
 from models.blur_synth import BlurParams, load_image, load_split, synthesize
 
+TIER = "fast"  # this module's default tier (tests/conftest.py); tests of the other tier are marked
+
 SIGMA = 2.0
 
 
@@ -124,6 +126,7 @@ def test_tiled_inference_has_no_seams(learned: TileRestorer, sharp: np.ndarray) 
     assert (difference > 1).mean() < 1e-3
 
 
+@pytest.mark.system
 def test_auto_backend_on_cpu_uses_onnx_without_importing_torch() -> None:
     code = (
         "import sys\n"
@@ -139,6 +142,7 @@ def test_auto_backend_on_cpu_uses_onnx_without_importing_torch() -> None:
     assert result.stdout.strip().startswith(expected)
 
 
+@pytest.mark.system
 def test_onnx_export_agrees_with_torch_program(learned: TileRestorer, sharp: np.ndarray) -> None:
     torch = pytest.importorskip("torch")
     from appliance.restoration.restorer import load_sidecar
@@ -163,6 +167,7 @@ def test_onnx_export_agrees_with_torch_program(learned: TileRestorer, sharp: np.
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.system
 def test_compact_transfers_give_the_same_pixels_as_the_int32_round_trip(
     sharp: np.ndarray, dtype: type[np.integer]
 ) -> None:

@@ -36,6 +36,8 @@ from models.blur_synth import BlurParams, load_image, load_split, synthesize
 from models.deblur.export import export_run
 from models.deblur.network import DeblurNet
 
+TIER = "system"  # this module's default tier (tests/conftest.py); tests of the other tier are marked
+
 TINY = {"width": 8, "enc_blocks": [1, 1], "middle_blocks": 1, "dec_blocks": [1, 1], "noise_map": True,
         "psf_planes": True}
 MARGIN = 32
@@ -147,6 +149,7 @@ def test_no_estimate_takes_the_blind_path(psf_model: Path, sharp: np.ndarray) ->
     assert np.abs(default.astype(np.int64) - restored).max() <= 2
 
 
+@pytest.mark.fast
 def test_device_planes_equal_numpy_planes() -> None:
     rng = np.random.default_rng(0)
     estimates = [

@@ -9,6 +9,8 @@ import pytest
 from appliance.restoration.tiling import blend_window, patch_starts, run_tiled
 from models.blur_synth import load_image, load_split
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def em() -> np.ndarray:

@@ -10,6 +10,8 @@ from appliance.restoration.wiener import auto_nsr, gaussian_psf, wiener_deconvol
 from bench.deconvolution import richardson_lucy
 from models.blur_synth import BlurParams, apply_blur, load_image, load_split, psf_kernel, synthesize
 
+pytestmark = pytest.mark.fast
+
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))

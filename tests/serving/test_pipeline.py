@@ -15,6 +15,8 @@ from appliance.stream.protocol import encode_end, encode_start
 from appliance.tile_io import read_tile
 from appliance.tools.reference_controller import ReferenceController, cycle_tiles, tile_frames
 
+pytestmark = pytest.mark.system
+
 LOOPBACK = dict(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*")
 
 

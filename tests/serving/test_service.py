@@ -12,10 +12,13 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from appliance.qc_record import QC_FILENAME, QcTileRecord, read_qc_lines
 from appliance.tools.reference_controller import ReferenceController, cycle_tiles, tile_frames
+
+pytestmark = pytest.mark.system
 
 
 def _serve(config: Path, *args: str) -> subprocess.Popen[str]:

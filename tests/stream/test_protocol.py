@@ -22,6 +22,8 @@ from appliance.stream.protocol import (
     encode_tile,
 )
 
+pytestmark = pytest.mark.fast
+
 LIMITS = StreamLimits(max_tile_bytes=1 << 20, max_tile_side=4096)
 
 

@@ -10,12 +10,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 from typer.testing import CliRunner
 
 from appliance.tile_io import read_tile
 from appliance.tools.cli import app
 from appliance.tools.demo import SAMPLE_DIR
+
+pytestmark = pytest.mark.system
 
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
