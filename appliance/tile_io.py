@@ -48,9 +48,10 @@ def read_tile(path: Path) -> np.ndarray:
         if suffix in (".tif", ".tiff"):
             pixels = tifffile.imread(path)
         elif suffix == ".png":
-            pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if pixels is None:
+            decoded = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if decoded is None:
                 raise TileError(f"{path}: not a readable PNG")
+            pixels = decoded
         else:
             raise TileError(f"{path}: unsupported file type {suffix!r}; use .png, .tif or .tiff")
     except TileError:

@@ -54,7 +54,11 @@ def blur_score_from_sigma(sigma_px: float | np.ndarray) -> float | np.ndarray:
 
 def _box3(grid: np.ndarray) -> np.ndarray:
     padded = np.pad(grid, 1)
-    return sum(padded[i : i + GRID, j : j + GRID] for i in range(3) for j in range(3))
+    total = np.zeros_like(grid)
+    for i in range(3):
+        for j in range(3):
+            total = total + padded[i : i + GRID, j : j + GRID]
+    return total
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ def aggregate(
     global_sigma = max(math.exp(global_log) - _LOG_OFFSET, 0.0)
     if trusted.any():
         masked = np.where(trusted, region_sigma, -1.0)
-        worst = np.unravel_index(int(np.argmax(masked)), masked.shape)
+        row, col = np.unravel_index(int(np.argmax(masked)), masked.shape)
+        worst = (int(row), int(col))
         worst_sigma = float(masked[worst])
         best_sigma = float(np.where(trusted, region_sigma, np.inf).min())
     else:
@@ -107,7 +112,7 @@ def aggregate(
         sigma_px=max(global_sigma, worst_sigma) * math.sqrt(anisotropy),
         global_sigma_px=global_sigma,
         region_sigma=region_sigma,
-        worst_cell=(int(worst[0]), int(worst[1])),
+        worst_cell=worst,
         best_sigma_px=best_sigma,
         reliable_fraction=float(cell_w.sum() / max(len(w), 1) / max(min_weight, 1e-12)),
         anisotropy=anisotropy,
@@ -196,7 +201,7 @@ class BlurDetector:
                     f"blur sigma ~{est.sigma_px:.1f} px exceeds the restorable limit "
                     f"{cfg.max_restorable_sigma_px:g} px (detector.max_restorable_sigma_px): refocus"
                 )
-        regions = blur_score_from_sigma(est.region_sigma)
+        regions = np.asarray(blur_score_from_sigma(est.region_sigma))
         # An unjudgeable tile scores 1.0: it must not pass as sharp whatever its estimate says.
         score = 1.0 if reason.startswith("not judgeable") else float(blur_score_from_sigma(est.sigma_px))
         return BlurAssessment(

@@ -56,8 +56,8 @@ class MetricsEndpoint:
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        host = f"[{host}]" if ":" in str(host) else host
+        host, port = str(self._server.server_address[0]), self._server.server_address[1]
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/metrics"
 
     def start(self) -> str:

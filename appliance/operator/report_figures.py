@@ -7,7 +7,9 @@ restored, empty) are shapes, not colours alone.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -56,7 +58,7 @@ def focus_map_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figure:
     norm = Normalize(0.0, thresholds.sigma_max_px)
     sigmas = np.array([np.nan if t.sigma_px is None else t.sigma_px for t in tiles], dtype=float)
     cmap = colormaps[CMAP].with_extremes(bad=NO_SIGMA_COLOUR)
-    tiles_drawn = PolyCollection(tile_polygons(tiles), array=np.ma.masked_invalid(sigmas), cmap=cmap, norm=norm,
+    tiles_drawn = PolyCollection(tile_polygons(tiles), array=np.ma.masked_invalid(sigmas), cmap=cmap, norm=norm,  # type: ignore[arg-type]  # matplotlib stub: an (N, 4, 2) array is a sequence of polygons
                                  edgecolors="face", linewidths=0.2)
     tiles_drawn.set_gid("tiles")
     axes.add_collection(tiles_drawn)
@@ -65,7 +67,7 @@ def focus_map_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figure:
     for level in (thresholds.sharp_sigma_px, thresholds.max_restorable_sigma_px):
         colorbar.ax.axhline(level, color="white", linewidth=1.2)
     marker_size = float(np.clip(3000.0 / max(len(tiles), 1), 4.0, 60.0))
-    marks = (
+    marks: tuple[tuple[str, Callable[[TileQc], bool], dict[str, Any]], ...] = (
         ("retake", lambda t: t.action == "flagged" and not t.empty, dict(marker="x", color="#d62728")),
         ("restored", lambda t: t.action == "restored", dict(marker="o", facecolors="none", edgecolors="white")),
         ("empty (not judgeable)", lambda t: t.empty, dict(marker="s", facecolors="none", edgecolors="#ff7f0e")),
@@ -96,7 +98,7 @@ def sigma_histogram_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figur
     sigmas = np.array([t.sigma_px for t in tiles if t.sigma_px is not None], dtype=float)
     top = thresholds.sigma_max_px
     bins = np.linspace(0.0, top, 41)
-    axes.hist(np.clip(sigmas, 0.0, top), bins=bins, color="#3b528b")
+    axes.hist(np.clip(sigmas, 0.0, top), bins=bins, color="#3b528b")  # type: ignore[arg-type]  # stub: edges as an array
     for level, name in ((thresholds.sharp_sigma_px, "sharp ≤"), (thresholds.max_restorable_sigma_px, "restorable ≤")):
         axes.axvline(level, color="#d62728", linestyle="--", linewidth=1)
         axes.annotate(f"{name} {level:g} px", (level, 1.0), xycoords=("data", "axes fraction"), rotation=90,

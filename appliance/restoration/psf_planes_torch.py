@@ -76,7 +76,8 @@ def psf_planes_for_estimates(
         rows = [_scalars(estimates[i]) for i in group]
         scalars = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
         region = torch.from_numpy(np.stack([grids[i] for i in group])).to(device, non_blocking=True)
-        parts.append(psf_planes_batch(height, width, *scalars.unbind(1), region))
+        known, sigma_px, anisotropy, angle_deg = scalars.unbind(1)
+        parts.append(psf_planes_batch(height, width, known, sigma_px, anisotropy, angle_deg, region))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -204,7 +204,8 @@ class TileRestorer:
         if self._run_patches is None:
             restored = classical_restore(image, assessment)
         else:
-            planes = psf_planes(*image.shape, estimate_from_assessment(assessment)) if self.psf_aware else None
+            height, width = image.shape
+            planes = psf_planes(height, width, estimate_from_assessment(assessment)) if self.psf_aware else None
             restored = run_tiled(
                 image,
                 self._run_patches,

@@ -122,6 +122,6 @@ def _reflect_pad(image: np.ndarray, top: int, bottom: int, left: int, right: int
         h, w = out.shape
         t, b = min(top, h - 1), min(bottom, h - 1)
         left_now, right_now = min(left, w - 1), min(right, w - 1)
-        out = cv2.copyMakeBorder(out, t, b, left_now, right_now, cv2.BORDER_REFLECT_101)
+        out = np.asarray(cv2.copyMakeBorder(out, t, b, left_now, right_now, cv2.BORDER_REFLECT_101))
         top, bottom, left, right = top - t, bottom - b, left - left_now, right - right_now
     return out

@@ -62,19 +62,26 @@ class Appliance:
         # No HTTP proxy: tiles arrive over ZeroMQ only.
         serve.start(proxy_location="Disabled", logging_config=SERVE_LOGGING)
         detector = serve.run(
-            BlurDetectorDeployment.options(**self.cfg.detector.deployment_options(), logging_config=SERVE_LOGGING)
+            BlurDetectorDeployment.options(  # type: ignore[attr-defined]  # added by @serve.deployment
+                **self.cfg.detector.deployment_options(), logging_config=SERVE_LOGGING
+            )
             .bind(self.cfg.detector),
             name=DETECTOR_APP, route_prefix=None,
         )
         deblur = serve.run(
-            DeblurDeployment.options(**self.cfg.deblur.deployment_options(), logging_config=SERVE_LOGGING)
+            DeblurDeployment.options(  # type: ignore[attr-defined]  # added by @serve.deployment
+                **self.cfg.deblur.deployment_options(), logging_config=SERVE_LOGGING
+            )
             .bind(self.cfg.deblur),
             name=DEBLUR_APP, route_prefix=None,
         )
         thresholds = Thresholds(self.cfg.detector.sharp_sigma_px, self.cfg.detector.max_restorable_sigma_px)
-        self._sink = SinkActor.remote(self.cfg.output, self.cfg.ingest.feedback_endpoint, thresholds)
+        self._sink = SinkActor.remote(  # type: ignore[attr-defined]  # added by @ray.remote
+            self.cfg.output, self.cfg.ingest.feedback_endpoint, thresholds)
         sink_info = ray.get(self._sink.endpoints.remote())
-        self._ingest = IngestActor.remote(self.cfg.ingest, detector, deblur, self._sink)
+        self._ingest = IngestActor.remote(  # type: ignore[attr-defined]  # added by @ray.remote
+            self.cfg.ingest, detector, deblur, self._sink
+        )
         tile_endpoint = ray.get(self._ingest.start.remote())
         metrics_url = self._start_metrics(sink_info["output_dir"]) if self.cfg.metrics.enabled else None
         self.endpoints = RunningEndpoints(tile_endpoint, sink_info["feedback"], sink_info["output_dir"], metrics_url)
@@ -83,8 +90,11 @@ class Appliance:
         return self.endpoints
 
     def _start_metrics(self, output_dir: str) -> str:
-        host = HostMetrics(Path(output_dir), {BlurDetectorDeployment.name: self.cfg.detector.num_replicas,
-                                              DeblurDeployment.name: self.cfg.deblur.num_replicas})
+        replicas = {
+            BlurDetectorDeployment.name: self.cfg.detector.num_replicas,  # type: ignore[attr-defined]
+            DeblurDeployment.name: self.cfg.deblur.num_replicas,  # type: ignore[attr-defined]
+        }
+        host = HostMetrics(Path(output_dir), replicas)
         ingest, sink = self._ingest, self._sink
 
         def collect() -> bytes:

@@ -123,7 +123,7 @@ class IngestActor:
     async def _next_message(self) -> list[zmq.Frame] | None:
         # Poll in short steps so that drain() is noticed while the controller is silent.
         while not self._stopping.is_set():
-            if await self._socket.poll(POLL_MS, zmq.POLLIN):
+            if await self._socket.poll(POLL_MS, zmq.POLLIN):  # type: ignore[call-arg]  # pyzmq's stub: timeout only
                 return await self._socket.recv_multipart(copy=False)
         return None
 

@@ -89,7 +89,9 @@ class StreamLimits:
 
 
 StreamMessage = SectionStart | Tile | SectionEnd
-_HEADER_TYPES: dict[str, type[_Header]] = {"start": SectionStart, "tile": TileHeader, "end": SectionEnd}
+_HEADER_TYPES: dict[str, type[SectionStart | TileHeader | SectionEnd]] = {
+    "start": SectionStart, "tile": TileHeader, "end": SectionEnd,
+}
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -203,7 +205,7 @@ def encode_tile(header: TileHeader, pixels: np.ndarray) -> list[bytes | memoryvi
     if pixels.shape != tuple(header.shape) or pixels.dtype.newbyteorder("<") != expected:
         raise ValueError(f"pixels {pixels.shape} {pixels.dtype} do not match header {header.shape} {header.dtype}")
     pixels = np.ascontiguousarray(pixels, dtype=expected)
-    return [_pack(header.model_dump()), memoryview(pixels).cast("B")]
+    return [_pack(header.model_dump()), pixels.data.cast("B")]
 
 
 # ---- feedback (appliance -> controller) ----

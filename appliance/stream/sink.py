@@ -104,10 +104,9 @@ class SinkActor:
         header = outcome.header
         delivered_path, original_path = tile_paths(self._dir, header)
         t0 = time.perf_counter()
-        is_restored = restored is not None and not outcome.failure
-        await asyncio.to_thread(
-            write_tile_atomic, delivered_path, restored if is_restored else pixels, self._output.fsync
-        )
+        delivered = restored if restored is not None and not outcome.failure else pixels
+        is_restored = delivered is restored
+        await asyncio.to_thread(write_tile_atomic, delivered_path, delivered, self._output.fsync)
         kept_original = is_restored and self._output.keep_originals
         if kept_original:
             await asyncio.to_thread(write_tile_atomic, original_path, pixels, self._output.fsync)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -99,12 +100,12 @@ def report(
         typer.echo(write_section_report(name, tiles, output_dir, path, thresholds))
 
 
-def _emit(results: list[FileResult] | object, as_json: bool) -> int:
+def _emit(results: Iterable[FileResult], as_json: bool) -> int:
     failures = 0
-    for result in results:  # type: ignore[attr-defined]
-        if result.error:
+    for result in results:
+        if result.error or result.record is None:
             failures += 1
-            _error(result.error)
+            _error(result.error or f"{result.path}: no result")
         elif as_json:
             print(json.dumps(result.record), flush=True)
         else:

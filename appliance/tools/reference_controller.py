@@ -94,7 +94,8 @@ def tile_frames(
     stage_x_um, stage_y_um = grid_stage_um(seq, pixels.shape, pixel_size_nm, columns)
     header = TileHeader(
         v=1, type="tile", section=section, tile_id=tile_id, seq=seq, shape=list(pixels.shape),
-        dtype=str(pixels.dtype), pixel_size_nm=pixel_size_nm, stage_x_um=stage_x_um,
+        dtype=str(pixels.dtype),  # type: ignore[arg-type]  # a str; TileHeader validates it is uint8/uint16
+        pixel_size_nm=pixel_size_nm, stage_x_um=stage_x_um,
         stage_y_um=stage_y_um, t_acquired=now, t_sent=now, beam=beam,
     )
     return encode_tile(header, pixels)

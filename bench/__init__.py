@@ -1,0 +1,1 @@
+"""Benchmarks (not installed): run from a checkout, e.g. `python bench/replay.py --local`."""
