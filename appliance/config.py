@@ -30,7 +30,9 @@ class IngestConfig(_Strict):
         "per-tile results, errors and retake flags.",
     )
     max_in_flight: int = Field(
-        8, ge=1, le=1024,
+        8,
+        ge=1,
+        le=1024,
         description="Credits: tiles between receive and durable write. At the limit the ingest stops "
         "reading, the ZeroMQ pipe fills and the controller's send blocks (it is slowed, never dropped).",
     )
@@ -54,7 +56,9 @@ class ReplicaConfig(_Strict):
 
     num_replicas: int = Field(1, ge=1, le=64)
     num_gpus_per_replica: float = Field(
-        0.0, ge=0.0, le=8.0,
+        0.0,
+        ge=0.0,
+        le=8.0,
         description="GPUs per replica: a fraction of one GPU (replicas share it), or whole GPUs; 0 runs on CPU.",
     )
     num_cpus_per_replica: float = Field(0.5, ge=0.0, le=64.0)
@@ -115,7 +119,9 @@ class DetectorConfig(ReplicaConfig):
     )
     model_path: Path | None = Field(None, description="ONNX model; None uses the bundled weights.")
     max_restorable_sigma_px: float = Field(
-        3.0, gt=0.0, le=50.0,
+        3.0,
+        gt=0.0,
+        le=50.0,
         description="Largest blur (Gaussian-equivalent PSF sigma, px) the deblur model restores well; "
         "beyond it a tile is flagged for retake instead of restored.",
     )
@@ -145,11 +151,15 @@ class DeblurConfig(ReplicaConfig):
         "where a CUDA GPU is visible and it was exported, else deblur.onnx (appliance.restoration.restorer).",
     )
     patch_size: int = Field(
-        512, ge=64, le=4096,
+        512,
+        ge=64,
+        le=4096,
         description="Side (px) of the square patches tiled inference runs on; a multiple of 16.",
     )
     patch_overlap: int = Field(
-        32, ge=0, le=512,
+        32,
+        ge=0,
+        le=512,
         description="Context (px) each patch shares with its neighbours, blended out so there are no seams.",
     )
     patch_batch: int = Field(4, ge=1, le=256, description="Patches per model call (raise on a GPU).")
@@ -262,7 +272,5 @@ def load_rig_config(path: Path) -> RigConfig:
     try:
         return RigConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"{path}: invalid config: {problems}") from exc

@@ -107,7 +107,8 @@ def make_assessor(mode: str) -> Assessor:
         return detected
     if mode == "true":
         return lambda _blurred, params: (
-            BlurAssessment(0.5, "soft", 0.0) if params is None
+            BlurAssessment(0.5, "soft", 0.0)
+            if params is None
             else BlurAssessment(0.5, "soft", params.sigma_px, params.anisotropy, params.angle_deg)
         )
     if mode == "blind":
@@ -138,7 +139,12 @@ def best_rl(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.nda
 
 
 def restore_cell(
-    restorer: TileRestorer | None, images: list[np.ndarray], family: str, sigma: float, draws: int, seed: int,
+    restorer: TileRestorer | None,
+    images: list[np.ndarray],
+    family: str,
+    sigma: float,
+    draws: int,
+    seed: int,
     assess: Assessor,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, np.ndarray]]]:
     """Mean PSNR/SSIM per method for one (family, strength) cell, plus the outputs of the first tile."""
@@ -176,15 +182,20 @@ def restore_cell(
         cell["best_classical_per_tile"] = {"psnr": float(np.mean(better)), "n": len(better)}
     if given_sigma:  # what the model was told (used by a PSF-aware model only); nan = no estimate
         usable = [v for v in given_sigma if math.isfinite(v)]
-        cell["estimate"] = {"sigma_px_mean": float(np.mean(usable)) if usable else None,
-                            "no_estimate_fraction": 1.0 - len(usable) / len(given_sigma)}
+        cell["estimate"] = {
+            "sigma_px_mean": float(np.mean(usable)) if usable else None,
+            "no_estimate_fraction": 1.0 - len(usable) / len(given_sigma),
+        }
     return cell, examples[:1]
 
 
 def target_summary(table: dict[str, dict[str, dict]]) -> dict[str, float]:
     """Gaussian blur in TARGET_RANGE: mean PSNR per method and the model's gains (dB)."""
-    cells = [c for key, c in table.items() if key.startswith("gaussian@")
-             and TARGET_RANGE[0] <= float(key.split("@")[1]) <= TARGET_RANGE[1]]
+    cells = [
+        c
+        for key, c in table.items()
+        if key.startswith("gaussian@") and TARGET_RANGE[0] <= float(key.split("@")[1]) <= TARGET_RANGE[1]
+    ]
     mean = {m: float(np.mean([c[m]["psnr"] for c in cells])) for m in METHODS if all(m in c for c in cells)}
     summary = {f"{m}_psnr": v for m, v in mean.items()}
     if "model" in mean:
@@ -230,10 +241,13 @@ def headroom(
         for image in images:
             for floor in OTF_FLOORS:
                 scores.setdefault(f"band_limit_otf_{floor:g}", []).append(
-                    psnr(band_limited(image, sigma, floor), image, 255.0))
+                    psnr(band_limited(image, sigma, floor), image, 255.0)
+                )
             blurred = quantize(apply_blur(to_unit_float(image), params))  # no noise
-            outputs = {"noise_free_input": blurred,
-                       "noise_free_wiener": best_wiener(to_unit_float(blurred), psf_kernel(params), image)}
+            outputs = {
+                "noise_free_input": blurred,
+                "noise_free_wiener": best_wiener(to_unit_float(blurred), psf_kernel(params), image),
+            }
             if restorer is not None:
                 outputs["noise_free_model"] = restorer.restore([blurred], [assess(blurred, params)])[0]
             for name, out in outputs.items():
@@ -283,8 +297,12 @@ def write_figure(examples: dict[str, dict[str, np.ndarray]], path: Path, model_l
                 label = f"{name}: n/a (no single PSF)"
             else:
                 tile = image[200 : 200 + crop, 200 : 200 + crop]
-                label = {"input": f"{case} input", "wiener": "Wiener (true PSF, oracle)",
-                         "model": model_label, "truth": "sharp original"}[name]
+                label = {
+                    "input": f"{case} input",
+                    "wiener": "Wiener (true PSF, oracle)",
+                    "model": model_label,
+                    "truth": "sharp original",
+                }[name]
             tile = cv2.resize(tile, (2 * crop, 2 * crop), interpolation=cv2.INTER_NEAREST)
             header = np.full((24, 2 * crop), 255, np.uint8)  # label above the crop, never over pixels
             cv2.putText(header, label, (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 0, 1, cv2.LINE_AA)
@@ -324,8 +342,12 @@ def bench_speed(restorer: TileRestorer, seconds: float, batch: int) -> dict[str,
 
 
 def machine() -> dict[str, object]:
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
-            "gpu": Path("/proc/driver/nvidia/version").exists()}
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_avg_1min": os.getloadavg()[0],
+        "gpu": Path("/proc/driver/nvidia/version").exists(),
+    }
 
 
 def measure_speed(model_path: Path | None, seconds: float, batch: int, threads: int) -> dict[str, dict]:
@@ -346,8 +368,7 @@ def speed_backends(model_path: Path | None, threads: int) -> list[tuple[str, Deb
         if Path("/proc/driver/nvidia/version").exists():
             # GPU: big patches in big batches; `auto` picks torch fp16 or ONNX Runtime CUDA.
             gpu = {"model_path": model_path, "patch_size": 1024, "patch_batch": 16}
-            backends += [("auto", DeblurConfig(backend="auto", **gpu)),
-                         ("torch", DeblurConfig(backend="torch", **gpu))]
+            backends += [("auto", DeblurConfig(backend="auto", **gpu)), ("torch", DeblurConfig(backend="torch", **gpu))]
     return backends
 
 
@@ -357,13 +378,25 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=2, help="renderings per test image and cell")
     parser.add_argument("--strengths", type=float, nargs="*", default=list(STRENGTHS))
     parser.add_argument("--speed-seconds", type=float, default=20.0)
-    parser.add_argument("--speed-batch", type=int, default=8 if Path("/proc/driver/nvidia/version").exists() else 1,
-                        help="tiles per restore() call (default 8 on a GPU, 1 on CPU)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="default bench/results/deblur_eval.json (--estimate detector), else "
-                        "deblur_eval_<estimate>.json; the figure is written beside it")
-    parser.add_argument("--estimate", choices=ESTIMATES, default="detector",
-                        help="the BlurAssessment a PSF-aware model is given (a blind model ignores it)")
+    parser.add_argument(
+        "--speed-batch",
+        type=int,
+        default=8 if Path("/proc/driver/nvidia/version").exists() else 1,
+        help="tiles per restore() call (default 8 on a GPU, 1 on CPU)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default bench/results/deblur_eval.json (--estimate detector), else "
+        "deblur_eval_<estimate>.json; the figure is written beside it",
+    )
+    parser.add_argument(
+        "--estimate",
+        choices=ESTIMATES,
+        default="detector",
+        help="the BlurAssessment a PSF-aware model is given (a blind model ignores it)",
+    )
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime CPU threads (num_cpus_per_replica)")
     parser.add_argument("--speed-only", action="store_true", help="only throughput, into deblur_speed.json")
@@ -416,8 +449,14 @@ def main() -> None:
         "retake (same tile in focus, same noise)",
         "speed": speed,
         "figure": str(figure.relative_to(REPO)) if figure.is_relative_to(REPO) else str(figure),
-        "settings": {"draws": args.draws, "seed": args.seed, "estimate": args.estimate, "wiener_nsr_grid": WIENER_NSR,
-                     "rl_iterations_grid": RL_ITERATIONS, "test_images": [p.name for p in load_split("test")]},
+        "settings": {
+            "draws": args.draws,
+            "seed": args.seed,
+            "estimate": args.estimate,
+            "wiener_nsr_grid": WIENER_NSR,
+            "rl_iterations_grid": RL_ITERATIONS,
+            "test_images": [p.name for p in load_split("test")],
+        },
         "machine": machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -440,8 +479,10 @@ def print_summary(result: dict) -> None:
     for key, cell in result["table"].items():
         print(_row_text(key, cell))
     print("\nTarget (Gaussian sigma 1-3 px + noise):", json.dumps(result["target_gaussian_sigma_1_3"], indent=1))
-    print("\nHeadroom (Gaussian, PSNR dB vs the sharp original; band_limit_otf_F = truth without the frequencies"
-          " the blur attenuates below F; noise_free_* = blur + uint8 quantisation only)")
+    print(
+        "\nHeadroom (Gaussian, PSNR dB vs the sharp original; band_limit_otf_F = truth without the frequencies"
+        " the blur attenuates below F; noise_free_* = blur + uint8 quantisation only)"
+    )
     for key, row in result["headroom_gaussian"].items():
         print(f"{key:16s} " + "  ".join(f"{name} {value:6.2f}" for name, value in row.items()))
     print("No blur, noise only (a tile wrongly sent to deblur):", json.dumps(result["no_blur_noise_only"]))

@@ -91,9 +91,7 @@ def fit_thresholds(methods: Methods, rng: np.random.Generator) -> dict[str, floa
     """Per method, the score threshold with the best balanced accuracy on the val split at sigma 1-2."""
     tiles = dihedral_tiles("val")
     sharp = methods.scores([synthesize(t, None, rng) for t in tiles])
-    blurred_tiles = [
-        synthesize(t, blur_params(f, s, rng), rng) for t in tiles for f in FAMILIES for s in (1.0, 2.0)
-    ]
+    blurred_tiles = [synthesize(t, blur_params(f, s, rng), rng) for t in tiles for f in FAMILIES for s in (1.0, 2.0)]
     blurred = methods.scores(blurred_tiles)
     thresholds = {}
     for name in methods.names:
@@ -122,8 +120,7 @@ def content_tiles(rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
         nucleus[inside] = 0.55 * float(f.mean()) + 0.05 * float(rng.random())  # flat, sharp-edged
         out["nucleus"].append(nucleus)
     return {
-        k: [synthesize(quantize(v, np.uint16), None, rng, dtype=np.uint8) for v in tiles]
-        for k, tiles in out.items()
+        k: [synthesize(quantize(v, np.uint16), None, rng, dtype=np.uint8) for v in tiles] for k, tiles in out.items()
     }
 
 
@@ -185,8 +182,12 @@ def main() -> None:
             params = [p for _, p in draws]
             blurred_tiles = [synthesize(t, p, rng) for t, p in draws]
             blurred = methods.scores(blurred_tiles)
-            row: dict = {"family": family, "sigma_px": sigma, "n_blurred": len(blurred_tiles),
-                         "n_sharp": len(sharp_tiles)}
+            row: dict = {
+                "family": family,
+                "sigma_px": sigma,
+                "n_blurred": len(blurred_tiles),
+                "n_sharp": len(sharp_tiles),
+            }
             for name in methods.names:
                 acc = ((sharp[name] < thresholds[name]).mean() + (blurred[name] >= thresholds[name]).mean()) / 2
                 row[f"{name}_auroc"] = auroc(sharp[name], blurred[name])
@@ -197,8 +198,11 @@ def main() -> None:
                 called_sharp = np.mean([lab == "sharp" for lab in sharp_labels])
                 # Balanced accuracy of its own labels (sharp vs not) at the default thresholds.
                 row["model_labels_acc"] = float((called_blurred + called_sharp) / 2)
-                want = "sharp" if sigma <= cfg.sharp_sigma_px else (
-                    "soft" if sigma <= cfg.max_restorable_sigma_px else "retake")
+                want = (
+                    "sharp"
+                    if sigma <= cfg.sharp_sigma_px
+                    else ("soft" if sigma <= cfg.max_restorable_sigma_px else "retake")
+                )
                 row["model_label_acc"] = float(np.mean([a.label == want for a in assessed]))
                 est = np.array([a.sigma_px for a in assessed])
                 row["model_sigma_median"] = float(np.median(est))
@@ -260,9 +264,11 @@ def print_summary(result: dict, names: list[str]) -> None:
             extra = ""
             if "model_aniso_mae" in row:
                 extra = f"  aniso err {row['model_aniso_mae']:.2f}  angle err {row['model_angle_mae_deg']:.1f} deg"
-            print(f"{row['family']:<11} {row['sigma_px']:>4.1f}  sharp-vs-not acc {row['model_labels_acc']:.2f}  "
-                  f"3-class acc {row['model_label_acc']:.2f}  "
-                  f"sigma {row['model_sigma_median']:.2f} (err {row['model_sigma_mae']:.2f}){extra}")
+            print(
+                f"{row['family']:<11} {row['sigma_px']:>4.1f}  sharp-vs-not acc {row['model_labels_acc']:.2f}  "
+                f"3-class acc {row['model_label_acc']:.2f}  "
+                f"sigma {row['model_sigma_median']:.2f} (err {row['model_sigma_mae']:.2f}){extra}"
+            )
     print("\ncontent test: share of SHARP tiles called blurred (lower is better)")
     for kind, entry in result["content_false_blurred_rate"].items():
         print(f"{kind:<12} " + " ".join(f"{n}={entry[n]:.2f}" for n in names))

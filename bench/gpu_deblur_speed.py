@@ -78,10 +78,15 @@ def main() -> None:
     planes = bool(state["config"]["model"].get("psf_planes", False))
     array, window = network_input(tile, planes, model.size_multiple)
     device = torch.device(args.device)
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__, "tile": f"{args.side}x{args.side} uint8",
-                              "step": state.get("step"), "val_psnr": state.get("val_psnr"),
-                              "parameters": sum(p.numel() for p in model.parameters()), "variants": {}}
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "tile": f"{args.side}x{args.side} uint8",
+        "step": state.get("step"),
+        "val_psnr": state.get("val_psnr"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "variants": {},
+    }
     reference = None
     dtypes = [torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
     with tempfile.TemporaryDirectory() as tmp:  # the runtime's loading path: an exported program
@@ -96,7 +101,7 @@ def main() -> None:
             entry: dict[str, Any] = {}
             with torch.inference_mode():
                 one = torch.from_numpy(array).to(device, dtype).contiguous(memory_format=layout)
-                out = module(one).float()[0, 0, MARGIN:MARGIN + args.side, MARGIN:MARGIN + args.side]
+                out = module(one).float()[0, 0, MARGIN : MARGIN + args.side, MARGIN : MARGIN + args.side]
                 restored = from_model_scale(out.cpu().numpy(), window, np.dtype(np.uint8))
                 if reference is None:
                     reference = restored

@@ -63,8 +63,12 @@ def environment(device: str) -> dict[str, Any]:
     import ray
 
     env: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "ray": ray.__version__, "onnxruntime": onnxruntime.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "onnxruntime": onnxruntime.__version__,
         "onnxruntime_providers": onnxruntime.get_available_providers(),
     }
     try:
@@ -118,15 +122,20 @@ def soft_tiles(sharp: list[np.ndarray], count: int) -> list[np.ndarray]:
     from models.blur_synth import BlurParams, synthesize
 
     rng = np.random.default_rng(1)
-    return [synthesize(sharp[i % len(sharp)], BlurParams("gaussian", SOFT_SIGMA_PX), rng, noise=True,
-                       dtype=sharp[0].dtype) for i in range(count)]
+    return [
+        synthesize(sharp[i % len(sharp)], BlurParams("gaussian", SOFT_SIGMA_PX), rng, noise=True, dtype=sharp[0].dtype)
+        for i in range(count)
+    ]
 
 
 def dn_agreement(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Largest and typical |candidate - reference| in DN, and the share of pixels more than 1 DN apart."""
     diff = np.abs(candidate.astype(np.int64) - reference.astype(np.int64))
-    return {"max_dn": int(diff.max()), "p99_9_dn": float(np.percentile(diff, 99.9)),
-            "share_over_1_dn": float((diff > 1).mean())}
+    return {
+        "max_dn": int(diff.max()),
+        "p99_9_dn": float(np.percentile(diff, 99.9)),
+        "share_over_1_dn": float((diff > 1).mean()),
+    }
 
 
 def deblur_variants(device: str) -> list[tuple[str, dict[str, Any]]]:
@@ -135,8 +144,10 @@ def deblur_variants(device: str) -> list[tuple[str, dict[str, Any]]]:
 
     if device != "cuda":
         return [("torch-cpu-float32", {"dtype": torch.float32})]
-    variants = [("torch-cuda-float16", {"dtype": torch.float16}),
-                ("torch-cuda-float16 int32 transfers (before)", {"dtype": torch.float16, "compact_transfers": False})]
+    variants = [
+        ("torch-cuda-float16", {"dtype": torch.float16}),
+        ("torch-cuda-float16 int32 transfers (before)", {"dtype": torch.float16, "compact_transfers": False}),
+    ]
     if torch.cuda.is_bf16_supported():
         variants.insert(1, ("torch-cuda-bfloat16", {"dtype": torch.bfloat16}))
     return variants
@@ -150,12 +161,13 @@ def time_variant(
     from appliance.restoration.torch_backend import TorchDeblur
     from appliance.weights import DEBLUR_MODEL
 
-    engine = TorchDeblur(DEBLUR_MODEL.with_suffix(".pt2"), load_sidecar(DEBLUR_MODEL).size_multiple, device,
-                         **kwargs)
+    engine = TorchDeblur(DEBLUR_MODEL.with_suffix(".pt2"), load_sidecar(DEBLUR_MODEL).size_multiple, device, **kwargs)
     warm = time.perf_counter()
     (first,) = engine.restore_tiles(tiles[:1], margin)
-    entry: dict[str, Any] = {"first_call_s": round(time.perf_counter() - warm, 2),
-                             "vs_onnx_cpu_fp32": dn_agreement(first, reference)}
+    entry: dict[str, Any] = {
+        "first_call_s": round(time.perf_counter() - warm, 2),
+        "vs_onnx_cpu_fp32": dn_agreement(first, reference),
+    }
     for batch in (1, 4) if device == "cuda" else (1,):
         cursor = iter(range(10**9))
 
@@ -168,7 +180,10 @@ def time_variant(
 
 
 def bare_deblur(
-    cfg: RigConfig, tiles: list[np.ndarray], variants: list[tuple[str, dict[str, Any]]], budget: Budget,
+    cfg: RigConfig,
+    tiles: list[np.ndarray],
+    variants: list[tuple[str, dict[str, Any]]],
+    budget: Budget,
     max_s: float,
 ) -> dict[str, Any]:
     """Restored tiles/s per backend variant and its agreement with fp32 ONNX Runtime CPU (tiled), in DN."""
@@ -180,8 +195,10 @@ def bare_deblur(
     started = time.perf_counter()
     (reference,) = onnx_cpu.restore(tiles[:1], [assessment])
     result: dict[str, Any] = {
-        "onnx_cpu_reference": {"threads": reference_cfg.inference_threads,
-                               "tiles_per_s": round(1.0 / (time.perf_counter() - started), 3)},
+        "onnx_cpu_reference": {
+            "threads": reference_cfg.inference_threads,
+            "tiles_per_s": round(1.0 / (time.perf_counter() - started), 3),
+        },
         "variants": {},
     }
     device = "cuda" if cfg.deblur.num_gpus_per_replica > 0 else "cpu"
@@ -198,17 +215,22 @@ def bare_deblur(
 
 
 def pipeline_rows(
-    cfg: RigConfig, sharp_pool: list[tuple[str, np.ndarray]], mix_pool: list[tuple[str, np.ndarray]],
-    scale: float, budget: Budget,
+    cfg: RigConfig,
+    sharp_pool: list[tuple[str, np.ndarray]],
+    mix_pool: list[tuple[str, np.ndarray]],
+    scale: float,
+    budget: Budget,
 ) -> list[dict[str, Any]]:
     """One appliance, four sections: sharp at 25.4/s, sharp flat out, mix flat out, mix at 25.4/s."""
     from appliance.serving.pipeline import Appliance
     from appliance.tools.reference_controller import cycle_tiles, run_replay
 
-    plan = [("sharp tiles at 25.4/s", sharp_pool, 300, MULTISEM_TILES_PER_S),
-            ("sharp tiles, flat out", sharp_pool, 400, None),
-            ("1/16 soft + 1/16 retake, flat out", mix_pool, 400, None),
-            ("1/16 soft + 1/16 retake at 25.4/s", mix_pool, 300, MULTISEM_TILES_PER_S)]
+    plan = [
+        ("sharp tiles at 25.4/s", sharp_pool, 300, MULTISEM_TILES_PER_S),
+        ("sharp tiles, flat out", sharp_pool, 400, None),
+        ("1/16 soft + 1/16 retake, flat out", mix_pool, 400, None),
+        ("1/16 soft + 1/16 retake at 25.4/s", mix_pool, 300, MULTISEM_TILES_PER_S),
+    ]
     rows: list[dict[str, Any]] = []
     appliance = Appliance(cfg)
     appliance.start()
@@ -238,43 +260,64 @@ def suite_config(config: Path | None, device: str, work_dir: Path) -> RigConfig:
     """The rig config of the run (bench/rig-gpu.yaml on cuda), writing into the scratch directory."""
     path = config or (GPU_CONFIG if device == "cuda" else None)
     try:
-        cfg = load_rig_config(path) if path else RigConfig(
-            ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*"))
+        cfg = (
+            load_rig_config(path)
+            if path
+            else RigConfig(
+                ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*")
+            )
+        )
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
-    return cfg.model_copy(update={"output": OutputConfig(directory=work_dir, keep_originals=cfg.output.keep_originals,
-                                                         fsync=cfg.output.fsync)})
+    return cfg.model_copy(
+        update={
+            "output": OutputConfig(directory=work_dir, keep_originals=cfg.output.keep_originals, fsync=cfg.output.fsync)
+        }
+    )
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The suite's table, as it goes into the README (one line per measurement)."""
     env = result["environment"]
-    lines = [f"Device: {env.get('gpu') or env['device']} ({env.get('nvidia_smi', '')}), {env['cpu_count']} CPUs, "
-             f"{env['date']}; tiles {result['tile']}", "", "| what | tiles/s | detail |", "|---|---|---|"]
+    lines = [
+        f"Device: {env.get('gpu') or env['device']} ({env.get('nvidia_smi', '')}), {env['cpu_count']} CPUs, "
+        f"{env['date']}; tiles {result['tile']}",
+        "",
+        "| what | tiles/s | detail |",
+        "|---|---|---|",
+    ]
     det = result.get("bare_detector", {})
     for key in ("batch_1", "batch_4", "batch_8"):
         if key in det:
-            lines.append(f"| bare detector, {key.replace('_', ' ')} ({det['threads']} thread(s)) | "
-                         f"{det[key]['tiles_per_s']} | {det['model_version']} |")
+            lines.append(
+                f"| bare detector, {key.replace('_', ' ')} ({det['threads']} thread(s)) | "
+                f"{det[key]['tiles_per_s']} | {det['model_version']} |"
+            )
     deb = result.get("bare_deblur", {})
     if deb:
-        lines.append(f"| bare deblur, ONNX Runtime CPU fp32 (reference, {deb['onnx_cpu_reference']['threads']} "
-                     f"threads) | {deb['onnx_cpu_reference']['tiles_per_s']} | |")
+        lines.append(
+            f"| bare deblur, ONNX Runtime CPU fp32 (reference, {deb['onnx_cpu_reference']['threads']} "
+            f"threads) | {deb['onnx_cpu_reference']['tiles_per_s']} | |"
+        )
         for name, entry in deb.get("variants", {}).items():
             for key in ("batch_1", "batch_4"):
                 if key in entry:
                     agree = entry["vs_onnx_cpu_fp32"]
-                    lines.append(f"| bare deblur, {name}, {key.replace('_', ' ')} | {entry[key]['tiles_per_s']} | "
-                                 f"vs fp32 CPU: max {agree['max_dn']} DN, {100 * agree['share_over_1_dn']:.3f} % "
-                                 f"of pixels > 1 DN |")
+                    lines.append(
+                        f"| bare deblur, {name}, {key.replace('_', ' ')} | {entry[key]['tiles_per_s']} | "
+                        f"vs fp32 CPU: max {agree['max_dn']} DN, {100 * agree['share_over_1_dn']:.3f} % "
+                        f"of pixels > 1 DN |"
+                    )
             if "batch_1" not in entry:
                 lines.append(f"| bare deblur, {name} | - | {entry.get('skipped') or entry.get('error')} |")
         lines.append(f"| deblur backend chosen by `auto` | | {deb.get('auto_choice')} |")
     for row in result.get("pipeline", []):
         if "tiles_per_s" in row:
-            lines.append(f"| pipeline: {row['row']} ({row['sent']} tiles) | {row['tiles_per_s']:.1f} | "
-                         f"p50 / p95 / p99 {row['latency_p50_s']:.2f} / {row['latency_p95_s']:.2f} / "
-                         f"{row['latency_p99_s']:.2f} s, lost {row['lost']}, dup {row['duplicated']} |")
+            lines.append(
+                f"| pipeline: {row['row']} ({row['sent']} tiles) | {row['tiles_per_s']:.1f} | "
+                f"p50 / p95 / p99 {row['latency_p50_s']:.2f} / {row['latency_p95_s']:.2f} / "
+                f"{row['latency_p99_s']:.2f} s, lost {row['lost']}, dup {row['duplicated']} |"
+            )
         elif "skipped" in row:
             lines.append(f"| pipeline: {row['row']} | - | {row['skipped']} |")
     for name, value in result.get("ratios", {}).items():
@@ -286,8 +329,9 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
     """pipeline / bare in the same run: flat-out sharp over the bare detector at the replica's batch."""
     det = result.get("bare_detector", {})
     bare = det.get(f"batch_{result['config']['detector']['max_batch_size']}", {}).get("tiles_per_s")
-    flat = next((r for r in result.get("pipeline", []) if r["row"] == "sharp tiles, flat out" and "tiles_per_s" in r),
-                None)
+    flat = next(
+        (r for r in result.get("pipeline", []) if r["row"] == "sharp tiles, flat out" and "tiles_per_s" in r), None
+    )
     if not bare or flat is None:
         return {}
     replicas = result["config"]["detector"]["num_replicas"]

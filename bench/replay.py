@@ -52,7 +52,7 @@ def multisem_tiles(
     for index in range(count):
         picks = rng.choice(len(images), size=(side // 512 + 1) ** 2)
         rows = side // 512 + 1
-        mosaic = np.vstack([np.hstack([images[p] for p in picks[r * rows:(r + 1) * rows]]) for r in range(rows)])
+        mosaic = np.vstack([np.hstack([images[p] for p in picks[r * rows : (r + 1) * rows]]) for r in range(rows)])
         sharp = mosaic[:side, :side]
         if dtype == "uint16":
             sharp = sharp.astype(np.uint16) * 257
@@ -86,7 +86,7 @@ def time_bare_loops(cfg: RigConfig, pool: list[tuple[str, np.ndarray]], repeats:
     detector.assess(tiles[:1])  # warm-up (session creation, caches)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        assessments = [a for i in range(0, len(tiles), batch) for a in detector.assess(tiles[i:i + batch])]
+        assessments = [a for i in range(0, len(tiles), batch) for a in detector.assess(tiles[i : i + batch])]
     detect_s = (time.perf_counter() - t0) / (repeats * len(tiles))
     soft = [(tile, a) for tile, a in zip(tiles, assessments, strict=True) if a.label == "soft"]
     deblur_s = float("nan")
@@ -98,9 +98,13 @@ def time_bare_loops(cfg: RigConfig, pool: list[tuple[str, np.ndarray]], repeats:
     soft_fraction = len(soft) / len(tiles)
     per_tile_s = detect_s + soft_fraction * (deblur_s if soft else 0.0)
     return {
-        "detector_version": detector.model_version, "deblur_version": restorer.model_version,
-        "detect_s_per_tile": detect_s, "deblur_s_per_soft_tile": deblur_s, "soft_fraction": soft_fraction,
-        "detector_tiles_per_s": 1.0 / detect_s, "deblur_tiles_per_s": 1.0 / deblur_s if soft else None,
+        "detector_version": detector.model_version,
+        "deblur_version": restorer.model_version,
+        "detect_s_per_tile": detect_s,
+        "deblur_s_per_soft_tile": deblur_s,
+        "soft_fraction": soft_fraction,
+        "detector_tiles_per_s": 1.0 / detect_s,
+        "deblur_tiles_per_s": 1.0 / deblur_s if soft else None,
         "bare_mix_tiles_per_s": 1.0 / per_tile_s,
         "labels": {label: sum(a.label == label for a in assessments) for label in ("sharp", "soft", "retake")},
     }
@@ -128,7 +132,9 @@ def main(
     local: Annotated[bool, typer.Option(help="Start an appliance in this process (local Ray) for the run.")] = False,
     config: Annotated[Path | None, typer.Option(help="Rig config for --local and the bare loops.")] = None,
     tile_endpoint: Annotated[str, typer.Option(help="Running appliance's tile endpoint.")] = "tcp://127.0.0.1:5555",
-    feedback_endpoint: Annotated[str, typer.Option(help="Running appliance's feedback endpoint.")] = "tcp://127.0.0.1:5556",
+    feedback_endpoint: Annotated[
+        str, typer.Option(help="Running appliance's feedback endpoint.")
+    ] = "tcp://127.0.0.1:5556",
     bare_repeats: Annotated[int, typer.Option(min=0, help="Passes of the bare loops over the pool (0 = skip).")] = 1,
     json_out: Annotated[Path | None, typer.Option(help="JSON report path.")] = None,
 ) -> None:
@@ -138,8 +144,9 @@ def main(
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cfg = bench_config(config)
     try:
-        tile_pool = directory_tiles(tiles_dir) if tiles_dir else multisem_tiles(pool, side, dtype, soft_every,
-                                                                                 retake_every)
+        tile_pool = (
+            directory_tiles(tiles_dir) if tiles_dir else multisem_tiles(pool, side, dtype, soft_every, retake_every)
+        )
     except TileError as exc:
         raise typer.BadParameter(str(exc)) from None
     mb = tile_pool[0][1].nbytes / 1e6
@@ -166,8 +173,12 @@ def main(
 
 
 def _report(
-    report: ReplayReport, bare: dict[str, Any] | None, stats: dict[str, Any] | None, rate: float,
-    json_out: Path | None, tile_pool: list[tuple[str, np.ndarray]],
+    report: ReplayReport,
+    bare: dict[str, Any] | None,
+    stats: dict[str, Any] | None,
+    rate: float,
+    json_out: Path | None,
+    tile_pool: list[tuple[str, np.ndarray]],
 ) -> None:
     extra: dict[str, Any] = {"target rate": f"{rate} tiles/s" if rate else "flat out"}
     ratio = None
@@ -182,9 +193,15 @@ def _report(
     out = json_out or REPO_ROOT / "bench" / "results" / f"replay-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "pipeline": report.summary(), "bare": bare, "pipeline_over_bare": ratio, "appliance_stats": stats,
-        "tile_shape": list(tile_pool[0][1].shape), "tile_dtype": str(tile_pool[0][1].dtype),
-        "tile_mb": tile_pool[0][1].nbytes / 1e6, "rate_hz": rate or None, "cpu_count": os.cpu_count(),
+        "pipeline": report.summary(),
+        "bare": bare,
+        "pipeline_over_bare": ratio,
+        "appliance_stats": stats,
+        "tile_shape": list(tile_pool[0][1].shape),
+        "tile_dtype": str(tile_pool[0][1].dtype),
+        "tile_mb": tile_pool[0][1].nbytes / 1e6,
+        "rate_hz": rate or None,
+        "cpu_count": os.cpu_count(),
     }
     out.write_text(json.dumps(payload, indent=2, default=float))
     print(f"JSON report: {out}")

@@ -189,9 +189,7 @@ def sample_blur(
         raise ValueError(f"sample_blur: sigma_range {sigma_range} must satisfy 0 < low <= high")
     sigma = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     if family == "astigmatic":
-        return BlurParams(
-            "astigmatic", sigma, float(rng.uniform(*ANISOTROPY_RANGE)), float(rng.uniform(0.0, 180.0))
-        )
+        return BlurParams("astigmatic", sigma, float(rng.uniform(*ANISOTROPY_RANGE)), float(rng.uniform(0.0, 180.0)))
     if family == "tilted":
         return BlurParams("tilted", sigma, 1.0, float(rng.uniform(0.0, 360.0)))
     return BlurParams(family, sigma)  # type: ignore[arg-type]

@@ -82,8 +82,10 @@ def test_replicas_beyond_the_gpus_are_refused_naming_the_fields(tmp_path: Path) 
     config.write_text("deblur:\n  num_gpus_per_replica: 1.5\n")
     with pytest.raises(ConfigError, match=r"deblur: .*num_gpus_per_replica \(1.5\) must be at most 1"):
         load_rig_config(config)
-    config.write_text("detector:\n  num_replicas: 4\n  num_gpus_per_replica: 0.25\n"
-                      "deblur:\n  num_replicas: 2\n  num_gpus_per_replica: 0.5\nray:\n  num_gpus: 2\n")
+    config.write_text(
+        "detector:\n  num_replicas: 4\n  num_gpus_per_replica: 0.25\n"
+        "deblur:\n  num_replicas: 2\n  num_gpus_per_replica: 0.5\nray:\n  num_gpus: 2\n"
+    )
     assert load_rig_config(config).deblur.num_replicas == 2
 
 

@@ -33,25 +33,37 @@ class IngestMetrics(_Metrics):
     def __init__(self, max_in_flight: int) -> None:
         super().__init__()
         r = self.registry
-        self.messages_received = Counter(f"{PREFIX}messages_received", "Messages read from the tile socket.",
-                                         registry=r)
-        self.tiles_received = Counter(f"{PREFIX}tiles_received", "Tiles accepted (valid, not duplicate).",
-                                      registry=r)
-        self.in_flight = Gauge(f"{PREFIX}in_flight_tiles", "Credits taken: tiles between receive and durable.",
-                               registry=r)
+        self.messages_received = Counter(
+            f"{PREFIX}messages_received", "Messages read from the tile socket.", registry=r
+        )
+        self.tiles_received = Counter(f"{PREFIX}tiles_received", "Tiles accepted (valid, not duplicate).", registry=r)
+        self.in_flight = Gauge(
+            f"{PREFIX}in_flight_tiles", "Credits taken: tiles between receive and durable.", registry=r
+        )
         Gauge(f"{PREFIX}in_flight_limit", "Credits in all (ingest.max_in_flight).", registry=r).set(max_in_flight)
         self.queue_depth = Gauge(
-            f"{PREFIX}deployment_queue_depth", "Requests the ingest has outstanding at a Serve deployment "
-            "(queued + running).", ["deployment"], registry=r)
+            f"{PREFIX}deployment_queue_depth",
+            "Requests the ingest has outstanding at a Serve deployment (queued + running).",
+            ["deployment"],
+            registry=r,
+        )
         self.backpressure_s = Counter(
-            f"{PREFIX}backpressure_seconds", "Time the ingest stopped reading because every credit was taken "
-            "(the controller's send blocks).", registry=r)
+            f"{PREFIX}backpressure_seconds",
+            "Time the ingest stopped reading because every credit was taken (the controller's send blocks).",
+            registry=r,
+        )
         self.serve_rejections = Counter(
-            f"{PREFIX}serve_rejections", "Serve BackPressureError answers (each retried, never dropped).",
-            ["deployment"], registry=r)
+            f"{PREFIX}serve_rejections",
+            "Serve BackPressureError answers (each retried, never dropped).",
+            ["deployment"],
+            registry=r,
+        )
         self.deblur_busy_s = Counter(
-            f"{PREFIX}deblur_replica_busy_seconds", "Compute time of a deblur replica (its batches' wall time); "
-            "rate() = utilisation 0..1.", ["replica"], registry=r)
+            f"{PREFIX}deblur_replica_busy_seconds",
+            "Compute time of a deblur replica (its batches' wall time); rate() = utilisation 0..1.",
+            ["replica"],
+            registry=r,
+        )
 
 
 class SinkMetrics(_Metrics):
@@ -60,32 +72,45 @@ class SinkMetrics(_Metrics):
     def __init__(self) -> None:
         super().__init__()
         r = self.registry
-        self.tiles_done = Counter(f"{PREFIX}tiles_done", "Tiles durable and answered, by label and action.",
-                                  ["label", "action"], registry=r)
-        self.errors = Counter(f"{PREFIX}errors", "Error messages sent to the controller, by wire code.", ["code"],
-                              registry=r)
+        self.tiles_done = Counter(
+            f"{PREFIX}tiles_done", "Tiles durable and answered, by label and action.", ["label", "action"], registry=r
+        )
+        self.errors = Counter(
+            f"{PREFIX}errors", "Error messages sent to the controller, by wire code.", ["code"], registry=r
+        )
         self.retake_flags = Counter(f"{PREFIX}retake_flags", "Retake requests sent to the controller.", registry=r)
         self.sections_done = Counter(f"{PREFIX}sections_done", "Sections closed (section_done sent).", registry=r)
-        self.reports = Counter(f"{PREFIX}section_reports", "Section reports (report.html), by result.", ["result"],
-                               registry=r)
-        self.feedback_pending = Gauge(f"{PREFIX}feedback_pending", "Feedback messages the controller has not "
-                                      "taken yet.", registry=r)
-        self.feedback_dropped = Counter(f"{PREFIX}feedback_dropped", "Feedback messages dropped from a full "
-                                        "outbox (still in qc.jsonl).", registry=r)
-        stages = (("receive_to_durable", "Receive -> file and QC line durable."),
-                  ("detect", "Blur detector call, queue included."),
-                  ("deblur", "Deblur call of a soft tile, queue included."),
-                  ("write", "Tile file(s) written and fsynced."))
+        self.reports = Counter(
+            f"{PREFIX}section_reports", "Section reports (report.html), by result.", ["result"], registry=r
+        )
+        self.feedback_pending = Gauge(
+            f"{PREFIX}feedback_pending", "Feedback messages the controller has not taken yet.", registry=r
+        )
+        self.feedback_dropped = Counter(
+            f"{PREFIX}feedback_dropped", "Feedback messages dropped from a full outbox (still in qc.jsonl).", registry=r
+        )
+        stages = (
+            ("receive_to_durable", "Receive -> file and QC line durable."),
+            ("detect", "Blur detector call, queue included."),
+            ("deblur", "Deblur call of a soft tile, queue included."),
+            ("write", "Tile file(s) written and fsynced."),
+        )
         self.latency_s = {
             stage: Histogram(f"{PREFIX}{stage}_seconds", text, buckets=LATENCY_BUCKETS_S, registry=r)
             for stage, text in stages
         }
         self.sigma_px = Histogram(
-            f"{PREFIX}tile_blur_sigma_px", "Estimated blur (Gaussian-equivalent PSF sigma, px) per beam "
-            f"(beam=\"{NO_BEAM}\" when the controller sends none).", ["beam"], buckets=SIGMA_BUCKETS_PX, registry=r)
+            f"{PREFIX}tile_blur_sigma_px",
+            "Estimated blur (Gaussian-equivalent PSF sigma, px) per beam "
+            f'(beam="{NO_BEAM}" when the controller sends none).',
+            ["beam"],
+            buckets=SIGMA_BUCKETS_PX,
+            registry=r,
+        )
 
-    def observe_tile(self, label: str | None, action: str, beam: int | None, sigma_px: float | None,
-                     timings_s: dict[str, float]) -> None:
+    def observe_tile(
+        self, label: str | None, action: str, beam: int | None, sigma_px: float | None, timings_s: dict[str, float]
+    ) -> None:
         """One tile done. timings_s: detect_s, deblur_s, write_s, total_s (seconds; absent stages skipped)."""
         self.tiles_done.labels(label=label or "none", action=action).inc()
         if sigma_px is not None:

@@ -29,11 +29,13 @@ class HostMetrics:
 
     def __init__(self, output_dir: Path, replicas_by_deployment: dict[str, int]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        free = Gauge(f"{PREFIX}disk_free_bytes", "Free bytes on the output directory's file system.",
-                     registry=self.registry)
+        free = Gauge(
+            f"{PREFIX}disk_free_bytes", "Free bytes on the output directory's file system.", registry=self.registry
+        )
         free.set_function(lambda: shutil.disk_usage(output_dir).free)
-        replicas = Gauge(f"{PREFIX}replicas", "Configured Serve replicas per deployment.", ["deployment"],
-                         registry=self.registry)
+        replicas = Gauge(
+            f"{PREFIX}replicas", "Configured Serve replicas per deployment.", ["deployment"], registry=self.registry
+        )
         for deployment, count in replicas_by_deployment.items():
             replicas.labels(deployment=deployment).set(count)
 
@@ -49,8 +51,10 @@ class MetricsEndpoint:
         try:
             self._server = ThreadingHTTPServer((host, port), handler)
         except OSError as exc:
-            raise OSError(f"metrics.address {host}:{port}: cannot listen: {exc.strerror}; pick another port "
-                          "or set metrics.enabled: false") from exc
+            raise OSError(
+                f"metrics.address {host}:{port}: cannot listen: {exc.strerror}; pick another port "
+                "or set metrics.enabled: false"
+            ) from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
 

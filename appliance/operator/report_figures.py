@@ -58,8 +58,14 @@ def focus_map_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figure:
     norm = Normalize(0.0, thresholds.sigma_max_px)
     sigmas = np.array([np.nan if t.sigma_px is None else t.sigma_px for t in tiles], dtype=float)
     cmap = colormaps[CMAP].with_extremes(bad=NO_SIGMA_COLOUR)
-    tiles_drawn = PolyCollection(tile_polygons(tiles), array=np.ma.masked_invalid(sigmas), cmap=cmap, norm=norm,  # type: ignore[arg-type]  # matplotlib stub: an (N, 4, 2) array is a sequence of polygons
-                                 edgecolors="face", linewidths=0.2)
+    tiles_drawn = PolyCollection(
+        tile_polygons(tiles),
+        array=np.ma.masked_invalid(sigmas),
+        cmap=cmap,
+        norm=norm,  # type: ignore[arg-type]  # matplotlib stub: an (N, 4, 2) array is a sequence of polygons
+        edgecolors="face",
+        linewidths=0.2,
+    )
     tiles_drawn.set_gid("tiles")
     axes.add_collection(tiles_drawn)
     colorbar = figure.colorbar(tiles_drawn, ax=axes, extend="max", shrink=0.8)
@@ -77,16 +83,30 @@ def focus_map_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figure:
     for name, chosen, style in marks:
         picked = [t for t in tiles if chosen(t)]
         if picked:
-            handles.append(axes.scatter([t.stage_x_um for t in picked], [t.stage_y_um for t in picked],
-                                        s=marker_size, linewidths=1.2, label=name, **style))
+            handles.append(
+                axes.scatter(
+                    [t.stage_x_um for t in picked],
+                    [t.stage_y_um for t in picked],
+                    s=marker_size,
+                    linewidths=1.2,
+                    label=name,
+                    **style,
+                )
+            )
     axes.autoscale_view()
     axes.set_aspect("equal")
     axes.set_xlabel("stage x (µm)")
     axes.set_ylabel("stage y (µm)")
     axes.set_title(f"focus map: {len(tiles)} tiles at their stage positions")
     if handles:
-        axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, -0.12), ncols=len(handles),
-                    facecolor="#444444", labelcolor="white")
+        axes.legend(
+            handles=handles,
+            loc="upper left",
+            bbox_to_anchor=(0.0, -0.12),
+            ncols=len(handles),
+            facecolor="#444444",
+            labelcolor="white",
+        )
     axes.set_facecolor("#444444")  # light marks (restored) and the cividis range both read on dark grey
     return figure
 
@@ -101,8 +121,15 @@ def sigma_histogram_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figur
     axes.hist(np.clip(sigmas, 0.0, top), bins=bins, color="#3b528b")  # type: ignore[arg-type]  # stub: edges as an array
     for level, name in ((thresholds.sharp_sigma_px, "sharp ≤"), (thresholds.max_restorable_sigma_px, "restorable ≤")):
         axes.axvline(level, color="#d62728", linestyle="--", linewidth=1)
-        axes.annotate(f"{name} {level:g} px", (level, 1.0), xycoords=("data", "axes fraction"), rotation=90,
-                      ha="right", va="top", fontsize=8)
+        axes.annotate(
+            f"{name} {level:g} px",
+            (level, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            ha="right",
+            va="top",
+            fontsize=8,
+        )
     axes.set_xlabel(f"estimated blur σ (px; ≥ {top:g} counted in the last bin)")
     axes.set_ylabel("tiles")
     return figure
@@ -121,10 +148,11 @@ def timeline_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figure:
     top.scatter(acquired[order] / scale, sigmas[order], s=4, color="#3b528b", label="tile")
     if sigmas.size:
         window = max(1, min(51, sigmas.size // 5))
-        median = [np.median(sigmas[order][max(0, i - window // 2): i + window // 2 + 1]) for i in range(sigmas.size)]
+        median = [np.median(sigmas[order][max(0, i - window // 2) : i + window // 2 + 1]) for i in range(sigmas.size)]
         top.plot(acquired[order] / scale, median, color="#fde725", linewidth=2, label=f"running median ({window})")
-    top.axhline(thresholds.max_restorable_sigma_px, color="#d62728", linestyle="--", linewidth=1,
-                label="restorable limit")
+    top.axhline(
+        thresholds.max_restorable_sigma_px, color="#d62728", linestyle="--", linewidth=1, label="restorable limit"
+    )
     top.set_ylabel("blur σ (px)")
     top.legend(loc="upper right", fontsize=8)
     span = float(done.max(initial=0.0))

@@ -36,7 +36,6 @@ class TileQc:
     detector_version: str | None
     deblur_version: str | None
 
-
     @classmethod
     def from_record(cls, record: QcTileRecord) -> TileQc:
         """The report's view of one tile's QC record."""
@@ -44,11 +43,23 @@ class TileQc:
         height, width = record.shape
         reason = record.reason or record.error or ""
         return cls(
-            tile_id=record.tile_id, seq=record.seq, stage_x_um=record.stage_x_um, stage_y_um=record.stage_y_um,
-            width_um=width * pixel_um, height_um=height * pixel_um, label=record.label, action=record.action,
-            sigma_px=record.sigma_px, blur_score=record.blur_score, beam=record.beam,
-            t_acquired=record.t_acquired, t_done=record.t, path=record.path, reason=reason,
-            empty=reason.startswith("not judgeable"), detector_version=record.detector_version,
+            tile_id=record.tile_id,
+            seq=record.seq,
+            stage_x_um=record.stage_x_um,
+            stage_y_um=record.stage_y_um,
+            width_um=width * pixel_um,
+            height_um=height * pixel_um,
+            label=record.label,
+            action=record.action,
+            sigma_px=record.sigma_px,
+            blur_score=record.blur_score,
+            beam=record.beam,
+            t_acquired=record.t_acquired,
+            t_done=record.t,
+            path=record.path,
+            reason=reason,
+            empty=reason.startswith("not judgeable"),
+            detector_version=record.detector_version,
             deblur_version=record.deblur_version,
         )
 

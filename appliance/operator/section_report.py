@@ -38,8 +38,9 @@ def _table(header: list[str], rows: list[list[str]], text_columns: frozenset[int
     """HTML table; cells are already-escaped HTML."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f'<td class="text">{c}</td>' if i in text_columns else f"<td>{c}</td>"
-                         for i, c in enumerate(row)) + "</tr>"
+        "<tr>"
+        + "".join(f'<td class="text">{c}</td>' if i in text_columns else f"<td>{c}</td>" for i, c in enumerate(row))
+        + "</tr>"
         for row in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -61,11 +62,16 @@ def beam_rows(tiles: list[TileQc]) -> list[list[str]]:
         own = [t for t in tiles if t.beam == beam]
         labels = Counter("failed" if t.action == "failed" else t.label for t in own)
         median, p95 = _sigma_stats(own)
-        rows.append([
-            "none" if beam is None else str(beam), str(len(own)), median, p95,
-            *(str(labels[k]) for k in ("sharp", "soft", "retake", "failed")),
-            f"{100.0 * labels['retake'] / len(own):.1f} %",
-        ])
+        rows.append(
+            [
+                "none" if beam is None else str(beam),
+                str(len(own)),
+                median,
+                p95,
+                *(str(labels[k]) for k in ("sharp", "soft", "retake", "failed")),
+                f"{100.0 * labels['retake'] / len(own):.1f} %",
+            ]
+        )
     return rows
 
 
@@ -78,9 +84,15 @@ def retake_rows(tiles: list[TileQc], output_dir: Path, report_dir: Path) -> list
     """Tiles flagged for retake or failed, in acquisition order, with reasons and links to the files."""
     flagged = [t for t in tiles if t.action in ("flagged", "failed")]
     return [
-        [str(t.seq), html.escape(t.tile_id), "none" if t.beam is None else str(t.beam),
-         f"{t.stage_x_um:.1f}, {t.stage_y_um:.1f}", "n/a" if t.sigma_px is None else f"{t.sigma_px:.2f}",
-         html.escape(t.reason or t.action), _link(t, output_dir, report_dir)]
+        [
+            str(t.seq),
+            html.escape(t.tile_id),
+            "none" if t.beam is None else str(t.beam),
+            f"{t.stage_x_um:.1f}, {t.stage_y_um:.1f}",
+            "n/a" if t.sigma_px is None else f"{t.sigma_px:.2f}",
+            html.escape(t.reason or t.action),
+            _link(t, output_dir, report_dir),
+        ]
         for t in sorted(flagged, key=lambda t: t.seq)
     ]
 
@@ -118,8 +130,7 @@ def render_section_report(
     images = {key: _png_tag(figure_png(figure), alt) for key, (figure, alt) in figures.items()}
     retakes = retake_rows(tiles, output_dir, report_dir)
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    beam_header = ["beam", "tiles", "median σ (px)", "p95 σ (px)", "sharp", "soft", "retake", "failed",
-                   "retake share"]
+    beam_header = ["beam", "tiles", "median σ (px)", "p95 σ (px)", "sharp", "soft", "retake", "failed", "retake share"]
     retake_header = ["seq", "tile", "beam", "stage x, y (µm)", "σ (px)", "reason", "file"]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>QC report: section {html.escape(section)}</title>

@@ -24,8 +24,12 @@ def human_bytes(n_bytes: float) -> str:
 
 
 def status_line(
-    previous: Mapping[str, Mapping[str, int]], current: Mapping[str, Mapping[str, int]], interval_s: float,
-    max_in_flight: int, disk_free_bytes: int, last_report: str,
+    previous: Mapping[str, Mapping[str, int]],
+    current: Mapping[str, Mapping[str, int]],
+    interval_s: float,
+    max_in_flight: int,
+    disk_free_bytes: int,
+    last_report: str,
 ) -> str:
     """`status: 23.9 tiles/s, in flight 5/8, sharp 1200 soft 30 retake 4, errors 0, disk free 1.2 TB, ...`.
 
@@ -36,5 +40,7 @@ def status_line(
     errors = sink.get("error", 0) + sink.get("rejected", 0)
     labels = " ".join(f"{label} {sink.get(label, 0)}" for label in LABELS)
     report = f"last report {last_report}" if last_report else "no section report yet"
-    return (f"status: {rate:.1f} tiles/s, in flight {current['ingest'].get('in_flight', 0)}/{max_in_flight}, "
-            f"{labels}, errors {errors}, disk free {human_bytes(disk_free_bytes)}, {report}")
+    return (
+        f"status: {rate:.1f} tiles/s, in flight {current['ingest'].get('in_flight', 0)}/{max_in_flight}, "
+        f"{labels}, errors {errors}, disk free {human_bytes(disk_free_bytes)}, {report}"
+    )

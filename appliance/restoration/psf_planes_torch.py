@@ -52,8 +52,13 @@ def psf_planes_batch(
     ellipticity = torch.log(anisotropy.clamp(1.0, MAX_ANISOTROPY))
     double_angle = torch.deg2rad(2.0 * angle_deg)
     constants = torch.stack(
-        [torch.ones_like(sigma_px), sigma_px / SIGMA_SCALE_PX,
-         ellipticity * torch.cos(double_angle), ellipticity * torch.sin(double_angle)], dim=1
+        [
+            torch.ones_like(sigma_px),
+            sigma_px / SIGMA_SCALE_PX,
+            ellipticity * torch.cos(double_angle),
+            ellipticity * torch.sin(double_angle),
+        ],
+        dim=1,
     ).float()
     planes = constants[:, [0, 1, 1, 2, 3], None, None].expand(batch, len(PLANE_NAMES), height, width).clone()
     planes[:, 2] = upsample_grids(region_sigma_px.float(), height, width) / SIGMA_SCALE_PX

@@ -19,11 +19,12 @@ Which weights (`DeblurConfig.model_path`; None = bundled, `bundled_model`):
   (every CPU rig, and ``onnx`` / ``torch`` with no model_path).
 An explicit model_path is used as given, with any backend.
 
-PSF-aware models: the sidecar (`appliance.sidecar.DeblurSidecar`) lists the planes the model was trained with; each tile's
-planes are built from its BlurAssessment (`appliance.restoration.psf_planes`: estimate_from_assessment, psf_planes;
-all-zero blind planes when the assessment carries no usable estimate) and fed beside the pixels, cut
-with them by the tiled path and built on the device by the whole-tile torch path. A blind model (no
-`psf_planes` in its sidecar, like the bundled deblur.json) gets the pixels only.
+PSF-aware models: the sidecar (`appliance.sidecar.DeblurSidecar`) lists the planes the model was trained
+with; each tile's planes are built from its BlurAssessment (`appliance.restoration.psf_planes`:
+estimate_from_assessment, psf_planes; all-zero blind planes when the assessment carries no usable
+estimate) and fed beside the pixels, cut with them by the tiled path and built on the device by the
+whole-tile torch path. A blind model (no `psf_planes` in its sidecar, like the bundled deblur.json) gets
+the pixels only.
 """
 
 from __future__ import annotations
@@ -135,7 +136,9 @@ class TileRestorer:
                 return cls._learned(cfg, card, engine)
             log.warning(
                 "%s: no GPU backend builds it and agrees with ONNX Runtime CPU on this machine; serving the "
-                "CPU default %s instead", DEBLUR_GPU_MODEL, DEBLUR_MODEL.name,
+                "CPU default %s instead",
+                DEBLUR_GPU_MODEL,
+                DEBLUR_MODEL.name,
             )
         model_path = Path(cfg.model_path) if cfg.model_path is not None else DEBLUR_MODEL
         if not model_path.is_file():
@@ -151,8 +154,13 @@ class TileRestorer:
     @classmethod
     def _learned(cls, cfg: DeblurConfig, card: DeblurSidecar, engine: _Engine) -> TileRestorer:
         return cls(
-            engine.run_patches, f"{card.model_version}+{engine.name}", engine.name, cfg,
-            card.size_multiple, engine.restore_whole, card.psf_aware,
+            engine.run_patches,
+            f"{card.model_version}+{engine.name}",
+            engine.name,
+            cfg,
+            card.size_multiple,
+            engine.restore_whole,
+            card.psf_aware,
         )
 
     def restore(
@@ -229,7 +237,12 @@ def classical_restore(image: np.ndarray, assessment: BlurAssessment) -> np.ndarr
 def bundled_model(backend: str, cuda_visible: bool) -> Path:
     """The weights `DeblurConfig.model_path: None` starts from: DEBLUR_GPU_MODEL for `auto` where a CUDA GPU is
     visible and deblur_gpu.onnx + .json were exported, else DEBLUR_MODEL (every CPU rig)."""
-    if backend == "auto" and cuda_visible and DEBLUR_GPU_MODEL.is_file() and DEBLUR_GPU_MODEL.with_suffix(".json").is_file():
+    if (
+        backend == "auto"
+        and cuda_visible
+        and DEBLUR_GPU_MODEL.is_file()
+        and DEBLUR_GPU_MODEL.with_suffix(".json").is_file()
+    ):
         return DEBLUR_GPU_MODEL
     return DEBLUR_MODEL
 

@@ -69,9 +69,7 @@ def run_tiled(
     if planes is not None and (planes.ndim != 3 or planes.shape[1:] != image.shape):
         raise ValueError(f"run_tiled: planes of shape {planes.shape} for an image of shape {image.shape}")
     if patch % multiple or patch <= 4 * overlap:
-        raise ValueError(
-            f"run_tiled: patch {patch} must be a multiple of {multiple} and > 4 * overlap {overlap}"
-        )
+        raise ValueError(f"run_tiled: patch {patch} must be a multiple of {multiple} and > 4 * overlap {overlap}")
     height, width = image.shape
     patch_h = _patch_side(height, patch, overlap, multiple)
     patch_w = _patch_side(width, patch, overlap, multiple)

@@ -30,13 +30,18 @@ class TorchDeblur:
     """The exported deblur program on one device, in one floating-point dtype."""
 
     def __init__(
-        self, program_path: Path, size_multiple: int, device: str, dtype: torch.dtype,
-        compact_transfers: bool = True, compile_network: bool = False, psf_planes: bool = False,
+        self,
+        program_path: Path,
+        size_multiple: int,
+        device: str,
+        dtype: torch.dtype,
+        compact_transfers: bool = True,
+        compile_network: bool = False,
+        psf_planes: bool = False,
     ) -> None:
         if not program_path.is_file():
             raise FileNotFoundError(
-                f"{program_path}: the torch backend needs the exported program; "
-                "run `python -m models.deblur.export`"
+                f"{program_path}: the torch backend needs the exported program; run `python -m models.deblur.export`"
             )
         self.device = torch.device(device)
         self.dtype = dtype

@@ -24,9 +24,7 @@ class DeblurDeployment:
         self.restore_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch
-    async def restore_batch(
-        self, tiles: list[np.ndarray], assessments: list[BlurAssessment]
-    ) -> list[RestoredTile]:
+    async def restore_batch(self, tiles: list[np.ndarray], assessments: list[BlurAssessment]) -> list[RestoredTile]:
         t0 = time.perf_counter()
         restored = self._restorer.restore(tiles, assessments)
         share_s = (time.perf_counter() - t0) / len(tiles)

@@ -64,20 +64,21 @@ class Appliance:
         detector = serve.run(
             BlurDetectorDeployment.options(  # type: ignore[attr-defined]  # added by @serve.deployment
                 **self.cfg.detector.deployment_options(), logging_config=SERVE_LOGGING
-            )
-            .bind(self.cfg.detector),
-            name=DETECTOR_APP, route_prefix=None,
+            ).bind(self.cfg.detector),
+            name=DETECTOR_APP,
+            route_prefix=None,
         )
         deblur = serve.run(
             DeblurDeployment.options(  # type: ignore[attr-defined]  # added by @serve.deployment
                 **self.cfg.deblur.deployment_options(), logging_config=SERVE_LOGGING
-            )
-            .bind(self.cfg.deblur),
-            name=DEBLUR_APP, route_prefix=None,
+            ).bind(self.cfg.deblur),
+            name=DEBLUR_APP,
+            route_prefix=None,
         )
         thresholds = Thresholds(self.cfg.detector.sharp_sigma_px, self.cfg.detector.max_restorable_sigma_px)
         self._sink = SinkActor.remote(  # type: ignore[attr-defined]  # added by @ray.remote
-            self.cfg.output, self.cfg.ingest.feedback_endpoint, thresholds)
+            self.cfg.output, self.cfg.ingest.feedback_endpoint, thresholds
+        )
         sink_info = ray.get(self._sink.endpoints.remote())
         self._ingest = IngestActor.remote(  # type: ignore[attr-defined]  # added by @ray.remote
             self.cfg.ingest, detector, deblur, self._sink
@@ -85,8 +86,14 @@ class Appliance:
         tile_endpoint = ray.get(self._ingest.start.remote())
         metrics_url = self._start_metrics(sink_info["output_dir"]) if self.cfg.metrics.enabled else None
         self.endpoints = RunningEndpoints(tile_endpoint, sink_info["feedback"], sink_info["output_dir"], metrics_url)
-        log.info("appliance %s listening: tiles %s, feedback %s, output %s, metrics %s", self.cfg.rig_name,
-                 self.endpoints.tile, self.endpoints.feedback, self.endpoints.output_dir, metrics_url)
+        log.info(
+            "appliance %s listening: tiles %s, feedback %s, output %s, metrics %s",
+            self.cfg.rig_name,
+            self.endpoints.tile,
+            self.endpoints.feedback,
+            self.endpoints.output_dir,
+            metrics_url,
+        )
         return self.endpoints
 
     def _start_metrics(self, output_dir: str) -> str:
@@ -148,8 +155,12 @@ class Appliance:
             # A local single-machine cluster: token auth guards nothing here and needs a token file.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
-            address=ray_cfg.address, num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus,
-            include_dashboard=False, log_to_driver=self._ray_logs_to_terminal, configure_logging=True,
+            address=ray_cfg.address,
+            num_cpus=ray_cfg.num_cpus,
+            num_gpus=ray_cfg.num_gpus,
+            include_dashboard=False,
+            log_to_driver=self._ray_logs_to_terminal,
+            configure_logging=True,
             logging_level=logging.INFO if self._ray_logs_to_terminal else logging.WARNING,
         )
         self._owns_ray = True

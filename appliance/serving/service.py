@@ -20,7 +20,9 @@ STATUS_EVERY_S = 60.0
 
 
 def serve_until_signal(
-    cfg: RigConfig, stop: threading.Event | None = None, status_every_s: float = STATUS_EVERY_S,
+    cfg: RigConfig,
+    stop: threading.Event | None = None,
+    status_every_s: float = STATUS_EVERY_S,
     verbose: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Run the appliance until SIGTERM/SIGINT (or `stop` is set), printing a status line every
@@ -39,10 +41,16 @@ def serve_until_signal(
         # ray.init installs its own fatal-signal handlers in this process: take SIGTERM/SIGINT back.
         for sig in signals:
             signal.signal(sig, _on_signal)
-        print(f"appliance {cfg.rig_name} ready: tiles {endpoints.tile}, feedback {endpoints.feedback}, "
-              f"output {endpoints.output_dir}, metrics {endpoints.metrics or 'off'}", flush=True)
-        print(f"each section's QC report: {endpoints.output_dir}/<section>/{REPORT_FILENAME}; "
-              f"Ray's own logs: {appliance.ray_log_dir()}", flush=True)
+        print(
+            f"appliance {cfg.rig_name} ready: tiles {endpoints.tile}, feedback {endpoints.feedback}, "
+            f"output {endpoints.output_dir}, metrics {endpoints.metrics or 'off'}",
+            flush=True,
+        )
+        print(
+            f"each section's QC report: {endpoints.output_dir}/<section>/{REPORT_FILENAME}; "
+            f"Ray's own logs: {appliance.ray_log_dir()}",
+            flush=True,
+        )
         _print_status_until(stop, appliance, status_every_s)
     finally:
         final = appliance.drain_and_stop()
@@ -58,7 +66,13 @@ def _print_status_until(stop: threading.Event, appliance: Appliance, every_s: fl
     previous, t_previous = appliance.stats(), time.monotonic()
     while not stop.wait(every_s):
         current, now = appliance.stats(), time.monotonic()
-        line = status_line(previous, current, now - t_previous, appliance.cfg.ingest.max_in_flight,
-                           shutil.disk_usage(output_dir).free, appliance.last_report())
+        line = status_line(
+            previous,
+            current,
+            now - t_previous,
+            appliance.cfg.ingest.max_in_flight,
+            shutil.disk_usage(output_dir).free,
+            appliance.last_report(),
+        )
         print(line, flush=True)
         previous, t_previous = current, now

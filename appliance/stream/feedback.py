@@ -34,8 +34,10 @@ class FeedbackChannel:
         if len(self._outbox) >= MAX_OUTBOX:
             self._outbox.popleft()
             self.n_overflowed += 1
-            log.error("feedback outbox full (%d): controller not reading; oldest message dropped "
-                      "(it is still in qc.jsonl)", MAX_OUTBOX)
+            log.error(
+                "feedback outbox full (%d): controller not reading; oldest message dropped (it is still in qc.jsonl)",
+                MAX_OUTBOX,
+            )
         self._outbox.append(frame)
         self.flush()
 

@@ -71,8 +71,15 @@ class IngestActor:
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stats: dict[str, int] = {
-            "received": 0, "tiles_accepted": 0, "tiles_done": 0, "rejected": 0, "failed": 0,
-            "backpressure_retries": 0, "in_flight": 0, "max_in_flight_seen": 0, "sink_errors": 0,
+            "received": 0,
+            "tiles_accepted": 0,
+            "tiles_done": 0,
+            "rejected": 0,
+            "failed": 0,
+            "backpressure_retries": 0,
+            "in_flight": 0,
+            "max_in_flight_seen": 0,
+            "sink_errors": 0,
         }
         self._metrics = IngestMetrics(cfg.max_in_flight)
 
@@ -143,8 +150,11 @@ class IngestActor:
             self._spawn(self._reject(exc.code, exc.message, exc.context), section=None, holds_credit=True)
         except Exception as exc:  # e.g. object store full: tell the controller, keep the loop alive
             log.exception("could not accept a message")
-            self._spawn(self._reject("processing_failed", f"appliance could not accept the message: {exc!r}; "
-                                     "resend it", {}), section=None, holds_credit=True)
+            self._spawn(
+                self._reject("processing_failed", f"appliance could not accept the message: {exc!r}; resend it", {}),
+                section=None,
+                holds_credit=True,
+            )
 
     def _accept_tile(self, tile: Tile, t_received: float) -> None:
         header = tile.header
@@ -153,8 +163,9 @@ class IngestActor:
         if header.seq in section.seqs or header.tile_id in section.tile_ids:
             what = f"seq {header.seq}" if header.seq in section.seqs else f"tile_id {header.tile_id!r}"
             raise ProtocolError(
-                "duplicate_seq", f"{what} was already received in section {header.section!r}; "
-                "resend under a new seq and tile_id", ids,
+                "duplicate_seq",
+                f"{what} was already received in section {header.section!r}; resend under a new seq and tile_id",
+                ids,
             )
         try:
             check_tile_pixels(tile.pixels, f"{header.section}/{header.tile_id}")

@@ -21,8 +21,15 @@ SECTION_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
 
 ErrorCode = Literal[
-    "bad_message", "unknown_version", "unknown_type", "bad_field", "bad_frame", "oversized",
-    "duplicate_seq", "bad_pixels", "processing_failed",
+    "bad_message",
+    "unknown_version",
+    "unknown_type",
+    "bad_field",
+    "bad_frame",
+    "oversized",
+    "duplicate_seq",
+    "bad_pixels",
+    "processing_failed",
 ]
 
 
@@ -90,7 +97,9 @@ class StreamLimits:
 
 StreamMessage = SectionStart | Tile | SectionEnd
 _HEADER_TYPES: dict[str, type[SectionStart | TileHeader | SectionEnd]] = {
-    "start": SectionStart, "tile": TileHeader, "end": SectionEnd,
+    "start": SectionStart,
+    "tile": TileHeader,
+    "end": SectionEnd,
 }
 
 
@@ -104,9 +113,14 @@ def unpack_map(frame: bytes | memoryview, max_bytes: int = MAX_HEADER_BYTES) -> 
         raise ProtocolError("bad_message", f"header frame is {len(frame)} bytes; the limit is {max_bytes}")
     try:
         obj = msgpack.unpackb(
-            frame, raw=False, strict_map_key=True, ext_hook=_reject_ext,
-            max_str_len=max_bytes, max_bin_len=max_bytes,
-            max_array_len=4096, max_map_len=256,
+            frame,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=4096,
+            max_map_len=256,
         )
     except (ValueError, msgpack.UnpackException) as exc:  # ExtraData, FormatError, StackError, ...
         raise ProtocolError("bad_message", f"header frame is not valid msgpack: {exc}") from exc
@@ -134,7 +148,8 @@ def decode_stream_message(frames: Sequence[bytes | memoryview], limits: StreamLi
     context = _echo(raw)
     if raw.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
-            "unknown_version", f"protocol version {raw.get('v')!r} is not supported; send v={PROTOCOL_VERSION}",
+            "unknown_version",
+            f"protocol version {raw.get('v')!r} is not supported; send v={PROTOCOL_VERSION}",
             context,
         )
     kind = raw.get("type")
@@ -168,7 +183,8 @@ def _decode_pixels(
         )
     if min(height, width) < limits.min_tile_side:
         raise ProtocolError(
-            "bad_field", f"tile shape {height}x{width} is below the {limits.min_tile_side} px side minimum",
+            "bad_field",
+            f"tile shape {height}x{width} is below the {limits.min_tile_side} px side minimum",
             context,
         )
     if len(frame) > limits.max_tile_bytes:
@@ -217,9 +233,7 @@ _FEEDBACK_KEYS: dict[str, frozenset[str]] = {
     ),
     "retake": frozenset({"section", "tile_id", "seq", "reason", "blur_score"}),
     "error": frozenset({"code", "message", "section", "tile_id", "seq"}),
-    "section_done": frozenset(
-        {"section", "n_done", "n_sharp", "n_soft", "n_retake", "n_error", "n_expected"}
-    ),
+    "section_done": frozenset({"section", "n_done", "n_sharp", "n_soft", "n_retake", "n_error", "n_expected"}),
 }
 
 

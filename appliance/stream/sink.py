@@ -30,6 +30,7 @@ from appliance.tile_io import write_tile_atomic
 
 log = logging.getLogger(__name__)
 
+
 class QcLog:
     """Append-only JSON Lines QC record; each line is flushed (and fsynced) before it counts."""
 
@@ -94,9 +95,7 @@ class SinkActor:
     def endpoints(self) -> dict[str, str]:
         return {"feedback": self._feedback.endpoint, "output_dir": str(self._dir)}
 
-    async def write_tile(
-        self, outcome: TileOutcome, pixels: np.ndarray, restored: np.ndarray | None
-    ) -> str:
+    async def write_tile(self, outcome: TileOutcome, pixels: np.ndarray, restored: np.ndarray | None) -> str:
         """Write the delivered tile (+ original when restored), the QC line, then send feedback.
 
         pixels / restored: (H, W) uint8/uint16, usually ObjectRefs resolved by Ray. Returns the action.
@@ -116,13 +115,23 @@ class SinkActor:
         timings["total_s"] = latency_s
         assessment = outcome.assessment
         record = QcTileRecord(
-            t=time.time(), section=header.section, tile_id=header.tile_id, seq=header.seq, action=action,
+            t=time.time(),
+            section=header.section,
+            tile_id=header.tile_id,
+            seq=header.seq,
+            action=action,
             path=str(delivered_path.relative_to(self._dir)),
             original_path=str(original_path.relative_to(self._dir)) if kept_original else None,
-            shape=list(header.shape), dtype=header.dtype, pixel_size_nm=header.pixel_size_nm,
-            stage_x_um=header.stage_x_um, stage_y_um=header.stage_y_um, t_acquired=header.t_acquired,
-            beam=header.beam, **QcTileRecord.verdict_fields(assessment),
-            deblur_version=outcome.deblur_version if is_restored else None, error=outcome.failure or None,
+            shape=list(header.shape),
+            dtype=header.dtype,
+            pixel_size_nm=header.pixel_size_nm,
+            stage_x_um=header.stage_x_um,
+            stage_y_um=header.stage_y_um,
+            t_acquired=header.t_acquired,
+            beam=header.beam,
+            **QcTileRecord.verdict_fields(assessment),
+            deblur_version=outcome.deblur_version if is_restored else None,
+            error=outcome.failure or None,
             timings_s=timings,
         )
         async with self._qc_lock:
@@ -135,14 +144,24 @@ class SinkActor:
             self._send_error("processing_failed", f"tile written as acquired: {outcome.failure}", ids)
             return action
         assert assessment is not None
-        self._send(encode_feedback(
-            "result", **ids, label=assessment.label, action=action, blur_score=assessment.blur_score,
-            sigma_px=assessment.sigma_px, path=record.path, latency_s=latency_s,
-        ))
+        self._send(
+            encode_feedback(
+                "result",
+                **ids,
+                label=assessment.label,
+                action=action,
+                blur_score=assessment.blur_score,
+                sigma_px=assessment.sigma_px,
+                path=record.path,
+                latency_s=latency_s,
+            )
+        )
         if assessment.label == "retake":
-            self._send(encode_feedback(
-                "retake", **ids, reason=assessment.reason or "beyond repair", blur_score=assessment.blur_score
-            ))
+            self._send(
+                encode_feedback(
+                    "retake", **ids, reason=assessment.reason or "beyond repair", blur_score=assessment.blur_score
+                )
+            )
             self._metrics.retake_flags.inc()
         return action
 
@@ -187,8 +206,11 @@ class SinkActor:
         self._last_report = str(out_path)
 
     def stats(self) -> dict[str, int]:
-        return {**self._counts, "feedback_pending": self._feedback.pending,
-                "feedback_overflowed": self._feedback.n_overflowed}
+        return {
+            **self._counts,
+            "feedback_pending": self._feedback.pending,
+            "feedback_overflowed": self._feedback.n_overflowed,
+        }
 
     def last_report(self) -> str:
         """Path of the newest section report written ("" before the first)."""

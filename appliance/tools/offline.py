@@ -55,9 +55,15 @@ def deblur_files(
         output = restorer.restore([pixels], [assessment], names=[str(path)])[0] if restore else pixels
         out_path = out_dir / f"{path.stem}.tif"
         write_tile_atomic(out_path, output)
-        yield FileResult(path, record={
-            "path": str(path), "out": str(out_path), "label": assessment.label,
-            "blur_score": assessment.blur_score, "sigma_px": assessment.sigma_px,
-            "action": "restored" if restore else "copied",
-            "deblur_version": restorer.model_version if restore else None,
-        })
+        yield FileResult(
+            path,
+            record={
+                "path": str(path),
+                "out": str(out_path),
+                "label": assessment.label,
+                "blur_score": assessment.blur_score,
+                "sigma_px": assessment.sigma_px,
+                "action": "restored" if restore else "copied",
+                "deblur_version": restorer.model_version if restore else None,
+            },
+        )

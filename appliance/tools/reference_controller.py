@@ -61,13 +61,22 @@ class ReplayReport:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "sent": self.sent, "done": self.done, "lost": self.lost, "duplicated": self.duplicated,
-            "results_by_label": dict(self.results), "actions": dict(self.actions),
-            "errors_by_code": dict(self.errors), "retake_flags": self.retake_flags,
-            "wall_s": round(self.wall_s, 3), "tiles_per_s": round(self.tiles_per_s, 2),
-            "mb_per_s": round(self.mb_per_s, 2), "send_blocked_s": round(self.send_blocked_s, 3),
-            "latency_p50_s": self.latency_percentile_s(50), "latency_p95_s": self.latency_percentile_s(95),
-            "latency_p99_s": self.latency_percentile_s(99), "section_done": self.section_done,
+            "sent": self.sent,
+            "done": self.done,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "results_by_label": dict(self.results),
+            "actions": dict(self.actions),
+            "errors_by_code": dict(self.errors),
+            "retake_flags": self.retake_flags,
+            "wall_s": round(self.wall_s, 3),
+            "tiles_per_s": round(self.tiles_per_s, 2),
+            "mb_per_s": round(self.mb_per_s, 2),
+            "send_blocked_s": round(self.send_blocked_s, 3),
+            "latency_p50_s": self.latency_percentile_s(50),
+            "latency_p95_s": self.latency_percentile_s(95),
+            "latency_p99_s": self.latency_percentile_s(99),
+            "section_done": self.section_done,
             "bad_feedback": self.bad_feedback,
         }
 
@@ -86,17 +95,31 @@ def grid_stage_um(seq: int, shape: tuple[int, ...], pixel_size_nm: float, column
 
 
 def tile_frames(
-    section: str, tile_id: str, seq: int, pixels: np.ndarray, pixel_size_nm: float = 4.0,
-    columns: int = 100, beam: int | None = None,
+    section: str,
+    tile_id: str,
+    seq: int,
+    pixels: np.ndarray,
+    pixel_size_nm: float = 4.0,
+    columns: int = 100,
+    beam: int | None = None,
 ) -> list[bytes | memoryview]:
     """Frames of one `tile` message, stamped now; the stage position is a stand-in grid from `seq`."""
     now = time.time()
     stage_x_um, stage_y_um = grid_stage_um(seq, pixels.shape, pixel_size_nm, columns)
     header = TileHeader(
-        v=1, type="tile", section=section, tile_id=tile_id, seq=seq, shape=list(pixels.shape),
+        v=1,
+        type="tile",
+        section=section,
+        tile_id=tile_id,
+        seq=seq,
+        shape=list(pixels.shape),
         dtype=str(pixels.dtype),  # type: ignore[arg-type]  # a str; TileHeader validates it is uint8/uint16
-        pixel_size_nm=pixel_size_nm, stage_x_um=stage_x_um,
-        stage_y_um=stage_y_um, t_acquired=now, t_sent=now, beam=beam,
+        pixel_size_nm=pixel_size_nm,
+        stage_x_um=stage_x_um,
+        stage_y_um=stage_y_um,
+        t_acquired=now,
+        t_sent=now,
+        beam=beam,
     )
     return encode_tile(header, pixels)
 
@@ -264,8 +287,12 @@ def cycle_tiles(tiles: list[tuple[str, np.ndarray]], count: int) -> Iterator[tup
 
 
 def run_replay(
-    appliance: Appliance, tiles: Iterator[tuple[str, np.ndarray]], count: int, rate_hz: float | None,
-    section: str, beams: int = 0,
+    appliance: Appliance,
+    tiles: Iterator[tuple[str, np.ndarray]],
+    count: int,
+    rate_hz: float | None,
+    section: str,
+    beams: int = 0,
 ) -> ReplayReport:
     """Stream `count` tiles to a started appliance with a progress bar; return what came back.
 
@@ -273,8 +300,10 @@ def run_replay(
     """
     assert appliance.endpoints is not None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with ReferenceController(appliance.endpoints.tile, appliance.endpoints.feedback) as client, \
-            Progress(*columns) as progress:
+    with (
+        ReferenceController(appliance.endpoints.tile, appliance.endpoints.feedback) as client,
+        Progress(*columns) as progress,
+    ):
         sent_bar = progress.add_task("sent", total=count)
         done_bar = progress.add_task("done", total=count)
 
@@ -282,5 +311,12 @@ def run_replay(
             progress.update(sent_bar, completed=sent)
             progress.update(done_bar, completed=done)
 
-        return client.send_section(section, tiles, rate_hz=rate_hz, on_progress=on_progress,
-                                   expected_tiles=count, columns=math.ceil(math.sqrt(count)), beams=beams)
+        return client.send_section(
+            section,
+            tiles,
+            rate_hz=rate_hz,
+            on_progress=on_progress,
+            expected_tiles=count,
+            columns=math.ceil(math.sqrt(count)),
+            beams=beams,
+        )

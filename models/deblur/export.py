@@ -49,8 +49,13 @@ def export_onnx(model: DeblurNet, path: Path) -> None:
     axes = {0: "batch", 2: "height", 3: "width"}
     # The TorchScript exporter: no onnxscript dependency, and the graph is plain convolutions.
     torch.onnx.export(
-        model, (dummy,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-        input_names=["blurred"], output_names=["restored"],
+        model,
+        (dummy,),
+        str(path),
+        dynamo=False,
+        opset_version=ONNX_OPSET,
+        input_names=["blurred"],
+        output_names=["restored"],
         dynamic_axes={"blurred": axes, "restored": axes},
     )
 
@@ -60,8 +65,13 @@ def export_program(model: DeblurNet, path: Path) -> None:
     multiple = model.size_multiple
     dummy = torch.zeros(2, model.input_channels, 8 * multiple, 8 * multiple)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    dynamic = {"x": {0: batch, 2: multiple * torch.export.Dim("h", min=1, max=1024),
-                     3: multiple * torch.export.Dim("w", min=1, max=1024)}}
+    dynamic = {
+        "x": {
+            0: batch,
+            2: multiple * torch.export.Dim("h", min=1, max=1024),
+            3: multiple * torch.export.Dim("w", min=1, max=1024),
+        }
+    }
     program = torch.export.export(model, (dummy,), dynamic_shapes=dynamic)
     torch.export.save(program, str(path))
 

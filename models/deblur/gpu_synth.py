@@ -61,11 +61,18 @@ class SynthConfig:
     def from_data(cls, data: DataConfig, patch: int | None = None) -> SynthConfig:
         """From the recipe's `data:` section; `patch` overrides its patch side (the validation patches)."""
         return cls(
-            patch=patch if patch is not None else data.patch, margin=data.margin, batch=data.batch,
-            families=tuple(data.families), sigma_range=data.sigma_range, sharp_fraction=data.sharp_fraction,
-            uint16_fraction=data.uint16_fraction, noise_free_fraction=data.noise_free_fraction,
-            blind_fraction=data.blind_fraction, wrong_estimate_fraction=data.wrong_estimate_fraction,
-            estimate_bias_px=data.estimate_bias_px, estimate_gain_log_sd=data.estimate_gain_log_sd,
+            patch=patch if patch is not None else data.patch,
+            margin=data.margin,
+            batch=data.batch,
+            families=tuple(data.families),
+            sigma_range=data.sigma_range,
+            sharp_fraction=data.sharp_fraction,
+            uint16_fraction=data.uint16_fraction,
+            noise_free_fraction=data.noise_free_fraction,
+            blind_fraction=data.blind_fraction,
+            wrong_estimate_fraction=data.wrong_estimate_fraction,
+            estimate_bias_px=data.estimate_bias_px,
+            estimate_gain_log_sd=data.estimate_gain_log_sd,
         )
 
     @property
@@ -102,10 +109,14 @@ def draw_blur(rng: np.random.Generator, cfg: SynthConfig, batch: int) -> BlurDra
     noisy = rng.random(batch) >= cfg.noise_free_fraction
     photons = np.exp(rng.uniform(math.log(PHOTONS_RANGE[0]), math.log(PHOTONS_RANGE[1]), batch))
     return BlurDraw(
-        family=family, sigma_px=sigma, anisotropy=anisotropy, angle_deg=angle,
+        family=family,
+        sigma_px=sigma,
+        anisotropy=anisotropy,
+        angle_deg=angle,
         tilt_low_px=np.where(tilted, rng.uniform(0.0, 1.0, batch) * sigma, 0.0),
         full_scale=np.where(rng.random(batch) < cfg.uint16_fraction, 65535.0, 255.0),
-        photons=np.where(noisy, photons, 0.0), read_sigma=rng.uniform(*READ_SIGMA_RANGE, batch),
+        photons=np.where(noisy, photons, 0.0),
+        read_sigma=rng.uniform(*READ_SIGMA_RANGE, batch),
     )
 
 
@@ -162,8 +173,9 @@ def blur_batch(crops: torch.Tensor, draw: BlurDraw, half: int) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.float32, device=device)
 
     family = torch.as_tensor(draw.family, device=device)
-    out = convolve(crops, psf_kernels(family, tensor(draw.sigma_px), tensor(draw.anisotropy),
-                                      tensor(draw.angle_deg), half))
+    out = convolve(
+        crops, psf_kernels(family, tensor(draw.sigma_px), tensor(draw.anisotropy), tensor(draw.angle_deg), half)
+    )
     tilted = np.flatnonzero(draw.family == FAMILIES.index("tilted"))
     if len(tilted):
         rows = torch.as_tensor(tilted, device=device)
@@ -183,9 +195,7 @@ def blur_batch(crops: torch.Tensor, draw: BlurDraw, half: int) -> torch.Tensor:
     return out
 
 
-def add_noise_and_quantise(
-    images: torch.Tensor, draw: BlurDraw, generator: torch.Generator | None
-) -> torch.Tensor:
+def add_noise_and_quantise(images: torch.Tensor, draw: BlurDraw, generator: torch.Generator | None) -> torch.Tensor:
     """Poisson-Gaussian noise (photons 0: none) then rounding to the sample's 8/16-bit grid, in [0, 1]."""
     device = images.device
     photons = torch.as_tensor(draw.photons, dtype=torch.float32, device=device)[:, None, None, None]
@@ -226,8 +236,9 @@ def true_region_sigma(draw: BlurDraw, patch: int, margin: int) -> np.ndarray:
     reads sigma_major / sqrt(anisotropy) there.
     """
     batch = len(draw.sigma_px)
-    region = np.broadcast_to((draw.sigma_px / np.sqrt(draw.anisotropy))[:, None, None],
-                             (batch, REGION_GRID, REGION_GRID)).copy()
+    region = np.broadcast_to(
+        (draw.sigma_px / np.sqrt(draw.anisotropy))[:, None, None], (batch, REGION_GRID, REGION_GRID)
+    ).copy()
     tilted = np.flatnonzero(draw.family == FAMILIES.index("tilted"))
     if len(tilted):
         centres = torch.tensor((np.arange(REGION_GRID) + 0.5) * patch / REGION_GRID + margin, dtype=torch.float32)
@@ -268,8 +279,13 @@ def perturbed_estimate(rng: np.random.Generator, draw: BlurDraw, cfg: SynthConfi
     angle = np.where(astig, draw.angle_deg + rng.normal(0.0, 6.0, batch), rng.uniform(0.0, 180.0, batch))
     angle = np.where(anisotropy > 1.0, np.mod(angle, 180.0), 0.0)
     known = (rng.random(batch) >= cfg.blind_fraction).astype(np.float32)
-    return PsfEstimateBatch(known, sigma.astype(np.float32), anisotropy.astype(np.float32),
-                            angle.astype(np.float32), region.astype(np.float32))
+    return PsfEstimateBatch(
+        known,
+        sigma.astype(np.float32),
+        anisotropy.astype(np.float32),
+        angle.astype(np.float32),
+        region.astype(np.float32),
+    )
 
 
 class DeviceImages:
@@ -279,8 +295,7 @@ class DeviceImages:
         if not images:
             raise ValueError("DeviceImages: no images (check the packed file's splits)")
         self.images = [
-            torch.from_numpy(image.astype(np.float32) / float(np.iinfo(image.dtype).max)).to(device)
-            for image in images
+            torch.from_numpy(image.astype(np.float32) / float(np.iinfo(image.dtype).max)).to(device) for image in images
         ]
         sizes = np.array([image.size for image in images], dtype=np.float64)
         self.weights = sizes / sizes.sum()  # every pixel equally likely: big sources count by area
@@ -319,7 +334,12 @@ def make_batch(
         return torch.as_tensor(values, dtype=torch.float32, device=crops.device)
 
     planes = psf_planes_batch(
-        p, p, tensor(estimate.known), tensor(estimate.sigma_px), tensor(estimate.anisotropy),
-        tensor(estimate.angle_deg), tensor(estimate.region_sigma_px),
+        p,
+        p,
+        tensor(estimate.known),
+        tensor(estimate.sigma_px),
+        tensor(estimate.anisotropy),
+        tensor(estimate.angle_deg),
+        tensor(estimate.region_sigma_px),
     )
     return torch.cat([(blurred - low) / scale, planes], dim=1), sharp

@@ -120,8 +120,9 @@ def main() -> None:
     args = parser.parse_args()
     images = collect_images(args.data_dir, args.max_side)
     size = write_packed(images, args.out)
-    print(json.dumps({"out": str(args.out), "bytes": size, "images": len(images), "by_source": summary(images)},
-                     indent=1))
+    print(
+        json.dumps({"out": str(args.out), "bytes": size, "images": len(images), "by_source": summary(images)}, indent=1)
+    )
 
 
 if __name__ == "__main__":

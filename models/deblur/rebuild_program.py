@@ -30,8 +30,10 @@ def network_from_onnx(onnx_path: Path) -> DeblurNet:
     if sidecar.recipe is None:
         raise SystemExit(f"{onnx_path.with_suffix('.json')}: no recipe to rebuild the network from")
     model = build_model(sidecar.recipe["model"])
-    weights = {init.name: torch.from_numpy(np.array(numpy_helper.to_array(init)))
-               for init in onnx.load(str(onnx_path)).graph.initializer}
+    weights = {
+        init.name: torch.from_numpy(np.array(numpy_helper.to_array(init)))
+        for init in onnx.load(str(onnx_path)).graph.initializer
+    }
     state = {name: weights[name] for name in model.state_dict()}
     model.load_state_dict(state)
     return model.eval()

@@ -75,7 +75,7 @@ def psnr_model_scale(restored: torch.Tensor, sharp: torch.Tensor) -> torch.Tenso
 
 
 def training_loss(restored: torch.Tensor, sharp: torch.Tensor, kind: str) -> torch.Tensor:
-    """"l1": mean absolute error; "psnr": mean of -PSNR per patch (NAFNet's loss; optimises the metric)."""
+    """ "l1": mean absolute error; "psnr": mean of -PSNR per patch (NAFNet's loss; optimises the metric)."""
     if kind == "l1":
         return (restored - sharp).abs().mean()
     if kind == "psnr":
@@ -198,8 +198,11 @@ def packed_source(cfg: DeblurRecipe, data_path: Path, device: torch.device, rng:
 def make_optimizer(model: DeblurNet, train_cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
     """AdamW from the `train:` section; fused (one kernel for all parameters) on CUDA."""
     return torch.optim.AdamW(
-        model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-        betas=train_cfg.betas, fused=fused or None,
+        model.parameters(),
+        lr=train_cfg.lr,
+        weight_decay=train_cfg.weight_decay,
+        betas=train_cfg.betas,
+        fused=fused or None,
     )
 
 
@@ -275,8 +278,10 @@ def train(
     model = build_model(cfg.model)
     if cfg.init_from is not None:
         load_parent_weights(model, parent_checkpoint(cfg.init_from)["model"])
-    size = {"parameters": sum(p.numel() for p in model.parameters()),
-            "gflop_per_2400_tile": round(conv_gflop(model, TILE_SIDE_PX, TILE_SIDE_PX), 1)}
+    size = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "gflop_per_2400_tile": round(conv_gflop(model, TILE_SIDE_PX, TILE_SIDE_PX), 1),
+    }
     print(json.dumps(size), flush=True)
     model = to_device(model, torch_device)
     amp = device_setup(torch_device)
@@ -303,10 +308,15 @@ def train(
     def summary() -> dict[str, Any]:
         elapsed = time.monotonic() - loop_started
         return {
-            "config": recorded, "steps_done": step + 1, "stopped_by_time_cap": stopped_early,
-            "val_input_psnr": val_input_psnr, "best_val_psnr": best_psnr, "history": history,
+            "config": recorded,
+            "steps_done": step + 1,
+            "stopped_by_time_cap": stopped_early,
+            "val_input_psnr": val_input_psnr,
+            "best_val_psnr": best_psnr,
+            "history": history,
             "minutes": round((time.monotonic() - started) / 60.0, 3),
-            "seconds_per_step": round(elapsed / (step + 1), 4), **size,
+            "seconds_per_step": round(elapsed / (step + 1), 4),
+            **size,
             "device": torch.cuda.get_device_name() if torch_device.type == "cuda" else "cpu",
             "optimizer": optimizer_kind,
             "torch": torch.__version__,
@@ -342,10 +352,15 @@ def train(
         last_step = step == steps - 1 or minutes >= cap_minutes
         if (step + 1) % train_cfg.val_every == 0 or last_step:
             scores = {name: evaluate(model, x, y, val_chunk, amp) for name, (x, y) in source.val.items()}
-            record = {"step": step + 1, "minutes": round(minutes, 3), "train_loss": float(loss.detach()),
-                      "val_psnr": scores["val"], "val_gain_db": scores["val"] - val_input_psnr,
-                      **{f"{name}_psnr": v for name, v in scores.items() if name != "val"},
-                      "lr": optimizer.param_groups[0]["lr"]}
+            record = {
+                "step": step + 1,
+                "minutes": round(minutes, 3),
+                "train_loss": float(loss.detach()),
+                "val_psnr": scores["val"],
+                "val_gain_db": scores["val"] - val_input_psnr,
+                **{f"{name}_psnr": v for name, v in scores.items() if name != "val"},
+                "lr": optimizer.param_groups[0]["lr"],
+            }
             history.append(record)
             print(json.dumps(record), flush=True)
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

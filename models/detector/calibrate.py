@@ -46,8 +46,9 @@ def fit_intrinsic_c2(model_path: Path = BLUR_DETECTOR_MODEL, seed: int = 8) -> f
     errors = {}
     for c2 in C2_CANDIDATES:
         found = _detector(model_path, sidecar.model_copy(update={"intrinsic_c2": c2})).assess([t for t, _ in cases])
-        errors[c2] = float(np.median([abs(math.log(a.anisotropy / p.anisotropy))
-                                      for a, (_, p) in zip(found, cases, strict=True)]))
+        errors[c2] = float(
+            np.median([abs(math.log(a.anisotropy / p.anisotropy)) for a, (_, p) in zip(found, cases, strict=True)])
+        )
         print(f"c2={c2}: median |log anisotropy error| {errors[c2]:.3f}")
     return min(errors, key=errors.__getitem__)
 
@@ -56,9 +57,12 @@ def calibrate(model_path: Path = BLUR_DETECTOR_MODEL, seed: int = 7) -> SigmaCal
     """Measure the sigma table (with the sidecar's c^2) and write it into model_path's sidecar; returns it."""
     sidecar_path = model_path.with_suffix(".json")
     sidecar = DetectorSidecar.load(sidecar_path)
-    raw = sidecar.model_copy(update={
-        "sigma_calibration": None, "intrinsic_c2": sidecar.intrinsic_c2 or C2_CANDIDATES[0],
-    })
+    raw = sidecar.model_copy(
+        update={
+            "sigma_calibration": None,
+            "intrinsic_c2": sidecar.intrinsic_c2 or C2_CANDIDATES[0],
+        }
+    )
     detector = _detector(model_path, raw)  # measures the raw network
     rng = np.random.default_rng(seed)
     tiles = dihedral_tiles("val")

@@ -62,7 +62,9 @@ def table_from(rows: list[tuple[float, float, float]]) -> SigmaCalibration:
 def main() -> None:
     table = table_from(measure())
     sidecar = DetectorSidecar(
-        model_version=MODEL_VERSION, patch=PATCH, sigma_calibration=table,
+        model_version=MODEL_VERSION,
+        patch=PATCH,
+        sigma_calibration=table,
         intrinsic_c2=DetectorSidecar.for_model(BLUR_DETECTOR_MODEL).intrinsic_c2,
     )
     sidecar.write(CLASSICAL_DETECTOR_SIDECAR)

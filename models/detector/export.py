@@ -38,8 +38,14 @@ def export(checkpoint: Path, out_dir: Path = WEIGHTS_DIR) -> Path:
     onnx_path = out_dir / BLUR_DETECTOR_MODEL.name
     example = torch.rand(4, 1, PATCH, PATCH)
     torch.onnx.export(
-        model, (example,), str(onnx_path), input_names=["patches"], output_names=["estimates"],
-        dynamic_axes={"patches": {0: "n"}, "estimates": {0: "n"}}, opset_version=17, dynamo=False,
+        model,
+        (example,),
+        str(onnx_path),
+        input_names=["patches"],
+        output_names=["estimates"],
+        dynamic_axes={"patches": {0: "n"}, "estimates": {0: "n"}},
+        opset_version=17,
+        dynamo=False,
     )
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:8]
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)

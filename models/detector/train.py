@@ -129,7 +129,9 @@ def train(config_path: Path) -> Path:
         print(json.dumps(entry), flush=True)
         if val["loss"] < best:
             best = val["loss"]
-            torch.save({"state_dict": model.state_dict(), "config": recipe.as_dict(), "epoch": epoch}, out_dir / "best.pt")
+            torch.save(
+                {"state_dict": model.state_dict(), "config": recipe.as_dict(), "epoch": epoch}, out_dir / "best.pt"
+            )
     (out_dir / "log.json").write_text(json.dumps(log, indent=2))
     return out_dir / "best.pt"
 

@@ -29,7 +29,9 @@ def test_images() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def learned() -> BlurDetector:
-    assert BLUR_DETECTOR_MODEL.is_file(), f"bundled weights missing: {BLUR_DETECTOR_MODEL} (run models/detector/train.py)"
+    assert BLUR_DETECTOR_MODEL.is_file(), (
+        f"bundled weights missing: {BLUR_DETECTOR_MODEL} (run models/detector/train.py)"
+    )
     return BlurDetector.from_config(DetectorConfig())
 
 
@@ -106,9 +108,7 @@ def test_region_map_catches_a_tilted_section(learned: BlurDetector, test_images:
         assert a.label == "retake" and "partial blur" in a.reason
 
 
-def test_mostly_blank_sharp_tile_is_not_called_blurred(
-    learned: BlurDetector, test_images: list[np.ndarray]
-) -> None:
+def test_mostly_blank_sharp_tile_is_not_called_blurred(learned: BlurDetector, test_images: list[np.ndarray]) -> None:
     tiles = []
     for image in test_images:
         blank = np.full_like(image, int(np.median(image)))
@@ -142,9 +142,7 @@ def test_sizes_dtypes_read_only_and_batches(learned: BlurDetector, test_images: 
         (np.zeros((16, 64), np.uint8), "smaller"),
     ],
 )
-def test_bad_input_raises_tile_error_naming_the_tile(
-    classical: BlurDetector, pixels: np.ndarray, problem: str
-) -> None:
+def test_bad_input_raises_tile_error_naming_the_tile(classical: BlurDetector, pixels: np.ndarray, problem: str) -> None:
     with pytest.raises(TileError, match=problem) as info:
         classical.assess([pixels], names=["section-0042/tile-7.tif"])
     assert "section-0042/tile-7.tif" in str(info.value)
@@ -179,8 +177,9 @@ def test_exported_onnx_agrees_with_torch(tmp_path) -> None:
     model = BlurNet()
     model.eval()
     checkpoint = tmp_path / "ckpt.pt"
-    torch.save({"state_dict": model.state_dict(), "config": {"model": {"widths": [8, 16, 32, 48, 64]}},
-                "epoch": 0}, checkpoint)
+    torch.save(
+        {"state_dict": model.state_dict(), "config": {"model": {"widths": [8, 16, 32, 48, 64]}}, "epoch": 0}, checkpoint
+    )
     onnx_path = export(checkpoint, tmp_path)  # export itself asserts ORT == torch on random patches
     rng = np.random.default_rng(1)
     patches = rng.random((8, 64, 64), dtype=np.float32)

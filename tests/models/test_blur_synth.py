@@ -26,8 +26,9 @@ pytestmark = pytest.mark.fast
 def _second_moments(kernel: np.ndarray) -> np.ndarray:
     half = kernel.shape[0] // 2
     ys, xs = np.mgrid[-half : half + 1, -half : half + 1]
-    return np.array([[(kernel * xs * xs).sum(), (kernel * xs * ys).sum()],
-                     [(kernel * xs * ys).sum(), (kernel * ys * ys).sum()]])
+    return np.array(
+        [[(kernel * xs * xs).sum(), (kernel * xs * ys).sum()], [(kernel * xs * ys).sum(), (kernel * ys * ys).sum()]]
+    )
 
 
 @pytest.fixture(scope="module")

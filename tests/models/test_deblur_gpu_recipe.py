@@ -39,8 +39,13 @@ def torch_planes(height: int, width: int, estimate: PsfEstimate | None) -> np.nd
     region = estimate.region_sigma_px
     grid = np.full((1, 1), estimate.sigma_px, np.float32) if region is None else region
     planes = psf_planes_batch(
-        height, width, torch.tensor([known]), torch.tensor([estimate.sigma_px]),
-        torch.tensor([estimate.anisotropy]), torch.tensor([estimate.angle_deg]), torch.from_numpy(grid)[None],
+        height,
+        width,
+        torch.tensor([known]),
+        torch.tensor([estimate.sigma_px]),
+        torch.tensor([estimate.anisotropy]),
+        torch.tensor([estimate.angle_deg]),
+        torch.from_numpy(grid)[None],
     )
     return planes[0].numpy()
 
@@ -100,8 +105,10 @@ def packed_file(tmp_path_factory: pytest.TempPathFactory):
 def test_packed_file_round_trips(packed_file) -> None:
     images = load_packed(packed_file)
     assert [(i.name, i.source, i.split, i.pixels.dtype) for i in images] == [
-        ("a", "isbi2012", "train", np.uint8), ("b", "isbi2012", "train", np.uint8),
-        ("c", "sixteen", "train", np.uint16), ("v", "isbi2012", "val", np.uint8),
+        ("a", "isbi2012", "train", np.uint8),
+        ("b", "isbi2012", "train", np.uint8),
+        ("c", "sixteen", "train", np.uint16),
+        ("v", "isbi2012", "val", np.uint8),
     ]
 
 

@@ -36,8 +36,11 @@ def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float, str]]]:
 
 
 def total(samples: list[tuple[dict[str, str], float, str]], suffix: str = "", **labels: str) -> float:
-    return sum(value for sample_labels, value, name in samples
-               if name.endswith(suffix) and all(sample_labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        value
+        for sample_labels, value, name in samples
+        if name.endswith(suffix) and all(sample_labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def documented_metrics() -> set[str]:
@@ -49,16 +52,17 @@ def documented_metrics() -> set[str]:
 def test_scraped_counters_add_up_to_the_tiles_sent(
     start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
 ) -> None:
-    appliance = start_appliance(RigConfig(
-        ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*"),
-        output=OutputConfig(directory=tmp_path / "out"),
-        metrics=MetricsConfig(address="127.0.0.1:0"),
-    ))
+    appliance = start_appliance(
+        RigConfig(
+            ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*"),
+            output=OutputConfig(directory=tmp_path / "out"),
+            metrics=MetricsConfig(address="127.0.0.1:0"),
+        )
+    )
     endpoints = appliance.endpoints  # type: ignore[attr-defined]
     assert endpoints.metrics.startswith("http://127.0.0.1:")
     with ReferenceController(endpoints.tile, endpoints.feedback) as controller:
-        report = controller.send_section("m1", cycle_tiles(real_em_tiles, 24), rate_hz=None, timeout_s=120,
-                                         beams=3)
+        report = controller.send_section("m1", cycle_tiles(real_em_tiles, 24), rate_hz=None, timeout_s=120, beams=3)
         controller.send_raw([b"\xc1 not msgpack"])
         assert controller.wait_for(lambda fb: any(m["type"] == "error" for m in fb), timeout_s=30)
     assert (report.done, report.lost) == (24, 0)
@@ -97,8 +101,11 @@ def test_scraped_counters_add_up_to_the_tiles_sent(
 def test_dashboard_queries_only_documented_metrics() -> None:
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    used = {re.sub(r"_(total|bucket|count|sum)$", "", name) for expr in expressions
-            for name in re.findall(r"em_appliance_\w+", expr)}
+    used = {
+        re.sub(r"_(total|bucket|count|sum)$", "", name)
+        for expr in expressions
+        for name in re.findall(r"em_appliance_\w+", expr)
+    }
     assert used and used <= documented_metrics(), used - documented_metrics()
 
 

@@ -26,11 +26,24 @@ def tile(seq: int, sigma: float | None, action: str = "written", **fields: objec
     """A 512x512 tile at 4 nm/px (2.048 µm) on a 10-wide grid with 10 % overlap."""
     label = None if sigma is None else "sharp" if sigma <= 0.8 else "soft" if sigma <= 3 else "retake"
     base = TileQc(
-        tile_id=f"t{seq:04d}", seq=seq, stage_x_um=(seq % 10) * 1.8432, stage_y_um=(seq // 10) * 1.8432,
-        width_um=2.048, height_um=2.048, label=label, action=action, sigma_px=sigma,
-        blur_score=None if sigma is None else min(1.0, sigma / 6), beam=seq % 3, t_acquired=1000.0 + seq * 0.04,
-        t_done=1000.5 + seq * 0.04, path=f"s1/t{seq:04d}.tif", reason="", empty=False,
-        detector_version="blurnet-v1", deblur_version="nafnet" if action == "restored" else None,
+        tile_id=f"t{seq:04d}",
+        seq=seq,
+        stage_x_um=(seq % 10) * 1.8432,
+        stage_y_um=(seq // 10) * 1.8432,
+        width_um=2.048,
+        height_um=2.048,
+        label=label,
+        action=action,
+        sigma_px=sigma,
+        blur_score=None if sigma is None else min(1.0, sigma / 6),
+        beam=seq % 3,
+        t_acquired=1000.0 + seq * 0.04,
+        t_done=1000.5 + seq * 0.04,
+        path=f"s1/t{seq:04d}.tif",
+        reason="",
+        empty=False,
+        detector_version="blurnet-v1",
+        deblur_version="nafnet" if action == "restored" else None,
     )
     return replace(base, **fields)  # type: ignore[arg-type]
 
@@ -43,8 +56,16 @@ def section_tiles(count: int = 60) -> list[TileQc]:
         elif seq % 10 == 7:
             tiles.append(tile(seq, 4.8, "flagged", reason="blur sigma 4.8 px exceeds restorable 3.0 px"))
         elif seq == 11:
-            tiles.append(tile(seq, 0.0, "flagged", label="retake", empty=True,
-                              reason="not judgeable: almost no structure above the noise"))
+            tiles.append(
+                tile(
+                    seq,
+                    0.0,
+                    "flagged",
+                    label="retake",
+                    empty=True,
+                    reason="not judgeable: almost no structure above the noise",
+                )
+            )
         elif seq == 12:
             tiles.append(tile(seq, None, "failed", reason="RuntimeError: model crashed"))
         else:
@@ -88,9 +109,23 @@ def test_report_of_an_empty_section_is_refused(tmp_path: Path) -> None:
 
 
 def test_read_sections_skips_refused_messages_and_names_a_bad_line(tmp_path: Path) -> None:
-    record = {"t": 2.0, "section": "a", "tile_id": "x", "seq": 0, "action": "written", "path": "a/x.tif",
-              "shape": [512, 512], "pixel_size_nm": 4.0, "stage_x_um": 1.0, "stage_y_um": 2.0, "t_acquired": 1.0,
-              "label": "sharp", "sigma_px": 0.2, "blur_score": 0.0, "beam": 4}
+    record = {
+        "t": 2.0,
+        "section": "a",
+        "tile_id": "x",
+        "seq": 0,
+        "action": "written",
+        "path": "a/x.tif",
+        "shape": [512, 512],
+        "pixel_size_nm": 4.0,
+        "stage_x_um": 1.0,
+        "stage_y_um": 2.0,
+        "t_acquired": 1.0,
+        "label": "sharp",
+        "sigma_px": 0.2,
+        "blur_score": 0.0,
+        "beam": 4,
+    }
     rejected = {"t": 2.0, "section": "a", "tile_id": None, "seq": 5, "action": "rejected", "code": "bad_frame"}
     qc = tmp_path / "qc.jsonl"
     qc.write_text("\n".join(json.dumps(r) for r in (record, rejected, {**record, "section": "b"})) + "\n")
@@ -119,8 +154,15 @@ def test_report_opens_in_headless_chromium_with_every_image_decoded(tmp_path: Pa
     out = write_section_report("s1", section_tiles(60), tmp_path, tmp_path / "s1" / "report.html", Thresholds())
     probed = out.with_name("probed.html")
     probed.write_text(out.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--virtual-time-budget=5000", "--window-size=1200,2400"]
+    browser = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--virtual-time-budget=5000",
+        "--window-size=1200,2400",
+    ]
     dom = subprocess.run([*browser, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=60)
     probe = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout)
     assert probe, dom.stderr[-2000:]

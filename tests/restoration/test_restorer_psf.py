@@ -38,8 +38,14 @@ from models.deblur.network import DeblurNet
 
 TIER = "system"  # this module's default tier (tests/conftest.py); tests of the other tier are marked
 
-TINY = {"width": 8, "enc_blocks": [1, 1], "middle_blocks": 1, "dec_blocks": [1, 1], "noise_map": True,
-        "psf_planes": True}
+TINY = {
+    "width": 8,
+    "enc_blocks": [1, 1],
+    "middle_blocks": 1,
+    "dec_blocks": [1, 1],
+    "noise_map": True,
+    "psf_planes": True,
+}
 MARGIN = 32
 
 
@@ -51,8 +57,10 @@ def psf_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for parameter in model.parameters():  # non-trivial weights: the residual scales start at zero
         parameter.data.normal_(0.0, 0.05)  # small enough that most outputs stay in range (no clipping)
     run = tmp_path_factory.mktemp("run")
-    torch.save({"model": model.state_dict(), "config": {"run_name": "tiny-psf", "model": TINY}, "step": 0,
-                "val_psnr": 0.0}, run / "best.pt")
+    torch.save(
+        {"model": model.state_dict(), "config": {"run_name": "tiny-psf", "model": TINY}, "step": 0, "val_psnr": 0.0},
+        run / "best.pt",
+    )
     out = tmp_path_factory.mktemp("weights")
     export_run(run, out, name="deblur_gpu")
     return out / "deblur_gpu.onnx"
@@ -105,8 +113,11 @@ def test_psf_model_keeps_shape_and_dtype(psf_model: Path, sharp: np.ndarray, dty
 
 def test_tiled_onnx_equals_whole_tile_torch(psf_model: Path, sharp: np.ndarray) -> None:
     card = load_sidecar(psf_model)
-    tiles = [blurred(sharp, np.uint8, seed=3, shape=(256, 200)), blurred(sharp, np.uint16, seed=4, shape=(256, 200)),
-             blurred(sharp, np.uint8, seed=5, shape=(256, 200))]
+    tiles = [
+        blurred(sharp, np.uint8, seed=3, shape=(256, 200)),
+        blurred(sharp, np.uint16, seed=4, shape=(256, 200)),
+        blurred(sharp, np.uint8, seed=5, shape=(256, 200)),
+    ]
     assessments = [detector_like(), detector_like(1.3), NO_ESTIMATE]
     # 160 px patches: every tile is cut into several, so the planes are cut too.
     tiled = onnx(psf_model, patch_size=160, patch_overlap=MARGIN).restore(tiles, assessments)
@@ -115,8 +126,9 @@ def test_tiled_onnx_equals_whole_tile_torch(psf_model: Path, sharp: np.ndarray) 
     # The whole-tile GPU path (planes built on the device), run here on the CPU in fp32, through the
     # restorer's batching (grouped by shape and dtype, the estimates travel with their tiles).
     cfg = DeblurConfig(backend="torch", model_path=psf_model, patch_overlap=MARGIN)
-    whole_restorer = TileRestorer(device.run_patches, "whole", "torch-cpu-whole", cfg, card.size_multiple,
-                                  device.restore_tiles, psf_aware=True)
+    whole_restorer = TileRestorer(
+        device.run_patches, "whole", "torch-cpu-whole", cfg, card.size_multiple, device.restore_tiles, psf_aware=True
+    )
     whole = whole_restorer.restore(tiles, assessments)
     via_torch = TileRestorer.from_config(cfg.model_copy(update={"patch_size": 160})).restore(tiles, assessments)
     for tile, reference, whole_out, torch_out in zip(tiles, tiled, whole, via_torch, strict=True):
@@ -219,7 +231,8 @@ def test_auto_on_a_gpu_machine_prefers_the_gpu_model_and_falls_back(
     # With a GPU backend that agrees with ONNX Runtime CPU (stood in for by the torch program on the
     # CPU), auto serves the GPU model.
     monkeypatch.setattr(
-        restoration, "_gpu_candidates",
+        restoration,
+        "_gpu_candidates",
         lambda path, card, threads: [lambda: restoration._torch_engine(path, card, None)],
     )
     chosen = TileRestorer.from_config(DeblurConfig())

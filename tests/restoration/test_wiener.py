@@ -23,9 +23,7 @@ def sharp01() -> np.ndarray:
     return load_image(load_split("test")[0])[128:384, 128:384].astype(np.float32) / 255.0
 
 
-@pytest.mark.parametrize(
-    ("sigma", "anisotropy", "angle"), [(2.0, 1.0, 0.0), (3.0, 2.5, 30.0), (2.0, 2.0, 135.0)]
-)
+@pytest.mark.parametrize(("sigma", "anisotropy", "angle"), [(2.0, 1.0, 0.0), (3.0, 2.5, 30.0), (2.0, 2.0, 135.0)])
 def test_gaussian_psf_matches_the_generator_convention(sigma: float, anisotropy: float, angle: float) -> None:
     psf = gaussian_psf(sigma, anisotropy, angle)
     assert psf.shape[0] % 2 == 1 and psf.shape[0] == psf.shape[1]

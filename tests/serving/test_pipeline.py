@@ -133,7 +133,9 @@ def test_each_bad_input_gets_its_error_and_the_stream_continues(
 
 @pytest.mark.parametrize("dtype", [np.uint16])
 def test_16_bit_tiles_keep_their_dtype_through_the_pipeline(
-    start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]],
+    start_appliance: Callable[..., object],
+    tmp_path: Path,
+    real_em_tiles: list[tuple[str, np.ndarray]],
     dtype: type,
 ) -> None:
     appliance = start_appliance(rig(tmp_path))

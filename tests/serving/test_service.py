@@ -25,7 +25,10 @@ def _serve(config: Path, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "appliance", "serve", "--config", str(config), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
 
 
@@ -48,14 +51,21 @@ def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
     tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
 ) -> None:
     config = tmp_path / "rig.yaml"
-    config.write_text(yaml.safe_dump({
-        "rig_name": "test-rig",
-        "ingest": {"tile_endpoint": "tcp://127.0.0.1:*", "feedback_endpoint": "tcp://127.0.0.1:*",
-                   "max_in_flight": 8},
-        "output": {"directory": str(tmp_path / "out")},
-        "ray": {"num_cpus": 2},
-        "metrics": {"address": "127.0.0.1:0"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "rig_name": "test-rig",
+                "ingest": {
+                    "tile_endpoint": "tcp://127.0.0.1:*",
+                    "feedback_endpoint": "tcp://127.0.0.1:*",
+                    "max_in_flight": 8,
+                },
+                "output": {"directory": str(tmp_path / "out")},
+                "ray": {"num_cpus": 2},
+                "metrics": {"address": "127.0.0.1:0"},
+            }
+        )
+    )
     process = _serve(config, "--status-every", "0.5")
     try:
         tile_endpoint, feedback_endpoint, metrics_url = _wait_ready(process)
@@ -72,8 +82,12 @@ def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
             results = [m for m in controller.feedback() if m["type"] == "result"]
         assert process.returncode == 0, output
         assert "drained and stopped" in output
-        assert re.search(r"^status: [0-9.]+ tiles/s, in flight \d+/8, sharp \d+ soft \d+ retake \d+, errors 0, "
-                         r"disk free [0-9.]+ [kMGT]?B, no section report yet$", output, re.MULTILINE), output
+        assert re.search(
+            r"^status: [0-9.]+ tiles/s, in flight \d+/8, sharp \d+ soft \d+ retake \d+, errors 0, "
+            r"disk free [0-9.]+ [kMGT]?B, no section report yet$",
+            output,
+            re.MULTILINE,
+        ), output
         assert "(raylet)" not in output and "killed by `ray.kill`" not in output, output
         received = re.search(r"^em_appliance_tiles_received_total ([0-9.e+]+)$", scraped, re.MULTILINE)
         assert received and 1 <= float(received.group(1)) <= 12, scraped
@@ -93,7 +107,9 @@ def test_bad_config_is_refused_before_start_naming_the_field(tmp_path: Path) -> 
     config.write_text("ingest:\n  max_in_flight: 0\n  tile_endpiont: tcp://127.0.0.1:5555\n")
     result = subprocess.run(
         [sys.executable, "-m", "appliance", "serve", "--config", str(config)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "ingest.max_in_flight" in result.stderr

@@ -29,8 +29,18 @@ LIMITS = StreamLimits(max_tile_bytes=1 << 20, max_tile_side=4096)
 
 def tile_header(**overrides: object) -> TileHeader:
     fields: dict[str, object] = dict(
-        v=1, type="tile", section="sec-001", tile_id="tile_000042", seq=42, shape=[64, 96], dtype="uint16",
-        pixel_size_nm=4.0, stage_x_um=-12.5, stage_y_um=3.0, t_acquired=1.7e9, t_sent=1.7e9 + 0.1,
+        v=1,
+        type="tile",
+        section="sec-001",
+        tile_id="tile_000042",
+        seq=42,
+        shape=[64, 96],
+        dtype="uint16",
+        pixel_size_nm=4.0,
+        stage_x_um=-12.5,
+        stage_y_um=3.0,
+        t_acquired=1.7e9,
+        t_sent=1.7e9 + 0.1,
     )
     fields.update(overrides)
     return TileHeader(**fields)  # type: ignore[arg-type]

@@ -24,8 +24,9 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def test_demo_replays_sample_tiles_and_prints_summary(tmp_path: Path) -> None:
@@ -46,8 +47,9 @@ def test_demo_replays_sample_tiles_and_prints_summary(tmp_path: Path) -> None:
     assert re.search(r"metrics while it runs: curl http://127\.0\.0\.1:\d+/metrics", result.stdout)
     # The same report offline, from qc.jsonl, to another file (in process: a second interpreter costs 3 s).
     runner = CliRunner()
-    offline = runner.invoke(app, ["report", str(tmp_path / "demo"), "--section", "demo", "--out",
-                                  str(tmp_path / "r.html")])
+    offline = runner.invoke(
+        app, ["report", str(tmp_path / "demo"), "--section", "demo", "--out", str(tmp_path / "r.html")]
+    )
     assert offline.exit_code == 0, offline.output
     assert 'data-tiles="24"' in (tmp_path / "r.html").read_text(encoding="utf-8")
     missing = runner.invoke(app, ["report", str(tmp_path / "demo"), "--section", "nope"])
