@@ -59,10 +59,10 @@ def focus_map_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figure:
     sigmas = np.array([np.nan if t.sigma_px is None else t.sigma_px for t in tiles], dtype=float)
     cmap = colormaps[CMAP].with_extremes(bad=NO_SIGMA_COLOUR)
     tiles_drawn = PolyCollection(
-        tile_polygons(tiles),
+        tile_polygons(tiles),  # type: ignore[arg-type]  # matplotlib stub: an (N, 4, 2) array is N polygons
         array=np.ma.masked_invalid(sigmas),
         cmap=cmap,
-        norm=norm,  # type: ignore[arg-type]  # matplotlib stub: an (N, 4, 2) array is a sequence of polygons
+        norm=norm,
         edgecolors="face",
         linewidths=0.2,
     )
