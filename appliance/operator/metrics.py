@@ -1,7 +1,7 @@
 """Prometheus metrics kept inside the actors that see the events (ingest, sink); every name in docs/metrics.md.
 
 Each actor owns a private registry and hands its exposition text to the driver on scrape
-(appliance/metrics_endpoint.py), so a tile costs no extra Ray call and no metric is counted twice.
+(appliance/operator/metrics_endpoint.py), so a tile costs no extra Ray call and no metric is counted twice.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """PSF planes: the blur detector's estimate as constant/interpolated input planes of the deblur model.
 
 Pure numpy, used by the runtime's tiled path (`appliance.restoration.restorer`); its torch twin
-(`appliance/psf_planes_torch.py`, tested equal to it) builds the same planes on the device for the
+(`appliance/restoration/psf_planes_torch.py`, tested equal to it) builds the same planes on the device for the
 whole-tile GPU path (`appliance.restoration.torch_backend`) and for training (`models/deblur/gpu_synth.py`). Plane order
 (`PLANE_NAMES`), each float32 (H, W) over the tile:
 

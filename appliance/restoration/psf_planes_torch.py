@@ -2,7 +2,7 @@
 
 Used by the whole-tile GPU path (`appliance.restoration.torch_backend`: only a few numbers per tile cross the bus,
 never (5, H, W) planes) and by training (`models/deblur/gpu_synth.py`). Same plane order, scale and
-interpolation as the numpy version (tests/test_deblur_gpu_recipe.py and tests/test_restoration_psf.py
+interpolation as the numpy version (tests/models/test_deblur_gpu_recipe.py and tests/restoration/test_restorer_psf.py
 check they agree to float rounding); only the constants are imported, so the two cannot drift apart in
 what each plane means. Imported only where torch is (the optional `train` extra at runtime).
 """
