@@ -1,0 +1,420 @@
+"""Rig calibration of the blur detector: what "in focus" means on this microscope.
+
+The detector was trained on one ssTEM volume, so its sigma scale has that volume's own blur as zero.
+Another instrument's in-focus tiles read 0.5-3 px (pixel size, scan noise, detector PSF), and every
+sharp tile would be called `soft`. Ranking is unaffected; what is missing is the rig's zero point.
+
+`calibrate` learns it from a handful (MIN_TILES..) of known-good tiles of one rig: the robust median of
+their tile sigmas (the baseline), of their region maps, the spread, noise level and contrast polarity.
+`apply_calibration` then reports the blur *added* to that baseline. Defocus and the rig's own blur
+convolve, and Gaussian blurs add in quadrature, so the added blur is
+sqrt(max(0, sigma^2 - baseline^2)) (tile sigma and every region), and the label is re-derived from it
+with the usual thresholds. bench/detector_sources.py measured this rule against an upper in-focus
+baseline (median + k robust SDs in log-sigma) and a margin in log-sigma on every em-corpus source: each
+is a threshold on the raw sigma and they only trade sharp false alarms for missed blur (mean sum of both
+rates over 8 sources: quadrature-median 49 %, upper k=1 48 %, k=2 57 %, log margin 60-64 %); quadrature
+from the median is kept because it also gives an unbiased added-blur estimate. What limits every rule is
+the detector's spread of in-focus readings within a source (AUROC 0.78-0.86 at sigma 1-3 px on the
+SEM/TEM sources), which no per-rig offset can remove.
+
+`RunningBaseline` is the online counterpart: a per-beam running median of sharp-looking tiles' sigma
+that flags drift away from the calibration (pure logic, no I/O).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.assessment import BlurAssessment, TileLabel
+from appliance.blur_detection import SCORE_SCALE_PX, BlurDetector, blur_score_from_sigma
+from appliance.config import DetectorConfig
+from appliance.tile_io import TileError, check_tile_pixels
+
+CALIBRATION_VERSION = 1
+MIN_TILES = 5
+# A known-good tile reading this much more (in log(sigma + 0.5)) than the median of the others, and at
+# least OUTLIER_ADDED_PX of added blur, is a blurred tile among the sharp ones.
+OUTLIER_LOG_MARGIN = 0.45
+OUTLIER_ADDED_PX = 1.0
+# Sorted log(sigma + 0.5) of the tiles split by a gap this wide, with >= 2 tiles on each side: two rigs.
+MIXED_LOG_GAP = 0.6
+# Noise levels (Immerkaer) differing by more than this factor: not one detector setting.
+MIXED_NOISE_RATIO = 10.0
+_LOG_OFFSET = 0.5  # as in blur_detection: log(sigma + 0.5) keeps 0 px finite
+_MAD_TO_SD = 1.4826
+_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+# Which mapping apply_calibration uses; chosen by bench/detector_sources.py (see the module docstring).
+MAPPING: Literal["quadrature"] = "quadrature"
+
+
+class CalibrationError(ValueError):
+    """The known-good tiles cannot calibrate a rig; the message names the file and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TileStats(_Strict):
+    """What the detector and simple pixel statistics say about one known-good tile."""
+
+    name: str = Field(description="File name (or label) of the tile.")
+    shape: tuple[int, int] = Field(description="(height, width) in px.")
+    dtype: Literal["uint8", "uint16"]
+    sigma_px: float = Field(ge=0.0, description="Detector tile sigma (uncalibrated), px.")
+    region_sigma_median_px: float = Field(ge=0.0, description="Median of the 8x8 region map's sigma, px.")
+    anisotropy: float = Field(ge=1.0)
+    noise_level: float = Field(ge=0.0, description="Immerkaer noise sigma, fraction of the dtype range.")
+    mean_level: float = Field(ge=0.0, le=1.0, description="Mean grey, fraction of the dtype range.")
+    contrast: float = Field(ge=0.0, description="Grey-level standard deviation, fraction of the dtype range.")
+    skewness: float = Field(description="Grey-level skewness: < 0 dark features on light (TEM-like).")
+
+
+class RigCalibration(_Strict):
+    """A rig's in-focus reference for the blur detector (JSON on disk, see save_calibration)."""
+
+    version: Literal[1] = Field(CALIBRATION_VERSION, description="File format version.")
+    model_version: str = Field(min_length=1, description="Detector model the baseline was measured with.")
+    created_utc: datetime
+    tile_count: int = Field(ge=MIN_TILES, description="Known-good tiles it was learned from.")
+    tiles: list[TileStats]
+    baseline_sigma_px: float = Field(ge=0.0, description="Median tile sigma of the known-good tiles, px.")
+    region_baseline_sigma_px: float = Field(ge=0.0, description="Median region sigma of those tiles, px.")
+    spread_log_sigma: float = Field(
+        ge=0.0, description="Robust SD (1.4826 x MAD) of log(sigma + 0.5) over the known-good tiles."
+    )
+    noise_level: float = Field(ge=0.0, description="Median Immerkaer noise sigma, fraction of the dtype range.")
+    contrast_polarity: Literal["dark_on_light", "light_on_dark", "mixed"] = Field(
+        description="Sign of the grey-level skewness agreed by most tiles (informational)."
+    )
+    dtype: Literal["uint8", "uint16"]
+    mapping: Literal["quadrature"] = Field(
+        MAPPING, description="How a tile sigma is turned into blur added to the baseline."
+    )
+
+    def model_post_init(self, __context: object) -> None:
+        if len(self.tiles) != self.tile_count:
+            raise ValueError(f"tile_count {self.tile_count} but {len(self.tiles)} tile stats")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-tile statistics
+
+
+def noise_level(tile: np.ndarray) -> float:
+    """Immerkaer (1996) noise sigma of a uint8/uint16 tile as a fraction of the dtype range."""
+    unit = tile.astype(np.float32) / float(np.iinfo(tile.dtype).max)
+    residual = cv2.filter2D(unit, cv2.CV_32F, _IMMERKAER)[1:-1, 1:-1]
+    return float(np.abs(residual).mean() * math.sqrt(math.pi / 2) / 6)
+
+
+def region_sigma_px(assessment: BlurAssessment) -> np.ndarray:
+    """The region map as sigma in px (inverse of blur_score_from_sigma), shape (GRID, GRID)."""
+    scores = np.clip(np.asarray(assessment.region_scores, dtype=np.float64), 0.0, 1.0 - 1e-9)
+    return SCORE_SCALE_PX * np.arctanh(scores)
+
+
+def tile_stats(tile: np.ndarray, name: str, assessment: BlurAssessment) -> TileStats:
+    """Statistics of one known-good tile (H, W) uint8/uint16 and its uncalibrated assessment."""
+    unit = tile.astype(np.float64) / float(np.iinfo(tile.dtype).max)
+    sd = float(unit.std())
+    skew = float(((unit - unit.mean()) ** 3).mean() / sd**3) if sd > 0 else 0.0
+    return TileStats(
+        name=name,
+        shape=(int(tile.shape[0]), int(tile.shape[1])),
+        dtype=str(tile.dtype),  # type: ignore[arg-type]
+        sigma_px=float(assessment.sigma_px),
+        region_sigma_median_px=float(np.median(region_sigma_px(assessment))),
+        anisotropy=float(assessment.anisotropy),
+        noise_level=noise_level(tile),
+        mean_level=float(unit.mean()),
+        contrast=sd,
+        skewness=skew,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration
+
+
+def _check_pixels(tiles: Sequence[np.ndarray], names: Sequence[str]) -> None:
+    for tile, name in zip(tiles, names, strict=True):
+        tile = np.asarray(tile)
+        if tile.ndim == 3:
+            raise CalibrationError(
+                f"{name}: colour/multi-channel image (shape {tile.shape}); calibrate with 2-D grayscale tiles"
+            )
+        try:
+            check_tile_pixels(tile, name)
+        except TileError as exc:
+            raise CalibrationError(f"{exc} (known-good tiles must be real in-focus tiles)") from exc
+
+
+def _log_sigma(sigma_px: float | np.ndarray) -> np.ndarray:
+    return np.log(np.asarray(sigma_px, dtype=np.float64) + _LOG_OFFSET)
+
+
+def robust_spread(values: np.ndarray) -> float:
+    """1.4826 x median absolute deviation: the SD of a normal sample, immune to a few outliers."""
+    return float(_MAD_TO_SD * np.median(np.abs(values - np.median(values))))
+
+
+def _check_one_rig(stats: Sequence[TileStats]) -> None:
+    """Raise CalibrationError if the tiles are not one rig's in-focus tiles (mixed or blurred)."""
+    dtypes = {s.dtype for s in stats}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{s.name}={s.dtype}" for s in stats)
+        raise CalibrationError(f"mixed instruments: tiles have different pixel types ({listing}); one rig at a time")
+    noise = np.array([s.noise_level for s in stats])
+    lo, hi = int(noise.argmin()), int(noise.argmax())
+    if noise[hi] > MIXED_NOISE_RATIO * max(noise[lo], 1e-6):
+        raise CalibrationError(
+            f"mixed instruments: noise level of {stats[hi].name} ({noise[hi]:.4f}) is "
+            f"{noise[hi] / max(noise[lo], 1e-6):.0f}x that of {stats[lo].name} ({noise[lo]:.4f}); "
+            "calibrate each rig (and detector setting) separately"
+        )
+    logs = _log_sigma(np.array([s.sigma_px for s in stats]))
+    order = np.argsort(logs)
+    gaps = np.diff(logs[order])
+    k = int(gaps.argmax())
+    if gaps[k] > MIXED_LOG_GAP and 2 <= k + 1 <= len(stats) - 2:
+        low = ", ".join(f"{stats[i].name} ({stats[i].sigma_px:.2f} px)" for i in order[: k + 1])
+        high = ", ".join(f"{stats[i].name} ({stats[i].sigma_px:.2f} px)" for i in order[k + 1 :])
+        raise CalibrationError(
+            f"mixed instruments or focus states: the tiles fall into two groups, sharper {low} and softer "
+            f"{high}; give tiles of one rig, all in focus"
+        )
+    for i, s in enumerate(stats):
+        others = np.delete(logs, i)
+        margin = max(OUTLIER_LOG_MARGIN, 4.0 * robust_spread(others))
+        reference = float(np.exp(np.median(others)) - _LOG_OFFSET)
+        added = math.sqrt(max(s.sigma_px**2 - reference**2, 0.0))
+        if logs[i] - np.median(others) > margin and added > OUTLIER_ADDED_PX:
+            raise CalibrationError(
+                f"{s.name}: reads blur sigma {s.sigma_px:.2f} px against {reference:.2f} px for the other "
+                f"known-good tiles (~{added:.1f} px of added blur): it looks out of focus; leave it out"
+            )
+
+
+def _polarity(stats: Sequence[TileStats]) -> Literal["dark_on_light", "light_on_dark", "mixed"]:
+    signs = np.sign([s.skewness for s in stats])
+    if (signs < 0).mean() >= 0.8:
+        return "dark_on_light"
+    if (signs > 0).mean() >= 0.8:
+        return "light_on_dark"
+    return "mixed"
+
+
+def calibration_from_stats(stats: Sequence[TileStats], model_version: str) -> RigCalibration:
+    """Check the known-good tiles' statistics and summarise them into a RigCalibration."""
+    if len(stats) < MIN_TILES:
+        raise CalibrationError(
+            f"calibration needs at least {MIN_TILES} known-good in-focus tiles of one rig; got {len(stats)}"
+        )
+    _check_one_rig(stats)
+    sigmas = np.array([s.sigma_px for s in stats])
+    return RigCalibration(
+        model_version=model_version,
+        created_utc=datetime.now(UTC),
+        tile_count=len(stats),
+        tiles=list(stats),
+        baseline_sigma_px=float(np.median(sigmas)),
+        region_baseline_sigma_px=float(np.median([s.region_sigma_median_px for s in stats])),
+        spread_log_sigma=robust_spread(_log_sigma(sigmas)),
+        noise_level=float(np.median([s.noise_level for s in stats])),
+        contrast_polarity=_polarity(stats),
+        dtype=stats[0].dtype,
+    )
+
+
+def calibrate(tiles: Sequence[np.ndarray], names: Sequence[str], detector: BlurDetector) -> RigCalibration:
+    """Learn a rig's in-focus reference from known-good tiles (2-D uint8/uint16 arrays, any size >= 32 px).
+
+    Raises CalibrationError naming the file and the problem: too few tiles, colour or constant images,
+    a blurred tile among the sharp ones, tiles from mixed instruments.
+    """
+    if len(tiles) != len(names):
+        raise ValueError(f"calibrate: {len(tiles)} tiles but {len(names)} names")
+    if len(tiles) < MIN_TILES:
+        raise CalibrationError(
+            f"calibration needs at least {MIN_TILES} known-good in-focus tiles of one rig; got {len(tiles)}"
+        )
+    _check_pixels(tiles, names)
+    assessments = detector.assess([np.asarray(t) for t in tiles], list(names))
+    for a, name in zip(assessments, names, strict=True):
+        if a.reason.startswith("not judgeable"):
+            raise CalibrationError(f"{name}: {a.reason}; pick tiles with tissue in them")
+    stats = [tile_stats(np.asarray(t), n, a) for t, n, a in zip(tiles, names, assessments, strict=True)]
+    return calibration_from_stats(stats, detector.model_version)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Applying a calibration
+
+
+def added_blur_px(sigma_px: float | np.ndarray, baseline_px: float) -> float | np.ndarray:
+    """Blur added to the rig's own (quadrature): sqrt(max(0, sigma^2 - baseline^2)), px."""
+    sigma = np.asarray(sigma_px, dtype=np.float64)
+    added = np.sqrt(np.maximum(sigma * sigma - baseline_px * baseline_px, 0.0))
+    return float(added) if added.ndim == 0 else added
+
+
+def label_for_sigma(sigma_px: float, cfg: DetectorConfig) -> TileLabel:
+    """sharp <= cfg.sharp_sigma_px < soft <= cfg.max_restorable_sigma_px < retake."""
+    if sigma_px <= cfg.sharp_sigma_px:
+        return "sharp"
+    return "soft" if sigma_px <= cfg.max_restorable_sigma_px else "retake"
+
+
+def apply_calibration(
+    assessment: BlurAssessment, calibration: RigCalibration, cfg: DetectorConfig
+) -> BlurAssessment:
+    """The assessment with sigma, regions, score and label measured from the rig's in-focus baseline.
+
+    A "not judgeable" retake stays as it is (there is no estimate to correct). Other retake reasons are
+    recomputed from the calibrated sigma; the model_version is kept and the reason says it is calibrated.
+    """
+    if assessment.reason.startswith("not judgeable"):
+        return assessment
+    sigma = float(added_blur_px(assessment.sigma_px, calibration.baseline_sigma_px))
+    regions = added_blur_px(region_sigma_px(assessment), calibration.region_baseline_sigma_px)
+    label = label_for_sigma(sigma, cfg)
+    note = (
+        f"calibrated: {assessment.sigma_px:.2f} px read, rig baseline {calibration.baseline_sigma_px:.2f} px "
+        f"(quadrature), added blur {sigma:.2f} px"
+    )
+    reason = note
+    if label == "retake" and assessment.label == "retake" and assessment.reason:
+        reason = f"{assessment.reason}; {note}"  # e.g. partial blur: the region wording still holds
+    elif label == "retake":
+        reason = (
+            f"blur sigma ~{sigma:.1f} px above this rig's in-focus baseline exceeds the restorable limit "
+            f"{cfg.max_restorable_sigma_px:g} px (detector.max_restorable_sigma_px): refocus; {note}"
+        )
+    return replace(
+        assessment,
+        sigma_px=round(sigma, 3),
+        blur_score=round(float(blur_score_from_sigma(sigma)), 4),
+        label=label,
+        region_scores=[[round(float(v), 4) for v in row] for row in blur_score_from_sigma(regions)],
+        reason=reason,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def save_calibration(calibration: RigCalibration, path: Path) -> None:
+    """Write the calibration as JSON at `path` via temp file + rename (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(calibration.model_dump_json(indent=2))
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_calibration(path: Path, model_version: str | None = None) -> RigCalibration:
+    """Read and validate a calibration file; raise CalibrationError naming the file and the field.
+
+    model_version: the running detector's; a calibration made with another model is refused (its
+    baseline is in that model's sigma scale).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CalibrationError(f"{path}: cannot read calibration: {exc}") from exc
+    try:
+        calibration = RigCalibration.model_validate_json(text)
+    except ValidationError as exc:
+        raise CalibrationError(f"{path}: not a valid rig calibration: {exc}") from exc
+    if model_version is not None and calibration.model_version != model_version:
+        raise CalibrationError(
+            f"{path}: made with detector {calibration.model_version!r}, running {model_version!r}; "
+            "recalibrate with the running model"
+        )
+    return calibration
+
+
+# ---------------------------------------------------------------------------------------------------
+# Online baseline
+
+
+class RunningBaseline:
+    """Per-beam running median of sharp-looking tiles' (uncalibrated) sigma; flags drift from calibration.
+
+    A tile counts towards its beam's baseline when its uncalibrated sigma is within `accept_log_margin`
+    (in log(sigma + 0.5)) of the calibration baseline, so blurred tiles do not drag the baseline along.
+    Drift: the beam's running median, once it has `min_tiles`, differs from the calibration baseline
+    by more than `drift_log_threshold` in log(sigma + 0.5).
+    """
+
+    def __init__(
+        self,
+        calibration: RigCalibration,
+        window: int = 200,
+        min_tiles: int = 20,
+        accept_log_margin: float = 0.7,
+        drift_log_threshold: float = 0.25,
+    ) -> None:
+        if window < 1 or not 1 <= min_tiles <= window:
+            raise ValueError(f"RunningBaseline: need 1 <= min_tiles ({min_tiles}) <= window ({window})")
+        self.calibration = calibration
+        self.window = window
+        self.min_tiles = min_tiles
+        self.accept_log_margin = accept_log_margin
+        self.drift_log_threshold = drift_log_threshold
+        self._reference = float(_log_sigma(calibration.baseline_sigma_px))
+        self._beams: dict[int, deque[float]] = {}
+
+    def update(self, beam: int, sigma_px: float) -> bool:
+        """Record one tile's uncalibrated sigma (px) for `beam`; True if it was counted as sharp-ish."""
+        if not math.isfinite(sigma_px) or sigma_px < 0:
+            raise ValueError(f"RunningBaseline.update: beam {beam} sigma_px={sigma_px}; must be finite >= 0")
+        log = float(_log_sigma(sigma_px))
+        if abs(log - self._reference) > self.accept_log_margin:
+            return False
+        self._beams.setdefault(beam, deque(maxlen=self.window)).append(log)
+        return True
+
+    def baseline_px(self, beam: int) -> float | None:
+        """The beam's running median sigma (px), or None before min_tiles sharp-ish tiles."""
+        logs = self._beams.get(beam)
+        if logs is None or len(logs) < self.min_tiles:
+            return None
+        return float(math.exp(float(np.median(logs))) - _LOG_OFFSET)
+
+    def drift(self, beam: int) -> float | None:
+        """log(running + 0.5) - log(calibration + 0.5) for the beam, or None before min_tiles."""
+        running = self.baseline_px(beam)
+        return None if running is None else float(_log_sigma(running)) - self._reference
+
+    def drifted_beams(self) -> dict[int, float]:
+        """Beams whose running baseline moved beyond drift_log_threshold, with their drift."""
+        out = {}
+        for beam in sorted(self._beams):
+            d = self.drift(beam)
+            if d is not None and abs(d) > self.drift_log_threshold:
+                out[beam] = d
+        return out

@@ -1,0 +1,447 @@
+"""Blur detector per EM source, uncalibrated and calibrated with 5 known-good tiles of that source.
+
+    nice -n 5 python bench/detector_sources.py      # writes bench/results/detector_sources.{json,md}
+
+Sources: every folder of ../shared/data/em-corpus (its `soft/` tiles reported apart: real soft tiles,
+never sharp targets) plus the isbi2012-train test split (images 26-29). Per source:
+
+1. Sharp tiles are the real in-focus tiles as they are (their own instrument noise). Tiles larger than
+   512 px are centre-cropped to 512 px. A source with fewer than SMALL_SOURCE tiles is cut into a
+   non-overlapping k x k grid of crops (k the smallest that gives >= SMALL_SOURCE crops with sides
+   >= 128 px); neighbouring crops of one field share specimen and instrument, as tiles of one rig do.
+2. Blurred tiles: each sharp tile blurred by every family (gaussian, disk, astigmatic, tilted) at sigma
+   1, 1.5, 2, 3 px (models.blur_synth.apply_blur), then Gaussian noise at the tile's own measured
+   (Immerkaer) noise level and re-quantised to the tile's dtype: the rig's noise, not the training mix.
+3. Uncalibrated: the detector's own labels and sigma on every tile.
+4. Calibrated: appliance.calibration.calibrate on 5 tiles drawn from the source, applied to all the
+   other tiles (the 5 are left out); repeated over DRAWS random draws (fewer when the source has few).
+   A draw that calibrate() refuses is counted and reported, not silently replaced.
+
+Metrics: sharp called non-sharp (%), blurred (sigma >= 1 px, every family) called sharp (%), AUROC of
+sigma sharp vs blurred, median sigma of the sharp tiles, median relative sigma error per family at
+sigma 1-3 px (uncalibrated: sigma read vs true; calibrated: blur added to the baseline vs true).
+Calibration is monotone in sigma within a source, so it cannot change the AUROC; the calibrated AUROC
+is computed on the raw sigma of the evaluation tiles of each draw (the clamp at 0 would only add ties).
+The mapping investigation scores candidate rules on the same draws (`rule_thresholds`): quadrature
+subtraction of the median baseline (the runtime rule), quadrature from an upper in-focus baseline, and a
+margin in log-sigma above the baseline. Every rule is a threshold on the raw tile sigma.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # models/ is not installed
+
+from appliance.assessment import BlurAssessment  # noqa: E402
+from appliance.blur_detection import BlurDetector  # noqa: E402
+from appliance.calibration import (  # noqa: E402
+    CalibrationError,
+    RigCalibration,
+    apply_calibration,
+    calibrate,
+    noise_level,
+)
+from appliance.config import DetectorConfig  # noqa: E402
+from appliance.tile_io import read_tile  # noqa: E402
+from bench.detector_eval import auroc, blur_params  # noqa: E402
+from models.blur_synth import DATA_DIR, FAMILIES, SPLITS, apply_blur, quantize, to_unit_float  # noqa: E402
+
+CORPUS = REPO.parent / "shared" / "data" / "em-corpus"
+SIGMAS = (1.0, 1.5, 2.0, 3.0)
+CALIBRATION_TILES = 5
+SMALL_SOURCE = 12  # fewer tiles than this: cut into crops
+MIN_CROP = 128
+MAX_SIDE = 512
+DRAWS = 5
+LOG_MARGIN_FLOOR = 0.15  # mapping investigation, see rule_thresholds
+SPREAD_FLOOR = 0.05
+TARGET_RATE = 0.05
+TARGET_AUROC = 0.99
+TARGET_REL_ERR = 0.10
+
+
+@dataclass
+class Source:
+    """Sharp tiles of one source (name, pixels) and its real soft tiles; note says how they were cut."""
+
+    name: str
+    tiles: list[tuple[str, np.ndarray]]
+    soft: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    note: str = ""
+
+
+def centre_crop(tile: np.ndarray, side: int = MAX_SIDE) -> np.ndarray:
+    """Centre crop to at most side x side px."""
+    h, w = tile.shape
+    y, x = max((h - side) // 2, 0), max((w - side) // 2, 0)
+    return np.ascontiguousarray(tile[y : y + side, x : x + side])
+
+
+def grid_crops(tiles: list[tuple[str, np.ndarray]]) -> tuple[list[tuple[str, np.ndarray]], str]:
+    """Cut a small source into k x k non-overlapping crops per tile (>= SMALL_SOURCE crops, sides >= 128)."""
+    smallest = min(min(t.shape) for _, t in tiles)
+    k = 2
+    while len(tiles) * k * k < SMALL_SOURCE and smallest // (k + 1) >= MIN_CROP:
+        k += 1
+    if smallest // k < MIN_CROP:
+        return tiles, f"{len(tiles)} tiles, too small to crop"
+    out = []
+    for name, tile in tiles:
+        tile = centre_crop(tile, 2 * MAX_SIDE)
+        ch, cw = tile.shape[0] // k, tile.shape[1] // k
+        for r in range(k):
+            for c in range(k):
+                crop = tile[r * ch : (r + 1) * ch, c * cw : (c + 1) * cw]
+                out.append((f"{name}[r{r}c{c}]", np.ascontiguousarray(crop)))
+    side = min(min(t.shape) for _, t in out)
+    return out, f"{len(tiles)} tiles cut into {k}x{k} crops of >= {side} px ({len(out)} crops)"
+
+
+def _read_folder(folder: Path) -> list[tuple[str, np.ndarray]]:
+    files = sorted(p for p in folder.glob("*.png") if p.name != "contact.png")
+    return [(p.name, read_tile(p)) for p in files]
+
+
+def load_sources(corpus: Path) -> list[Source]:
+    """Every em-corpus folder plus the isbi2012-train test split, cut as the module docstring says."""
+    found = [(d.name, _read_folder(d), _read_folder(d / "soft") if (d / "soft").is_dir() else []) for d in
+             sorted(p for p in corpus.iterdir() if p.is_dir())]
+    isbi = [(f"{i}.png", read_tile(DATA_DIR / f"{i}.png")) for i in SPLITS["test"]]
+    found.append(("isbi2012-train_test", isbi, []))
+    sources = []
+    for name, tiles, soft in found:
+        if len(tiles) < SMALL_SOURCE:
+            tiles, note = grid_crops(tiles)
+        else:
+            tiles = [(n, centre_crop(t)) for n, t in tiles]
+            note = f"{len(tiles)} tiles, centre crop <= {MAX_SIDE} px"
+        sources.append(Source(name, tiles, [(n, centre_crop(t)) for n, t in soft], note))
+    return sources
+
+
+def blur_with_rig_noise(tile: np.ndarray, family: str, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Blur a sharp tile, then add Gaussian noise at the tile's own noise level; same dtype."""
+    params = blur_params(family, sigma, rng)
+    image = apply_blur(to_unit_float(tile), params)
+    image = image + rng.normal(0.0, noise_level(tile), size=image.shape).astype(np.float32)
+    return quantize(image, tile.dtype)
+
+
+@dataclass
+class Rendered:
+    """Assessments of one source: sharp[i], blurred[i][(family, sigma)] for sharp tile i, soft[j]."""
+
+    sharp: list[BlurAssessment]
+    blurred: list[dict[tuple[str, float], BlurAssessment]]
+    soft: list[BlurAssessment]
+
+
+def render_and_assess(source: Source, detector: BlurDetector, rng: np.random.Generator) -> Rendered:
+    """Run the detector on the source's sharp tiles, their blurred copies and its soft tiles."""
+    tiles = [t for _, t in source.tiles]
+    sharp = detector.assess(tiles)
+    blurred = []
+    for tile in tiles:
+        keys = [(f, s) for f in FAMILIES for s in SIGMAS]
+        batch = [blur_with_rig_noise(tile, f, s, rng) for f, s in keys]
+        blurred.append(dict(zip(keys, detector.assess(batch), strict=True)))
+    soft = detector.assess([t for _, t in source.soft]) if source.soft else []
+    return Rendered(sharp, blurred, soft)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def raw_sigmas(rendered: Rendered, source: Source) -> dict:
+    """Every uncalibrated tile sigma (px), for re-analysis: sharp by tile, blurred by family@sigma."""
+    return {
+        "sharp": {n: a.sigma_px for (n, _), a in zip(source.tiles, rendered.sharp, strict=True)},
+        "blurred": {f"{f}@{s}": [d[(f, s)].sigma_px for d in rendered.blurred] for f in FAMILIES for s in SIGMAS},
+        "soft": [a.sigma_px for a in rendered.soft],
+    }
+
+
+def _rel_errors(rendered: Rendered, idx: list[int], sigma_of) -> dict[str, float]:
+    """Median |sigma_est - sigma_true| / sigma_true per family over sigma 1-3 px."""
+    out = {}
+    for family in FAMILIES:
+        errs = [abs(sigma_of(rendered.blurred[i][(family, s)]) - s) / s for i in idx for s in SIGMAS]
+        out[family] = float(np.median(errs))
+    return out
+
+
+def score_labels(sharp: list[BlurAssessment], blurred: list[BlurAssessment]) -> dict[str, float]:
+    """Error rates of labels: sharp called non-sharp, blurred called sharp."""
+    return {
+        "sharp_called_nonsharp": float(np.mean([a.label != "sharp" for a in sharp])),
+        "blurred_called_sharp": float(np.mean([a.label == "sharp" for a in blurred])),
+    }
+
+
+def uncalibrated_metrics(rendered: Rendered) -> dict:
+    idx = list(range(len(rendered.sharp)))
+    blurred = [a for d in rendered.blurred for a in d.values()]
+    raw = np.array([a.sigma_px for a in rendered.sharp])
+    out = score_labels(rendered.sharp, blurred)
+    out["auroc"] = auroc(raw, np.array([a.sigma_px for a in blurred]))
+    out["auroc_by_sigma"] = {
+        str(s): auroc(raw, np.array([d[(f, s)].sigma_px for d in rendered.blurred for f in FAMILIES])) for s in SIGMAS
+    }
+    out["sharp_sigma_median_px"] = float(np.median(raw))
+    out["rel_err_1_3px"] = _rel_errors(rendered, idx, lambda a: a.sigma_px)
+    if rendered.soft:
+        out["soft_called_sharp"] = float(np.mean([a.label == "sharp" for a in rendered.soft]))
+    return out
+
+
+def rule_thresholds(cal: RigCalibration, cfg: DetectorConfig) -> dict[str, float]:
+    """Raw-sigma threshold (sharp iff sigma <= t) of each candidate mapping, from one calibration.
+
+    quadrature_median (the runtime rule): sqrt(b^2 + sharp^2), b = median baseline.
+    quadrature_upper_k: the same with b = exp(median log + k x spread) - 0.5 (the in-focus upper edge).
+    log_margin_k: t = exp(median log + max(k x spread, floor)) - 0.5 (a margin in log-sigma).
+    """
+    logs = np.log(np.array([t.sigma_px for t in cal.tiles]) + 0.5)
+    centre, spread = float(np.median(logs)), max(cal.spread_log_sigma, SPREAD_FLOOR)
+    out = {"quadrature_median": math.hypot(cal.baseline_sigma_px, cfg.sharp_sigma_px)}
+    for k in (1, 2):
+        upper = math.exp(centre + k * spread) - 0.5
+        out[f"quadrature_upper_{k}"] = math.hypot(upper, cfg.sharp_sigma_px)
+    for k in (2, 3):
+        out[f"log_margin_{k}"] = math.exp(centre + max(k * cal.spread_log_sigma, LOG_MARGIN_FLOOR)) - 0.5
+    return out
+
+
+def calibrated_draw(rendered: Rendered, source: Source, chosen: list[int], detector: BlurDetector,
+                    cfg: DetectorConfig) -> dict:
+    """Calibrate on the chosen tiles, evaluate on all the others."""
+    names = [source.tiles[i][0] for i in chosen]
+    try:
+        cal = calibrate([source.tiles[i][1] for i in chosen], names, detector)
+    except CalibrationError as exc:
+        return {"calibration_tiles": names, "refused": str(exc)}
+    rest = [i for i in range(len(source.tiles)) if i not in chosen]
+    sharp = [apply_calibration(rendered.sharp[i], cal, cfg) for i in rest]
+    blurred_raw = [a for i in rest for a in rendered.blurred[i].values()]
+    blurred = [apply_calibration(a, cal, cfg) for a in blurred_raw]
+    out = score_labels(sharp, blurred)
+    raw_sharp = np.array([rendered.sharp[i].sigma_px for i in rest])
+    raw_blurred = np.array([a.sigma_px for a in blurred_raw])
+    out["auroc"] = auroc(raw_sharp, raw_blurred)
+    out["sharp_sigma_median_px"] = float(np.median([a.sigma_px for a in sharp]))
+    out["rel_err_1_3px"] = _rel_errors(rendered, rest, lambda a: apply_calibration(a, cal, cfg).sigma_px)
+    out["rules"] = {
+        rule: {
+            "sharp_called_nonsharp": float(np.mean(raw_sharp > t)),
+            "blurred_called_sharp": float(np.mean(raw_blurred <= t)),
+        }
+        for rule, t in rule_thresholds(cal, cfg).items()
+    }
+    if rendered.soft:
+        out["soft_called_sharp"] = float(np.mean([apply_calibration(a, cal, cfg).label == "sharp"
+                                                  for a in rendered.soft]))
+    out.update(calibration_tiles=names, baseline_sigma_px=cal.baseline_sigma_px,
+               spread_log_sigma=cal.spread_log_sigma, n_eval_sharp=len(rest))
+    return out
+
+
+def calibration_draws(n: int, rng: np.random.Generator) -> list[list[int]]:
+    """Up to DRAWS distinct random 5-tile subsets of n tiles (one when n leaves only 1-3 to evaluate)."""
+    count = DRAWS if n - CALIBRATION_TILES >= 4 else 1
+    draws: list[list[int]] = []
+    for _ in range(50 * count):
+        pick = sorted(int(i) for i in rng.choice(n, CALIBRATION_TILES, replace=False))
+        if pick not in draws:
+            draws.append(pick)
+        if len(draws) == count:
+            break
+    return draws
+
+
+def summarise(draws: list[dict]) -> dict:
+    """Mean over the accepted draws; worst draw of each error rate next to it."""
+    ok = [d for d in draws if "refused" not in d]
+    if not ok:
+        return {"accepted_draws": 0, "refused_draws": len(draws)}
+    keys = ["sharp_called_nonsharp", "blurred_called_sharp", "auroc", "sharp_sigma_median_px"]
+    out: dict = {k: float(np.mean([d[k] for d in ok])) for k in keys}
+    out["worst_sharp_called_nonsharp"] = max(d["sharp_called_nonsharp"] for d in ok)
+    out["worst_blurred_called_sharp"] = max(d["blurred_called_sharp"] for d in ok)
+    out["rel_err_1_3px"] = {f: float(np.mean([d["rel_err_1_3px"][f] for d in ok])) for f in FAMILIES}
+    out["rules"] = {
+        rule: {k: float(np.mean([d["rules"][rule][k] for d in ok])) for k in rates}
+        for rule, rates in ok[0]["rules"].items()
+    }
+    if "soft_called_sharp" in ok[0]:
+        out["soft_called_sharp"] = float(np.mean([d["soft_called_sharp"] for d in ok]))
+    out.update(accepted_draws=len(ok), refused_draws=len(draws) - len(ok))
+    return out
+
+
+def meets_targets(m: dict) -> bool:
+    return (
+        m.get("accepted_draws", 1) > 0
+        and m["sharp_called_nonsharp"] <= TARGET_RATE
+        and m["blurred_called_sharp"] <= TARGET_RATE
+        and m["auroc"] >= TARGET_AUROC
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.0f}%"
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for name, entry in result["sources"].items():
+        u, c = entry["uncalibrated"], entry["calibrated"]
+        if c.get("accepted_draws", 0) == 0:
+            cal_cells = ["refused"] * 5 + ["0/" + str(c["refused_draws"])]
+        else:
+            cal_cells = [
+                f"{_pct(c['sharp_called_nonsharp'])} ({_pct(c['worst_sharp_called_nonsharp'])})",
+                f"{_pct(c['blurred_called_sharp'])} ({_pct(c['worst_blurred_called_sharp'])})",
+                f"{c['auroc']:.3f}",
+                f"{c['sharp_sigma_median_px']:.2f}",
+                f"{100 * c['rel_err_1_3px']['gaussian']:.0f}%",
+                f"{c['accepted_draws']}/{c['accepted_draws'] + c['refused_draws']}",
+            ]
+        rows.append([
+            name, str(entry["n_tiles"]),
+            _pct(u["sharp_called_nonsharp"]), _pct(u["blurred_called_sharp"]), f"{u['auroc']:.3f}",
+            f"{u['sharp_sigma_median_px']:.2f}", f"{100 * u['rel_err_1_3px']['gaussian']:.0f}%",
+            *cal_cells, "yes" if entry["meets_targets"] else "no",
+        ])
+    return rows
+
+
+HEADER = [
+    "source", "tiles",
+    "uncal sharp->non-sharp", "uncal blurred->sharp", "uncal AUROC", "uncal sharp sigma", "uncal gauss err",
+    "cal sharp->non-sharp (worst)", "cal blurred->sharp (worst)", "cal AUROC", "cal sharp sigma",
+    "cal gauss err", "draws ok", "meets targets",
+]
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Blur detector per source: uncalibrated vs calibrated with 5 tiles of the source",
+        "",
+        f"Command: `{result['command']}`; model `{result['model_version']}`; runtime {result['runtime_s']:.0f} s "
+        f"on {result['machine']}.",
+        "Blurred = sigma 1, 1.5, 2, 3 px x {gaussian, disk, astigmatic, tilted}, rig-level noise. Calibrated: "
+        "mean over the accepted 5-tile draws (worst draw in brackets), the 5 tiles left out of the evaluation. "
+        "Targets: sharp->non-sharp <= 5 %, blurred->sharp <= 5 %, AUROC >= 0.99.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+    lines += ["", "Median relative sigma error at sigma 1-3 px per family (uncalibrated -> calibrated):", "",
+              "| source | " + " | ".join(FAMILIES) + " |", "|---|" + "---|" * len(FAMILIES)]
+    for name, entry in result["sources"].items():
+        u, c = entry["uncalibrated"]["rel_err_1_3px"], entry["calibrated"].get("rel_err_1_3px")
+        cells = [f"{100 * u[f]:.0f}% -> {100 * c[f]:.0f}%" if c else f"{100 * u[f]:.0f}% -> -" for f in FAMILIES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "AUROC of the tile sigma, sharp vs blurred, per blur strength (all families; uncalibrated, "
+              "which calibration cannot change):", "", "| source | " + " | ".join(f"{s} px" for s in SIGMAS) + " |",
+              "|---|" + "---|" * len(SIGMAS)]
+    for name, entry in result["sources"].items():
+        by = entry["uncalibrated"]["auroc_by_sigma"]
+        lines.append(f"| {name} | " + " | ".join(f"{by[str(s)]:.3f}" for s in SIGMAS) + " |")
+    rules = [n for n, e in result["sources"].items() if e["calibrated"].get("rules")]
+    if rules:
+        names = list(result["sources"][rules[0]]["calibrated"]["rules"])
+        lines += ["", "Mapping investigation (same draws): sharp->non-sharp / blurred->sharp per candidate rule "
+                  "(`rule_thresholds`):", "", "| source | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for name in rules:
+            r = result["sources"][name]["calibrated"]["rules"]
+            cells = [f"{_pct(r[k]['sharp_called_nonsharp'])} / {_pct(r[k]['blurred_called_sharp'])}" for k in names]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        means = [np.mean([sum(result["sources"][n]["calibrated"]["rules"][k].values()) for n in rules]) for k in names]
+        lines.append("| mean sum of both rates | " + " | ".join(_pct(m) for m in means) + " |")
+    soft = {n: e for n, e in result["sources"].items() if "soft_called_sharp" in e["uncalibrated"]}
+    if soft:
+        lines += ["", "Real soft tiles (`soft/`, kept out of the sharp set): share called sharp", ""]
+        for name, e in soft.items():
+            cal = e["calibrated"].get("soft_called_sharp")
+            cal_text = _pct(cal) if cal is not None else "-"
+            lines.append(f"- {name}: {e['n_soft']} tiles, uncalibrated {_pct(e['uncalibrated']['soft_called_sharp'])}, "
+                         f"calibrated {cal_text}")
+    lines += ["", "How each source was cut:", ""]
+    lines += [f"- {n}: {e['note']}" for n, e in result["sources"].items()]
+    refusals = [(n, d) for n, e in result["sources"].items() for d in e["draws"] if "refused" in d]
+    if refusals:
+        lines += ["", "Calibrations refused by `calibrate` (the tiles it was given, and why):", ""]
+        lines += [f"- {n}: {d['refused']}" for n, d in refusals]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(result: dict) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in table_rows(result))) for i, h in enumerate(HEADER)]
+    print("  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)))
+    for row in table_rows(result):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "detector_sources.json")
+    parser.add_argument("--seed", type=int, default=20261126)
+    args = parser.parse_args()
+    start = time.monotonic()
+    cfg = DetectorConfig()
+    detector = BlurDetector.from_config(cfg)
+    rng = np.random.default_rng(args.seed)
+    sources = {}
+    for source in load_sources(args.corpus):
+        t0 = time.monotonic()
+        rendered = render_and_assess(source, detector, rng)
+        draws = [calibrated_draw(rendered, source, pick, detector, cfg)
+                 for pick in calibration_draws(len(source.tiles), rng)]
+        entry = {
+            "n_tiles": len(source.tiles), "n_soft": len(source.soft), "note": source.note,
+            "uncalibrated": uncalibrated_metrics(rendered), "calibrated": summarise(draws), "draws": draws,
+            "raw_sigma_px": raw_sigmas(rendered, source),
+        }
+        entry["meets_targets"] = meets_targets(entry["calibrated"]) if entry["calibrated"].get(
+            "accepted_draws") else False
+        sources[source.name] = entry
+        print(f"{source.name}: {source.note}; {time.monotonic() - t0:.0f} s", flush=True)
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "model_version": detector.model_version,
+        "config": cfg.model_dump(mode="json"),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs (shared)",
+        "sigmas_px": SIGMAS, "families": FAMILIES, "draws_per_source": DRAWS,
+        "rule_floors": {"log_margin": LOG_MARGIN_FLOOR, "spread": SPREAD_FLOOR},
+        "sources": sources,
+        "runtime_s": time.monotonic() - start,
+    }
+    print()
+    print_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} ({result['runtime_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

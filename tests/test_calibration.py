@@ -1,0 +1,218 @@
+"""Rig calibration: quadrature rule, labels, refusals naming the file, JSON files, running baseline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.assessment import BlurAssessment
+from appliance.blur_detection import BlurDetector, blur_score_from_sigma
+from appliance.calibration import (
+    MIN_TILES,
+    CalibrationError,
+    RigCalibration,
+    RunningBaseline,
+    TileStats,
+    added_blur_px,
+    apply_calibration,
+    calibrate,
+    calibration_from_stats,
+    load_calibration,
+    region_sigma_px,
+    save_calibration,
+)
+from appliance.config import DetectorConfig
+from appliance.tile_io import read_tile
+from models.blur_synth import BlurParams, synthesize
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012-train"
+CFG = DetectorConfig()
+
+
+@pytest.fixture(scope="module")
+def detector() -> BlurDetector:
+    return BlurDetector.from_config(CFG)
+
+
+@pytest.fixture(scope="module")
+def isbi_tiles() -> list[tuple[str, np.ndarray]]:
+    """Six real in-focus ISBI 2012 tiles (512x512 uint8) from the train split."""
+    return [(f"{i}.png", read_tile(SHARED / f"{i}.png")) for i in range(6)]
+
+
+def _stats(name: str, sigma_px: float, noise: float = 0.01, dtype: str = "uint8") -> TileStats:
+    return TileStats(
+        name=name, shape=(512, 512), dtype=dtype, sigma_px=sigma_px, region_sigma_median_px=sigma_px,  # type: ignore[arg-type]
+        anisotropy=1.0, noise_level=noise, mean_level=0.5, contrast=0.15, skewness=-0.3,
+    )
+
+
+def _calibration(baseline: float = 1.5, region: float = 1.5) -> RigCalibration:
+    stats = [_stats(f"t{i}.png", baseline) for i in range(MIN_TILES)]
+    cal = calibration_from_stats(stats, "blurnet-test")
+    return cal.model_copy(update={"region_baseline_sigma_px": region})
+
+
+def _assessment(sigma_px: float, regions_px: float | None = None) -> BlurAssessment:
+    regions = np.full((8, 8), sigma_px if regions_px is None else regions_px)
+    return BlurAssessment(
+        blur_score=float(blur_score_from_sigma(sigma_px)), label="soft", sigma_px=sigma_px,
+        region_scores=blur_score_from_sigma(regions).tolist(), model_version="blurnet-test",
+    )
+
+
+# --- quadrature rule and labels --------------------------------------------------------------------
+
+
+def test_added_blur_is_quadrature_difference_and_never_negative() -> None:
+    assert added_blur_px(2.5, 1.5) == pytest.approx(2.0)
+    assert added_blur_px(1.2, 1.5) == 0.0
+    np.testing.assert_allclose(added_blur_px(np.array([1.5, 1.7, 5.0]), 1.5), [0.0, 0.8, np.sqrt(25 - 2.25)])
+
+
+def test_rig_baseline_tile_becomes_sharp_and_added_blur_sets_label() -> None:
+    cal = _calibration(baseline=1.5)
+    at_baseline = apply_calibration(_assessment(1.6), cal, CFG)
+    assert at_baseline.label == "sharp" and at_baseline.sigma_px == pytest.approx(np.sqrt(1.6**2 - 1.5**2), abs=1e-3)
+    soft = apply_calibration(_assessment(2.5), cal, CFG)  # 2 px added
+    assert soft.label == "soft" and soft.sigma_px == pytest.approx(2.0, abs=1e-3)
+    assert soft.blur_score == pytest.approx(float(blur_score_from_sigma(2.0)), abs=1e-4)
+    retake = apply_calibration(_assessment(4.0), cal, CFG)  # 3.7 px added > 3.0 restorable
+    assert retake.label == "retake" and "restorable limit" in retake.reason and "calibrated" in retake.reason
+    assert retake.model_version == "blurnet-test"
+    partial = replace(_assessment(4.0), label="retake", reason="partial blur: region row 1 col 2")
+    assert apply_calibration(partial, cal, CFG).reason.startswith("partial blur: region row 1 col 2; calibrated")
+
+
+def test_regions_are_corrected_with_the_region_baseline() -> None:
+    cal = _calibration(baseline=1.5, region=1.0)
+    out = apply_calibration(_assessment(1.5, regions_px=1.25), cal, CFG)
+    np.testing.assert_allclose(region_sigma_px(out), np.sqrt(1.25**2 - 1.0), atol=2e-3)
+
+
+def test_not_judgeable_tile_is_left_alone() -> None:
+    tile = BlurAssessment(blur_score=1.0, label="retake", sigma_px=0.2, reason="not judgeable: blank")
+    assert apply_calibration(tile, _calibration(), CFG) is tile
+
+
+def test_custom_thresholds_are_used_for_the_label() -> None:
+    cfg = DetectorConfig(sharp_sigma_px=0.5, max_restorable_sigma_px=1.5)
+    assert apply_calibration(_assessment(np.hypot(1.5, 0.7)), _calibration(1.5), cfg).label == "soft"
+    assert apply_calibration(_assessment(np.hypot(1.5, 2.0)), _calibration(1.5), cfg).label == "retake"
+
+
+# --- calibrate on real tiles and its refusals ------------------------------------------------------
+
+
+def test_calibrate_real_tiles_records_baseline_and_model(detector: BlurDetector, isbi_tiles) -> None:
+    names, tiles = zip(*isbi_tiles, strict=True)
+    cal = calibrate(list(tiles), list(names), detector)
+    assert cal.tile_count == 6 and cal.model_version == detector.model_version
+    assert [t.name for t in cal.tiles] == list(names)
+    assert 0.0 <= cal.baseline_sigma_px < 0.8 and cal.dtype == "uint8" and cal.noise_level > 0
+    # A sharp tile of the same rig stays sharp; a 2 px blur of it reads as ~2 px added.
+    rng = np.random.default_rng(1)
+    sharp, blurred = detector.assess([read_tile(SHARED / "7.png"), synthesize(
+        read_tile(SHARED / "7.png"), BlurParams("gaussian", 2.0), rng, noise=False)])
+    assert apply_calibration(sharp, cal, CFG).label == "sharp"
+    assert apply_calibration(blurred, cal, CFG).sigma_px == pytest.approx(2.0, rel=0.3)
+
+
+def test_too_few_tiles_says_how_many_are_needed(detector: BlurDetector, isbi_tiles) -> None:
+    names, tiles = zip(*isbi_tiles[:1], strict=True)
+    with pytest.raises(CalibrationError, match=f"at least {MIN_TILES}.*got 1"):
+        calibrate(list(tiles), list(names), detector)
+
+
+def test_blurred_tile_among_sharp_ones_is_named(detector: BlurDetector, isbi_tiles) -> None:
+    names, tiles = (list(x) for x in zip(*isbi_tiles, strict=True))
+    tiles[3] = synthesize(tiles[3], BlurParams("gaussian", 3.0), np.random.default_rng(2))
+    names[3] = "blurred_3.png"
+    with pytest.raises(CalibrationError, match=r"^blurred_3\.png: .*out of focus"):
+        calibrate(tiles, names, detector)
+
+
+def test_constant_and_rgb_images_are_named(detector: BlurDetector, isbi_tiles) -> None:
+    names, tiles = (list(x) for x in zip(*isbi_tiles, strict=True))
+    flat = [*tiles[:4], np.full((512, 512), 90, np.uint8)]
+    with pytest.raises(CalibrationError, match=r"^flat\.png: constant image"):
+        calibrate(flat, [*names[:4], "flat.png"], detector)
+    rgb = [*tiles[:4], np.dstack([tiles[4], tiles[4] // 2, tiles[4]])]
+    with pytest.raises(CalibrationError, match=r"^colour\.png: colour"):
+        calibrate(rgb, [*names[:4], "colour.png"], detector)
+
+
+def test_mixed_instruments_are_refused() -> None:
+    two_rigs = [_stats(f"a{i}.png", 0.2) for i in range(3)] + [_stats(f"b{i}.png", 2.0) for i in range(3)]
+    with pytest.raises(CalibrationError, match="mixed instruments.*a0.png.*b0.png"):
+        calibration_from_stats(two_rigs, "m")
+    dtypes = [_stats(f"a{i}.png", 0.3) for i in range(4)] + [_stats("b.png", 0.3, dtype="uint16")]
+    with pytest.raises(CalibrationError, match="mixed instruments.*b.png=uint16"):
+        calibration_from_stats(dtypes, "m")
+    noise = [_stats(f"a{i}.png", 0.3) for i in range(4)] + [_stats("noisy.png", 0.3, noise=0.2)]
+    with pytest.raises(CalibrationError, match="noise level of noisy.png"):
+        calibration_from_stats(noise, "m")
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    cal = _calibration()
+    path = tmp_path / "rig" / "calibration.json"
+    save_calibration(cal, path)
+    assert load_calibration(path, model_version="blurnet-test") == cal
+    assert not list(path.parent.glob("*.part"))
+
+
+def test_load_refuses_bad_version_extra_key_and_other_model(tmp_path: Path) -> None:
+    raw = json.loads(_calibration().model_dump_json())
+    bad = [("version", 2, "version"), ("surprise", 1, "surprise"), ("tile_count", 3, "tile_count")]
+    for field, value, match in bad:
+        path = tmp_path / f"{field}.json"
+        path.write_text(json.dumps({**raw, field: value}))
+        with pytest.raises(CalibrationError, match=rf"(?s){field}\.json: not a valid rig calibration.*{match}"):
+            load_calibration(path)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(raw))
+    with pytest.raises(CalibrationError, match="recalibrate"):
+        load_calibration(good, model_version="blurnet-v9")
+
+
+# --- running baseline ------------------------------------------------------------------------------
+
+
+def test_running_baseline_tracks_each_beam_and_flags_drift() -> None:
+    rb = RunningBaseline(_calibration(baseline=1.5), window=50, min_tiles=10, drift_log_threshold=0.2)
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        rb.update(1, float(1.5 * np.exp(rng.normal(0, 0.05))))
+        rb.update(2, float(2.4 * np.exp(rng.normal(0, 0.05))))  # beam 2 went soft
+    assert rb.baseline_px(1) == pytest.approx(1.5, rel=0.05)
+    assert rb.baseline_px(3) is None
+    drifted = rb.drifted_beams()
+    assert list(drifted) == [2] and drifted[2] > 0.2
+
+
+def test_running_baseline_ignores_blurred_tiles_and_needs_min_tiles() -> None:
+    rb = RunningBaseline(_calibration(baseline=1.5), window=20, min_tiles=5)
+    assert not rb.update(0, 8.0)  # a blurred tile does not move the baseline
+    for _ in range(4):
+        assert rb.update(0, 1.5)
+    assert rb.drift(0) is None
+    rb.update(0, 1.5)
+    assert rb.drift(0) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="sigma_px=nan"):
+        rb.update(0, float("nan"))
+
+
+def test_calibration_requires_created_time_and_counts() -> None:
+    cal = _calibration()
+    assert cal.created_utc <= datetime.now(UTC)
+    with pytest.raises(ValueError, match="tile_count"):
+        RigCalibration(**{**cal.model_dump(), "tile_count": 6})
