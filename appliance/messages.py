@@ -11,13 +11,27 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 if TYPE_CHECKING:  # only names: the detector and the offline tools need neither Ray nor the wire protocol
     import ray
 
     from appliance.stream.protocol import TileHeader
 
 TileLabel = Literal["sharp", "soft", "retake"]
+# blur_score = tanh(sigma / SCORE_SCALE_PX): 0 = sharp, 0.32 at 1 px, 0.76 at 3 px, 0.96 at 6 px.
+SCORE_SCALE_PX = 3.0
 TILE_LABELS: tuple[TileLabel, ...] = ("sharp", "soft", "retake")
+
+
+def blur_score_from_sigma(sigma_px: float | np.ndarray) -> float | np.ndarray:
+    """Map a blur sigma (px, >= 0) to the blur score in [0, 1) (0 = sharp)."""
+    return np.tanh(np.maximum(sigma_px, 0.0) / SCORE_SCALE_PX)
+
+
+def sigma_from_blur_score(scores: np.ndarray) -> np.ndarray:
+    """Inverse of blur_score_from_sigma (px), float64; clip scores below 1 first (1 is infinitely blurred)."""
+    return np.arctanh(np.asarray(scores, dtype=np.float64)) * SCORE_SCALE_PX
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import numpy as np
 SECOND_DIFF = np.array([1, -2, 1], np.float32)
 IMMERKAER_MASK = np.outer(SECOND_DIFF, SECOND_DIFF).astype(np.float32)
 IMMERKAER_L2_NORM = 6.0
+MAD_TO_SD = 1.4826  # a Gaussian's std over its median absolute deviation
 
 
 def correlate_valid(stack: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
@@ -39,9 +40,6 @@ def patch_noise_sigma(patches: np.ndarray) -> np.ndarray:
 
 
 def image_noise_sigma(image: np.ndarray) -> float:
-    """Robust noise std of a whole 2-D float image (MAD of the mask response, reflected borders), image units.
-
-    1.4826 turns a median absolute deviation into a Gaussian std.
-    """
+    """Robust noise std of a whole 2-D float image (MAD of the mask response, reflected borders), image units."""
     residual = cv2.filter2D(np.asarray(image, dtype=np.float32), -1, IMMERKAER_MASK, borderType=cv2.BORDER_REFLECT_101)
-    return float(1.4826 * np.median(np.abs(residual - np.median(residual))) / IMMERKAER_L2_NORM)
+    return float(MAD_TO_SD * np.median(np.abs(residual - np.median(residual))) / IMMERKAER_L2_NORM)

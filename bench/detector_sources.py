@@ -13,7 +13,7 @@ never sharp targets) plus the isbi2012-train test split (images 26-29). Per sour
    1, 1.5, 2, 3 px (models.blur_synth.apply_blur), then Gaussian noise at the tile's own measured
    (Immerkaer) noise level and re-quantised to the tile's dtype: the rig's noise, not the training mix.
 3. Uncalibrated: the detector's own labels and sigma on every tile.
-4. Calibrated: appliance.calibration.calibrate on 5 tiles drawn from the source, applied to all the
+4. Calibrated: appliance.detection.calibration.calibrate on 5 tiles drawn from the source, applied to all the
    other tiles (the 5 are left out); repeated over DRAWS random draws (fewer when the source has few).
    A draw that calibrate() refuses is counted and reported, not silently replaced.
 
@@ -43,16 +43,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # models/ is not installed
 
-from appliance.assessment import BlurAssessment  # noqa: E402
-from appliance.blur_detection import BlurDetector  # noqa: E402
-from appliance.calibration import (  # noqa: E402
+from appliance.config import DetectorConfig  # noqa: E402
+from appliance.detection.calibration import (  # noqa: E402
     CalibrationError,
     RigCalibration,
     apply_calibration,
     calibrate,
     noise_level,
 )
-from appliance.config import DetectorConfig  # noqa: E402
+from appliance.detection.detector import BlurDetector  # noqa: E402
+from appliance.messages import BlurAssessment  # noqa: E402
 from appliance.tile_io import read_tile  # noqa: E402
 from bench.detector_eval import auroc, blur_params  # noqa: E402
 from models.blur_synth import DATA_DIR, FAMILIES, SPLITS, apply_blur, quantize, to_unit_float  # noqa: E402
@@ -115,8 +115,10 @@ def _read_folder(folder: Path) -> list[tuple[str, np.ndarray]]:
 
 def load_sources(corpus: Path) -> list[Source]:
     """Every em-corpus folder plus the isbi2012-train test split, cut as the module docstring says."""
-    found = [(d.name, _read_folder(d), _read_folder(d / "soft") if (d / "soft").is_dir() else []) for d in
-             sorted(p for p in corpus.iterdir() if p.is_dir())]
+    found = [
+        (d.name, _read_folder(d), _read_folder(d / "soft") if (d / "soft").is_dir() else [])
+        for d in sorted(p for p in corpus.iterdir() if p.is_dir())
+    ]
     isbi = [(f"{i}.png", read_tile(DATA_DIR / f"{i}.png")) for i in SPLITS["test"]]
     found.append(("isbi2012-train_test", isbi, []))
     sources = []
@@ -224,8 +226,9 @@ def rule_thresholds(cal: RigCalibration, cfg: DetectorConfig) -> dict[str, float
     return out
 
 
-def calibrated_draw(rendered: Rendered, source: Source, chosen: list[int], detector: BlurDetector,
-                    cfg: DetectorConfig) -> dict:
+def calibrated_draw(
+    rendered: Rendered, source: Source, chosen: list[int], detector: BlurDetector, cfg: DetectorConfig
+) -> dict:
     """Calibrate on the chosen tiles, evaluate on all the others."""
     names = [source.tiles[i][0] for i in chosen]
     try:
@@ -250,10 +253,15 @@ def calibrated_draw(rendered: Rendered, source: Source, chosen: list[int], detec
         for rule, t in rule_thresholds(cal, cfg).items()
     }
     if rendered.soft:
-        out["soft_called_sharp"] = float(np.mean([apply_calibration(a, cal, cfg).label == "sharp"
-                                                  for a in rendered.soft]))
-    out.update(calibration_tiles=names, baseline_sigma_px=cal.baseline_sigma_px,
-               spread_log_sigma=cal.spread_log_sigma, n_eval_sharp=len(rest))
+        out["soft_called_sharp"] = float(
+            np.mean([apply_calibration(a, cal, cfg).label == "sharp" for a in rendered.soft])
+        )
+    out.update(
+        calibration_tiles=names,
+        baseline_sigma_px=cal.baseline_sigma_px,
+        spread_log_sigma=cal.spread_log_sigma,
+        n_eval_sharp=len(rest),
+    )
     return out
 
 
@@ -322,20 +330,37 @@ def table_rows(result: dict) -> list[list[str]]:
                 f"{100 * c['rel_err_1_3px']['gaussian']:.0f}%",
                 f"{c['accepted_draws']}/{c['accepted_draws'] + c['refused_draws']}",
             ]
-        rows.append([
-            name, str(entry["n_tiles"]),
-            _pct(u["sharp_called_nonsharp"]), _pct(u["blurred_called_sharp"]), f"{u['auroc']:.3f}",
-            f"{u['sharp_sigma_median_px']:.2f}", f"{100 * u['rel_err_1_3px']['gaussian']:.0f}%",
-            *cal_cells, "yes" if entry["meets_targets"] else "no",
-        ])
+        rows.append(
+            [
+                name,
+                str(entry["n_tiles"]),
+                _pct(u["sharp_called_nonsharp"]),
+                _pct(u["blurred_called_sharp"]),
+                f"{u['auroc']:.3f}",
+                f"{u['sharp_sigma_median_px']:.2f}",
+                f"{100 * u['rel_err_1_3px']['gaussian']:.0f}%",
+                *cal_cells,
+                "yes" if entry["meets_targets"] else "no",
+            ]
+        )
     return rows
 
 
 HEADER = [
-    "source", "tiles",
-    "uncal sharp->non-sharp", "uncal blurred->sharp", "uncal AUROC", "uncal sharp sigma", "uncal gauss err",
-    "cal sharp->non-sharp (worst)", "cal blurred->sharp (worst)", "cal AUROC", "cal sharp sigma",
-    "cal gauss err", "draws ok", "meets targets",
+    "source",
+    "tiles",
+    "uncal sharp->non-sharp",
+    "uncal blurred->sharp",
+    "uncal AUROC",
+    "uncal sharp sigma",
+    "uncal gauss err",
+    "cal sharp->non-sharp (worst)",
+    "cal blurred->sharp (worst)",
+    "cal AUROC",
+    "cal sharp sigma",
+    "cal gauss err",
+    "draws ok",
+    "meets targets",
 ]
 
 
@@ -353,23 +378,39 @@ def markdown(result: dict) -> str:
         "|" + "---|" * len(HEADER),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
-    lines += ["", "Median relative sigma error at sigma 1-3 px per family (uncalibrated -> calibrated):", "",
-              "| source | " + " | ".join(FAMILIES) + " |", "|---|" + "---|" * len(FAMILIES)]
+    lines += [
+        "",
+        "Median relative sigma error at sigma 1-3 px per family (uncalibrated -> calibrated):",
+        "",
+        "| source | " + " | ".join(FAMILIES) + " |",
+        "|---|" + "---|" * len(FAMILIES),
+    ]
     for name, entry in result["sources"].items():
         u, c = entry["uncalibrated"]["rel_err_1_3px"], entry["calibrated"].get("rel_err_1_3px")
         cells = [f"{100 * u[f]:.0f}% -> {100 * c[f]:.0f}%" if c else f"{100 * u[f]:.0f}% -> -" for f in FAMILIES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "AUROC of the tile sigma, sharp vs blurred, per blur strength (all families; uncalibrated, "
-              "which calibration cannot change):", "", "| source | " + " | ".join(f"{s} px" for s in SIGMAS) + " |",
-              "|---|" + "---|" * len(SIGMAS)]
+    lines += [
+        "",
+        "AUROC of the tile sigma, sharp vs blurred, per blur strength (all families; uncalibrated, "
+        "which calibration cannot change):",
+        "",
+        "| source | " + " | ".join(f"{s} px" for s in SIGMAS) + " |",
+        "|---|" + "---|" * len(SIGMAS),
+    ]
     for name, entry in result["sources"].items():
         by = entry["uncalibrated"]["auroc_by_sigma"]
         lines.append(f"| {name} | " + " | ".join(f"{by[str(s)]:.3f}" for s in SIGMAS) + " |")
     rules = [n for n, e in result["sources"].items() if e["calibrated"].get("rules")]
     if rules:
         names = list(result["sources"][rules[0]]["calibrated"]["rules"])
-        lines += ["", "Mapping investigation (same draws): sharp->non-sharp / blurred->sharp per candidate rule "
-                  "(`rule_thresholds`):", "", "| source | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [
+            "",
+            "Mapping investigation (same draws): sharp->non-sharp / blurred->sharp per candidate rule "
+            "(`rule_thresholds`):",
+            "",
+            "| source | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
         for name in rules:
             r = result["sources"][name]["calibrated"]["rules"]
             cells = [f"{_pct(r[k]['sharp_called_nonsharp'])} / {_pct(r[k]['blurred_called_sharp'])}" for k in names]
@@ -382,8 +423,10 @@ def markdown(result: dict) -> str:
         for name, e in soft.items():
             cal = e["calibrated"].get("soft_called_sharp")
             cal_text = _pct(cal) if cal is not None else "-"
-            lines.append(f"- {name}: {e['n_soft']} tiles, uncalibrated {_pct(e['uncalibrated']['soft_called_sharp'])}, "
-                         f"calibrated {cal_text}")
+            lines.append(
+                f"- {name}: {e['n_soft']} tiles, uncalibrated {_pct(e['uncalibrated']['soft_called_sharp'])}, "
+                f"calibrated {cal_text}"
+            )
     lines += ["", "How each source was cut:", ""]
     lines += [f"- {n}: {e['note']}" for n, e in result["sources"].items()]
     refusals = [(n, d) for n, e in result["sources"].items() for d in e["draws"] if "refused" in d]
@@ -414,15 +457,21 @@ def main() -> None:
     for source in load_sources(args.corpus):
         t0 = time.monotonic()
         rendered = render_and_assess(source, detector, rng)
-        draws = [calibrated_draw(rendered, source, pick, detector, cfg)
-                 for pick in calibration_draws(len(source.tiles), rng)]
+        draws = [
+            calibrated_draw(rendered, source, pick, detector, cfg) for pick in calibration_draws(len(source.tiles), rng)
+        ]
         entry = {
-            "n_tiles": len(source.tiles), "n_soft": len(source.soft), "note": source.note,
-            "uncalibrated": uncalibrated_metrics(rendered), "calibrated": summarise(draws), "draws": draws,
+            "n_tiles": len(source.tiles),
+            "n_soft": len(source.soft),
+            "note": source.note,
+            "uncalibrated": uncalibrated_metrics(rendered),
+            "calibrated": summarise(draws),
+            "draws": draws,
             "raw_sigma_px": raw_sigmas(rendered, source),
         }
-        entry["meets_targets"] = meets_targets(entry["calibrated"]) if entry["calibrated"].get(
-            "accepted_draws") else False
+        entry["meets_targets"] = (
+            meets_targets(entry["calibrated"]) if entry["calibrated"].get("accepted_draws") else False
+        )
         sources[source.name] = entry
         print(f"{source.name}: {source.note}; {time.monotonic() - t0:.0f} s", flush=True)
     result = {
@@ -430,7 +479,9 @@ def main() -> None:
         "model_version": detector.model_version,
         "config": cfg.model_dump(mode="json"),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs (shared)",
-        "sigmas_px": SIGMAS, "families": FAMILIES, "draws_per_source": DRAWS,
+        "sigmas_px": SIGMAS,
+        "families": FAMILIES,
+        "draws_per_source": DRAWS,
         "rule_floors": {"log_margin": LOG_MARGIN_FLOOR, "spread": SPREAD_FLOOR},
         "sources": sources,
         "runtime_s": time.monotonic() - start,

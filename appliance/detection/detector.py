@@ -31,21 +31,21 @@ from appliance.config import DetectorConfig
 from appliance.detection.backends import ClassicalBackend, OnnxBackend, PatchBackend, PatchEstimates
 from appliance.detection.patches import GRID, extract_patches
 from appliance.detection.psf_shape import psf_shape, structure_tensors
-from appliance.messages import BlurAssessment, TileLabel
+from appliance.messages import BlurAssessment, TileLabel, blur_score_from_sigma
 from appliance.sidecar import DetectorSidecar, SidecarError
 from appliance.tile_io import check_tile_pixels
 from appliance.weights import BLUR_DETECTOR_MODEL
 
-# blur_score = tanh(sigma / SCORE_SCALE_PX): 0 = sharp, 0.32 at 1 px, 0.76 at 3 px, 0.96 at 6 px.
-SCORE_SCALE_PX = 3.0
 # Below this share of reliable patches (in patch-equivalents) a tile cannot be judged.
 MIN_RELIABLE_FRACTION = 0.05
-_LOG_OFFSET = 0.5  # sigma is averaged as log(sigma + offset) so 0 px is finite
+LOG_SIGMA_OFFSET_PX = 0.5  # sigma is averaged as log(sigma + offset) so 0 px is finite
 
 
-def blur_score_from_sigma(sigma_px: float | np.ndarray) -> float | np.ndarray:
-    """Map a blur sigma (px, >= 0) to the blur score in [0, 1) (0 = sharp)."""
-    return np.tanh(np.maximum(sigma_px, 0.0) / SCORE_SCALE_PX)
+def label_for_sigma(sigma_px: float, cfg: DetectorConfig) -> TileLabel:
+    """sharp <= cfg.sharp_sigma_px < soft <= cfg.max_restorable_sigma_px < retake."""
+    if sigma_px <= cfg.sharp_sigma_px:
+        return "sharp"
+    return "soft" if sigma_px <= cfg.max_restorable_sigma_px else "retake"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,18 +82,18 @@ def aggregate(
     c2: the PSF-shape constant of the backend's sidecar (px^2).
     Backends read an elliptical PSF as its geometric-mean sigma; the reported sigma is the major axis.
     """
-    logs = np.log(est.sigma_px + _LOG_OFFSET)
+    logs = np.log(est.sigma_px + LOG_SIGMA_OFFSET_PX)
     w = est.weight
     cell_w = np.bincount(cells, weights=w, minlength=GRID * GRID).reshape(GRID, GRID)
     cell_wl = np.bincount(cells, weights=w * logs, minlength=GRID * GRID).reshape(GRID, GRID)
     total_w = float(w.sum())
-    global_log = float((w * logs).sum() / total_w) if total_w > 0 else math.log(_LOG_OFFSET)
+    global_log = float((w * logs).sum() / total_w) if total_w > 0 else math.log(LOG_SIGMA_OFFSET_PX)
     smooth_w, smooth_wl = _box3(cell_w), _box3(cell_wl)
     region_log = np.where(smooth_w > 0, smooth_wl / np.maximum(smooth_w, 1e-300), global_log)
-    region_sigma = np.maximum(np.exp(region_log) - _LOG_OFFSET, 0.0)
+    region_sigma = np.maximum(np.exp(region_log) - LOG_SIGMA_OFFSET_PX, 0.0)
     # Only regions backed by enough reliable patches may raise the tile's verdict.
     trusted = smooth_w >= 3.0 * min_weight
-    global_sigma = max(math.exp(global_log) - _LOG_OFFSET, 0.0)
+    global_sigma = max(math.exp(global_log) - LOG_SIGMA_OFFSET_PX, 0.0)
     if trusted.any():
         masked = np.where(trusted, region_sigma, -1.0)
         row, col = np.unravel_index(int(np.argmax(masked)), masked.shape)
@@ -183,12 +183,7 @@ class BlurDetector:
                 "not judgeable: almost no structure above the noise (blank resin, beam off, or blurred "
                 "beyond recognition)"
             )
-        elif est.sigma_px <= cfg.sharp_sigma_px:
-            label = "sharp"
-        elif est.sigma_px <= cfg.max_restorable_sigma_px:
-            label = "soft"
-        else:
-            label = "retake"
+        elif (label := label_for_sigma(est.sigma_px, cfg)) == "retake":
             r, c = est.worst_cell
             if est.best_sigma_px <= cfg.max_restorable_sigma_px:
                 reason = (

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from appliance.messages import BlurAssessment
+from appliance.messages import SCORE_SCALE_PX, BlurAssessment, sigma_from_blur_score
 
 PLANE_NAMES: tuple[str, ...] = ("known", "sigma_tile", "sigma_local", "astig_cos", "astig_sin")
 PLANE_VERSION = 1  # bump when the meaning of a plane changes (the sidecar records it)
 SIGMA_SCALE_PX = 3.0
-# blur_score = tanh(sigma / SCORE_SCALE_PX) in the region map (appliance.detection.detector); scores are
-# rounded to 4 decimals, so 0.9999 (sigma ~14.8 px) is the largest readable; clamp to a blur we train on.
-REGION_SCORE_SCALE_PX = 3.0
+# Region scores are blur_score_from_sigma (appliance.messages) rounded to 4 decimals, so 0.9999 (sigma
+# ~14.8 px) is the largest readable; clamp to a blur we train on.
 MAX_REGION_SIGMA_PX = 8.0
 MAX_ANISOTROPY = 6.0
 
@@ -55,8 +54,8 @@ def region_sigma_from_scores(region_scores: list[list[float]]) -> np.ndarray | N
     scores = np.asarray(region_scores, dtype=np.float64)
     if scores.ndim != 2 or scores.size == 0:
         return None
-    scores = np.clip(scores, 0.0, math.tanh(MAX_REGION_SIGMA_PX / REGION_SCORE_SCALE_PX))
-    return (np.arctanh(scores) * REGION_SCORE_SCALE_PX).astype(np.float32)
+    scores = np.clip(scores, 0.0, math.tanh(MAX_REGION_SIGMA_PX / SCORE_SCALE_PX))
+    return sigma_from_blur_score(scores).astype(np.float32)
 
 
 def estimate_from_assessment(assessment: BlurAssessment | None) -> PsfEstimate | None:

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.assessment import BlurAssessment
-from appliance.blur_detection import BlurDetector, blur_score_from_sigma
-from appliance.calibration import (
+from appliance.config import DetectorConfig
+from appliance.detection.calibration import (
     MIN_TILES,
     CalibrationError,
     RigCalibration,
@@ -26,11 +25,14 @@ from appliance.calibration import (
     region_sigma_px,
     save_calibration,
 )
-from appliance.config import DetectorConfig
+from appliance.detection.detector import BlurDetector, blur_score_from_sigma
+from appliance.messages import BlurAssessment
 from appliance.tile_io import read_tile
-from models.blur_synth import BlurParams, synthesize
+from models.blur_synth import DATA_DIR, BlurParams, synthesize
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012-train"
+pytestmark = pytest.mark.fast
+
+SHARED = DATA_DIR  # ../shared/data/isbi2012-train (or ISBI2012_DIR)
 CFG = DetectorConfig()
 
 
@@ -47,8 +49,16 @@ def isbi_tiles() -> list[tuple[str, np.ndarray]]:
 
 def _stats(name: str, sigma_px: float, noise: float = 0.01, dtype: str = "uint8") -> TileStats:
     return TileStats(
-        name=name, shape=(512, 512), dtype=dtype, sigma_px=sigma_px, region_sigma_median_px=sigma_px,  # type: ignore[arg-type]
-        anisotropy=1.0, noise_level=noise, mean_level=0.5, contrast=0.15, skewness=-0.3,
+        name=name,
+        shape=(512, 512),
+        dtype=dtype,
+        sigma_px=sigma_px,
+        region_sigma_median_px=sigma_px,  # type: ignore[arg-type]
+        anisotropy=1.0,
+        noise_level=noise,
+        mean_level=0.5,
+        contrast=0.15,
+        skewness=-0.3,
     )
 
 
@@ -61,8 +71,11 @@ def _calibration(baseline: float = 1.5, region: float = 1.5) -> RigCalibration:
 def _assessment(sigma_px: float, regions_px: float | None = None) -> BlurAssessment:
     regions = np.full((8, 8), sigma_px if regions_px is None else regions_px)
     return BlurAssessment(
-        blur_score=float(blur_score_from_sigma(sigma_px)), label="soft", sigma_px=sigma_px,
-        region_scores=blur_score_from_sigma(regions).tolist(), model_version="blurnet-test",
+        blur_score=float(blur_score_from_sigma(sigma_px)),
+        label="soft",
+        sigma_px=sigma_px,
+        region_scores=blur_score_from_sigma(regions).tolist(),
+        model_version="blurnet-test",
     )
 
 
@@ -117,8 +130,12 @@ def test_calibrate_real_tiles_records_baseline_and_model(detector: BlurDetector,
     assert 0.0 <= cal.baseline_sigma_px < 0.8 and cal.dtype == "uint8" and cal.noise_level > 0
     # A sharp tile of the same rig stays sharp; a 2 px blur of it reads as ~2 px added.
     rng = np.random.default_rng(1)
-    sharp, blurred = detector.assess([read_tile(SHARED / "7.png"), synthesize(
-        read_tile(SHARED / "7.png"), BlurParams("gaussian", 2.0), rng, noise=False)])
+    sharp, blurred = detector.assess(
+        [
+            read_tile(SHARED / "7.png"),
+            synthesize(read_tile(SHARED / "7.png"), BlurParams("gaussian", 2.0), rng, noise=False),
+        ]
+    )
     assert apply_calibration(sharp, cal, CFG).label == "sharp"
     assert apply_calibration(blurred, cal, CFG).sigma_px == pytest.approx(2.0, rel=0.3)
 

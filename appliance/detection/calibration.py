@@ -33,16 +33,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from appliance.assessment import BlurAssessment, TileLabel
-from appliance.blur_detection import SCORE_SCALE_PX, BlurDetector, blur_score_from_sigma
 from appliance.config import DetectorConfig
+from appliance.detection.detector import LOG_SIGMA_OFFSET_PX, BlurDetector, label_for_sigma
+from appliance.messages import BlurAssessment, blur_score_from_sigma, sigma_from_blur_score
+from appliance.noise import MAD_TO_SD, patch_noise_sigma
 from appliance.tile_io import TileError, check_tile_pixels
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION: Literal[1] = 1
 MIN_TILES = 5
 # A known-good tile reading this much more (in log(sigma + 0.5)) than the median of the others, and at
 # least OUTLIER_ADDED_PX of added blur, is a blurred tile among the sharp ones.
@@ -52,9 +52,6 @@ OUTLIER_ADDED_PX = 1.0
 MIXED_LOG_GAP = 0.6
 # Noise levels (Immerkaer) differing by more than this factor: not one detector setting.
 MIXED_NOISE_RATIO = 10.0
-_LOG_OFFSET = 0.5  # as in blur_detection: log(sigma + 0.5) keeps 0 px finite
-_MAD_TO_SD = 1.4826
-_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 # Which mapping apply_calibration uses; chosen by bench/detector_sources.py (see the module docstring).
 MAPPING: Literal["quadrature"] = "quadrature"
 
@@ -116,14 +113,12 @@ class RigCalibration(_Strict):
 def noise_level(tile: np.ndarray) -> float:
     """Immerkaer (1996) noise sigma of a uint8/uint16 tile as a fraction of the dtype range."""
     unit = tile.astype(np.float32) / float(np.iinfo(tile.dtype).max)
-    residual = cv2.filter2D(unit, cv2.CV_32F, _IMMERKAER)[1:-1, 1:-1]
-    return float(np.abs(residual).mean() * math.sqrt(math.pi / 2) / 6)
+    return float(patch_noise_sigma(unit[None])[0])
 
 
 def region_sigma_px(assessment: BlurAssessment) -> np.ndarray:
     """The region map as sigma in px (inverse of blur_score_from_sigma), shape (GRID, GRID)."""
-    scores = np.clip(np.asarray(assessment.region_scores, dtype=np.float64), 0.0, 1.0 - 1e-9)
-    return SCORE_SCALE_PX * np.arctanh(scores)
+    return sigma_from_blur_score(np.clip(np.asarray(assessment.region_scores, dtype=np.float64), 0.0, 1.0 - 1e-9))
 
 
 def tile_stats(tile: np.ndarray, name: str, assessment: BlurAssessment) -> TileStats:
@@ -134,7 +129,7 @@ def tile_stats(tile: np.ndarray, name: str, assessment: BlurAssessment) -> TileS
     return TileStats(
         name=name,
         shape=(int(tile.shape[0]), int(tile.shape[1])),
-        dtype=str(tile.dtype),  # type: ignore[arg-type]
+        dtype=str(tile.dtype),
         sigma_px=float(assessment.sigma_px),
         region_sigma_median_px=float(np.median(region_sigma_px(assessment))),
         anisotropy=float(assessment.anisotropy),
@@ -163,12 +158,12 @@ def _check_pixels(tiles: Sequence[np.ndarray], names: Sequence[str]) -> None:
 
 
 def _log_sigma(sigma_px: float | np.ndarray) -> np.ndarray:
-    return np.log(np.asarray(sigma_px, dtype=np.float64) + _LOG_OFFSET)
+    return np.log(np.asarray(sigma_px, dtype=np.float64) + LOG_SIGMA_OFFSET_PX)
 
 
 def robust_spread(values: np.ndarray) -> float:
     """1.4826 x median absolute deviation: the SD of a normal sample, immune to a few outliers."""
-    return float(_MAD_TO_SD * np.median(np.abs(values - np.median(values))))
+    return float(MAD_TO_SD * np.median(np.abs(values - np.median(values))))
 
 
 def _check_one_rig(stats: Sequence[TileStats]) -> None:
@@ -199,7 +194,7 @@ def _check_one_rig(stats: Sequence[TileStats]) -> None:
     for i, s in enumerate(stats):
         others = np.delete(logs, i)
         margin = max(OUTLIER_LOG_MARGIN, 4.0 * robust_spread(others))
-        reference = float(np.exp(np.median(others)) - _LOG_OFFSET)
+        reference = float(np.exp(np.median(others)) - LOG_SIGMA_OFFSET_PX)
         added = math.sqrt(max(s.sigma_px**2 - reference**2, 0.0))
         if logs[i] - np.median(others) > margin and added > OUTLIER_ADDED_PX:
             raise CalibrationError(
@@ -271,16 +266,7 @@ def added_blur_px(sigma_px: float | np.ndarray, baseline_px: float) -> float | n
     return float(added) if added.ndim == 0 else added
 
 
-def label_for_sigma(sigma_px: float, cfg: DetectorConfig) -> TileLabel:
-    """sharp <= cfg.sharp_sigma_px < soft <= cfg.max_restorable_sigma_px < retake."""
-    if sigma_px <= cfg.sharp_sigma_px:
-        return "sharp"
-    return "soft" if sigma_px <= cfg.max_restorable_sigma_px else "retake"
-
-
-def apply_calibration(
-    assessment: BlurAssessment, calibration: RigCalibration, cfg: DetectorConfig
-) -> BlurAssessment:
+def apply_calibration(assessment: BlurAssessment, calibration: RigCalibration, cfg: DetectorConfig) -> BlurAssessment:
     """The assessment with sigma, regions, score and label measured from the rig's in-focus baseline.
 
     A "not judgeable" retake stays as it is (there is no estimate to correct). Other retake reasons are
@@ -308,7 +294,7 @@ def apply_calibration(
         sigma_px=round(sigma, 3),
         blur_score=round(float(blur_score_from_sigma(sigma)), 4),
         label=label,
-        region_scores=[[round(float(v), 4) for v in row] for row in blur_score_from_sigma(regions)],
+        region_scores=[[round(float(v), 4) for v in row] for row in np.asarray(blur_score_from_sigma(regions))],
         reason=reason,
     )
 
@@ -403,7 +389,7 @@ class RunningBaseline:
         logs = self._beams.get(beam)
         if logs is None or len(logs) < self.min_tiles:
             return None
-        return float(math.exp(float(np.median(logs))) - _LOG_OFFSET)
+        return float(math.exp(float(np.median(logs))) - LOG_SIGMA_OFFSET_PX)
 
     def drift(self, beam: int) -> float | None:
         """log(running + 0.5) - log(calibration + 0.5) for the beam, or None before min_tiles."""
