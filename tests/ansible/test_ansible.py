@@ -116,7 +116,7 @@ class Rig:
 
     @property
     def unit_file(self) -> Path:
-        return Path(self.variables["deblur_appliance_systemd_unit_dir"]) / "em-deblur-appliance.serving.service"
+        return Path(self.variables["deblur_appliance_systemd_unit_dir"]) / "em-deblur-appliance.service"
 
     def write_vars(self, **overrides: object) -> Path:
         self.vars_file.write_text(yaml.safe_dump({**self.variables, **overrides}), encoding="utf-8")
