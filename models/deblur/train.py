@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -83,7 +83,18 @@ def training_loss(restored: torch.Tensor, sharp: torch.Tensor, kind: str) -> tor
     raise ValueError(f"train.loss must be 'l1' or 'psnr', not {kind!r}")
 
 
-def learning_rate(step: int, cfg: TrainConfig, minutes: float = 0.0) -> float:
+class LrSchedule(Protocol):
+    """The schedule fields of a `train:` section (the deblur recipe's TrainConfig, the membrane recipe's)."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    steps: int
+    schedule: str
+    max_minutes: float
+
+
+def learning_rate(step: int, cfg: LrSchedule, minutes: float = 0.0) -> float:
     """Linear warm-up, then cosine decay from lr to min_lr over the remaining steps.
 
     With `schedule: time` the decay follows whichever is further along: steps or wall-clock minutes

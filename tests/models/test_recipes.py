@@ -206,3 +206,14 @@ def test_detector_recipe_loads_typed_with_the_frozen_values(tmp_path: Path) -> N
     typo.write_text(DETECTOR.read_text().replace("p_sharp:", "p_sharpp:"))
     with pytest.raises(ValueError, match=r"data.p_sharpp"):
         load_detector_recipe(typo)
+
+
+def test_membrane_recipe_loads_typed(tmp_path: Path) -> None:
+    from models.membrane.train import load_config
+
+    recipe = Path(__file__).resolve().parents[2] / "models" / "membrane" / "config.yaml"
+    assert load_config(recipe).run_name == "unet-w16-d3"
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(recipe.read_text().replace("dice_weight:", "dise_weight:"))
+    with pytest.raises(ValueError, match="dise_weight"):
+        load_config(typo)
