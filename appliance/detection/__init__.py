@@ -1,0 +1,1 @@
+"""The blur detector: where it looks (patches), patch backends, PSF shape, the verdict, rig calibration."""

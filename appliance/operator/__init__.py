@@ -1,0 +1,1 @@
+"""What the operator sees: Prometheus metrics, the /metrics endpoint, section QC reports, the status line."""

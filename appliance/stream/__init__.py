@@ -1,0 +1,1 @@
+"""In and out of the appliance: wire protocol, ZeroMQ ingest actor, sink actor, feedback socket."""

@@ -1,0 +1,1 @@
+"""Commands around the runtime (never imported by it): CLI, demo, offline score/deblur, reference controller."""
