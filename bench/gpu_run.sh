@@ -8,6 +8,7 @@
 # Packages the GPU machine lacks can come as a tarball of site-packages: $CARRY_DIR/site.tar.xz (added to
 # sys.path after the machine's own packages); real EM for the tiles: $CARRY_DIR/isbi2012-train/ (else
 # ../shared/data); packed training data: $CARRY_DIR/em_train.npz (models/deblur/pack_data.py).
+# `bash bench/gpu_carry.sh` builds all three.
 #
 # DEVICE=cpu SUITE_ARGS="--side 512 --scale 0.06" runs the same steps on a CPU machine (a rehearsal).
 set -u
