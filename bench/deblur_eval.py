@@ -15,10 +15,12 @@
    Tiles: the 4 test images (512x512) x `--draws` renderings each, Poisson-Gaussian noise drawn as in
    training. `tilted` has no single PSF, so the classical columns are empty there.
 2. Target row: Gaussian sigma 1-3 px plus noise, averaged over the strengths in that range.
-3. Restorable range: the largest strength at which the model still restores well on every family, in
-   two readings (see RETAKE_MAX_DEFICIT_DB and ORACLE_MAX_DEFICIT_DB below; column `retake` is the same
-   tile rendered in focus with the same noise draw); the second sets
-   `DetectorConfig.max_restorable_sigma_px`.
+3. Restored vs retake (issue 13 point 4): column `retake` is the same tile rendered in focus with the
+   same noise draw, what re-imaging would give. Per family and strength: model PSNR minus retake PSNR
+   (dB; also for the input and the true-PSF oracle). Restorable range, per family and over all
+   families, in two readings: retake-based (model within RETAKE_MAX_DEFICIT_DB of the retake) and
+   oracle-based (gain over the input and within ORACLE_MAX_DEFICIT_DB of the true-PSF oracle; this one
+   sets `DetectorConfig.max_restorable_sigma_px`). Plus issue 13's done-when checks (`retake_targets`).
 4. Figure: input / Wiener / model / truth crops, bench/results/deblur_examples.png.
 5. Headroom (Gaussian, target range): PSNR of the truth band-limited where the blur's transfer function
    falls below a floor (what recovering every frequency above the floor exactly, and nothing below it,
@@ -27,6 +29,12 @@
    noisy in-focus tiles sent to the model anyway (what a false `soft` label costs).
 6. Speed: megapixels/s and full-size tiles/s (2400x2400 uint8, 1700x1700 uint16) per backend on this
    machine; on a CUDA machine also the GPU backends (torch fp16 channels_last, ONNX Runtime CUDA).
+7. Task check (issue 13 point 5; `--no-membrane` skips it): membrane F1 (`models.membrane.score`,
+   threshold 0.5) of the retake, the blurred input and the model output against the segmentation of
+   the in-focus test image (segmented once per image), at tolerance 0 px (plain pixel F1, the headline:
+   2 px saturates near 1) and 2 px, per family and strength up to `max_restorable_sigma_px` (3 px: what
+   the appliance restores; larger strengths are skipped to bound the runtime). The membrane segmenter
+   runs on torch with `--threads` threads; a 512 px tile takes ~0.8 s on 2 CPU cores, ~3.5 min in all.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # models/ is not installed
@@ -55,6 +64,7 @@ from appliance.restoration.restorer import TileRestorer  # noqa: E402
 from appliance.restoration.wiener import wiener_deconvolve  # noqa: E402
 from appliance.weights import DEBLUR_MODEL  # noqa: E402
 from bench.deconvolution import richardson_lucy  # noqa: E402
+from bench.membrane_eval import SUMMARY_MAX_SIGMA, f1_by_tolerance, summary_row  # noqa: E402
 from models.blur_synth import (  # noqa: E402
     FAMILIES,
     BlurParams,
@@ -68,26 +78,33 @@ from models.blur_synth import (  # noqa: E402
     to_unit_float,
 )
 from models.deblur.metrics import psnr, ssim  # noqa: E402
+from models.membrane.score import segment  # noqa: E402
 
 STRENGTHS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 TARGET_RANGE = (1.0, 3.0)
 WIENER_NSR = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
 RL_ITERATIONS = (2, 5, 10, 20, 35, 50)
 METHODS = ("input", "wiener", "rl", "model", "retake")
-# Two readings of "restores well" at a strength, each required on every blur family (mean over tiles):
-# 1. retake-equivalent: the restored tile within RETAKE_MAX_DEFICIT_DB (PSNR vs the sharp original) of
-#    a retake, the same tile acquired in focus with the same noise (fixed before any model was measured);
+# Two readings of "restores well" at a strength (mean over a cell's tiles), per family and on every family:
+# 1. retake-equivalent (issue 13 point 4): the restored tile within RETAKE_MAX_DEFICIT_DB (PSNR vs the
+#    sharp original) of a retake, the same tile acquired in focus with the same noise. The issue's
+#    0.5 dB; an earlier reading used 1.5 dB, which no cell met either;
 # 2. at the model's best (the value used for DetectorConfig.max_restorable_sigma_px): PSNR gain over
 #    the blurred input >= MIN_GAIN_DB, and no more than ORACLE_MAX_DEFICIT_DB below the better of
 #    Wiener / Richardson-Lucy given the true PSF (families with a PSF). Past it the model falls behind
 #    what deconvolution with a known PSF achieves: it is outside the range it restores reliably.
-RETAKE_MAX_DEFICIT_DB = 1.5
+RETAKE_MAX_DEFICIT_DB = 0.5
 MIN_GAIN_DB = 1.0
 ORACLE_MAX_DEFICIT_DB = 0.5
 # Transfer-function floors of the headroom rows: 0.05 = a frequency attenuated 20x by the blur.
 OTF_FLOORS = (0.1, 0.05, 0.02)
 RESULTS = REPO / "bench" / "results"
 ESTIMATES = ("detector", "true", "blind")
+# Issue 13's done-when lines: restored >= retake (PSNR, membrane F1) at sigma <= SUMMARY_MAX_SIGMA (1.5 px),
+# and membrane F1 above the blurred input everywhere the appliance restores (sigma <= MEMBRANE_MAX_SIGMA_PX).
+MEMBRANE_MAX_SIGMA_PX = DetectorConfig().max_restorable_sigma_px
+MEMBRANE_METHODS = ("retake", "input", "model")
+MEMBRANE_SCORES = ("vs_in_focus_tol0", "vs_in_focus")  # plain pixel F1 (the headline), tolerance 2 px
 
 # The assessment restore() is given for a blurred uint8 tile and the blur applied to it (None: no blur).
 Assessor = Callable[[np.ndarray, BlurParams | None], BlurAssessment]
@@ -146,13 +163,20 @@ def restore_cell(
     draws: int,
     seed: int,
     assess: Assessor,
+    references: list[np.ndarray] | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, np.ndarray]]]:
-    """Mean PSNR/SSIM per method for one (family, strength) cell, plus the outputs of the first tile."""
+    """Mean PSNR/SSIM per method for one (family, strength) cell, plus the outputs of the first tile.
+
+    With `references` (the in-focus segmentation of each image) also mean membrane F1 of MEMBRANE_METHODS
+    against it (`membrane_f1`) and the seconds that took (`membrane_seconds`).
+    """
     rng = np.random.default_rng(seed)
     scores: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS}
+    f1s: dict[str, dict[str, list[float]]] = {m: {k: [] for k in MEMBRANE_SCORES} for m in MEMBRANE_METHODS}
+    membrane_seconds = 0.0
     given_sigma: list[float] = []
     examples = []
-    for image in images:
+    for image, reference in zip(images, references or [None] * len(images), strict=True):
         for _ in range(draws):
             params = fixed_blur(family, sigma, rng)
             noise_seed = int(rng.integers(2**31))
@@ -170,6 +194,12 @@ def restore_cell(
                 outputs["model"] = restorer.restore([blurred], [assessment])[0]
             for name, out in outputs.items():
                 scores[name].append((psnr(out, image, 255.0), ssim(out, image, 255.0)))
+            if reference is not None:
+                started = time.perf_counter()
+                for name in (m for m in MEMBRANE_METHODS if m in outputs):
+                    for suffix, f1 in f1_by_tolerance(segment(outputs[name]), reference).items():
+                        f1s[name][f"vs_in_focus{suffix}"].append(f1)
+                membrane_seconds += time.perf_counter() - started
             examples.append({**outputs, "truth": image})
     cell = {
         m: {"psnr": float(np.mean([s[0] for s in v])), "ssim": float(np.mean([s[1] for s in v])), "n": len(v)}
@@ -186,6 +216,13 @@ def restore_cell(
             "sigma_px_mean": float(np.mean(usable)) if usable else None,
             "no_estimate_fraction": 1.0 - len(usable) / len(given_sigma),
         }
+    if references is not None:
+        cell["membrane_f1"] = {
+            m: {k: float(np.mean(v)) for k, v in by_key.items()} | {"n": len(by_key[MEMBRANE_SCORES[0]])}
+            for m, by_key in f1s.items()
+            if by_key[MEMBRANE_SCORES[0]]
+        }
+        cell["membrane_seconds"] = membrane_seconds
     return cell, examples[:1]
 
 
@@ -258,6 +295,67 @@ def headroom(
     return rows
 
 
+def _sigma(key: str) -> float:
+    return float(key.split("@")[1])
+
+
+def versus_retake(table: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per family and strength: PSNR minus the retake's PSNR (dB) of the model, the input and the better
+    true-PSF oracle (Wiener / RL; families with a PSF). Negative = below what re-imaging would give."""
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for key, cell in table.items():
+        family, sigma = key.split("@")
+        retake = cell["retake"]["psnr"]
+        row = {"input": cell["input"]["psnr"] - retake}
+        if "model" in cell:
+            row["model"] = cell["model"]["psnr"] - retake
+        if "wiener" in cell:
+            row["oracle"] = max(cell["wiener"]["psnr"], cell["rl"]["psnr"]) - retake
+        rows.setdefault(family, {})[sigma] = row
+    return rows
+
+
+def membrane_table(table: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """The cells' membrane F1, as {family: {strength: {method: {score: mean F1}}}} (cells that have it)."""
+    rows: dict[str, dict[str, dict]] = {}
+    for key, cell in table.items():
+        if "membrane_f1" in cell:
+            family, sigma = key.split("@")
+            rows.setdefault(family, {})[sigma] = cell["membrane_f1"]
+    return rows
+
+
+def _worst(margins: dict[str, float], strict: bool = False) -> dict[str, object]:
+    """`met` when every margin is >= 0 (> 0 with `strict`), plus the smallest margin and its cell."""
+    if not margins:
+        return {"met": None, "worst": None, "worst_cell": None, "cells": 0}
+    cell = min(margins, key=lambda k: margins[k])
+    worst = margins[cell]
+    return {"met": worst > 0 if strict else worst >= 0, "worst": worst, "worst_cell": cell, "cells": len(margins)}
+
+
+def retake_targets(table: dict[str, dict[str, dict]]) -> dict[str, dict[str, object]]:
+    """Issue 13's done-when lines for points 4 and 5, required on every cell (family x strength):
+    restored PSNR >= the retake's at sigma <= SUMMARY_MAX_SIGMA; restored membrane F1 >= the retake's
+    there, and > the blurred input's at every strength scored (sigma <= MEMBRANE_MAX_SIGMA_PX, the
+    range the appliance restores). Margins in dB or F1, model minus the other."""
+    low = {k: c for k, c in table.items() if _sigma(k) <= SUMMARY_MAX_SIGMA and "model" in c}
+    targets = {
+        "psnr_model_minus_retake_sigma_le_1_5": _worst(
+            {k: c["model"]["psnr"] - c["retake"]["psnr"] for k, c in low.items()}
+        )
+    }
+    f1 = {k: c["membrane_f1"] for k, c in table.items() if "model" in c.get("membrane_f1", {})}
+    for score in MEMBRANE_SCORES:
+        targets[f"f1_{score}_model_minus_retake_sigma_le_1_5"] = _worst(
+            {k: f["model"][score] - f["retake"][score] for k, f in f1.items() if _sigma(k) <= SUMMARY_MAX_SIGMA}
+        )
+        targets[f"f1_{score}_model_minus_input"] = _worst(
+            {k: f["model"][score] - f["input"][score] for k, f in f1.items()}, strict=True
+        )
+    return targets
+
+
 def _retake_equivalent(cell: dict) -> bool:
     return cell["retake"]["psnr"] - cell["model"]["psnr"] <= RETAKE_MAX_DEFICIT_DB
 
@@ -271,17 +369,29 @@ def _at_model_best(cell: dict) -> bool:
     return oracle - cell["model"]["psnr"] <= ORACLE_MAX_DEFICIT_DB
 
 
-def restorable_sigma(table: dict[str, dict[str, dict]], criterion: str = "model_best") -> float | None:
-    """Largest strength up to which `criterion` (model_best | retake_equivalent) holds on every family."""
+def restorable_sigma(
+    table: dict[str, dict[str, dict]], criterion: str = "model_best", families: tuple[str, ...] = FAMILIES
+) -> float | None:
+    """Largest strength up to which `criterion` (model_best | retake_equivalent) holds on every one of
+    `families`: it holds at that strength and every smaller one measured. None: not even the smallest."""
     check = _at_model_best if criterion == "model_best" else _retake_equivalent
-    strengths = sorted({float(key.split("@")[1]) for key in table})
+    strengths = sorted({_sigma(key) for key in table})
     largest = None
     for sigma in strengths:
-        cells = [table.get(f"{family}@{sigma:g}") for family in FAMILIES]
+        cells = [table.get(f"{family}@{sigma:g}") for family in families]
         if any(c is None or "model" not in c for c in cells) or not all(check(c) for c in cells):
             break
         largest = sigma
     return largest
+
+
+def restorable_by_family(table: dict[str, dict[str, dict]]) -> dict[str, dict[str, float | None]]:
+    """restorable_sigma per criterion, per family and (`all`) on every family at once."""
+    return {
+        criterion: {family: restorable_sigma(table, criterion, (family,)) for family in FAMILIES}
+        | {"all": restorable_sigma(table, criterion)}
+        for criterion in ("retake_equivalent", "model_best")
+    }
 
 
 def write_figure(examples: dict[str, dict[str, np.ndarray]], path: Path, model_label: str, crop: int = 128) -> None:
@@ -400,7 +510,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime CPU threads (num_cpus_per_replica)")
     parser.add_argument("--speed-only", action="store_true", help="only throughput, into deblur_speed.json")
+    parser.add_argument(
+        "--membrane",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"membrane F1 of retake / input / model at sigma <= {MEMBRANE_MAX_SIGMA_PX:g} px (torch, --threads "
+        "threads; ~3.5 min on 2 CPU cores at --draws 1)",
+    )
     args = parser.parse_args()
+    started = time.monotonic()
     suffix = "" if args.estimate == "detector" else f"_{args.estimate}"
     if args.out is None:
         args.out = RESULTS / f"deblur_eval{suffix}.json"
@@ -418,13 +536,20 @@ def main() -> None:
     assess = make_assessor(args.estimate)
     psf_aware = restorer is not None and restorer.psf_aware
     images = [load_image(p) for p in load_split("test")]
+    references, reference_seconds = None, 0.0
+    if args.membrane:
+        torch.set_num_threads(args.threads)
+        segment_started = time.perf_counter()
+        references = [segment(image) for image in images]  # the in-focus segmentation, once per test image
+        reference_seconds = time.perf_counter() - segment_started
     table: dict[str, dict] = {}
     examples: dict[str, dict[str, np.ndarray]] = {}
     for f_index, family in enumerate(FAMILIES):
         for s_index, sigma in enumerate(args.strengths):
             key = f"{family}@{sigma:g}"
             seed = args.seed * 1000 + f_index * 100 + s_index
-            table[key], first = restore_cell(restorer, images, family, float(sigma), args.draws, seed, assess)
+            scored = references if sigma <= MEMBRANE_MAX_SIGMA_PX else None
+            table[key], first = restore_cell(restorer, images, family, float(sigma), args.draws, seed, assess, scored)
             if sigma in (2.0, 3.0) and family in ("gaussian", "astigmatic", "tilted"):
                 examples[f"{family} s={sigma:g}"] = first[0]
             print(_row_text(key, table[key]), flush=True)
@@ -447,6 +572,14 @@ def main() -> None:
         "retake_equivalent_sigma_px": restorable_sigma(table, "retake_equivalent"),
         "retake_equivalent_criterion": f"every family: model PSNR within {RETAKE_MAX_DEFICIT_DB} dB of a "
         "retake (same tile in focus, same noise)",
+        "restored_vs_retake": {
+            "psnr_minus_retake_db": versus_retake(table),
+            "restorable_sigma_px": restorable_by_family(table),
+            "retake_equivalent_criterion": f"model PSNR >= retake PSNR - {RETAKE_MAX_DEFICIT_DB} dB",
+            "model_best_criterion": f"model PSNR gain >= {MIN_GAIN_DB} dB over the input and <= "
+            f"{ORACLE_MAX_DEFICIT_DB} dB below the better true-PSF Wiener/RL",
+        },
+        "issue13_targets": retake_targets(table),
         "speed": speed,
         "figure": str(figure.relative_to(REPO)) if figure.is_relative_to(REPO) else str(figure),
         "settings": {
@@ -459,6 +592,19 @@ def main() -> None:
         },
         "machine": machine(),
     }
+    if args.membrane:
+        result["membrane_f1"] = {
+            "reference": "segment(in-focus test image), threshold 0.5; vs_in_focus_tol0 = plain pixel F1, "
+            "vs_in_focus = tolerance 2 px",
+            "max_sigma_px": MEMBRANE_MAX_SIGMA_PX,
+            "table": membrane_table(table),
+            "summary_sigma_le_1_5": summary_row(
+                membrane_table(table), tuple(m for m in MEMBRANE_METHODS if m != "model" or restorer), MEMBRANE_SCORES
+            ),
+            "seconds": reference_seconds + sum(c.get("membrane_seconds", 0.0) for c in table.values()),
+            "torch_threads": args.threads,
+        }
+    result["seconds"] = round(time.monotonic() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print_summary(result)
@@ -488,6 +634,44 @@ def print_summary(result: dict) -> None:
     print("No blur, noise only (a tile wrongly sent to deblur):", json.dumps(result["no_blur_noise_only"]))
     print("max_restorable_sigma_px:", result["max_restorable_sigma_px"], "-", result["restorable_criterion"])
     print("retake-equivalent up to:", result["retake_equivalent_sigma_px"], "-", result["retake_equivalent_criterion"])
+    print_retake(result["restored_vs_retake"])
+    if "membrane_f1" in result:
+        print_membrane(result["membrane_f1"])
+    print("\nIssue 13 done-when (margin = model minus the other; met = every cell >= 0, > 0 vs the input):")
+    for name, check in result["issue13_targets"].items():
+        print(f"  {name}: {json.dumps(check)}")
+    print(f"wall time {result['seconds']} s")
+
+
+def print_retake(section: dict) -> None:
+    deltas = section["psnr_minus_retake_db"]
+    strengths = list(next(iter(deltas.values())))
+    print("\nRestored vs retake: PSNR minus the retake's PSNR (dB), model [true-PSF oracle]")
+    print(f"{'family':11s} | " + " | ".join(f"{s:>14s}" for s in strengths))
+    for family, by_sigma in deltas.items():
+        cells = []
+        for row in by_sigma.values():
+            oracle = f"[{row['oracle']:+6.2f}]" if "oracle" in row else "[   n/a]"
+            cells.append(f"{row.get('model', math.nan):+6.2f} {oracle}")
+        print(f"{family:11s} | " + " | ".join(cells))
+    for criterion, by_family in section["restorable_sigma_px"].items():
+        print(f"restorable range ({criterion}): {json.dumps(by_family)} - {section[f'{criterion}_criterion']}")
+
+
+def print_membrane(section: dict) -> None:
+    print(
+        f"\nMembrane F1 vs the in-focus segmentation (sigma <= {section['max_sigma_px']:g} px), "
+        f"{' / '.join(MEMBRANE_METHODS)}: plain pixel F1 (0 px) | tolerance 2 px"
+    )
+    rows = [(f, s, cell) for f, by_sigma in section["table"].items() for s, cell in by_sigma.items()]
+    rows.append(("all", f"<={SUMMARY_MAX_SIGMA:g}", section["summary_sigma_le_1_5"]))
+    for family, sigma, cell in rows:
+        methods = [m for m in MEMBRANE_METHODS if m in cell]
+        print(
+            f"{family:<11} {sigma:>5} | "
+            + " | ".join(" ".join(f"{cell[m][key]:.3f}" for m in methods) for key in MEMBRANE_SCORES)
+        )
+    print(f"membrane scoring took {section['seconds']:.0f} s ({section['torch_threads']} torch threads)")
 
 
 if __name__ == "__main__":

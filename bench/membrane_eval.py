@@ -44,9 +44,16 @@ STRENGTHS = (1.0, 1.5, 2.0, 3.0)
 METHODS = ("retake", "blurred", "wiener")
 SUMMARY_MAX_SIGMA = 1.5
 TOLERANCE_PX = 2.0
-# Score keys: reference x tolerance; "_tol0" = pixel F1 without tolerance.
+# Score-key suffix per tolerance (px): "" = TOLERANCE_PX, "_tol0" = plain pixel F1 (no tolerance).
+TOLERANCES = (("", TOLERANCE_PX), ("_tol0", 0.0))
+# Score keys: reference x tolerance suffix.
 SCORES = ("vs_in_focus", "vs_in_focus_tol0", "vs_labels", "vs_labels_tol0")
 RESULTS = REPO / "bench" / "results"
+
+
+def f1_by_tolerance(prob: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """`membrane_f1` of `prob` against `reference` at each of TOLERANCES, keyed by its score-key suffix."""
+    return {suffix: membrane_f1(prob, reference, tolerance_px=tolerance) for suffix, tolerance in TOLERANCES}
 
 
 def render(image: np.ndarray, family: str, sigma: float, rng: np.random.Generator, wiener: TileRestorer) -> dict:
@@ -76,18 +83,20 @@ def score_cell(
             for method, tile in render(image.pixels, family, sigma, rng, wiener).items():
                 prob = segment(tile)
                 for key, ref in (("vs_in_focus", reference), ("vs_labels", image.membrane)):
-                    scores[method][key].append(membrane_f1(prob, ref, tolerance_px=TOLERANCE_PX))
-                    scores[method][f"{key}_tol0"].append(membrane_f1(prob, ref, tolerance_px=0))
+                    for suffix, f1 in f1_by_tolerance(prob, ref).items():
+                        scores[method][f"{key}{suffix}"].append(f1)
     return {
         m: {k: float(np.mean(v)) for k, v in by_ref.items()} | {"n": len(by_ref["vs_in_focus"])}
         for m, by_ref in scores.items()
     }
 
 
-def summary_row(table: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
-    """Mean over every family at sigma <= SUMMARY_MAX_SIGMA, per method and reference."""
+def summary_row(
+    table: dict[str, dict[str, dict]], methods: tuple[str, ...] = METHODS, scores: tuple[str, ...] = SCORES
+) -> dict[str, dict[str, float]]:
+    """Mean over every family at sigma <= SUMMARY_MAX_SIGMA, per method and score key."""
     cells = [c for family in table.values() for s, c in family.items() if float(s) <= SUMMARY_MAX_SIGMA]
-    return {m: {key: float(np.mean([c[m][key] for c in cells])) for key in SCORES} for m in METHODS}
+    return {m: {key: float(np.mean([c[m][key] for c in cells])) for key in scores} for m in methods}
 
 
 def segment_seconds(image: np.ndarray, side: int = 2400) -> float:
@@ -135,6 +144,7 @@ def main() -> None:
     started = time.monotonic()
     images = load_labelled("test")
     references = [segment(image.pixels) for image in images]
+    in_focus = [f1_by_tolerance(r, i.membrane) for r, i in zip(references, images, strict=True)]
     wiener = TileRestorer.from_config(DeblurConfig(backend="classical"))
     table: dict[str, dict[str, dict]] = {}
     for f_index, family in enumerate(FAMILIES):
@@ -150,12 +160,7 @@ def main() -> None:
         "tolerance_px": TOLERANCE_PX,
         "threshold": 0.5,
         "restorer": wiener.model_version,
-        **{
-            f"in_focus_vs_labels{suffix}": float(
-                np.mean([membrane_f1(r, i.membrane, tolerance_px=tol) for r, i in zip(references, images, strict=True)])
-            )
-            for suffix, tol in (("", TOLERANCE_PX), ("_tol0", 0.0))
-        },
+        **{f"in_focus_vs_labels{suffix}": float(np.mean([f1[suffix] for f1 in in_focus])) for suffix, _ in TOLERANCES},
         "table": table,
         "summary_sigma_le_1_5": summary_row(table),
         "machine": {"platform": platform.platform(), "torch_threads": args.threads},
