@@ -41,6 +41,18 @@ class IngestConfig(_Strict):
         256 * 1024 * 1024, ge=1024, description="Largest accepted pixel frame; larger frames are refused."
     )
     max_tile_side: int = Field(32768, ge=16, description="Largest accepted tile height or width (px).")
+    implausible_blur_share: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Safety rule (docs/operating.md): once a section has implausible_blur_min_tiles judged "
+        "tiles, a share of soft + retake tiles above this stops restoring for the rest of that section (soft "
+        "tiles are written as acquired, flagged restore_suspended) and sends one `alarm` to the controller: "
+        "an uncalibrated or mis-calibrated detector must not restore most of a section. 1.0 switches it off.",
+    )
+    implausible_blur_min_tiles: int = Field(
+        50, ge=1, le=1_000_000, description="Judged tiles of a section before the safety rule may trip."
+    )
 
 
 class OutputConfig(_Strict):
@@ -127,6 +139,12 @@ class DetectorConfig(ReplicaConfig):
     )
     sharp_sigma_px: float = Field(
         0.8, gt=0.0, le=50.0, description="At or below this estimated blur a tile is `sharp`."
+    )
+    calibration: Path | None = Field(
+        None,
+        description="Rig calibration (`python -m appliance calibrate`): blur is then measured from this rig's "
+        "in-focus baseline. Checked at start-up: the file must load and be made with the running detector "
+        "model. None: the detector's own scale (that of its training data).",
     )
 
     @model_validator(mode="after")

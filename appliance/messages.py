@@ -77,12 +77,52 @@ class RestoredTile:
     busy_s: float = 0.0
 
 
+# The `kind` of the `alarm` feedback (docs/protocol.md) a BlurShareAlarm becomes.
+IMPLAUSIBLE_BLUR_SHARE = "implausible_blur_share"
+
+
+@dataclass(frozen=True)
+class BlurShareAlarm:
+    """The ingest stopped restoring a section: too many of its tiles read soft or retake (stream.blur_share).
+
+    Counts are the section's judged tiles up to and including the tile that tripped the rule; threshold and
+    min_tiles are ingest.implausible_blur_share and ingest.implausible_blur_min_tiles; calibrated: whether
+    the detector ran with a rig calibration (detector.calibration).
+    """
+
+    n_judged: int
+    n_soft: int
+    n_retake: int
+    threshold: float
+    min_tiles: int
+    calibrated: bool
+
+    @property
+    def share(self) -> float:
+        return (self.n_soft + self.n_retake) / self.n_judged
+
+    def message(self, section: str) -> str:
+        """What happened and what to do, in an operator's words (the alarm's `message`, the log line)."""
+        what = (
+            f"section {section}: {self.n_soft + self.n_retake} of {self.n_judged} tiles read soft or retake "
+            f"({self.share:.0%} > {self.threshold:.0%}, ingest.implausible_blur_share): restoring is suspended "
+            "for the rest of this section, soft tiles are written as acquired (restore_suspended)"
+        )
+        if not self.calibrated:
+            return (
+                f"{what}. The detector runs uncalibrated: calibrate it on this rig "
+                "(python -m appliance calibrate, then detector.calibration) unless the section really is out of focus"
+            )
+        return f"{what}. Check the focus; if tiles that look sharp read soft, recalibrate (detector.calibration)"
+
+
 @dataclass
 class TileOutcome:
     """What the ingest learned about one tile, handed to the sink with the pixels.
 
     timings_s: seconds per stage the ingest timed (detect_s, deblur_s); failure: why processing failed
-    ("" = it did not; the tile is then written as acquired).
+    ("" = it did not; the tile is then written as acquired). restore_suspended: a soft tile not restored
+    because its section tripped the safety rule; alarm: set on the one tile that tripped it.
     """
 
     header: TileHeader
@@ -91,3 +131,5 @@ class TileOutcome:
     deblur_version: str = ""
     failure: str = ""
     timings_s: dict[str, float] = field(default_factory=dict)
+    restore_suspended: bool = False
+    alarm: BlurShareAlarm | None = None

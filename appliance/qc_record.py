@@ -58,6 +58,11 @@ class QcTileRecord(_Line):
     error: str | None = None
     timings_s: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, total_s included.")
     detector_version: str | None = None
+    restore_suspended: bool | None = Field(
+        None,
+        description="True (else absent): a soft tile written as acquired because its section tripped the "
+        "safety rule (ingest.implausible_blur_share, docs/operating.md).",
+    )
 
     @staticmethod
     def verdict_fields(assessment: BlurAssessment | None) -> dict[str, Any]:

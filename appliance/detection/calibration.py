@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from appliance.config import DetectorConfig
+from appliance.config import ConfigError, DetectorConfig
 from appliance.detection.detector import LOG_SIGMA_OFFSET_PX, BlurDetector, label_for_sigma
 from appliance.messages import BlurAssessment, blur_score_from_sigma, sigma_from_blur_score
 from appliance.noise import MAD_TO_SD, patch_noise_sigma
@@ -299,6 +299,15 @@ def apply_calibration(assessment: BlurAssessment, calibration: RigCalibration, c
     )
 
 
+def apply_to_all(
+    assessments: Sequence[BlurAssessment], calibration: RigCalibration | None, cfg: DetectorConfig
+) -> list[BlurAssessment]:
+    """apply_calibration on each assessment; unchanged without a calibration (the appliance and the CLI)."""
+    if calibration is None:
+        return list(assessments)
+    return [apply_calibration(a, calibration, cfg) for a in assessments]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Files
 
@@ -341,6 +350,21 @@ def load_calibration(path: Path, model_version: str | None = None) -> RigCalibra
             "recalibrate with the running model"
         )
     return calibration
+
+
+def load_configured_calibration(cfg: DetectorConfig, model_version: str | None = None) -> RigCalibration | None:
+    """The calibration named by detector.calibration (None when unset), checked against the detector model.
+
+    model_version: the running detector's; None reads the configured model's sidecar (the start-up check,
+    before any model is loaded). Raises ConfigError naming the field and the file.
+    """
+    if cfg.calibration is None:
+        return None
+    version = model_version if model_version is not None else BlurDetector.configured_model_version(cfg)
+    try:
+        return load_calibration(cfg.calibration, version)
+    except CalibrationError as exc:
+        raise ConfigError(f"detector.calibration: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------

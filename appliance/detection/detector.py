@@ -34,7 +34,7 @@ from appliance.detection.psf_shape import psf_shape, structure_tensors
 from appliance.messages import BlurAssessment, TileLabel, blur_score_from_sigma
 from appliance.sidecar import DetectorSidecar, SidecarError
 from appliance.tile_io import check_tile_pixels
-from appliance.weights import BLUR_DETECTOR_MODEL
+from appliance.weights import BLUR_DETECTOR_MODEL, CLASSICAL_DETECTOR_SIDECAR
 
 # Below this share of reliable patches (in patch-equivalents) a tile cannot be judged.
 MIN_RELIABLE_FRACTION = 0.05
@@ -140,17 +140,17 @@ class BlurDetector:
     @classmethod
     def from_config(cls, cfg: DetectorConfig) -> BlurDetector:
         """Build the backend named by cfg.backend (`auto`: bundled learned model if present)."""
-        model_path = Path(cfg.model_path) if cfg.model_path is not None else BLUR_DETECTOR_MODEL
-        # auto falls back only when no model was asked for: a missing configured model is an error.
-        fallback = cfg.model_path is None and not model_path.is_file()
-        if cfg.backend == "classical" or (cfg.backend == "auto" and fallback):
+        model_path = _learned_model_path(cfg)
+        if model_path is None:
             return cls(ClassicalBackend(), cfg)
-        if not model_path.is_file():
-            raise FileNotFoundError(
-                f"detector.model_path: {model_path} does not exist; point it at an ONNX file or use "
-                "detector.backend: classical"
-            )
         return cls(OnnxBackend(model_path, intra_op_threads=cfg.inference_threads), cfg)
+
+    @staticmethod
+    def configured_model_version(cfg: DetectorConfig) -> str:
+        """The model_version from_config(cfg) would run, read from its sidecar without loading the model."""
+        model_path = _learned_model_path(cfg)
+        sidecar = CLASSICAL_DETECTOR_SIDECAR if model_path is None else model_path.with_suffix(".json")
+        return DetectorSidecar.load(sidecar).model_version
 
     def assess(self, tiles: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[BlurAssessment]:
         """Judge a batch of 2-D uint8/uint16 tiles (any size >= 32 px); raises TileError on bad input."""
@@ -209,6 +209,21 @@ class BlurDetector:
             reason=reason,
             model_version=self.model_version,
         )
+
+
+def _learned_model_path(cfg: DetectorConfig) -> Path | None:
+    """The ONNX model cfg.backend asks for, or None for the classical backend (`auto` without a model)."""
+    model_path = Path(cfg.model_path) if cfg.model_path is not None else BLUR_DETECTOR_MODEL
+    # auto falls back only when no model was asked for: a missing configured model is an error.
+    fallback = cfg.model_path is None and not model_path.is_file()
+    if cfg.backend == "classical" or (cfg.backend == "auto" and fallback):
+        return None
+    if not model_path.is_file():
+        raise FileNotFoundError(
+            f"detector.model_path: {model_path} does not exist; point it at an ONNX file or use "
+            "detector.backend: classical"
+        )
+    return model_path
 
 
 # The learned model's weight is 1/variance of log-sigma; a patch whose log-sigma is known to +-0.3

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from appliance.messages import IMPLAUSIBLE_BLUR_SHARE
+
 # `*_created` timestamps would be one more series per metric that no dashboard reads.
 disable_created_metrics()
 PREFIX = "em_appliance_"
@@ -79,6 +81,15 @@ class SinkMetrics(_Metrics):
             f"{PREFIX}errors", "Error messages sent to the controller, by wire code.", ["code"], registry=r
         )
         self.retake_flags = Counter(f"{PREFIX}retake_flags", "Retake requests sent to the controller.", registry=r)
+        self.alarms = Counter(
+            f"{PREFIX}alarms", "Alarms sent to the controller, by kind (docs/protocol.md).", ["kind"], registry=r
+        )
+        self.alarms.labels(kind=IMPLAUSIBLE_BLUR_SHARE)  # exported at 0 from the start: increase() works
+        self.restore_suspended = Counter(
+            f"{PREFIX}restore_suspended_tiles",
+            "Soft tiles written as acquired because their section tripped the implausible-blur-share rule.",
+            registry=r,
+        )
         self.sections_done = Counter(f"{PREFIX}sections_done", "Sections closed (section_done sent).", registry=r)
         self.reports = Counter(
             f"{PREFIX}section_reports", "Section reports (report.html), by result.", ["result"], registry=r

@@ -25,9 +25,9 @@ SCRAPE_TIMEOUT_S = 10.0
 
 
 class HostMetrics:
-    """Metrics of the machine, read at scrape time: disk free under the output directory, replicas."""
+    """Metrics of the machine, read at scrape time: disk free under the output directory, replicas, calibration."""
 
-    def __init__(self, output_dir: Path, replicas_by_deployment: dict[str, int]) -> None:
+    def __init__(self, output_dir: Path, replicas_by_deployment: dict[str, int], calibrated: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         free = Gauge(
             f"{PREFIX}disk_free_bytes", "Free bytes on the output directory's file system.", registry=self.registry
@@ -38,6 +38,11 @@ class HostMetrics:
         )
         for deployment, count in replicas_by_deployment.items():
             replicas.labels(deployment=deployment).set(count)
+        Gauge(
+            f"{PREFIX}detector_calibrated",
+            "1 when the detector runs with a rig calibration (detector.calibration), else 0.",
+            registry=self.registry,
+        ).set(int(calibrated))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.schema import LoggingConfig
 
 from appliance.config import RigConfig
+from appliance.detection.calibration import load_configured_calibration
 from appliance.operator.metrics_endpoint import SCRAPE_TIMEOUT_S, HostMetrics, MetricsEndpoint
 from appliance.operator.report_figures import Thresholds
 from appliance.serving.blur_detector_deployment import BlurDetectorDeployment
@@ -56,7 +57,11 @@ class Appliance:
         self.endpoints: RunningEndpoints | None = None
 
     def start(self) -> RunningEndpoints:
-        """Start Ray (local unless configured), deploy both models, bind the sockets."""
+        """Start Ray (local unless configured), deploy both models, bind the sockets.
+
+        Raises ConfigError before anything starts when detector.calibration cannot be used.
+        """
+        load_configured_calibration(self.cfg.detector)
         self._init_ray()
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         # No HTTP proxy: tiles arrive over ZeroMQ only.
@@ -81,7 +86,7 @@ class Appliance:
         )
         sink_info = ray.get(self._sink.endpoints.remote())
         self._ingest = IngestActor.remote(  # type: ignore[attr-defined]  # added by @ray.remote
-            self.cfg.ingest, detector, deblur, self._sink
+            self.cfg.ingest, detector, deblur, self._sink, calibrated=self.cfg.detector.calibration is not None
         )
         tile_endpoint = ray.get(self._ingest.start.remote())
         metrics_url = self._start_metrics(sink_info["output_dir"]) if self.cfg.metrics.enabled else None
@@ -101,7 +106,7 @@ class Appliance:
             BlurDetectorDeployment.name: self.cfg.detector.num_replicas,  # type: ignore[attr-defined]
             DeblurDeployment.name: self.cfg.deblur.num_replicas,  # type: ignore[attr-defined]
         }
-        host = HostMetrics(Path(output_dir), replicas)
+        host = HostMetrics(Path(output_dir), replicas, calibrated=self.cfg.detector.calibration is not None)
         ingest, sink = self._ingest, self._sink
 
         def collect() -> bytes:

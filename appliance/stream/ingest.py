@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from appliance.config import IngestConfig
 from appliance.messages import TileOutcome
 from appliance.operator.metrics import IngestMetrics
+from appliance.stream.blur_share import BlurShareGuard
 from appliance.stream.protocol import (
     ProtocolError,
     SectionEnd,
@@ -41,8 +42,10 @@ RETRY_DELAY_S = (0.005, 0.5)  # first and longest wait between retries of a reje
 
 @dataclass
 class _Section:
-    """Per-section state: what was seen (duplicates) and which tiles are still being processed."""
+    """Per-section state: what was seen (duplicates), which tiles are still being processed, and the
+    safety rule's counts (restoring stops when an implausible share of the section reads soft/retake)."""
 
+    blur_share: BlurShareGuard
     seqs: set[int] = field(default_factory=set)
     tile_ids: set[str] = field(default_factory=set)
     pending: set[asyncio.Task[None]] = field(default_factory=set)
@@ -50,11 +53,21 @@ class _Section:
 
 @ray.remote(num_cpus=0)
 class IngestActor:
-    """Owns the tile socket; one asyncio task per tile in flight, bounded by credits."""
+    """Owns the tile socket; one asyncio task per tile in flight, bounded by credits.
+
+    calibrated: whether the detector runs with a rig calibration (reported in the safety rule's alarm).
+    """
 
     def __init__(
-        self, cfg: IngestConfig, detector: DeploymentHandle, deblur: DeploymentHandle, sink: ray.actor.ActorHandle
+        self,
+        cfg: IngestConfig,
+        detector: DeploymentHandle,
+        deblur: DeploymentHandle,
+        sink: ray.actor.ActorHandle,
+        calibrated: bool = False,
     ) -> None:
+        self._cfg = cfg
+        self._calibrated = calibrated
         self._limits = StreamLimits(max_tile_bytes=cfg.max_tile_bytes, max_tile_side=cfg.max_tile_side)
         self._detector = detector
         self._deblur = deblur
@@ -142,7 +155,7 @@ class IngestActor:
                 self._accept_tile(message, t_received)
                 return
             if isinstance(message, SectionStart):
-                self._sections.setdefault(message.section, _Section())
+                self._section(message.section)
             elif isinstance(message, SectionEnd):
                 self._spawn(self._finish_section(message), section=None)
             self._credits.release()
@@ -158,7 +171,7 @@ class IngestActor:
 
     def _accept_tile(self, tile: Tile, t_received: float) -> None:
         header = tile.header
-        section = self._sections.setdefault(header.section, _Section())
+        section = self._section(header.section)
         ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
         if header.seq in section.seqs or header.tile_id in section.tile_ids:
             what = f"seq {header.seq}" if header.seq in section.seqs else f"tile_id {header.tile_id!r}"
@@ -177,7 +190,14 @@ class IngestActor:
         section.tile_ids.add(header.tile_id)
         self._stats["tiles_accepted"] += 1
         self._metrics.tiles_received.inc()
-        self._spawn(self._process_tile(header, pixels_ref, t_received), section=section, holds_credit=True)
+        self._spawn(self._process_tile(header, pixels_ref, t_received, section), section=section, holds_credit=True)
+
+    def _section(self, name: str) -> _Section:
+        """The open section `name`, opened now if it is new."""
+        if name not in self._sections:
+            guard = BlurShareGuard(self._cfg.implausible_blur_share, self._cfg.implausible_blur_min_tiles)
+            self._sections[name] = _Section(guard)
+        return self._sections[name]
 
     def _spawn(self, work: Any, section: _Section | None, holds_credit: bool = False) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -203,14 +223,19 @@ class IngestActor:
 
         task.add_done_callback(_done)
 
-    async def _process_tile(self, header: TileHeader, pixels_ref: ray.ObjectRef, t_received: float) -> None:
+    async def _process_tile(
+        self, header: TileHeader, pixels_ref: ray.ObjectRef, t_received: float, section: _Section
+    ) -> None:
         outcome = TileOutcome(header=header, t_received=t_received)
         restored_ref: ray.ObjectRef | None = None
         try:
             t0 = time.perf_counter()
             outcome.assessment = await self._call(self._detector, pixels_ref)
             outcome.timings_s["detect_s"] = time.perf_counter() - t0
-            if outcome.assessment.label == "soft":
+            outcome.alarm = section.blur_share.observe(outcome.assessment.label, self._calibrated)
+            if outcome.assessment.label == "soft" and section.blur_share.suspended:
+                outcome.restore_suspended = True
+            elif outcome.assessment.label == "soft":
                 t1 = time.perf_counter()
                 restored = await self._call(self._deblur, pixels_ref, outcome.assessment)
                 outcome.timings_s["deblur_s"] = time.perf_counter() - t1
@@ -248,7 +273,7 @@ class IngestActor:
         await self._sink.record_rejection.remote(code, message, context)
 
     async def _finish_section(self, end: SectionEnd) -> None:
-        section = self._sections.pop(end.section, _Section())
-        if section.pending:
+        section = self._sections.pop(end.section, None)
+        if section is not None and section.pending:
             await asyncio.gather(*list(section.pending), return_exceptions=True)
         await self._sink.finish_section.remote(end.section, end.n_tiles)

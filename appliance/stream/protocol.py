@@ -226,7 +226,7 @@ def encode_tile(header: TileHeader, pixels: np.ndarray) -> list[bytes | memoryvi
 
 # ---- feedback (appliance -> controller) ----
 
-FeedbackType = Literal["result", "retake", "error", "section_done"]
+FeedbackType = Literal["result", "retake", "error", "section_done", "alarm"]
 _FEEDBACK_KEYS: dict[str, frozenset[str]] = {
     "result": frozenset(
         {"section", "tile_id", "seq", "label", "action", "blur_score", "sigma_px", "path", "latency_s"}
@@ -234,15 +234,38 @@ _FEEDBACK_KEYS: dict[str, frozenset[str]] = {
     "retake": frozenset({"section", "tile_id", "seq", "reason", "blur_score"}),
     "error": frozenset({"code", "message", "section", "tile_id", "seq"}),
     "section_done": frozenset({"section", "n_done", "n_sharp", "n_soft", "n_retake", "n_error", "n_expected"}),
+    "alarm": frozenset(
+        {
+            "kind",
+            "section",
+            "tile_id",
+            "seq",
+            "n_judged",
+            "n_soft",
+            "n_retake",
+            "share",
+            "threshold",
+            "min_tiles",
+            "calibrated",
+            "message",
+        }  # fmt: skip
+    ),
 }
+# Keys a feedback type carries only in some messages (docs/protocol.md says when).
+_FEEDBACK_OPTIONAL_KEYS: dict[str, frozenset[str]] = {"result": frozenset({"restore_suspended"})}
 
 
-def encode_feedback(kind: FeedbackType, **fields: Any) -> bytes:
-    """One feedback frame; the keys must be exactly those of `kind` in docs/protocol.md."""
-    expected = _FEEDBACK_KEYS[kind]
-    if set(fields) != expected:
-        raise ValueError(f"{kind} feedback needs keys {sorted(expected)}, got {sorted(fields)}")
-    return _pack({"v": PROTOCOL_VERSION, "type": kind, **fields})
+def _feedback_keys_ok(kind: str, keys: set[str]) -> bool:
+    required = _FEEDBACK_KEYS[kind]
+    return required <= keys <= required | _FEEDBACK_OPTIONAL_KEYS.get(kind, frozenset())
+
+
+def encode_feedback(feedback_type: FeedbackType, /, **fields: Any) -> bytes:
+    """One feedback frame; the keys must be those of `feedback_type` in docs/protocol.md."""
+    if not _feedback_keys_ok(feedback_type, set(fields)):
+        expected = sorted(_FEEDBACK_KEYS[feedback_type])
+        raise ValueError(f"{feedback_type} feedback needs keys {expected}, got {sorted(fields)}")
+    return _pack({"v": PROTOCOL_VERSION, "type": feedback_type, **fields})
 
 
 def decode_feedback(frame: bytes | memoryview) -> dict[str, Any]:
@@ -254,6 +277,6 @@ def decode_feedback(frame: bytes | memoryview) -> dict[str, Any]:
     if kind not in _FEEDBACK_KEYS:
         raise ProtocolError("unknown_type", f"feedback type {kind!r} is unknown")
     keys = set(raw) - {"v", "type"}
-    if keys != _FEEDBACK_KEYS[kind]:
+    if not _feedback_keys_ok(kind, keys):
         raise ProtocolError("bad_field", f"{kind} feedback has keys {sorted(keys)}")
     return raw

@@ -18,7 +18,7 @@ import ray
 import zmq
 
 from appliance.config import OutputConfig
-from appliance.messages import TileOutcome
+from appliance.messages import IMPLAUSIBLE_BLUR_SHARE, BlurShareAlarm, TileOutcome
 from appliance.operator.metrics import SinkMetrics
 from appliance.operator.report_figures import Thresholds
 from appliance.operator.section_qc import TileQc
@@ -133,6 +133,7 @@ class SinkActor:
             deblur_version=outcome.deblur_version if is_restored else None,
             error=outcome.failure or None,
             timings_s=timings,
+            **({"restore_suspended": True} if outcome.restore_suspended else {}),
         )
         async with self._qc_lock:
             await asyncio.to_thread(self._qc.append, record)
@@ -140,6 +141,10 @@ class SinkActor:
         self._section_tiles.setdefault(header.section, []).append(TileQc.from_record(record))
         self._metrics.observe_tile(record.label, action, header.beam, record.sigma_px, timings)
         ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
+        if outcome.alarm is not None:
+            self._send_alarm(outcome.alarm, ids)
+        if outcome.restore_suspended:
+            self._metrics.restore_suspended.inc()
         if outcome.failure:
             self._send_error("processing_failed", f"tile written as acquired: {outcome.failure}", ids)
             return action
@@ -154,6 +159,7 @@ class SinkActor:
                 sigma_px=assessment.sigma_px,
                 path=record.path,
                 latency_s=latency_s,
+                **({"restore_suspended": True} if outcome.restore_suspended else {}),
             )
         )
         if assessment.label == "retake":
@@ -238,6 +244,27 @@ class SinkActor:
     def _count(self, section: str, outcome: str) -> None:
         self._counts[outcome] += 1
         self._section_counts.setdefault(section, Counter())[outcome] += 1
+
+    def _send_alarm(self, alarm: BlurShareAlarm, ids: dict[str, Any]) -> None:
+        """The safety rule tripped on this tile (stream.blur_share): log it loudly, count it, tell the controller."""
+        message = alarm.message(ids["section"])
+        log.error("ALARM implausible_blur_share: %s", message)
+        self._metrics.alarms.labels(kind=IMPLAUSIBLE_BLUR_SHARE).inc()
+        self._send(
+            encode_feedback(
+                "alarm",
+                kind=IMPLAUSIBLE_BLUR_SHARE,
+                **ids,
+                n_judged=alarm.n_judged,
+                n_soft=alarm.n_soft,
+                n_retake=alarm.n_retake,
+                share=round(alarm.share, 4),
+                threshold=alarm.threshold,
+                min_tiles=alarm.min_tiles,
+                calibrated=alarm.calibrated,
+                message=message,
+            )
+        )
 
     def _send_error(self, code: ErrorCode, message: str, ids: dict[str, Any]) -> None:
         self._metrics.errors.labels(code=code).inc()

@@ -1,4 +1,4 @@
-"""`python -m appliance ...`: demo, serve, report, score, deblur."""
+"""`python -m appliance ...`: demo, serve, report, calibrate, score, deblur."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from appliance.config import ConfigError, DeblurConfig, DetectorConfig, load_rig_config
 from appliance.tools.offline import FileResult
+
+if TYPE_CHECKING:
+    from appliance.tools.offline import OfflineDetector
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -66,7 +69,11 @@ def serve(
         raise typer.Exit(2) from None
     from appliance.serving.service import serve_until_signal
 
-    serve_until_signal(cfg, status_every_s=status_every, verbose=verbose)
+    try:
+        serve_until_signal(cfg, status_every_s=status_every, verbose=verbose)
+    except ConfigError as exc:  # checked at start, before Ray: e.g. detector.calibration
+        _error(f"{config}: {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -115,16 +122,68 @@ def _emit(results: Iterable[FileResult], as_json: bool) -> int:
     return failures
 
 
+def _detector_config(config: Path | None) -> DetectorConfig:
+    """The rig's detector section (--config), or the defaults; exits 2 naming a bad field."""
+    if config is None:
+        return DetectorConfig()
+    try:
+        return load_rig_config(config).detector
+    except ConfigError as exc:
+        _error(str(exc))
+        raise typer.Exit(2) from None
+
+
+def _offline_detector(cfg: DetectorConfig, calibration: Path | None) -> OfflineDetector:
+    from appliance.detection.calibration import CalibrationError
+    from appliance.tools.offline import OfflineDetector
+
+    try:
+        return OfflineDetector(cfg, calibration)
+    except CalibrationError as exc:
+        _error(str(exc))
+        raise typer.Exit(1) from None
+
+
+CALIBRATION_HELP = "Rig calibration (`calibrate`): measure blur from this rig's in-focus baseline."
+
+
+@app.command()
+def calibrate(
+    files: Annotated[list[Path], typer.Argument(help="5-20 known-good in-focus tiles of one rig (PNG/TIFF).")],
+    out: Annotated[Path, typer.Option(help="Calibration file to write (JSON; written atomically).")],
+    config: Annotated[
+        Path | None, typer.Option(help="Rig config whose detector to calibrate (default: built-in).")
+    ] = None,
+) -> None:
+    """Learn this rig's in-focus blur baseline from known-good tiles (set detector.calibration to the file)."""
+    from appliance.tools.offline import calibrate_files
+
+    calibration, errors = calibrate_files(files, out, _detector_config(config))
+    for error in errors:
+        _error(error)
+    if calibration is None:
+        raise typer.Exit(1)
+    typer.echo(
+        f"calibrated detector {calibration.model_version} on {calibration.tile_count} tiles: in-focus baseline "
+        f"sigma {calibration.baseline_sigma_px:.2f} px (regions {calibration.region_baseline_sigma_px:.2f} px, "
+        f"spread {calibration.spread_log_sigma:.2f} in log-sigma), noise {calibration.noise_level:.4f}, "
+        f"{calibration.contrast_polarity}, {calibration.dtype}"
+    )
+    typer.echo(f"written {out}; use it: detector.calibration: {out.resolve()} in rig.yaml, or --calibration {out}")
+
+
 @app.command()
 def score(
     files: Annotated[list[Path], typer.Argument(help="PNG/TIFF tiles, 8- or 16-bit grayscale.")],
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per file.")] = False,
     backend: Annotated[str, typer.Option(help="auto | onnx | classical")] = "auto",
+    calibration: Annotated[Path | None, typer.Option(help=CALIBRATION_HELP)] = None,
 ) -> None:
     """Score focus offline: blur_score (0 sharp ... 1 very blurred), label, blur estimate, region map."""
     from appliance.tools.offline import score_files
 
-    failures = _emit(score_files(files, DetectorConfig(backend=backend)), json_lines)
+    detector = _offline_detector(DetectorConfig(backend=backend), calibration)
+    failures = _emit(score_files(files, detector), json_lines)
     if failures:
         raise typer.Exit(1)
 
@@ -135,10 +194,12 @@ def deblur(
     out: Annotated[Path, typer.Option(help="Directory for the restored TIFFs (created).")],
     force: Annotated[bool, typer.Option(help="Also restore files scored `sharp` (never `retake`).")] = False,
     backend: Annotated[str, typer.Option(help="auto | onnx | torch | classical")] = "auto",
+    calibration: Annotated[Path | None, typer.Option(help=CALIBRATION_HELP)] = None,
 ) -> None:
     """Restore soft-focus tiles offline with the same detector and deblur model as the appliance."""
     from appliance.tools.offline import deblur_files
 
-    results = deblur_files(files, out, DetectorConfig(), DeblurConfig(backend=backend), force)
+    detector = _offline_detector(DetectorConfig(), calibration)
+    results = deblur_files(files, out, detector, DeblurConfig(backend=backend), force)
     if _emit(results, True):
         raise typer.Exit(1)

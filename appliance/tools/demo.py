@@ -31,7 +31,13 @@ def demo_config(output_dir: Path) -> RigConfig:
     """Local Ray on this machine's CPUs, ephemeral loopback ports (metrics too), outputs in `output_dir`."""
     return RigConfig(
         rig_name="demo",
-        ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*"),
+        ingest=IngestConfig(
+            tile_endpoint="tcp://127.0.0.1:*",
+            feedback_endpoint="tcp://127.0.0.1:*",
+            # Half the sample tiles are soft or beyond repair on purpose (to show both): the safety rule
+            # would stop restoring at tile 50 (26 of 50), so it is off here (docs/operating.md).
+            implausible_blur_share=1.0,
+        ),
         output=OutputConfig(directory=output_dir),
         ray=RayConfig(num_cpus=os.cpu_count() or 2),
         metrics=MetricsConfig(address="127.0.0.1:0"),

@@ -1,4 +1,4 @@
-"""Offline use of the same detector and restorer on files: `appliance score` and `appliance deblur`."""
+"""Offline use of the same detector and restorer on files: `appliance calibrate`, `score` and `deblur`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from appliance.config import DeblurConfig, DetectorConfig
+from appliance.detection.calibration import (
+    CalibrationError,
+    RigCalibration,
+    apply_to_all,
+    calibrate,
+    load_calibration,
+    save_calibration,
+)
 from appliance.detection.detector import BlurDetector
+from appliance.messages import BlurAssessment
 from appliance.restoration.restorer import TileRestorer
 from appliance.tile_io import TileError, read_tile, write_tile_atomic
 
@@ -22,27 +33,74 @@ class FileResult:
     error: str | None = None
 
 
-def score_files(paths: list[Path], cfg: DetectorConfig) -> Iterator[FileResult]:
-    """Assess each file; a bad file yields its error and the rest go on."""
-    detector = BlurDetector.from_config(cfg)
+class OfflineDetector:
+    """The detector of `cfg`, with the rig calibration in `calibration_path` applied when one is given.
+
+    Raises CalibrationError naming the file when it cannot be read or was made with another detector model.
+    """
+
+    def __init__(self, cfg: DetectorConfig, calibration_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.detector = BlurDetector.from_config(cfg)
+        self.calibration: RigCalibration | None = (
+            load_calibration(calibration_path, self.detector.model_version) if calibration_path is not None else None
+        )
+
+    def assess(self, pixels: np.ndarray, name: str) -> BlurAssessment:
+        """One tile's verdict (calibrated when a calibration is loaded); raises TileError on bad pixels."""
+        return apply_to_all(self.detector.assess([pixels], names=[name]), self.calibration, self.cfg)[0]
+
+    def calibration_fields(self) -> dict[str, Any]:
+        """`calibrated` and the rig's `baseline_sigma_px` for a calibrated record; nothing otherwise."""
+        if self.calibration is None:
+            return {}
+        return {"calibrated": True, "baseline_sigma_px": self.calibration.baseline_sigma_px}
+
+
+def calibrate_files(paths: list[Path], out: Path, cfg: DetectorConfig) -> tuple[RigCalibration | None, list[str]]:
+    """Calibrate the detector of `cfg` on known-good tile files and write the calibration to `out` atomically.
+
+    Returns (calibration, []) or (None, errors naming each bad file or the problem); on any error nothing
+    is written.
+    """
+    tiles, errors = [], []
     for path in paths:
         try:
-            assessment = detector.assess([read_tile(path)], names=[str(path)])[0]
+            tiles.append(read_tile(path))
+        except TileError as exc:
+            errors.append(str(exc))
+    if errors:
+        return None, errors
+    try:
+        calibration = calibrate(tiles, [str(p) for p in paths], BlurDetector.from_config(cfg))
+    except CalibrationError as exc:
+        return None, [str(exc)]
+    try:
+        save_calibration(calibration, out)
+    except OSError as exc:
+        return None, [f"{out}: cannot write the calibration: {exc.strerror or exc}"]
+    return calibration, []
+
+
+def score_files(paths: list[Path], detector: OfflineDetector) -> Iterator[FileResult]:
+    """Assess each file; a bad file yields its error and the rest go on."""
+    for path in paths:
+        try:
+            assessment = detector.assess(read_tile(path), str(path))
         except TileError as exc:
             yield FileResult(path, error=str(exc))
             continue
-        yield FileResult(path, record={"path": str(path), **assessment.to_record()})
+        yield FileResult(path, record={"path": str(path), **assessment.to_record(), **detector.calibration_fields()})
 
 
 def deblur_files(
-    paths: list[Path], out_dir: Path, detector_cfg: DetectorConfig, deblur_cfg: DeblurConfig, force: bool
+    paths: list[Path], out_dir: Path, detector: OfflineDetector, deblur_cfg: DeblurConfig, force: bool
 ) -> Iterator[FileResult]:
     """Restore each `soft` file (and `sharp` ones with `force`) into out_dir/<stem>.tif, atomically.
 
     Sharp files are written unchanged; `retake` files are too, always: restoring blur beyond the
     model's measured range would invent structure.
     """
-    detector = BlurDetector.from_config(detector_cfg)
     restorer = TileRestorer.from_config(deblur_cfg)
     for path in paths:
         try:
@@ -50,7 +108,7 @@ def deblur_files(
         except TileError as exc:
             yield FileResult(path, error=str(exc))
             continue
-        assessment = detector.assess([pixels], names=[str(path)])[0]
+        assessment = detector.assess(pixels, str(path))
         restore = assessment.label == "soft" or (force and assessment.label == "sharp")
         output = restorer.restore([pixels], [assessment], names=[str(path)])[0] if restore else pixels
         out_path = out_dir / f"{path.stem}.tif"
@@ -65,5 +123,6 @@ def deblur_files(
                 "sigma_px": assessment.sigma_px,
                 "action": "restored" if restore else "copied",
                 "deblur_version": restorer.model_version if restore else None,
+                **detector.calibration_fields(),
             },
         )

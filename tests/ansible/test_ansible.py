@@ -223,6 +223,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory):
             deblur_appliance_manage_firewall=_nft_can_check(),
             deblur_appliance_controller_address="192.0.2.10",
             deblur_appliance_monitoring_address="192.0.2.50",
+            deblur_appliance_calibration_file=str(root / "rig-calibration.json"),
         )
         rig.third = (
             _playbook(rig.inventory, rig.vars_file, "--tags", "install,config,firewall")
@@ -310,6 +311,7 @@ def test_rendered_rig_yaml_is_a_valid_cpu_only_rig_config(rig):
     assert first_config.ray.num_gpus == 0
     # No monitoring host: the metrics endpoint stays on loopback.
     assert first_config.metrics.enabled and first_config.metrics.address == "127.0.0.1:9464"
+    assert first_config.detector.calibration is None  # deblur_appliance_calibration_file "": no calibration
 
 
 def test_code_config_and_gpu_changes_reinstall_rerender_and_notify_a_restart(rig):
@@ -331,6 +333,8 @@ def test_code_config_and_gpu_changes_reinstall_rerender_and_notify_a_restart(rig
     assert config.ingest.max_in_flight == 16
     # A monitoring host: the endpoint listens where the ZeroMQ sockets do (the firewall limits who reaches it).
     assert config.metrics.address == "0.0.0.0:9464"
+    # A calibration file on the rig: rendered into detector.calibration (the service checks the file at start).
+    assert config.detector.calibration == rig.root / "rig-calibration.json"
 
 
 def test_firewall_admits_only_the_controller_to_the_appliance_ports(rig):

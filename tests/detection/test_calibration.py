@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.config import DetectorConfig
+from appliance.config import ConfigError, DetectorConfig
 from appliance.detection.calibration import (
     MIN_TILES,
     CalibrationError,
@@ -19,9 +19,11 @@ from appliance.detection.calibration import (
     TileStats,
     added_blur_px,
     apply_calibration,
+    apply_to_all,
     calibrate,
     calibration_from_stats,
     load_calibration,
+    load_configured_calibration,
     region_sigma_px,
     save_calibration,
 )
@@ -233,3 +235,36 @@ def test_calibration_requires_created_time_and_counts() -> None:
     assert cal.created_utc <= datetime.now(UTC)
     with pytest.raises(ValueError, match="tile_count"):
         RigCalibration(**{**cal.model_dump(), "tile_count": 6})
+
+
+# --- detector.calibration in rig.yaml ---------------------------------------------------------------
+
+
+def test_configured_model_version_is_read_without_loading_the_model(detector: BlurDetector) -> None:
+    assert BlurDetector.configured_model_version(CFG) == detector.model_version
+    classical = DetectorConfig(backend="classical")
+    assert BlurDetector.configured_model_version(classical) == BlurDetector.from_config(classical).model_version
+
+
+def test_configured_calibration_is_checked_naming_the_field_and_the_file(
+    tmp_path: Path, detector: BlurDetector
+) -> None:
+    assert load_configured_calibration(CFG) is None
+    good = tmp_path / "good.json"
+    save_calibration(_calibration().model_copy(update={"model_version": detector.model_version}), good)
+    loaded = load_configured_calibration(CFG.model_copy(update={"calibration": good}))
+    assert loaded is not None and loaded.model_version == detector.model_version
+    other = tmp_path / "other.json"
+    save_calibration(_calibration(), other)  # made with "blurnet-test"
+    missing = tmp_path / "missing.json"
+    for path, problem in ((other, "made with detector 'blurnet-test'"), (missing, "cannot read calibration")):
+        with pytest.raises(ConfigError) as info:
+            load_configured_calibration(CFG.model_copy(update={"calibration": path}))
+        assert str(info.value).startswith(f"detector.calibration: {path}: ") and problem in str(info.value)
+
+
+def test_apply_to_all_is_the_identity_without_a_calibration() -> None:
+    tiles = [_assessment(1.5), _assessment(3.0)]
+    assert apply_to_all(tiles, None, CFG) == tiles
+    calibrated = apply_to_all(tiles, _calibration(), CFG)
+    assert [a.sigma_px for a in calibrated] == [0.0, pytest.approx(np.sqrt(9 - 2.25), abs=1e-3)]

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.config import DeblurConfig, DetectorConfig, IngestConfig, MetricsConfig, OutputConfig, RigConfig
+from appliance.config import (
+    ConfigError,
+    DeblurConfig,
+    DetectorConfig,
+    IngestConfig,
+    MetricsConfig,
+    OutputConfig,
+    RigConfig,
+)
+from appliance.detection.calibration import calibrate, save_calibration
+from appliance.detection.detector import BlurDetector
 from appliance.qc_record import QC_FILENAME, QcRejection, QcTileRecord, read_qc_lines
+from appliance.serving.pipeline import Appliance
 from appliance.stream.protocol import encode_end, encode_start
 from appliance.tile_io import read_tile
 from appliance.tools.reference_controller import ReferenceController, cycle_tiles, tile_frames
+from models.blur_synth import DATA_DIR
 
 pytestmark = pytest.mark.system
 
@@ -147,3 +161,78 @@ def test_16_bit_tiles_keep_their_dtype_through_the_pipeline(
     for record in tile_records(Path(endpoints.output_dir)):
         written = read_tile(Path(endpoints.output_dir) / record.path)
         assert written.dtype == np.uint16 and written.shape == (512, 512)
+
+
+def _soft_tiles(real_em_tiles: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    return [(name, pixels) for name, pixels in real_em_tiles if name.startswith("soft")]
+
+
+def test_implausible_blur_share_suspends_restoring_and_raises_one_alarm(
+    start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
+) -> None:
+    # One credit: tiles are judged in seq order, so the rule trips exactly at the 4th soft tile.
+    cfg = rig(tmp_path, max_in_flight=1, implausible_blur_share=0.5, implausible_blur_min_tiles=4)
+    cfg = cfg.model_copy(update={"deblur": DeblurConfig(backend="classical")})
+    appliance = start_appliance(cfg)
+    endpoints = appliance.endpoints  # type: ignore[attr-defined]
+    sent = dict(cycle_tiles(_soft_tiles(real_em_tiles), 10))
+    with ReferenceController(endpoints.tile, endpoints.feedback) as controller:
+        report = controller.send_section("storm", iter(sent.items()), rate_hz=None, timeout_s=180)
+        # The next section starts with a clean slate: its soft tile is restored again.
+        calm = controller.send_section("calm", cycle_tiles(_soft_tiles(real_em_tiles), 1), rate_hz=None)
+        feedback = controller.feedback()
+    assert (report.done, report.lost, report.duplicated) == (10, 0, 0)
+    assert calm.actions == {"restored": 1}
+    alarms = [m for m in feedback if m["type"] == "alarm"]
+    assert len(alarms) == 1
+    alarm = alarms[0]
+    assert (alarm["kind"], alarm["section"], alarm["seq"]) == ("implausible_blur_share", "storm", 3)
+    assert (alarm["n_judged"], alarm["n_soft"], alarm["n_retake"], alarm["share"]) == (4, 4, 0, 1.0)
+    assert (alarm["threshold"], alarm["min_tiles"], alarm["calibrated"]) == (0.5, 4, False)
+    assert "restoring is suspended" in alarm["message"] and "uncalibrated" in alarm["message"]
+    # The alarm is sent just before the result of the tile that tripped it.
+    storm = [m for m in feedback if m.get("section") == "storm" and m["type"] in ("alarm", "result")]
+    assert storm.index(alarm) == 3 and storm[4]["seq"] == 3
+    out = Path(endpoints.output_dir)
+    records = sorted((r for r in tile_records(out) if r.section == "storm"), key=lambda r: r.seq)
+    assert [r.label for r in records] == ["soft"] * 10
+    assert [r.action for r in records] == ["restored"] * 3 + ["written"] * 7  # none restored after the alarm
+    assert [bool(r.restore_suspended) for r in records] == [False] * 3 + [True] * 7
+    for record in records[3:]:  # written as acquired, no original kept
+        np.testing.assert_array_equal(read_tile(out / record.path), sent[record.tile_id])
+        assert record.original_path is None
+    with urllib.request.urlopen(endpoints.metrics, timeout=15) as response:
+        metrics = {f.name: f.samples for f in text_string_to_metric_families(response.read().decode())}
+    assert [(s.labels, s.value) for s in metrics["em_appliance_alarms"]] == [({"kind": "implausible_blur_share"}, 1)]
+    assert [s.value for s in metrics["em_appliance_restore_suspended_tiles"] if s.name.endswith("_total")] == [7]
+    assert [s.value for s in metrics["em_appliance_detector_calibrated"]] == [0]
+    results = [m for m in feedback if m["type"] == "result" and m["section"] == "storm"]
+    assert [m.get("restore_suspended", False) for m in sorted(results, key=lambda m: m["seq"])] == [False] * 3 + [
+        True
+    ] * 7
+
+
+def test_calibration_is_applied_by_the_detector_deployment_and_checked_at_start(
+    start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
+) -> None:
+    isbi = [read_tile(DATA_DIR / f"{i}.png") for i in range(6)]
+    measured = calibrate(isbi, [f"{i}.png" for i in range(6)], BlurDetector.from_config(DetectorConfig()))
+    # A rig whose own in-focus blur is 2.5 px: the 1.5-2 px soft samples are in focus on it.
+    path = tmp_path / "calibration.json"
+    save_calibration(measured.model_copy(update={"baseline_sigma_px": 2.5, "region_baseline_sigma_px": 2.5}), path)
+    cfg = rig(tmp_path)
+    cfg = cfg.model_copy(update={"detector": DetectorConfig(calibration=path)})
+    appliance = start_appliance(cfg)
+    endpoints = appliance.endpoints  # type: ignore[attr-defined]
+    with ReferenceController(endpoints.tile, endpoints.feedback) as controller:
+        report = controller.send_section("cal", cycle_tiles(_soft_tiles(real_em_tiles), 4), rate_hz=None)
+    assert (report.done, report.lost) == (4, 0)
+    records = tile_records(Path(endpoints.output_dir))
+    assert {r.label for r in records} == {"sharp"}, [(r.sigma_px, r.reason) for r in records]
+    assert all(r.reason and r.reason.startswith("calibrated: ") and "rig baseline 2.50 px" in r.reason for r in records)
+    # A calibration of another detector model is refused before anything starts, naming field and file.
+    other = tmp_path / "other.json"
+    save_calibration(measured.model_copy(update={"model_version": "blurnet-v0"}), other)
+    refused = cfg.model_copy(update={"detector": DetectorConfig(calibration=other)})
+    with pytest.raises(ConfigError, match=rf"detector\.calibration: {other}: made with detector 'blurnet-v0'"):
+        Appliance(refused).start()

@@ -114,3 +114,18 @@ def test_bad_config_is_refused_before_start_naming_the_field(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "ingest.max_in_flight" in result.stderr
     assert "ingest.tile_endpiont" in result.stderr
+
+
+def test_unusable_calibration_is_refused_before_start_naming_field_and_file(tmp_path: Path) -> None:
+    config = tmp_path / "rig.yaml"
+    missing = tmp_path / "calibration.json"
+    config.write_text(f"detector:\n  calibration: {missing}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: {config}: detector.calibration: {missing}: cannot read calibration" in result.stderr
+    assert "ready" not in result.stdout

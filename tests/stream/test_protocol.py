@@ -135,3 +135,21 @@ def test_beam_is_optional_and_validated() -> None:
         with pytest.raises(ProtocolError, match="beam") as info:
             decode_stream_message([raw_header(beam=bad), bytes(64 * 96 * 2)], LIMITS)
         assert info.value.code == "bad_field"
+
+
+def test_alarm_feedback_and_the_optional_restore_suspended_key_of_a_result() -> None:
+    alarm = dict(
+        kind="implausible_blur_share", section="s", tile_id="t", seq=49, n_judged=50, n_soft=30, n_retake=2,
+        share=0.64, threshold=0.5, min_tiles=50, calibrated=False, message="restoring suspended",
+    )  # fmt: skip
+    assert decode_feedback(encode_feedback("alarm", **alarm))["kind"] == "implausible_blur_share"
+    with pytest.raises(ValueError, match="alarm feedback needs keys"):
+        encode_feedback("alarm", **{k: v for k, v in alarm.items() if k != "calibrated"})
+    result = dict(
+        section="s", tile_id="t", seq=1, label="soft", action="written", blur_score=0.4, sigma_px=1.3,
+        path="s/t.tif", latency_s=0.1,
+    )  # fmt: skip
+    assert "restore_suspended" not in decode_feedback(encode_feedback("result", **result))
+    assert decode_feedback(encode_feedback("result", **result, restore_suspended=True))["restore_suspended"] is True
+    with pytest.raises(ProtocolError):  # optional for a result only
+        decode_feedback(msgpack.packb({"v": 1, "type": "retake", **result, "restore_suspended": True}))

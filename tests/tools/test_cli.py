@@ -14,9 +14,11 @@ import pytest
 import tifffile
 from typer.testing import CliRunner
 
+from appliance.detection.calibration import load_calibration
 from appliance.tile_io import read_tile
 from appliance.tools.cli import app
 from appliance.tools.demo import SAMPLE_DIR
+from models.blur_synth import DATA_DIR
 
 pytestmark = pytest.mark.system
 
@@ -97,3 +99,44 @@ def test_deblur_restores_soft_tiles_and_never_restores_retakes(tmp_path: Path) -
     assert not np.array_equal(restored, original)
     assert by_label["retake"]["action"] == "copied"
     np.testing.assert_array_equal(read_tile(Path(by_label["retake"]["out"])), read_tile(beyond))
+
+
+def test_calibrate_writes_a_calibration_that_score_and_deblur_apply(tmp_path: Path) -> None:
+    known_good = [DATA_DIR / f"{i}.png" for i in range(6)]
+    calibration = tmp_path / "rig" / "calibration.json"
+    result = run_cli("calibrate", *map(str, known_good), "--out", str(calibration))
+    assert result.returncode == 0, result.stderr
+    saved = load_calibration(calibration)
+    assert saved.tile_count == 6 and [t.name for t in saved.tiles] == [str(p) for p in known_good]
+    assert f"detector.calibration: {calibration.resolve()}" in result.stdout
+    soft = SAMPLE_DIR / "soft_gaussian_s1.5.png"
+    scored = run_cli("score", str(soft), "--json", "--calibration", str(calibration))
+    assert scored.returncode == 0, scored.stderr
+    record = json.loads(scored.stdout)
+    assert record["calibrated"] is True and record["baseline_sigma_px"] == saved.baseline_sigma_px
+    assert record["reason"].startswith("calibrated: ")
+    # A calibration of another detector model is refused, naming the file; nothing is scored.
+    other = tmp_path / "other.json"
+    other.write_text(calibration.read_text().replace(saved.model_version, "blurnet-v0"))
+    refused = run_cli("deblur", str(soft), "--out", str(tmp_path / "restored"), "--calibration", str(other))
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert f"error: {other}: made with detector 'blurnet-v0'" in refused.stderr
+    assert not (tmp_path / "restored").exists()
+
+
+def test_calibrate_names_bad_files_and_writes_nothing(tmp_path: Path) -> None:
+    constant = tmp_path / "blank.tif"
+    tifffile.imwrite(constant, np.full((256, 256), 9, np.uint8))
+    out = tmp_path / "calibration.json"
+    good = [str(DATA_DIR / f"{i}.png") for i in range(5)]
+    result = run_cli("calibrate", *good, str(constant), str(tmp_path / "missing.png"), "--out", str(out))
+    assert result.returncode == 1
+    assert f"error: {constant}: constant image" in result.stderr
+    assert "missing.png: no such file" in result.stderr
+    # A blurred tile among the sharp ones (CalibrationError), and too few tiles.
+    blurred = SAMPLE_DIR / "retake_gaussian_s6.0.png"
+    result = run_cli("calibrate", *good, str(blurred), "--out", str(out))
+    assert result.returncode == 1 and f"error: {blurred}: " in result.stderr, result.stderr
+    result = run_cli("calibrate", *good[:3], "--out", str(out))
+    assert result.returncode == 1 and "at least 5 known-good in-focus tiles" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.part"))
