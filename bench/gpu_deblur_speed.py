@@ -50,15 +50,20 @@ def network_input(tile: np.ndarray, planes: bool, multiple: int) -> tuple[np.nda
     return np.pad(stacked, pad, mode="reflect")[None], window
 
 
+def _wait_for_device(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:  # kernels run asynchronously: wait before reading the host clock
+        torch.cuda.synchronize()
+
+
 def timed(module: Any, batch: torch.Tensor, seconds: float) -> dict[str, float]:
     """Tiles/s of module(batch) with device synchronisation, after a warm-up call."""
     module(batch)
-    torch.cuda.synchronize() if batch.is_cuda else None
+    _wait_for_device(batch)
     calls, started = 0, time.perf_counter()
     while calls < 2 or time.perf_counter() - started < seconds:
         module(batch)
         calls += 1
-    torch.cuda.synchronize() if batch.is_cuda else None
+    _wait_for_device(batch)
     elapsed = time.perf_counter() - started
     return {"tiles_per_s": round(calls * batch.shape[0] / elapsed, 2), "calls": calls}
 
