@@ -37,10 +37,10 @@ import typer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # bench/ runs from a checkout: models/ and bench/ are importable
 
-from appliance.config import ConfigError, DeblurConfig, IngestConfig, OutputConfig, RigConfig, load_rig_config  # noqa: E402
+from appliance.config import DeblurConfig, OutputConfig, RigConfig  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
 from appliance.tools.reference_controller import MULTISEM_TILES_PER_S  # noqa: E402
-from bench.replay import multisem_tiles  # noqa: E402
+from bench.replay import bench_config, multisem_tiles  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 GPU_CONFIG = REPO_ROOT / "bench" / "rig-gpu.yaml"
@@ -258,17 +258,7 @@ def _torch_float16() -> Any:
 
 def suite_config(config: Path | None, device: str, work_dir: Path) -> RigConfig:
     """The rig config of the run (bench/rig-gpu.yaml on cuda), writing into the scratch directory."""
-    path = config or (GPU_CONFIG if device == "cuda" else None)
-    try:
-        cfg = (
-            load_rig_config(path)
-            if path
-            else RigConfig(
-                ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*")
-            )
-        )
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    cfg = bench_config(config or (GPU_CONFIG if device == "cuda" else None))
     return cfg.model_copy(
         update={
             "output": OutputConfig(directory=work_dir, keep_originals=cfg.output.keep_originals, fsync=cfg.output.fsync)

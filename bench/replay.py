@@ -26,7 +26,7 @@ import typer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # bench/ runs from a checkout: models/ is importable from there
 
-from appliance.config import ConfigError, IngestConfig, RigConfig, load_rig_config  # noqa: E402
+from appliance.config import ConfigError, IngestConfig, MetricsConfig, RigConfig, load_rig_config  # noqa: E402
 from appliance.tile_io import TileError, read_tile  # noqa: E402
 from appliance.tools.reference_controller import (  # noqa: E402
     MULTISEM_TILES_PER_S,
@@ -111,8 +111,12 @@ def time_bare_loops(cfg: RigConfig, pool: list[tuple[str, np.ndarray]], repeats:
 
 
 def bench_config(config: Path | None) -> RigConfig:
+    """The rig config at `config`, or the defaults on ephemeral loopback ports (tiles, feedback, metrics)."""
     if config is None:
-        return RigConfig(ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*"))
+        return RigConfig(
+            ingest=IngestConfig(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*"),
+            metrics=MetricsConfig(address="127.0.0.1:0"),
+        )
     try:
         return load_rig_config(config)
     except ConfigError as exc:
