@@ -12,12 +12,15 @@ from typing import Annotated, Any, Literal
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from appliance.qc_record import QC_FILENAME
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 SECTION_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
+RESERVED_SECTION_NAMES = frozenset({QC_FILENAME})
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
 
 ErrorCode = Literal[
@@ -50,6 +53,14 @@ class _Header(BaseModel):
     v: Literal[1]
     section: str = Field(pattern=SECTION_NAME)
 
+    @field_validator("section")
+    @classmethod
+    def _not_an_appliance_file(cls, section: str) -> str:
+        # A section is a folder beside the QC record: one named like it would collide with it.
+        if section in RESERVED_SECTION_NAMES:
+            raise ValueError(f"{section!r} is reserved: the appliance's own file in the output directory")
+        return section
+
 
 class SectionStart(_Header):
     type: Literal["start"]
@@ -62,11 +73,12 @@ class TileHeader(_Header):
     seq: int = Field(ge=0, lt=2**63)
     shape: list[Annotated[int, Field(ge=1, le=2**20)]] = Field(min_length=2, max_length=2)
     dtype: Literal["uint8", "uint16"]
-    pixel_size_nm: float = Field(gt=0)
-    stage_x_um: float
-    stage_y_um: float
-    t_acquired: float
-    t_sent: float
+    # NaN or infinity would pass every range check and break the QC record (JSON has neither).
+    pixel_size_nm: float = Field(gt=0, allow_inf_nan=False)
+    stage_x_um: float = Field(allow_inf_nan=False)
+    stage_y_um: float = Field(allow_inf_nan=False)
+    t_acquired: float = Field(allow_inf_nan=False)
+    t_sent: float = Field(allow_inf_nan=False)
     # Optional (added in v1 without a version bump: older controllers simply omit it).
     beam: int | None = Field(None, ge=0, le=65535)
 
