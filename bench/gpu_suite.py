@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))  # bench/ runs from a checkout: models/ and b
 
 from appliance.config import DeblurConfig, OutputConfig, RigConfig  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
+from appliance.restoration.restorer import TileRestorer  # noqa: E402
 from appliance.tools.reference_controller import MULTISEM_TILES_PER_S  # noqa: E402
 from bench.replay import bench_config, multisem_tiles  # noqa: E402
 
@@ -153,6 +154,13 @@ def deblur_variants(device: str) -> list[tuple[str, dict[str, Any]]]:
     return variants
 
 
+def compiled_variant() -> list[tuple[str, dict[str, Any]]]:
+    """fp16 with torch.compile: timed after the pipeline rows, so its compile time cannot cost them."""
+    import torch
+
+    return [("torch-cuda-float16 torch.compile", {"dtype": torch.float16, "compile_network": True})]
+
+
 def time_variant(
     kwargs: dict[str, Any], tiles: list[np.ndarray], reference: np.ndarray, margin: int, device: str, max_s: float
 ) -> dict[str, Any]:
@@ -179,39 +187,37 @@ def time_variant(
     return entry
 
 
-def bare_deblur(
-    cfg: RigConfig,
-    tiles: list[np.ndarray],
-    variants: list[tuple[str, dict[str, Any]]],
-    budget: Budget,
-    max_s: float,
-) -> dict[str, Any]:
-    """Restored tiles/s per backend variant and its agreement with fp32 ONNX Runtime CPU (tiled), in DN."""
-    from appliance.restoration.restorer import TileRestorer
-
+def onnx_cpu_reference(tiles: list[np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Tile 0 restored by fp32 ONNX Runtime on every CPU (tiled, as a CPU rig does), and its speed."""
     reference_cfg = DeblurConfig(backend="onnx", num_cpus_per_replica=float(os.cpu_count() or 1))
     onnx_cpu = TileRestorer.from_config(reference_cfg)
     assessment = BlurAssessment(blur_score=0.4, label="soft", sigma_px=SOFT_SIGMA_PX)
     started = time.perf_counter()
     (reference,) = onnx_cpu.restore(tiles[:1], [assessment])
-    result: dict[str, Any] = {
-        "onnx_cpu_reference": {
-            "threads": reference_cfg.inference_threads,
-            "tiles_per_s": round(1.0 / (time.perf_counter() - started), 3),
-        },
-        "variants": {},
-    }
+    speed = {"threads": reference_cfg.inference_threads, "tiles_per_s": round(1.0 / (time.perf_counter() - started), 3)}
+    return reference, speed
+
+
+def time_variants(
+    cfg: RigConfig,
+    tiles: list[np.ndarray],
+    reference: np.ndarray,
+    variants: list[tuple[str, dict[str, Any]]],
+    budget: Budget,
+    max_s: float,
+) -> dict[str, dict[str, Any]]:
+    """Restored tiles/s per backend variant and its agreement with `reference` in DN (or why it is missing)."""
     device = "cuda" if cfg.deblur.num_gpus_per_replica > 0 else "cpu"
+    timed: dict[str, dict[str, Any]] = {}
     for name, kwargs in variants:
         if budget.left_s() < max_s + 30:
-            result["variants"][name] = {"skipped": "time budget"}
+            timed[name] = {"skipped": "time budget"}
             continue
         try:
-            result["variants"][name] = time_variant(kwargs, tiles, reference, cfg.deblur.patch_overlap, device, max_s)
+            timed[name] = time_variant(kwargs, tiles, reference, cfg.deblur.patch_overlap, device, max_s)
         except Exception as exc:  # one broken variant must not cost the rest of the run
-            result["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    result["auto_choice"] = TileRestorer.from_config(cfg.deblur).backend
-    return result
+            timed[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    return timed
 
 
 def pipeline_rows(
@@ -248,12 +254,6 @@ def pipeline_rows(
     finally:
         appliance.drain_and_stop()
     return rows
-
-
-def _torch_float16() -> Any:
-    import torch
-
-    return torch.float16
 
 
 def suite_config(config: Path | None, device: str, work_dir: Path) -> RigConfig:
@@ -367,16 +367,20 @@ def main(
         print(f"[{budget.left_s():.0f} s left] bare deblur", flush=True)
         soft = soft_tiles([p for _, p in sharp_pool], 8)
         deblur_s = 8 if device == "cuda" else 30
-        result["bare_deblur"] = bare_deblur(cfg, soft, deblur_variants(device), budget, deblur_s)
+        reference, reference_speed = onnx_cpu_reference(soft)
+        result["bare_deblur"] = {
+            "onnx_cpu_reference": reference_speed,
+            "variants": time_variants(cfg, soft, reference, deblur_variants(device), budget, deblur_s),
+            "auto_choice": TileRestorer.from_config(cfg.deblur).backend,
+        }
         save()
         print(f"[{budget.left_s():.0f} s left] pipeline", flush=True)
         result["pipeline"] = pipeline_rows(cfg, sharp_pool, mix_pool, scale, budget)
         save()
         if device == "cuda":  # last: its compile time must not cost the pipeline rows
             print(f"[{budget.left_s():.0f} s left] torch.compile variant", flush=True)
-            compiled = [("torch-cuda-float16 torch.compile", {"dtype": _torch_float16(), "compile_network": True})]
-            extra = bare_deblur(cfg, soft, compiled, Budget(budget.left_s() - 60), deblur_s)
-            result["bare_deblur"]["variants"].update(extra["variants"])
+            compiled = time_variants(cfg, soft, reference, compiled_variant(), Budget(budget.left_s() - 60), deblur_s)
+            result["bare_deblur"]["variants"].update(compiled)
     finally:
         save()
         shutil.rmtree(scratch, ignore_errors=True)
