@@ -18,10 +18,10 @@ if TYPE_CHECKING:  # only names: the detector and the offline tools need neither
 
     from appliance.stream.protocol import TileHeader
 
-TileLabel = Literal["sharp", "soft", "retake"]
+TileLabel = Literal["sharp", "soft", "retake", "empty"]
 # blur_score = tanh(sigma / SCORE_SCALE_PX): 0 = sharp, 0.32 at 1 px, 0.76 at 3 px, 0.96 at 6 px.
 SCORE_SCALE_PX = 3.0
-TILE_LABELS: tuple[TileLabel, ...] = ("sharp", "soft", "retake")
+TILE_LABELS: tuple[TileLabel, ...] = ("sharp", "soft", "retake", "empty")
 
 
 def blur_score_from_sigma(sigma_px: float | np.ndarray) -> float | np.ndarray:
@@ -40,12 +40,13 @@ class BlurAssessment:
 
     blur_score: 0 = sharp ... 1 = very blurred.
     label: `sharp` (write as is) | `soft` (restore with the deblur model) | `retake` (beyond repair or
-        not judgeable; flagged to the controller).
+        not judgeable; flagged to the controller) | `empty` (no tissue: bare resin, beyond the section
+        edge, blank; written as acquired, never restored or flagged).
     sigma_px: estimated blur as the Gaussian-equivalent PSF sigma in pixels (major axis).
     anisotropy: sigma_major / sigma_minor (1.0 = isotropic defocus, > 1 = astigmatism).
     angle_deg: orientation of the major axis, degrees in [0, 180).
     region_scores: coarse grid (rows of floats, e.g. 8x8) of blur_score per region, to catch partial blur.
-    reason: why the label is `retake` ("" otherwise), in words an operator understands.
+    reason: why the label is `retake` or `empty` ("" otherwise), in words an operator understands.
     model_version: which detector produced this (recorded in the QC record).
     """
 

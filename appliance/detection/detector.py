@@ -10,8 +10,9 @@ tile's verdict, so backends are interchangeable:
 - PSF shape: anisotropy and major-axis angle from the blurred patches' structure tensors (psf_shape.py);
 - tile sigma (major axis): the worse of the whole-tile mean and the worst reliable region (catches a
   tilted section), times sqrt(anisotropy) (backends read an elliptical PSF's geometric-mean sigma);
-- label: sigma <= sharp_sigma_px -> sharp; <= max_restorable_sigma_px -> soft; else retake (with reason);
-  too little reliable structure -> retake ("not judgeable").
+- label: fewer than tissue.MIN_TISSUE_CELLS cells holding tissue (tissue.py) -> empty; else, judged on its
+  tissue cells only, sigma <= sharp_sigma_px -> sharp; <= max_restorable_sigma_px -> soft; else retake
+  (with reason); too little reliable structure -> retake ("not judgeable").
 
 Backends (`backends.py`): `onnx` (learned CNN, `appliance/weights/blur_detector.onnx`, ONNX Runtime, CUDA
 provider when available) and `classical` (re-blur gradient ratio, Zhuo & Sim 2011, calibrated on the
@@ -31,7 +32,9 @@ from appliance.config import DetectorConfig
 from appliance.detection.backends import ClassicalBackend, OnnxBackend, PatchBackend, PatchEstimates
 from appliance.detection.patches import GRID, extract_patches
 from appliance.detection.psf_shape import psf_shape, structure_tensors
+from appliance.detection.tissue import MIN_TISSUE_CELLS, tissue_cells
 from appliance.messages import BlurAssessment, TileLabel, blur_score_from_sigma
+from appliance.noise import patch_noise_sigma
 from appliance.sidecar import DetectorSidecar, SidecarError
 from appliance.tile_io import check_tile_pixels
 from appliance.weights import BLUR_DETECTOR_MODEL, CLASSICAL_DETECTOR_SIDECAR
@@ -71,19 +74,26 @@ class _TileEstimate:
     reliable_fraction: float
     anisotropy: float
     angle_deg: float
+    tissue_cells: int = GRID * GRID
 
 
 def aggregate(
-    est: PatchEstimates, cells: np.ndarray, tensors: np.ndarray, min_weight: float, c2: float
+    est: PatchEstimates,
+    cells: np.ndarray,
+    tensors: np.ndarray,
+    min_weight: float,
+    c2: float,
+    tissue: np.ndarray | None = None,
 ) -> _TileEstimate:
     """Combine one tile's patch estimates into region map, sigma and PSF shape.
 
     cells: each patch's cell index (N,); tensors: psf_shape.structure_tensors of the patches (N, 3);
-    c2: the PSF-shape constant of the backend's sidecar (px^2).
+    c2: the PSF-shape constant of the backend's sidecar (px^2); tissue: (GRID, GRID) bool, cells holding
+    tissue (tissue.py; None = all): only those are judged, bare resin beside tissue says nothing of focus.
     Backends read an elliptical PSF as its geometric-mean sigma; the reported sigma is the major axis.
     """
     logs = np.log(est.sigma_px + LOG_SIGMA_OFFSET_PX)
-    w = est.weight
+    w = est.weight if tissue is None else est.weight * tissue.reshape(-1)[cells]
     cell_w = np.bincount(cells, weights=w, minlength=GRID * GRID).reshape(GRID, GRID)
     cell_wl = np.bincount(cells, weights=w * logs, minlength=GRID * GRID).reshape(GRID, GRID)
     total_w = float(w.sum())
@@ -117,6 +127,7 @@ def aggregate(
         reliable_fraction=float(cell_w.sum() / max(len(w), 1) / max(min_weight, 1e-12)),
         anisotropy=anisotropy,
         angle_deg=angle,
+        tissue_cells=GRID * GRID if tissue is None else int(tissue.sum()),
     )
 
 
@@ -164,12 +175,16 @@ class BlurDetector:
         cut = [extract_patches(np.asarray(t), self.per_cell) for t in tiles]
         all_patches = np.concatenate([p for p, _ in cut])
         estimates = self.backend.estimate(all_patches)
-        tensors = structure_tensors(all_patches)
+        noise = patch_noise_sigma(all_patches)
+        tensors = structure_tensors(all_patches, noise)
         results, start = [], 0
-        for patches, cells in cut:
+        for tile, (patches, cells) in zip(tiles, cut, strict=True):
             stop = start + len(patches)
             part = PatchEstimates(*(getattr(estimates, f)[start:stop] for f in PatchEstimates.__dataclass_fields__))
-            results.append(self._verdict(aggregate(part, cells, tensors[start:stop], self._unit_weight, self._c2)))
+            tissue = tissue_cells(np.asarray(tile), float(np.median(noise[start:stop])))
+            results.append(
+                self._verdict(aggregate(part, cells, tensors[start:stop], self._unit_weight, self._c2, tissue))
+            )
             start = stop
         return results
 
@@ -177,6 +192,8 @@ class BlurDetector:
         cfg = self.cfg
         label: TileLabel
         reason = ""
+        if est.tissue_cells < MIN_TISSUE_CELLS:
+            return self._empty_verdict(est)
         if est.reliable_fraction < MIN_RELIABLE_FRACTION:
             label = "retake"
             reason = (
@@ -207,6 +224,20 @@ class BlurDetector:
             angle_deg=round(est.angle_deg, 1),
             region_scores=[[round(float(v), 4) for v in row] for row in regions],
             reason=reason,
+            model_version=self.model_version,
+        )
+
+    def _empty_verdict(self, est: _TileEstimate) -> BlurAssessment:
+        """No tissue to judge: written as acquired, never restored, never flagged; scores say "nothing seen"."""
+        return BlurAssessment(
+            blur_score=0.0,
+            label="empty",
+            sigma_px=0.0,
+            region_scores=[[0.0] * GRID for _ in range(GRID)],
+            reason=(
+                f"no tissue: {est.tissue_cells} of {GRID * GRID} regions show structure above the noise "
+                "(bare resin, beyond the section edge, or a blank field)"
+            ),
             model_version=self.model_version,
         )
 

@@ -55,14 +55,15 @@ def _noise_gain() -> float:
 _NOISE_GAIN = _noise_gain()
 
 
-def structure_tensors(patches: np.ndarray) -> np.ndarray:
+def structure_tensors(patches: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
     """Per patch the trace-normalised, noise-corrected mean structure tensor [Jxx, Jyy, Jxy]: (N, 3).
 
-    patches: float32 (N, H, W), H, W >= 16. Rows are zero where the patch has no gradient energy above
-    the noise (signal gradient energy below the noise's: too little structure to show a direction).
+    patches: float32 (N, H, W), H, W >= 16; noise: their appliance.noise.patch_noise_sigma when the caller
+    has it already. Rows are zero where the patch has no gradient energy above the noise (signal gradient
+    energy below the noise's: too little structure to show a direction).
     """
     stack = np.asarray(patches, np.float32)
-    noise = patch_noise_sigma(stack)
+    noise = patch_noise_sigma(stack) if noise is None else noise
     noise_energy = noise.astype(np.float64) ** 2 * _NOISE_GAIN
     gx, gy = _gradients(stack)
     # White noise adds the same energy to both directions: remove it, keep the PSF's signature.

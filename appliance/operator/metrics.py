@@ -124,7 +124,7 @@ class SinkMetrics(_Metrics):
     ) -> None:
         """One tile done. timings_s: detect_s, deblur_s, write_s, total_s (seconds; absent stages skipped)."""
         self.tiles_done.labels(label=label or "none", action=action).inc()
-        if sigma_px is not None:
+        if sigma_px is not None and label != "empty":  # no tissue: no focus reading to count
             self.sigma_px.labels(beam=NO_BEAM if beam is None else str(beam)).observe(sigma_px)
         keys = {"receive_to_durable": "total_s", "detect": "detect_s", "deblur": "deblur_s", "write": "write_s"}
         for stage, key in keys.items():

@@ -76,7 +76,11 @@ def focus_map_figure(tiles: list[TileQc], thresholds: Thresholds) -> Figure:
     marks: tuple[tuple[str, Callable[[TileQc], bool], dict[str, Any]], ...] = (
         ("retake", lambda t: t.action == "flagged" and not t.empty, dict(marker="x", color="#d62728")),
         ("restored", lambda t: t.action == "restored", dict(marker="o", facecolors="none", edgecolors="white")),
-        ("empty (not judgeable)", lambda t: t.empty, dict(marker="s", facecolors="none", edgecolors="#ff7f0e")),
+        (
+            "empty (no tissue / not judgeable)",
+            lambda t: t.empty,
+            dict(marker="s", facecolors="none", edgecolors="#ff7f0e"),
+        ),
         ("failed", lambda t: t.action == "failed", dict(marker="D", color="black")),
     )
     handles: list[PathCollection] = []

@@ -14,7 +14,8 @@ class TileQc:
 
     stage_x_um, stage_y_um: stage position of the tile centre (µm); width_um, height_um: its extent.
     sigma_px: estimated blur (px), None when the tile failed before detection. t_done: Unix time it
-    became durable. action: written | restored | flagged | failed. empty: too little structure to judge.
+    became durable. action: written | restored | flagged | failed. empty: no tissue (label `empty`) or too
+    little structure to judge.
     """
 
     tile_id: str
@@ -58,7 +59,7 @@ class TileQc:
             t_done=record.t,
             path=record.path,
             reason=reason,
-            empty=reason.startswith("not judgeable"),
+            empty=record.label == "empty" or reason.startswith("not judgeable"),
             detector_version=record.detector_version,
             deblur_version=record.deblur_version,
         )

@@ -108,7 +108,7 @@ def _summary_rows(section: str, tiles: list[TileQc]) -> list[list[str]]:
         ("sharp (written as acquired)", str(labels["sharp"])),
         ("soft (restored, original kept)", str(actions["restored"])),
         ("retake (flagged to the controller)", str(actions["flagged"])),
-        ("empty (not judgeable, flagged)", str(sum(t.empty for t in tiles))),
+        ("empty (no tissue, or not judgeable and flagged)", str(sum(t.empty for t in tiles))),
         ("failed (written as acquired)", str(actions["failed"])),
         ("first acquired … last durable", f"{span_s:.1f} s ({len(tiles) / span_s if span_s > 0 else 0:.1f} tiles/s)"),
         ("models", html.escape(", ".join(versions)) or "n/a"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-LABELS = ("sharp", "soft", "retake")
+LABELS = ("sharp", "soft", "retake", "empty")
 
 
 def tiles_done(sink_counts: Mapping[str, int]) -> int:

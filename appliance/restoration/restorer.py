@@ -186,6 +186,8 @@ class TileRestorer:
                     f"{name}: labelled retake (estimated blur sigma {assessment.sigma_px:.2f} px); "
                     "not restored: flag it for retake instead of sending it to deblur"
                 )
+            if assessment.label == "empty":
+                raise TileError(f"{name}: labelled empty (no tissue); there is nothing to restore")
         if self._restore_whole is not None:
             return self._restore_whole_batches(tiles, assessments)
         return [self._restore_one(p, a) for p, a in zip(tiles, assessments, strict=True)]

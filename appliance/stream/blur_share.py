@@ -28,7 +28,12 @@ class BlurShareGuard:
     suspended: bool = False
 
     def observe(self, label: TileLabel, calibrated: bool) -> BlurShareAlarm | None:
-        """Count one judged tile; the alarm exactly once per section, for the tile that suspends restoring."""
+        """Count one judged tile; the alarm exactly once per section, for the tile that suspends restoring.
+
+        `empty` tiles (no tissue) are not judged for focus: they count neither way.
+        """
+        if label == "empty":
+            return None
         self.n_judged += 1
         self.n_soft += label == "soft"
         self.n_retake += label == "retake"

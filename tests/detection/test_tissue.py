@@ -1,0 +1,108 @@
+"""Tiles without tissue (bare resin, beyond the section edge) are `empty`; partly empty tiles are judged on tissue."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from appliance.config import DeblurConfig, DetectorConfig
+from appliance.detection.detector import GRID, BlurDetector
+from appliance.detection.patches import extract_patches
+from appliance.detection.tissue import MIN_TISSUE_CELLS, TISSUE_RATIO, tissue_ratio
+from appliance.messages import BlurAssessment
+from appliance.noise import patch_noise_sigma
+from appliance.restoration.restorer import TileRestorer
+from appliance.stream.blur_share import BlurShareGuard
+from appliance.tile_io import TileError
+from models.blur_synth import BlurParams, load_image, load_split, quantize, synthesize, to_unit_float
+
+pytestmark = pytest.mark.fast
+
+
+@pytest.fixture(scope="module")
+def detector() -> BlurDetector:
+    return BlurDetector.from_config(DetectorConfig())
+
+
+@pytest.fixture(scope="module")
+def tissue() -> list[np.ndarray]:
+    return [to_unit_float(load_image(p)) for p in load_split("test")]
+
+
+def _acquire(image: np.ndarray, rng: np.random.Generator, params: BlurParams | None = None) -> np.ndarray:
+    """Noise and 8-bit quantisation as the detector's training renderings (models/blur_synth.py)."""
+    return synthesize(quantize(np.clip(image, 0.0, 1.0), np.uint16), params, rng, dtype=np.uint8)
+
+
+def _ratio(tile: np.ndarray) -> np.ndarray:
+    patches, _ = extract_patches(tile)
+    return tissue_ratio(tile, float(np.median(patch_noise_sigma(patches))))
+
+
+def test_white_noise_reads_one_noise_unit_per_block() -> None:
+    # The ratio is in units of what noise alone leaves in a block mean: pure noise must read ~1.
+    rng = np.random.default_rng(0)
+    noise = np.clip(0.5 + 0.05 * rng.standard_normal((1024, 1024)), 0, 1)
+    ratio = _ratio(quantize(noise, np.uint16))
+    assert 0.8 < float(np.median(ratio)) < 1.2
+
+
+def test_bare_resin_flat_shaded_or_grainy_is_empty_never_soft_or_retake(detector: BlurDetector) -> None:
+    rng = np.random.default_rng(1)
+    ramp = np.mgrid[:512, :512][1] / 512.0
+    resins = {
+        "flat": np.full((512, 512), 0.6),
+        "charging gradient": 0.35 + 0.4 * ramp,
+        "dark": np.full((512, 512), 0.08),
+    }
+    for name, resin in resins.items():
+        verdict = detector.assess([_acquire(resin, rng)])[0]
+        assert verdict.label == "empty", (name, verdict)
+        assert verdict.reason.startswith("no tissue") and verdict.sigma_px == 0.0
+
+
+def test_tissue_sharp_or_blurred_beyond_repair_is_never_empty(detector: BlurDetector, tissue) -> None:
+    rng = np.random.default_rng(2)
+    sharp = detector.assess([_acquire(image, rng) for image in tissue])
+    assert [v.label for v in sharp] == ["sharp"] * len(tissue)
+    blurred = detector.assess([_acquire(image, rng, BlurParams("gaussian", 8.0)) for image in tissue])
+    assert [v.label for v in blurred] == ["retake"] * len(tissue)
+
+
+def test_partly_empty_tile_is_judged_on_its_tissue(detector: BlurDetector, tissue) -> None:
+    rng = np.random.default_rng(3)
+    for image in tissue:
+        beyond_edge = image.copy()
+        beyond_edge[:, 160:] = float(np.median(image))  # section edge: 70 % of the tile is bare resin
+        sharp = detector.assess([_acquire(beyond_edge, rng)])[0]
+        assert sharp.label == "sharp", sharp
+        soft = _acquire(image, rng, BlurParams("gaussian", 1.8)).astype(np.float64) / 255.0
+        soft[:, 160:] = float(np.median(soft))
+        verdict = detector.assess([_acquire(soft, rng)])[0]
+        assert verdict.label == "soft", verdict
+
+
+def test_tissue_map_marks_the_resin_side(tissue) -> None:
+    rng = np.random.default_rng(4)
+    half = tissue[0].copy()
+    half[:, 256:] = 0.55
+    ratio = _ratio(_acquire(half, rng))
+    assert (ratio[:, : GRID // 2 - 1] > TISSUE_RATIO).all()
+    assert (ratio[:, GRID // 2 + 1 :] <= TISSUE_RATIO).all()
+    assert MIN_TISSUE_CELLS <= GRID * GRID // 16
+
+
+def test_empty_tiles_do_not_count_towards_the_blur_share_rule() -> None:
+    guard = BlurShareGuard(threshold=0.5, min_tiles=4)
+    for label in ["empty"] * 50 + ["sharp", "sharp", "sharp"]:
+        assert guard.observe(label, calibrated=False) is None
+    assert guard.n_judged == 3
+
+
+def test_the_restorer_refuses_an_empty_tile() -> None:
+    restorer = TileRestorer.from_config(DeblurConfig(backend="classical"))
+    tile = np.full((128, 128), 100, np.uint8)
+    tile[::7] = 120
+    empty = BlurAssessment(blur_score=0.0, label="empty", sigma_px=0.0)
+    with pytest.raises(TileError, match="empty"):
+        restorer.restore([tile], [empty])
