@@ -83,7 +83,7 @@ def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
         assert process.returncode == 0, output
         assert "drained and stopped" in output
         assert re.search(
-            r"^status: [0-9.]+ tiles/s, in flight \d+/8, sharp \d+ soft \d+ retake \d+, errors 0, "
+            r"^status: [0-9.]+ tiles/s, in flight \d+/8, sharp \d+ soft \d+ retake \d+ empty \d+, errors 0, "
             r"disk free [0-9.]+ [kMGT]?B, no section report yet$",
             output,
             re.MULTILINE,
