@@ -55,6 +55,29 @@ def label_for_sigma(sigma_px: float, cfg: DetectorConfig) -> TileLabel:
 # Aggregation: patch estimates -> region map -> tile verdict
 
 
+def _box2(grid: np.ndarray) -> np.ndarray:
+    """Sums over every 2x2 window of cells: (GRID - 1, GRID - 1)."""
+    return grid[:-1, :-1] + grid[1:, :-1] + grid[:-1, 1:] + grid[1:, 1:]
+
+
+def _worst_2x2(cell_w: np.ndarray, cell_wl: np.ndarray, min_weight: float) -> tuple[float, tuple[int, int]] | None:
+    """Blurriest trusted 2x2 block of cells (1/16 of the tile): its sigma and its blurriest cell.
+
+    The 3x3-smoothed region map dilutes a blurred spot of 1/16 of the tile with 5 sharp cells of 9; a
+    2x2 window holds such a spot whole wherever it sits on the cell grid.
+    """
+    win_w, win_wl = _box2(cell_w), _box2(cell_wl)
+    trusted = win_w >= 3.0 * min_weight
+    if not trusted.any():
+        return None
+    log_mean = np.where(trusted, win_wl / np.maximum(win_w, 1e-300), -np.inf)
+    r, c = np.unravel_index(int(np.argmax(log_mean)), log_mean.shape)
+    own = np.where(cell_w > 0, cell_wl / np.maximum(cell_w, 1e-300), -np.inf)[r : r + 2, c : c + 2]
+    dr, dc = np.unravel_index(int(np.argmax(own)), own.shape)
+    sigma = max(math.exp(float(log_mean[r, c])) - LOG_SIGMA_OFFSET_PX, 0.0)
+    return sigma, (int(r + dr), int(c + dc))
+
+
 def _box3(grid: np.ndarray) -> np.ndarray:
     padded = np.pad(grid, 1)
     total = np.zeros_like(grid)
@@ -112,6 +135,9 @@ def aggregate(
         best_sigma = float(np.where(trusted, region_sigma, np.inf).min())
     else:
         worst, worst_sigma, best_sigma = (0, 0), global_sigma, global_sigma
+    spot = _worst_2x2(cell_w, cell_wl, min_weight)
+    if spot is not None and spot[0] > worst_sigma:
+        worst_sigma, worst = spot
     # Shape only from clearly blurred patches: a sharp patch's gradients show content, not the PSF.
     blurred = w * (est.sigma_px > 1.0) * (np.abs(tensors).sum(axis=1) > 0)
     if blurred.sum() >= 3.0 * min_weight:

@@ -1,0 +1,187 @@
+"""Localized blur beyond repair, anywhere in a 2400x2400 tile, must be `retake` with its region named.
+
+    nice -n 10 python bench/detector_local_blur.py     # writes bench/results/detector_local_blur.json
+
+A non-flat section or a surface defect blurs part of a tile. Restoring such a tile would "repair" the
+rest and leave the spot; it must be retaken. Tiles: 2400x2400 mosaics of the held-out ISBI test images
+(5x5, each mosaic a different arrangement and flip), in focus, with one region blurred by a Gaussian PSF
+of sigma 4 or 6 px (beyond the restorable 3 px), feathered over 24 px (a bump, not a cut), then
+Poisson-Gaussian noise and 8-bit quantisation. Regions: squares of 1/64, 1/16 and 1/4 of the tile at
+the centre, on an edge and in a corner (aligned with the detector's 8x8 cells), one square of 1/16 off
+the cell grid, and strips of 1/16 (full width, 150 px tall). Target (issue 14): every
+region of at least 1/16 labelled `retake`, with the named region row/col inside the blurred area.
+Controls: the same mosaics in focus must be `sharp`; uniformly blurred at 1.5 px must be `soft`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # models/ is not installed
+
+from appliance.config import DetectorConfig  # noqa: E402
+from appliance.detection.detector import GRID, BlurDetector  # noqa: E402
+from models.blur_synth import (  # noqa: E402
+    BlurParams,
+    add_sem_noise,
+    apply_blur,
+    load_image,
+    load_split,
+    quantize,
+    to_unit_float,
+)
+
+SIDE = 2400
+FEATHER_PX = 24.0
+_REGION_RE = re.compile(r"region row (\d) col (\d)")
+
+
+def mosaics(n: int) -> list[np.ndarray]:
+    """n in-focus 2400x2400 float mosaics of the test images, each a different arrangement and flip."""
+    images = [to_unit_float(load_image(p)) for p in load_split("test")]
+    out = []
+    for k in range(n):
+        flipped = [np.rot90(im, k % 4) if (k // 4) % 2 == 0 else np.fliplr(np.rot90(im, k % 4)) for im in images]
+        rows = [np.hstack([flipped[(r * 5 + c + k) % len(flipped)] for c in range(5)]) for r in range(5)]
+        out.append(np.ascontiguousarray(np.vstack(rows)[:SIDE, :SIDE]))
+    return out
+
+
+def region_boxes() -> dict[str, tuple[float, int, int, int, int]]:
+    """name -> (share of the tile, y0, x0, height, width)."""
+    boxes: dict[str, tuple[float, int, int, int, int]] = {}
+    for share, side in ((1 / 64, 300), (1 / 16, 600), (1 / 4, 1200)):
+        label = f"1/{round(1 / share)}"
+        boxes[f"{label} centre"] = (share, (SIDE - side) // 2, (SIDE - side) // 2, side, side)
+        boxes[f"{label} edge"] = (share, (SIDE - side) // 2, 0, side, side)
+        boxes[f"{label} corner"] = (share, SIDE - side, SIDE - side, side, side)
+    boxes["1/16 off the cell grid"] = (1 / 16, 450, 1650, 600, 600)  # straddles 3 x 3 cells
+    boxes["1/16 strip top"] = (1 / 16, 0, 0, SIDE // 16, SIDE)
+    boxes["1/16 strip middle"] = (1 / 16, (SIDE - SIDE // 16) // 2 + 37, 0, SIDE // 16, SIDE)
+    return boxes
+
+
+def feathered_mask(box: tuple[int, int, int, int]) -> np.ndarray:
+    y0, x0, h, w = box
+    mask = np.zeros((SIDE, SIDE), np.float32)
+    mask[y0 : y0 + h, x0 : x0 + w] = 1.0
+    return cv2.GaussianBlur(mask, (0, 0), FEATHER_PX / 2)
+
+
+def acquire(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    photons = float(np.exp(rng.uniform(np.log(100.0), np.log(1000.0))))
+    return quantize(add_sem_noise(image, rng, photons, 0.005), np.uint8)
+
+
+def named_cell_inside(reason: str, box: tuple[int, int, int, int]) -> bool:
+    """Whether the region the reason names overlaps the blurred box (cells of SIDE / GRID px)."""
+    match = _REGION_RE.search(reason)
+    if match is None:
+        return False
+    row, col = int(match.group(1)), int(match.group(2))
+    cell = SIDE / GRID
+    y0, x0, h, w = box
+    return (y0 < (row + 1) * cell and row * cell < y0 + h) and (x0 < (col + 1) * cell and col * cell < x0 + w)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mosaics", type=int, default=4)
+    parser.add_argument("--backend", choices=["onnx", "classical"], default="onnx")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "detector_local_blur.json")
+    args = parser.parse_args()
+    detector = BlurDetector.from_config(DetectorConfig(backend=args.backend))
+    rng = np.random.default_rng(20261126)
+    bases = mosaics(args.mosaics)
+    rows = []
+    sharp = detector.assess([acquire(b, rng) for b in bases])
+    soft = detector.assess([acquire(apply_blur(b, BlurParams("gaussian", 1.5)), rng) for b in bases])
+    rows.append(_control("in focus (control)", "sharp", sharp))
+    rows.append(_control("uniform sigma 1.5 px (control)", "soft", soft))
+    for sigma in (4.0, 6.0):
+        blurred = [apply_blur(b, BlurParams("gaussian", sigma)) for b in bases]
+        for name, (share, *box) in region_boxes().items():
+            mask = feathered_mask(tuple(box))  # type: ignore[arg-type]
+            tiles = [acquire(mask * bl + (1.0 - mask) * b, rng) for b, bl in zip(bases, blurred, strict=True)]
+            verdicts = detector.assess(tiles)
+            retake = [v.label == "retake" for v in verdicts]
+            named = [v.label == "retake" and named_cell_inside(v.reason, tuple(box)) for v in verdicts]  # type: ignore[arg-type]
+            rows.append(
+                {
+                    "region": name,
+                    "share": share,
+                    "sigma_px": sigma,
+                    "n": len(tiles),
+                    "retake": float(np.mean(retake)),
+                    "retake_region_named": float(np.mean(named)),
+                    "labels": [v.label for v in verdicts],
+                    "sigma_read": [v.sigma_px for v in verdicts],
+                    "target": share >= 1 / 16,
+                }
+            )
+            print(_line(rows[-1]), flush=True)
+    result = {"command": " ".join(["python", *sys.argv]), "model_version": detector.model_version, "rows": rows}
+    print(markdown(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+def _control(name: str, want: str, verdicts: list) -> dict:
+    row = {
+        "region": name,
+        "share": 0.0,
+        "sigma_px": None,
+        "n": len(verdicts),
+        "want": want,
+        "correct": float(np.mean([v.label == want for v in verdicts])),
+        "labels": [v.label for v in verdicts],
+        "sigma_read": [v.sigma_px for v in verdicts],
+    }
+    print(_line(row), flush=True)
+    return row
+
+
+def _line(row: dict) -> str:
+    if "want" in row:
+        return f"{row['region']:<32} {row['want']}: {100 * row['correct']:.0f} %  sigma read {row['sigma_read']}"
+    return (
+        f"{row['region']:<20} sigma {row['sigma_px']:.0f}: retake {100 * row['retake']:.0f} %, region named "
+        f"{100 * row['retake_region_named']:.0f} %  labels {row['labels']} sigma read {row['sigma_read']}"
+    )
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"`{result['command']}` ({result['model_version']})",
+        "",
+        "| blurred region | share of tile | sigma 4 px: retake (region named) | sigma 6 px: retake (region named) |",
+        "|---|---|---|---|",
+    ]
+    by_region: dict[str, dict[float, dict]] = {}
+    for row in result["rows"]:
+        if "want" in row:
+            continue
+        by_region.setdefault(row["region"], {})[row["sigma_px"]] = row
+    for region, rows in by_region.items():
+        cells = " | ".join(
+            f"{100 * rows[s]['retake']:.0f} % ({100 * rows[s]['retake_region_named']:.0f} %)" for s in (4.0, 6.0)
+        )
+        share = next(iter(rows.values()))["share"]
+        lines.append(f"| {region} | 1/{round(1 / share)} | {cells} |")
+    for row in result["rows"]:
+        if "want" in row:
+            lines.append(f"| {row['region']} | whole tile | {row['want']}: {100 * row['correct']:.0f} % | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
