@@ -249,7 +249,7 @@ def calibrate(tiles: Sequence[np.ndarray], names: Sequence[str], detector: BlurD
     _check_pixels(tiles, names)
     assessments = detector.assess([np.asarray(t) for t in tiles], list(names))
     for a, name in zip(assessments, names, strict=True):
-        if a.reason.startswith("not judgeable"):
+        if a.label == "empty" or a.reason.startswith("not judgeable"):
             raise CalibrationError(f"{name}: {a.reason}; pick tiles with tissue in them")
     stats = [tile_stats(np.asarray(t), n, a) for t, n, a in zip(tiles, names, assessments, strict=True)]
     return calibration_from_stats(stats, detector.model_version)
@@ -269,10 +269,10 @@ def added_blur_px(sigma_px: float | np.ndarray, baseline_px: float) -> float | n
 def apply_calibration(assessment: BlurAssessment, calibration: RigCalibration, cfg: DetectorConfig) -> BlurAssessment:
     """The assessment with sigma, regions, score and label measured from the rig's in-focus baseline.
 
-    A "not judgeable" retake stays as it is (there is no estimate to correct). Other retake reasons are
+    An `empty` tile and a "not judgeable" retake stay as they are (there is no estimate to correct). Other retake reasons are
     recomputed from the calibrated sigma; the model_version is kept and the reason says it is calibrated.
     """
-    if assessment.reason.startswith("not judgeable"):
+    if assessment.label == "empty" or assessment.reason.startswith("not judgeable"):
         return assessment
     sigma = float(added_blur_px(assessment.sigma_px, calibration.baseline_sigma_px))
     regions = added_blur_px(region_sigma_px(assessment), calibration.region_baseline_sigma_px)

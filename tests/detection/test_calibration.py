@@ -115,6 +115,11 @@ def test_not_judgeable_tile_is_left_alone() -> None:
     assert apply_calibration(tile, _calibration(), CFG) is tile
 
 
+def test_empty_tile_stays_empty() -> None:
+    tile = BlurAssessment(blur_score=0.0, label="empty", sigma_px=0.0, reason="no tissue: 0 of 64 regions")
+    assert apply_calibration(tile, _calibration(), CFG) is tile
+
+
 def test_custom_thresholds_are_used_for_the_label() -> None:
     cfg = DetectorConfig(sharp_sigma_px=0.5, max_restorable_sigma_px=1.5)
     assert apply_calibration(_assessment(np.hypot(1.5, 0.7)), _calibration(1.5), cfg).label == "soft"
@@ -161,6 +166,9 @@ def test_constant_and_rgb_images_are_named(detector: BlurDetector, isbi_tiles) -
     flat = [*tiles[:4], np.full((512, 512), 90, np.uint8)]
     with pytest.raises(CalibrationError, match=r"^flat\.png: constant image"):
         calibrate(flat, [*names[:4], "flat.png"], detector)
+    resin = [*tiles[:4], synthesize(np.full((512, 512), 140, np.uint8), None, np.random.default_rng(3))]
+    with pytest.raises(CalibrationError, match=r"^resin\.png: no tissue.*pick tiles with tissue"):
+        calibrate(resin, [*names[:4], "resin.png"], detector)
     rgb = [*tiles[:4], np.dstack([tiles[4], tiles[4] // 2, tiles[4]])]
     with pytest.raises(CalibrationError, match=r"^colour\.png: colour"):
         calibrate(rgb, [*names[:4], "colour.png"], detector)
