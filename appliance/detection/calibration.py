@@ -269,8 +269,9 @@ def added_blur_px(sigma_px: float | np.ndarray, baseline_px: float) -> float | n
 def apply_calibration(assessment: BlurAssessment, calibration: RigCalibration, cfg: DetectorConfig) -> BlurAssessment:
     """The assessment with sigma, regions, score and label measured from the rig's in-focus baseline.
 
-    An `empty` tile and a "not judgeable" retake stay as they are (there is no estimate to correct). Other retake reasons are
-    recomputed from the calibrated sigma; the model_version is kept and the reason says it is calibrated.
+    An `empty` tile and a "not judgeable" retake stay as they are (there is no estimate to correct). Other
+    retake reasons are recomputed from the calibrated sigma; the model_version is kept and the reason says
+    it is calibrated.
     """
     if assessment.label == "empty" or assessment.reason.startswith("not judgeable"):
         return assessment
