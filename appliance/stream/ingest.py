@@ -243,7 +243,10 @@ class IngestActor:
                 "section_ended", f"section {start.section!r} has ended: name a new section", {"section": start.section}
             )
         self._section(start.section)
-        self._spawn(self._sink.start_section.remote(start.section), section=None)
+        self._spawn(self._open_section(start.section), section=None)
+
+    async def _open_section(self, name: str) -> None:
+        await self._sink.start_section.remote(name)  # refuses `section_ended` itself for an ended section
 
     def _section(self, name: str) -> _Section:
         """The open section `name`, opened now if it is new."""
