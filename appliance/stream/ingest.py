@@ -95,7 +95,6 @@ class IngestActor:
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._credits = asyncio.Semaphore(cfg.max_in_flight)
         self._sections: dict[str, _Section] = {}
-        self._ended: set[str] = set()  # sections whose `end` was read in this run (the sink's index has all)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -174,7 +173,6 @@ class IngestActor:
             if isinstance(message, SectionStart):
                 self._start_section(message)
             elif isinstance(message, SectionEnd):
-                self._ended.add(message.section)
                 self._spawn(self._finish_section(message), section=None)
             self._credits.release()
         except ProtocolError as exc:
@@ -192,10 +190,6 @@ class IngestActor:
         section = self._section(header.section)
         ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
         first = in_flight_copy(section, header)
-        if first is None and header.replaces is None and header.section in self._ended:
-            raise ProtocolError(
-                "section_ended", f"section {header.section!r} has ended: only retakes (`replaces`) are accepted", ids
-            )
         try:
             check_tile_pixels(tile.pixels, f"{header.section}/{header.tile_id}")
         except TileError as exc:
@@ -238,10 +232,6 @@ class IngestActor:
                 section.in_flight.pop(header.tile_id, None)
 
     def _start_section(self, start: SectionStart) -> None:
-        if start.section in self._ended:
-            raise ProtocolError(
-                "section_ended", f"section {start.section!r} has ended: name a new section", {"section": start.section}
-            )
         self._section(start.section)
         self._spawn(self._open_section(start.section), section=None)
 

@@ -274,7 +274,8 @@ class SinkActor:
         if other is not None and other.tile_id != tile_id:
             return "conflict", None
         if replaces is None:
-            if self._index.section_state(section) == "ended":
+            # A resend of a tile whose storage failed is still owed its answer, also after `end`.
+            if row is None and self._index.section_state(section) == "ended":
                 message = f"section {section!r} has ended: after `end` only retakes (with `replaces`) are accepted"
                 return "refused", Refusal("section_ended", message)
             return "new", None
