@@ -109,7 +109,7 @@ def ensure_dir(path: Path, fsync: bool = True) -> None:
     """
     path = Path(path)
     missing: list[Path] = []
-    while not path.is_dir():
+    while not path.exists():  # an existing file in the way makes mkdir fail with NotADirectoryError
         missing.append(path)
         if path.parent == path:
             break
