@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -255,3 +257,45 @@ def test_a_failed_write_is_answered_storage_failed_and_a_full_disk_holds_tiles_u
             np.testing.assert_array_equal(read_tile(small_disk / record.path), pixels)
     assert len([x for x in read_qc_lines(small_disk / QC_FILENAME) if x.section == "full"]) == len(tiles)
     assert not list(small_disk.rglob("*.part"))
+
+
+def n_answered(sink_stats: dict[str, int]) -> int:
+    return sum(sink_stats.get(label, 0) for label in ("sharp", "soft", "retake", "error"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_the_reference_controller_resends_after_its_reply_timeout_and_counts_repeats_once(
+    start_appliance: Callable[..., Any], tmp_path: Path, small_tiles: list[tuple[str, np.ndarray]]
+) -> None:
+    """The answers of a whole section are lost (the appliance restarts before the controller reads
+    them): the controller resends after its reply timeout and gets each recorded answer once."""
+    tile_endpoint, feedback_endpoint = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    out = tmp_path / "out"
+    # The first appliance answers on a port the controller does not read: every answer is lost.
+    first = start_appliance(rig(out, tile_endpoint=tile_endpoint))
+    report_box: list[Any] = []
+    with ReferenceController(tile_endpoint, feedback_endpoint) as controller:
+        sender = threading.Thread(
+            target=lambda: report_box.append(
+                controller.send_section("c1", iter(small_tiles), rate_hz=None, timeout_s=150, reply_timeout_s=3)
+            )
+        )
+        sender.start()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and n_answered(first.stats()["sink"]) < len(small_tiles):
+            time.sleep(0.2)
+        first.drain_and_stop()
+        start_appliance(rig(out, tile_endpoint=tile_endpoint, feedback_endpoint=feedback_endpoint))
+        sender.join(timeout=150)
+    report = report_box[0]
+    assert (report.sent, report.done, report.lost, report.duplicated) == (len(small_tiles), len(small_tiles), 0, 0)
+    assert report.repeats >= len(small_tiles) and report.resent >= len(small_tiles)
+    assert report.section_done is not None and report.section_done["repeat"] is True
+    assert report.section_done["n_done"] == len(small_tiles)
+    records = [x for x in read_qc_lines(out / QC_FILENAME) if isinstance(x, QcTileRecord)]
+    assert sorted(x.tile_id for x in records) == sorted(name for name, _ in small_tiles)  # each written once
