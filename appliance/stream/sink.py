@@ -325,9 +325,13 @@ class SinkActor:
         t0 = time.perf_counter()
 
         def store_files() -> None:
-            if replaced is not None:
-                self._move_replaced(replaced)
-            write_tile_atomic(delivered_path, delivered, self._output.fsync)
+            moved = self._move_replaced(replaced) if replaced is not None else None
+            try:
+                write_tile_atomic(delivered_path, delivered, self._output.fsync)
+            except BaseException:
+                if moved is not None:  # a failed retake leaves the flagged tile delivered, as before
+                    move_durably(moved, delivered_path, self._output.fsync)
+                raise
             if kept_original:
                 write_tile_atomic(original_path, pixels, self._output.fsync)
 
@@ -385,12 +389,16 @@ class SinkActor:
             delivered_path=replaced.path,
         )
 
-    def _move_replaced(self, replaced: TileRow) -> None:
-        """Keep the flagged tile's file: <section>/replaced/<tile_id>.tif (never deleted)."""
+    def _move_replaced(self, replaced: TileRow) -> Path | None:
+        """Keep the flagged tile's file: <section>/replaced/<tile_id>.tif (never deleted); its new path.
+
+        None when an earlier try of this retake (never answered) had moved it already.
+        """
         kept = self._dir / replaced.section / REPLACED_DIRNAME / f"{replaced.tile_id}.tif"
-        if kept.exists():  # moved by an earlier try of this retake, which was never answered
-            return
+        if kept.exists():
+            return None
         move_durably(self._dir / replaced.path, kept, self._output.fsync)
+        return kept
 
     def _answer(self, outcome: TileOutcome, record: QcTileRecord) -> None:
         """The tile is durable: count it, then alarm (if it tripped one), result [+ retake] or error."""

@@ -201,7 +201,7 @@ def deblur(
     Refused (exit 2, nothing written): --out being an input's folder, two inputs with the same stem,
     an --out that cannot be written.
     """
-    from appliance.tools.offline import check_deblur_outputs, deblur_files
+    from appliance.tools.offline import check_deblur_outputs, deblur_files, prepare_out_dir
 
     problems = check_deblur_outputs(files, out)
     for problem in problems:
@@ -209,6 +209,10 @@ def deblur(
     if problems:
         raise typer.Exit(2)
     detector = _offline_detector(DetectorConfig(), calibration)
+    unwritable = prepare_out_dir(out)
+    if unwritable:
+        _error(unwritable)
+        raise typer.Exit(2)
     results = deblur_files(files, out, detector, DeblurConfig(backend=backend), force)
     if _emit(results, True):
         raise typer.Exit(1)

@@ -103,7 +103,7 @@ def check_deblur_outputs(paths: list[Path], out_dir: Path) -> list[str]:
     """Why `deblur` must not run with these inputs and --out (empty when it may): one line per problem.
 
     Refused: --out being an input's folder (the acquired file could be overwritten), two inputs
-    written to the same output name (same stem), an --out that cannot be created or written.
+    written to the same output name (same stem). Creates nothing (prepare_out_dir does).
     """
     problems = []
     out_resolved = out_dir.resolve()
@@ -122,19 +122,18 @@ def check_deblur_outputs(paths: list[Path], out_dir: Path) -> list[str]:
                 f"inputs {by_output[target]} and {path} would both be written to {target}; rename one or run them apart"
             )
         by_output.setdefault(target, path)
-    if not problems:
-        problems.extend(_writable_problem(out_dir))
     return problems
 
 
-def _writable_problem(out_dir: Path) -> list[str]:
+def prepare_out_dir(out_dir: Path) -> str | None:
+    """Create `out_dir` and check a file can be written there; the problem in one line, else None."""
     try:
         ensure_dir(out_dir)
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as exc:
-        return [f"--out {out_dir}: cannot write there: {exc.strerror or exc}"]
-    return []
+        return f"--out {out_dir}: cannot write there: {exc.strerror or exc}"
+    return None
 
 
 def deblur_files(

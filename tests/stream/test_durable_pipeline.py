@@ -144,6 +144,9 @@ def test_retake_loop_and_section_counts_with_malformed_messages_mixed_in(
             controller.send_tile("r1", name, pixels)
             if index < len(malformed):
                 controller.send_raw(malformed[index])
+        twin_id, twin_pixels = small_tiles[-1]  # resent at once: arrives while the first copy is in flight
+        twin = tile_frames("r1", twin_id, len(small_tiles) - 1, twin_pixels)
+        controller.send_raw(twin)
         controller.send_raw(tile_frames("r1", small_tiles[0][0], 77, sharp))  # tile_id reused: duplicate_seq
         controller.send_raw(encode_end("r1", len(small_tiles)))
         assert controller.wait_for(lambda fb: bool(section_done(fb, "r1")), timeout_s=120)
@@ -160,7 +163,9 @@ def test_retake_loop_and_section_counts_with_malformed_messages_mixed_in(
         assert controller.wait_for(lambda fb: len([m for m in fb if m["type"] == "error"]) >= 7, timeout_s=60)
         feedback = controller.feedback()
 
-    assert done["n_done"] == len(small_tiles) and done["n_repeat"] == 0
+    assert done["n_done"] == len(small_tiles) and done["n_repeat"] == 1
+    twin_answers = [m for m in feedback if m["type"] == "result" and m["tile_id"] == twin_id]
+    assert [bool(m.get("repeat")) for m in twin_answers] == [False, True]  # the first copy's answer, then one repeat
     assert done["n_rejected"] == 3  # bad_field + bad_frame + duplicate_seq; the unreadable one names no section
     assert done["n_retake"] == len(flagged)
     assert_counts_add_up(done)
@@ -198,6 +203,20 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-R", "-l", str(out)], check=False)
 
 
+def fill_completely(path: Path) -> None:
+    """Write `path` until the filesystem refuses another byte (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    os.write(fd, bytes(size))
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+
+
 def mount_read_only(path: Path) -> None:
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], check=True)
@@ -206,7 +225,7 @@ def mount_read_only(path: Path) -> None:
 def test_a_failed_write_is_answered_storage_failed_and_a_full_disk_holds_tiles_until_space_returns(
     small_disk: Path, start_appliance: Callable[..., Any], small_tiles: list[tuple[str, np.ndarray]]
 ) -> None:
-    appliance = start_appliance(rig(small_disk, max_in_flight=2, receive_hwm=1))
+    appliance = start_appliance(rig(small_disk, max_in_flight=4, receive_hwm=1))
     endpoints = appliance.endpoints
     sharp = dict(small_tiles)["sharp_b"]
     with ReferenceController(endpoints.tile, endpoints.feedback, send_hwm=1) as controller:
@@ -222,18 +241,23 @@ def test_a_failed_write_is_answered_storage_failed_and_a_full_disk_holds_tiles_u
         ro_feedback = controller.feedback()
 
         # 2. A full disk: tiles are held (no answer, no loss), one disk_full alarm, then disk_ok and results.
-        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
         filler = small_disk / "filler.bin"
-        filler.write_bytes(bytes(free - 150_000))  # room for about one 64 KiB tile and its records
-        tiles = [(f"f{i}", pixels) for i, (_, pixels) in enumerate(small_tiles[:5])]
+        fill_completely(filler)
+        tiles = [(f"f{i}", pixels) for i, (_, pixels) in enumerate(small_tiles[:3])]
         for seq, (tile_id, pixels) in enumerate(tiles):
             controller.send_raw(tile_frames("full", tile_id, seq, pixels))
         assert controller.wait_for(lambda fb: any(m.get("kind") == "disk_full" for m in fb), timeout_s=60)
-        time.sleep(3)  # retried every second meanwhile, the tiles keep their credits
-        held = len(answers(controller.feedback(), "full"))
+        # A refused message still gets its error at once, although its QC record cannot be written now.
+        header = msgpack.unpackb(bytes(tile_frames("full", "bad", 9, sharp)[0]))
+        controller.send_raw([msgpack.packb({**header, "seq": True}), bytes(sharp)])
+        assert controller.wait_for(lambda fb: any(m["type"] == "error" for m in answers(fb, "full")), timeout_s=30)
+        time.sleep(2.5)  # retried every second meanwhile, the tiles keep their credits
+        held = [m for m in answers(controller.feedback(), "full") if m["type"] == "result"]
         in_flight = appliance.stats()["ingest"]["in_flight"]
         filler.unlink()
-        assert controller.wait_for(lambda fb: len(answers(fb, "full")) == len(tiles), timeout_s=60)
+        assert controller.wait_for(lambda fb: len(answers(fb, "full")) == len(tiles) + 1, timeout_s=60)
+        controller.send_raw(encode_end("full", len(tiles)))
+        assert controller.wait_for(lambda fb: bool(section_done(fb, "full")), timeout_s=60)
         full_feedback = controller.feedback()
 
     ro = answers(ro_feedback, "ro")
@@ -245,17 +269,19 @@ def test_a_failed_write_is_answered_storage_failed_and_a_full_disk_holds_tiles_u
     lines = read_qc_lines(small_disk / QC_FILENAME)  # every line whole: parsing would fail on a torn one
     assert [type(x) for x in lines if x.section == "ro"] == [QcStorageFailure, QcTileRecord]
 
-    assert held < len(tiles) and in_flight == 2  # nothing answered while full; both credits held
+    assert (held, in_flight) == ([], len(tiles))  # nothing answered while full; the tiles' credits held
     alarms = [m["kind"] for m in full_feedback if m["type"] == "alarm"]
     assert alarms == ["disk_full", "disk_ok"]
     full = answers(full_feedback, "full")
-    assert sorted(m["tile_id"] for m in full) == [tile_id for tile_id, _ in tiles]
-    assert all(m["type"] == "result" for m in full)  # none lost, none refused
+    assert [m["code"] for m in full if m["type"] == "error"] == ["bad_field"]
+    assert sorted(m["tile_id"] for m in full if m["type"] == "result") == [tile_id for tile_id, _ in tiles]
+    done = section_done(full_feedback, "full")[0]
+    assert (done["n_done"], done["n_rejected"], done["n_error"]) == (len(tiles), 1, 0)
+    lines = read_qc_lines(small_disk / QC_FILENAME)  # every line whole after the full disk too
     for tile_id, pixels in tiles:
         record = next(x for x in lines if isinstance(x, QcTileRecord) and x.tile_id == tile_id)
         if record.action == "written":
             np.testing.assert_array_equal(read_tile(small_disk / record.path), pixels)
-    assert len([x for x in read_qc_lines(small_disk / QC_FILENAME) if x.section == "full"]) == len(tiles)
     assert not list(small_disk.rglob("*.part"))
 
 

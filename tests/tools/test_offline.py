@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from appliance.tile_io import read_tile, write_tile_atomic
 from appliance.tools.cli import app
 from appliance.tools.demo import SAMPLE_DIR
-from appliance.tools.offline import check_deblur_outputs
+from appliance.tools.offline import check_deblur_outputs, prepare_out_dir
 
 pytestmark = pytest.mark.fast
 
@@ -63,4 +63,5 @@ def test_an_unwritable_out_ends_in_one_clear_line(tmp_path: Path) -> None:
     code, output = deblur(str(SOFT), "--out", str(blocker / "restored"))
     assert code == 2
     assert output.strip() == f"error: --out {blocker / 'restored'}: cannot write there: Not a directory"
-    assert check_deblur_outputs([SOFT], tmp_path / "fine") == [] and (tmp_path / "fine").is_dir()
+    assert check_deblur_outputs([SOFT], tmp_path / "fine") == [] and not (tmp_path / "fine").exists()
+    assert prepare_out_dir(tmp_path / "fine") is None and (tmp_path / "fine").is_dir()
