@@ -56,15 +56,22 @@ class QcLog:
             log.error("%s: could not cut a failed append back to %d bytes: %r", self.path, size, exc)
 
     def _cut_torn_tail(self) -> None:
-        if self.size == 0:
+        whole = self._end_of_last_whole_line()
+        if whole == self.size:
             return
-        with open(self.path, "rb") as handle:
-            block = max(0, self.size - 65536)
-            handle.seek(block)
-            tail = handle.read()
-        if tail.endswith(b"\n"):
-            return
-        whole = block + tail.rfind(b"\n") + 1 if b"\n" in tail else block
         log.warning("%s: torn last line (%d bytes) cut at start-up", self.path, self.size - whole)
         self._truncate(whole)
         self.size = whole
+
+    def _end_of_last_whole_line(self) -> int:
+        """Byte offset just past the last newline (0 when there is none), read backwards in blocks."""
+        end = self.size
+        with open(self.path, "rb") as handle:
+            while end > 0:
+                start = max(0, end - 65536)
+                handle.seek(start)
+                block = handle.read(end - start)
+                if b"\n" in block:
+                    return start + block.rfind(b"\n") + 1
+                end = start
+        return 0

@@ -43,6 +43,7 @@ from appliance.stream.protocol import RESERVED_SECTION_NAMES, SECTION_NAME
 log = logging.getLogger(__name__)
 
 STORAGE_FAILED = "storage_failed"
+RECONCILE_BATCH = 10_000  # QC lines per commit while rebuilding
 SectionState = Literal["open", "ended"]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tiles (
@@ -201,15 +202,24 @@ class TileIndex:
                 "%s is %d bytes but the index covers %d: qc.jsonl was truncated or replaced", qc_path, size, offset
             )
             return 0
+        applied = 0
+        batch: list[QcLine] = []
         with open(qc_path, "rb") as handle:
             handle.seek(offset)
-            tail = handle.read()
-        whole = tail[: tail.rfind(b"\n") + 1]  # a torn last line is the QC log's to repair, not ours
-        lines = [parse_qc_line(line.decode("utf-8")) for line in whole.splitlines() if line.strip()]
-        if lines:
-            log.warning("index: %d qc.jsonl line(s) were not indexed (crash before commit); applied now", len(lines))
-        self.record_lines(lines, offset + len(whole))
-        return len(lines)
+            for raw in handle:  # streamed: a lost index is rebuilt from a qc.jsonl of any size
+                if not raw.endswith(b"\n"):
+                    break  # a torn last line is the QC log's to cut, not ours to apply
+                offset += len(raw)
+                if raw.strip():
+                    batch.append(parse_qc_line(raw.decode("utf-8")))
+                if len(batch) >= RECONCILE_BATCH:
+                    self.record_lines(batch, offset)
+                    applied, batch = applied + len(batch), []
+        self.record_lines(batch, offset)
+        applied += len(batch)
+        if applied:
+            log.warning("index: %d qc.jsonl line(s) were not indexed (crash before commit, or a new index)", applied)
+        return applied
 
     def close(self) -> None:
         with self._lock:
