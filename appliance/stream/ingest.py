@@ -196,8 +196,6 @@ class IngestActor:
             raise ProtocolError("bad_pixels", str(exc), ids) from None
         # One copy, into the object store; everything downstream passes the reference.
         pixels_ref = ray.put(tile.pixels)
-        self._stats["tiles_accepted"] += 1
-        self._metrics.tiles_received.inc()
         work = self._admit_and_process(header, pixels_ref, t_received, section, after=first)
         task = self._spawn(work, section=section, holds_credit=True)
         if first is None:
@@ -220,7 +218,9 @@ class IngestActor:
             if after is not None:
                 await asyncio.wait([after])
             status = await self._sink.lookup.remote(header.section, header.tile_id, header.seq, header.replaces)
-            if status == "new":
+            if status == "new":  # counted here: a repeat or a refusal never ends in tiles_done
+                self._stats["tiles_accepted"] += 1
+                self._metrics.tiles_received.inc()
                 await self._process_tile(header, pixels_ref, t_received, section)
             elif status == "conflict":
                 ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
