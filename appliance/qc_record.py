@@ -1,7 +1,9 @@
 """One line of qc.jsonl, typed: the sink builds it, the section report and the tests read it back.
 
-Two kinds of line (docs/protocol.md): `QcTileRecord`, a tile that was written (as acquired, restored or
-flagged) or failed in processing, and `QcRejection`, a message the ingest refused. The detector's
+Four kinds of line (docs/protocol.md): `QcTileRecord`, a tile that was written (as acquired, restored or
+flagged) or failed in processing; `QcRejection`, a message the appliance refused; `QcStorageFailure`, a
+tile that could not be written durably (nothing delivered, the controller resends it); and
+`QcSuperseded`, a delivered tile replaced by a retake (retake loop, protocol v1.1). The detector's
 verdict is flattened into the tile line (its `model_version` as `detector_version`); a tile that failed
 before detection carries `label` and `blur_score` null and no other verdict fields.
 """
@@ -17,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.messages import BlurAssessment, TileLabel
 
 QC_FILENAME = "qc.jsonl"
+# The sink's durable tile index beside qc.jsonl (appliance/stream/tile_index.py), and SQLite's companions.
+INDEX_FILENAME = "index.sqlite"
+OUTPUT_DIR_FILES = frozenset(
+    {QC_FILENAME, INDEX_FILENAME, f"{INDEX_FILENAME}-wal", f"{INDEX_FILENAME}-shm", f"{INDEX_FILENAME}-journal"}
+)
 TileAction = Literal["written", "restored", "flagged", "failed"]
 
 
@@ -58,6 +65,9 @@ class QcTileRecord(_Line):
     error: str | None = None
     timings_s: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, total_s included.")
     detector_version: str | None = None
+    replaces: str | None = Field(
+        None, description="Retake loop: tile_id of the flagged tile this one re-acquires (absent otherwise)."
+    )
     restore_suspended: bool | None = Field(
         None,
         description="True (else absent): a soft tile written as acquired because its section tripped the "
@@ -86,14 +96,46 @@ class QcRejection(_Line):
     error: str | None = None
 
 
-QcLine = QcTileRecord | QcRejection
+class QcStorageFailure(_Line):
+    """A valid tile whose file or record could not be written (error `storage_failed`): nothing delivered."""
+
+    t: float
+    section: str
+    tile_id: str
+    seq: int
+    action: Literal["storage_failed"]
+    path: str = Field(description="Where the tile would have been delivered, relative to the output directory.")
+    label: TileLabel | None = None
+    error: str
+
+
+class QcSuperseded(_Line):
+    """A delivered tile replaced by its retake: its file moved to `path`, the retake now at `delivered_path`."""
+
+    t: float
+    section: str
+    tile_id: str = Field(description="The replaced (flagged) tile.")
+    seq: int
+    action: Literal["superseded"]
+    superseded_by: str = Field(description="tile_id of the retake.")
+    path: str = Field(description="The replaced tile's file now: <section>/replaced/<tile_id>.tif.")
+    delivered_path: str = Field(description="Where the retake is delivered (the replaced tile's old path).")
+
+
+QcLine = QcTileRecord | QcRejection | QcStorageFailure | QcSuperseded
+_LINE_BY_ACTION: dict[str, type[QcRejection | QcStorageFailure | QcSuperseded]] = {
+    "rejected": QcRejection,
+    "storage_failed": QcStorageFailure,
+    "superseded": QcSuperseded,
+}
 
 
 def parse_qc_line(line: str) -> QcLine:
     """One qc.jsonl line as its typed record; ValueError (pydantic's, naming the field) otherwise."""
     raw = json.loads(line)
-    if isinstance(raw, dict) and raw.get("action") == "rejected":
-        return QcRejection.model_validate(raw)
+    action = raw.get("action") if isinstance(raw, dict) else None
+    if isinstance(action, str) and action in _LINE_BY_ACTION:
+        return _LINE_BY_ACTION[action].model_validate(raw)
     return QcTileRecord.model_validate(raw)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import cv2
 import numpy as np
 import tifffile
 
+PART_SUFFIX = ".part"
 SUPPORTED_DTYPES: tuple[np.dtype, ...] = (np.dtype(np.uint8), np.dtype(np.uint16))
 MIN_TILE_SIDE = 32
 
@@ -73,8 +76,8 @@ def _channels_equal(pixels: np.ndarray) -> bool:
 def write_tile_atomic(path: Path, pixels: np.ndarray, fsync: bool = True) -> None:
     """Write `pixels` as TIFF at `path` via temp file + rename, so a reader never sees half a tile."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    ensure_dir(path.parent, fsync)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PART_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         # mkstemp makes the file private (0600); delivered tiles are for the facility to read.
@@ -97,3 +100,51 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def ensure_dir(path: Path, fsync: bool = True) -> None:
+    """Create `path` and missing parents; with fsync, each new entry is made durable in its parent.
+
+    A tile renamed into a new section folder is durable only once the folder itself is on disk.
+    """
+    path = Path(path)
+    missing: list[Path] = []
+    while not path.exists():  # an existing file in the way makes mkdir fail with NotADirectoryError
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for new_dir in reversed(missing):
+        new_dir.mkdir(exist_ok=True)
+        if fsync:
+            _fsync_path(new_dir.parent)
+
+
+def move_durably(source: Path, target: Path, fsync: bool = True) -> None:
+    """Rename `source` to `target` (same filesystem), creating target's folder; both folders fsynced."""
+    ensure_dir(target.parent, fsync)
+    os.replace(source, target)
+    if fsync:
+        _fsync_path(target.parent)
+        _fsync_path(source.parent)
+
+
+def sweep_part_files(output_dir: Path) -> int:
+    """Remove temp files (`.*.part`) that a crash left in the section folders; returns how many.
+
+    Only the sink writes there and it calls this before its first write, so no live write is touched.
+    Looks two levels deep (<section>/, <section>/originals/, <section>/replaced/), not the whole tree.
+    """
+    removed = 0
+    for pattern in (f"*/.*{PART_SUFFIX}", f"*/*/.*{PART_SUFFIX}"):
+        for part in Path(output_dir).glob(pattern):
+            part.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a failed write means "no space left" (ENOSPC, EDQUOT, or SQLite's SQLITE_FULL)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL

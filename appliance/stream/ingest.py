@@ -31,6 +31,7 @@ from appliance.stream.protocol import (
     Tile,
     TileHeader,
     decode_stream_message,
+    duplicate_message,
 )
 from appliance.tile_io import TileError, check_tile_pixels
 
@@ -42,13 +43,27 @@ RETRY_DELAY_S = (0.005, 0.5)  # first and longest wait between retries of a reje
 
 @dataclass
 class _Section:
-    """Per-section state: what was seen (duplicates), which tiles are still being processed, and the
-    safety rule's counts (restoring stops when an implausible share of the section reads soft/retake)."""
+    """Per-section state: tiles in flight (for resends arriving meanwhile; the sink's durable index knows
+    every answered tile), which tiles are still being processed, and the safety rule's counts (restoring
+    stops when an implausible share of the section reads soft/retake)."""
 
     blur_share: BlurShareGuard
-    seqs: set[int] = field(default_factory=set)
-    tile_ids: set[str] = field(default_factory=set)
+    in_flight: dict[str, tuple[int, asyncio.Task[None]]] = field(default_factory=dict)  # tile_id -> (seq, task)
     pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def in_flight_copy(section: _Section, header: TileHeader) -> asyncio.Task[None] | None:
+    """The task of the first copy of this tile when it is still in flight (a resend), else None.
+
+    Raises ProtocolError duplicate_seq when its tile_id or seq is in flight under another message.
+    """
+    first = section.in_flight.get(header.tile_id)
+    if first is not None and first[0] == header.seq:
+        return first[1]
+    if first is not None or any(seq == header.seq for seq, _ in section.in_flight.values()):
+        ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
+        raise ProtocolError("duplicate_seq", duplicate_message(header.section, header.tile_id, header.seq), ids)
+    return None
 
 
 @ray.remote(num_cpus=0)
@@ -93,6 +108,7 @@ class IngestActor:
             "in_flight": 0,
             "max_in_flight_seen": 0,
             "sink_errors": 0,
+            "repeats": 0,
         }
         self._metrics = IngestMetrics(cfg.max_in_flight)
 
@@ -155,7 +171,7 @@ class IngestActor:
                 self._accept_tile(message, t_received)
                 return
             if isinstance(message, SectionStart):
-                self._section(message.section)
+                self._start_section(message)
             elif isinstance(message, SectionEnd):
                 self._spawn(self._finish_section(message), section=None)
             self._credits.release()
@@ -173,24 +189,54 @@ class IngestActor:
         header = tile.header
         section = self._section(header.section)
         ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
-        if header.seq in section.seqs or header.tile_id in section.tile_ids:
-            what = f"seq {header.seq}" if header.seq in section.seqs else f"tile_id {header.tile_id!r}"
-            raise ProtocolError(
-                "duplicate_seq",
-                f"{what} was already received in section {header.section!r}; resend under a new seq and tile_id",
-                ids,
-            )
+        first = in_flight_copy(section, header)
         try:
             check_tile_pixels(tile.pixels, f"{header.section}/{header.tile_id}")
         except TileError as exc:
             raise ProtocolError("bad_pixels", str(exc), ids) from None
         # One copy, into the object store; everything downstream passes the reference.
         pixels_ref = ray.put(tile.pixels)
-        section.seqs.add(header.seq)
-        section.tile_ids.add(header.tile_id)
-        self._stats["tiles_accepted"] += 1
-        self._metrics.tiles_received.inc()
-        self._spawn(self._process_tile(header, pixels_ref, t_received, section), section=section, holds_credit=True)
+        work = self._admit_and_process(header, pixels_ref, t_received, section, after=first)
+        task = self._spawn(work, section=section, holds_credit=True)
+        if first is None:
+            section.in_flight[header.tile_id] = (header.seq, task)
+
+    async def _admit_and_process(
+        self,
+        header: TileHeader,
+        pixels_ref: ray.ObjectRef,
+        t_received: float,
+        section: _Section,
+        after: asyncio.Task[None] | None,
+    ) -> None:
+        """Ask the sink's index what this tile is (new, answered, conflicting), then process it if new.
+
+        after: the first copy's task when this is a resend of a tile in flight; it is answered once
+        that copy is done (as a repeat).
+        """
+        try:
+            if after is not None:
+                await asyncio.wait([after])
+            status = await self._sink.lookup.remote(header.section, header.tile_id, header.seq, header.replaces)
+            if status == "new":  # counted here: a repeat or a refusal never ends in tiles_done
+                self._stats["tiles_accepted"] += 1
+                self._metrics.tiles_received.inc()
+                await self._process_tile(header, pixels_ref, t_received, section)
+            elif status == "conflict":
+                ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
+                await self._reject("duplicate_seq", duplicate_message(header.section, header.tile_id, header.seq), ids)
+            elif status == "recorded":
+                self._stats["repeats"] += 1
+        finally:
+            if after is None:
+                section.in_flight.pop(header.tile_id, None)
+
+    def _start_section(self, start: SectionStart) -> None:
+        self._section(start.section)
+        self._spawn(self._open_section(start.section), section=None)
+
+    async def _open_section(self, name: str) -> None:
+        await self._sink.start_section.remote(name)  # refuses `section_ended` itself for an ended section
 
     def _section(self, name: str) -> _Section:
         """The open section `name`, opened now if it is new."""
@@ -199,7 +245,7 @@ class IngestActor:
             self._sections[name] = _Section(guard)
         return self._sections[name]
 
-    def _spawn(self, work: Any, section: _Section | None, holds_credit: bool = False) -> None:
+    def _spawn(self, work: Any, section: _Section | None, holds_credit: bool = False) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         if section is not None:
@@ -222,6 +268,7 @@ class IngestActor:
                 log.error("could not record a tile outcome: %r", finished.exception())
 
         task.add_done_callback(_done)
+        return task
 
     async def _process_tile(
         self, header: TileHeader, pixels_ref: ray.ObjectRef, t_received: float, section: _Section

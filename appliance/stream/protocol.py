@@ -1,4 +1,4 @@
-"""Wire protocol v1 (docs/protocol.md): msgpack headers + raw pixel frames; validation only, no I/O.
+"""Wire protocol v1.1 (docs/protocol.md; wire `v` 1): msgpack headers + raw pixel frames; validation, no I/O.
 
 Nothing received is ever unpickled: headers are msgpack maps checked field by field, pixels are raw
 bytes whose length must match the declared shape and dtype.
@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from appliance.qc_record import QC_FILENAME
+from appliance.qc_record import OUTPUT_DIR_FILES
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 SAFE_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 SECTION_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
-RESERVED_SECTION_NAMES = frozenset({QC_FILENAME})
+RESERVED_SECTION_NAMES = OUTPUT_DIR_FILES
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
 
 ErrorCode = Literal[
@@ -33,7 +33,13 @@ ErrorCode = Literal[
     "duplicate_seq",
     "bad_pixels",
     "processing_failed",
+    # v1.1: a controller written for v1.0 sees only new `code` strings, never a new key.
+    "storage_failed",
+    "section_ended",
+    "unknown_tile",
+    "draining",
 ]
+ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)
 
 
 class ProtocolError(ValueError):
@@ -81,6 +87,8 @@ class TileHeader(_Header):
     t_sent: float = Field(allow_inf_nan=False)
     # Optional (added in v1 without a version bump: older controllers simply omit it).
     beam: int | None = Field(None, ge=0, le=65535)
+    # v1.1 retake loop: the tile_id of a recorded tile of this section that this tile re-acquires.
+    replaces: str | None = Field(None, pattern=SAFE_NAME)
 
     @property
     def frame_bytes(self) -> int:
@@ -113,6 +121,14 @@ _HEADER_TYPES: dict[str, type[SectionStart | TileHeader | SectionEnd]] = {
     "tile": TileHeader,
     "end": SectionEnd,
 }
+
+
+def duplicate_message(section: str, tile_id: str, seq: int) -> str:
+    """The duplicate_seq error text (resend rule, docs/protocol.md)."""
+    return (
+        f"tile_id {tile_id!r} or seq {seq} was already used in section {section!r} by another message; "
+        "a resend must repeat the identical message, a retake needs a new tile_id and seq and `replaces`"
+    )
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -233,51 +249,71 @@ def encode_tile(header: TileHeader, pixels: np.ndarray) -> list[bytes | memoryvi
     if pixels.shape != tuple(header.shape) or pixels.dtype.newbyteorder("<") != expected:
         raise ValueError(f"pixels {pixels.shape} {pixels.dtype} do not match header {header.shape} {header.dtype}")
     pixels = np.ascontiguousarray(pixels, dtype=expected)
-    return [_pack(header.model_dump()), pixels.data.cast("B")]
+    # `replaces` only when set, so that a plain tile is byte-for-byte a v1.0 message.
+    fields = header.model_dump(exclude=None if header.replaces else {"replaces"})
+    return [_pack(fields), pixels.data.cast("B")]
 
 
 # ---- feedback (appliance -> controller) ----
 
-FeedbackType = Literal["result", "retake", "error", "section_done", "alarm"]
+FeedbackType = Literal["result", "retake", "error", "section_done", "alarm", "draining"]
+AlarmKind = Literal["implausible_blur_share", "disk_full", "disk_ok", "restarted"]
+ALARM_KINDS: tuple[AlarmKind, ...] = get_args(AlarmKind)
+_IDS = frozenset({"section", "tile_id", "seq"})
 _FEEDBACK_KEYS: dict[str, frozenset[str]] = {
-    "result": frozenset(
-        {"section", "tile_id", "seq", "label", "action", "blur_score", "sigma_px", "path", "latency_s"}
+    "result": _IDS | {"label", "action", "blur_score", "sigma_px", "path", "latency_s"},
+    "retake": _IDS | {"reason", "blur_score"},
+    "error": _IDS | {"code", "message"},
+    "section_done": frozenset(
+        {"section", "n_done", "n_sharp", "n_soft", "n_retake", "n_error", "n_expected", "n_rejected", "n_repeat"}
     ),
-    "retake": frozenset({"section", "tile_id", "seq", "reason", "blur_score"}),
-    "error": frozenset({"code", "message", "section", "tile_id", "seq"}),
-    "section_done": frozenset({"section", "n_done", "n_sharp", "n_soft", "n_retake", "n_error", "n_expected"}),
-    "alarm": frozenset(
-        {
-            "kind",
-            "section",
-            "tile_id",
-            "seq",
-            "n_judged",
-            "n_soft",
-            "n_retake",
-            "share",
-            "threshold",
-            "min_tiles",
-            "calibrated",
-            "message",
-        }  # fmt: skip
-    ),
+    "alarm": frozenset({"kind", "message"}),
+    "draining": frozenset({"message"}),
 }
-# Keys a feedback type carries only in some messages (docs/protocol.md says when).
-_FEEDBACK_OPTIONAL_KEYS: dict[str, frozenset[str]] = {"result": frozenset({"restore_suspended"})}
+# Keys a feedback type carries only in some messages (docs/protocol.md says when). `repeat`: the
+# recorded answer of a tile (or section) re-sent because the controller sent it again (resend rule).
+_FEEDBACK_OPTIONAL_KEYS: dict[str, frozenset[str]] = {
+    "result": frozenset({"restore_suspended", "repeat", "replaces"}),
+    "retake": frozenset({"repeat"}),
+    "error": frozenset({"repeat"}),
+    "section_done": frozenset({"repeat"}),
+}
+# alarm: `kind` and `message` always; the rest depends on the kind.
+_ALARM_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "implausible_blur_share": (
+        _IDS | {"n_judged", "n_soft", "n_retake", "share", "threshold", "min_tiles", "calibrated"},
+        frozenset(),
+    ),
+    "disk_full": (frozenset({"directory"}), _IDS | {"free_bytes"}),
+    "disk_ok": (frozenset({"directory"}), frozenset({"waited_s", "free_bytes"})),
+    "restarted": (frozenset({"which"}), frozenset()),
+}
 
 
-def _feedback_keys_ok(kind: str, keys: set[str]) -> bool:
+def _feedback_keys_ok(kind: str, keys: set[str], alarm_kind: object = None) -> bool:
     required = _FEEDBACK_KEYS[kind]
-    return required <= keys <= required | _FEEDBACK_OPTIONAL_KEYS.get(kind, frozenset())
+    optional = _FEEDBACK_OPTIONAL_KEYS.get(kind, frozenset())
+    if kind == "alarm":
+        if not isinstance(alarm_kind, str) or alarm_kind not in _ALARM_KEYS:
+            return False
+        extra_required, extra_optional = _ALARM_KEYS[alarm_kind]
+        required, optional = required | extra_required, optional | extra_optional
+    return required <= keys <= required | optional
 
 
 def encode_feedback(feedback_type: FeedbackType, /, **fields: Any) -> bytes:
-    """One feedback frame; the keys must be those of `feedback_type` in docs/protocol.md."""
-    if not _feedback_keys_ok(feedback_type, set(fields)):
+    """One feedback frame; the keys must be those of `feedback_type` (and alarm `kind`) in docs/protocol.md."""
+    if not _feedback_keys_ok(feedback_type, set(fields), fields.get("kind")):
         expected = sorted(_FEEDBACK_KEYS[feedback_type])
-        raise ValueError(f"{feedback_type} feedback needs keys {expected}, got {sorted(fields)}")
+        raise ValueError(f"{feedback_type} feedback needs keys {expected} (see docs/protocol.md), got {sorted(fields)}")
     return _pack({"v": PROTOCOL_VERSION, "type": feedback_type, **fields})
+
+
+def as_repeat(frame: bytes) -> bytes:
+    """A recorded feedback frame re-sent under the resend rule: the same map plus `repeat: true`."""
+    message = unpack_map(frame)
+    message["repeat"] = True
+    return _pack(message)
 
 
 def decode_feedback(frame: bytes | memoryview) -> dict[str, Any]:
@@ -289,6 +325,6 @@ def decode_feedback(frame: bytes | memoryview) -> dict[str, Any]:
     if kind not in _FEEDBACK_KEYS:
         raise ProtocolError("unknown_type", f"feedback type {kind!r} is unknown")
     keys = set(raw) - {"v", "type"}
-    if not _feedback_keys_ok(kind, keys):
+    if not _feedback_keys_ok(kind, keys, raw.get("kind")):
         raise ProtocolError("bad_field", f"{kind} feedback has keys {sorted(keys)}")
     return raw

@@ -196,10 +196,23 @@ def deblur(
     backend: Annotated[str, typer.Option(help="auto | onnx | torch | classical")] = "auto",
     calibration: Annotated[Path | None, typer.Option(help=CALIBRATION_HELP)] = None,
 ) -> None:
-    """Restore soft-focus tiles offline with the same detector and deblur model as the appliance."""
-    from appliance.tools.offline import deblur_files
+    """Restore soft-focus tiles offline with the same detector and deblur model as the appliance.
 
+    Refused (exit 2, nothing written): --out being an input's folder, two inputs with the same stem,
+    an --out that cannot be written.
+    """
+    from appliance.tools.offline import check_deblur_outputs, deblur_files, prepare_out_dir
+
+    problems = check_deblur_outputs(files, out)
+    for problem in problems:
+        _error(problem)
+    if problems:
+        raise typer.Exit(2)
     detector = _offline_detector(DetectorConfig(), calibration)
+    unwritable = prepare_out_dir(out)
+    if unwritable:
+        _error(unwritable)
+        raise typer.Exit(2)
     results = deblur_files(files, out, detector, DeblurConfig(backend=backend), force)
     if _emit(results, True):
         raise typer.Exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from appliance.detection.calibration import (
 from appliance.detection.detector import BlurDetector
 from appliance.messages import BlurAssessment
 from appliance.restoration.restorer import TileRestorer
-from appliance.tile_io import TileError, read_tile, write_tile_atomic
+from appliance.tile_io import TileError, ensure_dir, read_tile, write_tile_atomic
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,56 @@ def score_files(paths: list[Path], detector: OfflineDetector) -> Iterator[FileRe
         yield FileResult(path, record={"path": str(path), **assessment.to_record(), **detector.calibration_fields()})
 
 
+def deblur_output_path(path: Path, out_dir: Path) -> Path:
+    """Where `deblur` writes the file restored from `path`: out_dir/<stem>.tif."""
+    return out_dir / f"{path.stem}.tif"
+
+
+def check_deblur_outputs(paths: list[Path], out_dir: Path) -> list[str]:
+    """Why `deblur` must not run with these inputs and --out (empty when it may): one line per problem.
+
+    Refused: --out being an input's folder (the acquired file could be overwritten), two inputs
+    written to the same output name (same stem). Creates nothing (prepare_out_dir does).
+    """
+    problems = []
+    out_resolved = out_dir.resolve()
+    for path in paths:
+        if path.resolve().parent == out_resolved:
+            problems.append(
+                f"--out {out_dir} is the folder of the input {path}: the restored TIFF could overwrite the acquired "
+                "file; choose another folder"
+            )
+            break
+    by_output: dict[Path, Path] = {}
+    for path in paths:
+        target = deblur_output_path(path, out_dir)
+        if target in by_output and by_output[target].resolve() != path.resolve():
+            problems.append(
+                f"inputs {by_output[target]} and {path} would both be written to {target}; rename one or run them apart"
+            )
+        by_output.setdefault(target, path)
+    return problems
+
+
+def prepare_out_dir(out_dir: Path) -> str | None:
+    """Create `out_dir` and check a file can be written there; the problem in one line, else None."""
+    try:
+        ensure_dir(out_dir)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        return f"--out {out_dir}: cannot write there: {exc.strerror or exc}"
+    return None
+
+
 def deblur_files(
     paths: list[Path], out_dir: Path, detector: OfflineDetector, deblur_cfg: DeblurConfig, force: bool
 ) -> Iterator[FileResult]:
     """Restore each `soft` file (and `sharp` ones with `force`) into out_dir/<stem>.tif, atomically.
 
     Sharp files are written unchanged; `retake` files are too, always: restoring blur beyond the
-    model's measured range would invent structure.
+    model's measured range would invent structure. Call check_deblur_outputs first; a file that still
+    cannot be written yields its error and the rest go on.
     """
     restorer = TileRestorer.from_config(deblur_cfg)
     for path in paths:
@@ -111,8 +155,12 @@ def deblur_files(
         assessment = detector.assess(pixels, str(path))
         restore = assessment.label == "soft" or (force and assessment.label == "sharp")
         output = restorer.restore([pixels], [assessment], names=[str(path)])[0] if restore else pixels
-        out_path = out_dir / f"{path.stem}.tif"
-        write_tile_atomic(out_path, output)
+        out_path = deblur_output_path(path, out_dir)
+        try:
+            write_tile_atomic(out_path, output)
+        except OSError as exc:
+            yield FileResult(path, error=f"{path}: cannot write {out_path}: {exc.strerror or exc}")
+            continue
         yield FileResult(
             path,
             record={

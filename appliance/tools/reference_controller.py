@@ -1,7 +1,10 @@
 """Reference controller: streams tiles to an appliance over ZeroMQ and collects its feedback.
 
 Used by `python -m appliance demo`, `bench/replay.py` and the tests; a controller vendor can read it
-next to docs/protocol.md.
+next to docs/protocol.md. It follows protocol v1.1: answers are matched by (section, tile_id) in
+completion order; `repeat: true` answers of tiles already answered are counted, not double-counted;
+tiles without an answer are resent identically after `reply_timeout_s` or at once after an
+`alarm` `restarted`; flagged tiles are re-acquired and sent with `replaces` (the retake loop).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ if TYPE_CHECKING:
 from appliance.stream.protocol import ProtocolError, TileHeader, decode_feedback, encode_end, encode_start, encode_tile
 
 MULTISEM_TILES_PER_S = 25.4
+REPLY_TIMEOUT_S = 120.0  # docs/protocol.md: resend a tile still unanswered after this long
+# Errors after which the tile is still owed an answer: resend it (later, or after the restart).
+RESEND_CODES = frozenset({"storage_failed", "draining"})
 
 
 @dataclass
@@ -43,6 +49,8 @@ class ReplayReport:
     lost: int = 0
     section_done: dict[str, Any] | None = None
     bad_feedback: int = 0
+    repeats: int = 0  # answers marked `repeat: true` (resend rule); never counted twice
+    resent: int = 0  # tiles this controller sent again (no answer within the reply timeout, or restarted)
 
     @property
     def done(self) -> int:
@@ -78,6 +86,8 @@ class ReplayReport:
             "latency_p99_s": self.latency_percentile_s(99),
             "section_done": self.section_done,
             "bad_feedback": self.bad_feedback,
+            "repeats": self.repeats,
+            "resent": self.resent,
         }
 
 
@@ -102,8 +112,12 @@ def tile_frames(
     pixel_size_nm: float = 4.0,
     columns: int = 100,
     beam: int | None = None,
+    replaces: str | None = None,
 ) -> list[bytes | memoryview]:
-    """Frames of one `tile` message, stamped now; the stage position is a stand-in grid from `seq`."""
+    """Frames of one `tile` message, stamped now; the stage position is a stand-in grid from `seq`.
+
+    replaces: the tile_id of a flagged tile this one re-acquires (retake loop).
+    """
     now = time.time()
     stage_x_um, stage_y_um = grid_stage_um(seq, pixels.shape, pixel_size_nm, columns)
     header = TileHeader(
@@ -120,12 +134,22 @@ def tile_frames(
         t_acquired=now,
         t_sent=now,
         beam=beam,
+        replaces=replaces,
     )
     return encode_tile(header, pixels)
 
 
+def is_final_answer(message: dict[str, Any]) -> bool:
+    """A `result`, or an `error` after which the tile is not resent (all codes but storage_failed, draining)."""
+    return message["type"] == "result" or (message["type"] == "error" and message.get("code") not in RESEND_CODES)
+
+
 class ReferenceController:
-    """PUSH tiles to `tile_endpoint`, PULL feedback from `feedback_endpoint` (docs/protocol.md)."""
+    """PUSH tiles to `tile_endpoint`, PULL feedback from `feedback_endpoint` (docs/protocol.md).
+
+    Keeps every tile message it sent until the tile's final answer arrives, so it can resend it
+    identically (resend rule); a vendor's controller must keep them the same way.
+    """
 
     def __init__(self, tile_endpoint: str, feedback_endpoint: str, send_hwm: int = 2) -> None:
         self._context = zmq.Context()
@@ -137,6 +161,11 @@ class ReferenceController:
         self._lock = threading.Lock()
         self._feedback: list[tuple[float, dict[str, Any]]] = []
         self._bad_feedback = 0
+        # (section, tile_id) -> frames of tiles sent and not finally answered yet, in send order.
+        self._unanswered: dict[tuple[str, str], list[Any]] = {}
+        self._ended: dict[str, int] = {}  # sections whose `end` was sent -> n_tiles
+        self._next_seq: dict[str, int] = {}
+        self._sent_at: dict[tuple[str, str], float] = {}  # first send of each tile (perf_counter s)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._receiver = threading.Thread(target=self._receive_feedback, name="feedback", daemon=True)
@@ -146,6 +175,25 @@ class ReferenceController:
     def send_raw(self, frames: list[bytes | memoryview]) -> None:
         """Send any multipart message as is (tests use it for malformed input)."""
         self._push.send_multipart(frames, copy=False)
+
+    def send_tile(
+        self, section: str, tile_id: str, pixels: np.ndarray, report: ReplayReport | None = None, **header: Any
+    ) -> int:
+        """Send one tile under the section's next seq (kept for resending until answered); returns the seq.
+
+        header: tile_frames' optional fields (pixel_size_nm, columns, beam, replaces).
+        """
+        seq = self._next_seq.get(section, 0)
+        self._next_seq[section] = seq + 1
+        frames = tile_frames(section, tile_id, seq, pixels, **header)
+        with self._lock:
+            self._unanswered[(section, tile_id)] = frames
+            self._sent_at.setdefault((section, tile_id), time.perf_counter())
+        self._send(frames, report or ReplayReport())
+        if report is not None:
+            report.sent += 1
+            report.bytes_sent += pixels.nbytes
+        return seq
 
     def send_section(
         self,
@@ -158,40 +206,85 @@ class ReferenceController:
         expected_tiles: int = 0,
         columns: int = 100,
         beams: int = 0,
+        reply_timeout_s: float | None = None,
     ) -> ReplayReport:
         """Stream one section (start, tiles, end) at `rate_hz` (None = flat out) and wait for it.
 
         Returns when `section_done` arrives or `timeout_s` after the last send; tiles with no result
         by then count as lost. on_progress(sent, done) is called as tiles go out and come back, and
         once more at the end with the final counts. Tiles lie on a montage `columns` wide; with
-        `beams` > 0 tile `seq` carries beam `seq % beams`.
+        `beams` > 0 tile `seq` carries beam `seq % beams`. reply_timeout_s: resend the unanswered
+        tiles (and `end`) when no answer came for that long (None: never; the protocol's default is
+        REPLY_TIMEOUT_S); an `alarm` `restarted` resends them at once.
         """
         report = ReplayReport()
-        sent_at: dict[int, float] = {}
         self._send(encode_start(section, expected_tiles), report)
         t_start = time.perf_counter()
-        for seq, (tile_id, pixels) in enumerate(tiles):
+        n_feedback_at_start = len(self.feedback())
+        for index, (tile_id, pixels) in enumerate(tiles):
             if rate_hz:
-                delay = t_start + seq / rate_hz - time.perf_counter()
+                delay = t_start + index / rate_hz - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-            sent_at[seq] = time.perf_counter()
-            beam = seq % beams if beams else None
-            self._send(tile_frames(section, tile_id, seq, pixels, pixel_size_nm, columns, beam), report)
-            report.sent += 1
-            report.bytes_sent += pixels.nbytes
+            beam = self._next_seq.get(section, 0) % beams if beams else None
+            self.send_tile(section, tile_id, pixels, report, pixel_size_nm=pixel_size_nm, columns=columns, beam=beam)
             if on_progress:
                 on_progress(report.sent, self._count_done(section))
         self._send(encode_end(section, report.sent), report)
-        deadline = time.perf_counter() + timeout_s
-        while time.perf_counter() < deadline and not self._section_done(section):
-            if on_progress:
-                on_progress(report.sent, self._count_done(section))
-            time.sleep(0.05)
+        self._ended[section] = report.sent
+        self._wait_for_section(section, timeout_s, reply_timeout_s, report, on_progress, n_feedback_at_start)
         if on_progress:  # the last results may arrive together with section_done, after the last poll
             on_progress(report.sent, self._count_done(section))
         report.wall_s = time.perf_counter() - t_start
-        self._tally(section, sent_at, report)
+        self._tally(section, report)
+        return report
+
+    def unanswered(self, section: str) -> list[str]:
+        """tile_ids of `section` sent and not finally answered yet (storage_failed/draining are not final)."""
+        with self._lock:
+            return [tile_id for sec, tile_id in self._unanswered if sec == section]
+
+    def resend_unanswered(self, section: str, report: ReplayReport | None = None) -> int:
+        """Resend every unanswered tile of `section` identically (and its `end` if it has no section_done).
+
+        Safe by the resend rule: a tile the appliance already recorded is answered again with
+        `repeat: true`, never written twice. Returns how many tiles were resent.
+        """
+        with self._lock:
+            frames = [f for (sec, _), f in self._unanswered.items() if sec == section]
+        report = report or ReplayReport()
+        for tile_frames_ in frames:
+            self._send(tile_frames_, report)
+        report.resent += len(frames)
+        if section in self._ended and not self._section_done(section):
+            self._send(encode_end(section, self._ended[section]), report)
+        return len(frames)
+
+    def retake_flagged(
+        self, section: str, acquire: Callable[[str], np.ndarray], timeout_s: float = 120.0, pixel_size_nm: float = 4.0
+    ) -> ReplayReport:
+        """The retake loop: re-acquire each tile flagged `retake` in `section` and send it with `replaces`.
+
+        acquire(tile_id) returns the new pixels of that tile (the microscope re-images it). The retake
+        gets a new tile_id (`<tile_id>.r<n>`) and the section's next seq; the appliance delivers it at
+        the flagged tile's path. Returns when every retake is answered or after `timeout_s`.
+        """
+        report = ReplayReport()
+        flagged = sorted({m["tile_id"] for m in self.feedback() if m["type"] == "retake" and m["section"] == section})
+        replaced = {m.get("replaces") for m in self.feedback() if m["type"] == "result" and m["section"] == section}
+        t_start = time.perf_counter()
+        retake_ids = []
+        for tile_id in flagged:
+            if tile_id in replaced:  # this flag was already answered by a retake
+                continue
+            retake_id = f"{tile_id}.r{self._next_seq.get(section, 0)}"
+            self.send_tile(section, retake_id, acquire(tile_id), report, pixel_size_nm=pixel_size_nm, replaces=tile_id)
+            retake_ids.append(retake_id)
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline and any(t in self.unanswered(section) for t in retake_ids):
+            time.sleep(0.05)
+        report.wall_s = time.perf_counter() - t_start
+        self._tally(section, report, only=set(retake_ids))
         return report
 
     def feedback(self) -> list[dict[str, Any]]:
@@ -225,6 +318,31 @@ class ReferenceController:
         self._push.send_multipart(frames, copy=False)
         report.send_blocked_s += time.perf_counter() - t0
 
+    def _wait_for_section(
+        self,
+        section: str,
+        timeout_s: float,
+        reply_timeout_s: float | None,
+        report: ReplayReport,
+        on_progress: Callable[[int, int], None] | None,
+        n_seen: int,
+    ) -> None:
+        deadline = time.perf_counter() + timeout_s
+        last_answer = time.perf_counter()
+        while time.perf_counter() < deadline and not self._section_done(section):
+            if on_progress:
+                on_progress(report.sent, self._count_done(section))
+            feedback = self.feedback()
+            if len(feedback) > n_seen:
+                last_answer = time.perf_counter()
+            restarted = any(m["type"] == "alarm" and m["kind"] == "restarted" for m in feedback[n_seen:])
+            n_seen = len(feedback)
+            silent = reply_timeout_s is not None and time.perf_counter() - last_answer > reply_timeout_s
+            if restarted or silent:
+                self.resend_unanswered(section, report)
+                last_answer = time.perf_counter()
+            time.sleep(0.05)
+
     def _receive_feedback(self) -> None:
         pull = self._context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
@@ -243,41 +361,58 @@ class ReferenceController:
                     continue
                 with self._lock:
                     self._feedback.append((time.perf_counter(), message))
+                    if message["type"] in ("result", "error") and is_final_answer(message):
+                        self._unanswered.pop((message.get("section"), message.get("tile_id")), None)  # type: ignore[arg-type]
         finally:
             pull.close()
 
     def _count_done(self, section: str) -> int:
         with self._lock:
-            return sum(1 for _, m in self._feedback if m.get("section") == section and m["type"] in ("result", "error"))
+            return len(
+                {m["tile_id"] for _, m in self._feedback if m.get("section") == section and m["type"] == "result"}
+            )
 
     def _section_done(self, section: str) -> bool:
         with self._lock:
             return any(m["type"] == "section_done" and m["section"] == section for _, m in self._feedback)
 
-    def _tally(self, section: str, sent_at: dict[int, float], report: ReplayReport) -> None:
-        seen: Counter[int] = Counter()
+    def _tally(self, section: str, report: ReplayReport, only: set[str] | None = None) -> None:
+        """Fill `report` from the feedback of `section` (only the tiles in `only` when given)."""
+        answered: Counter[str] = Counter()
+        flagged: set[str] = set()
         with self._lock:
             messages = [(t, m) for t, m in self._feedback if m.get("section") == section]
+            sent_at = {tile_id: t for (sec, tile_id), t in self._sent_at.items() if sec == section}
             report.bad_feedback = self._bad_feedback
+            report.lost = sum(
+                1 for sec, tile_id in self._unanswered if sec == section and tile_id in (only or {tile_id})
+            )
         for t_arrived, message in messages:
-            kind = message["type"]
-            if kind == "section_done":
+            kind, tile_id = message["type"], message.get("tile_id")
+            if kind == "section_done" and only is None:
                 report.section_done = message
-            elif kind == "retake":
+                continue
+            if only is not None and tile_id not in only:
+                continue
+            already = tile_id in answered if kind != "retake" else tile_id in flagged
+            if message.get("repeat"):
+                report.repeats += kind != "retake"
+                if already:
+                    continue
+            if kind == "retake":
+                flagged.add(str(tile_id))
                 report.retake_flags += 1
             elif kind in ("result", "error"):
-                seq = message.get("seq")
                 if kind == "error":
                     report.errors[message["code"]] += 1
-                if not isinstance(seq, int) or seq not in sent_at:
+                if not is_final_answer(message) or not isinstance(tile_id, str):
                     continue
-                seen[seq] += 1
+                answered[tile_id] += 1
                 if kind == "result":
                     report.results[message["label"]] += 1
                     report.actions[message["action"]] += 1
-                    report.latencies_s.append(t_arrived - sent_at[seq])
-        report.duplicated = sum(count - 1 for count in seen.values() if count > 1)
-        report.lost = sum(1 for seq in sent_at if seq not in seen)
+                    report.latencies_s.append(t_arrived - sent_at.get(tile_id, t_arrived))
+        report.duplicated = sum(count - 1 for count in answered.values() if count > 1)
 
 
 def cycle_tiles(tiles: list[tuple[str, np.ndarray]], count: int) -> Iterator[tuple[str, np.ndarray]]:

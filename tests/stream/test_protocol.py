@@ -1,4 +1,4 @@
-"""Wire protocol v1: round trips and every kind of bad input gets its error code (no sockets)."""
+"""Wire protocol v1.1: round trips and every kind of bad input gets its error code (no sockets)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from appliance.stream.protocol import (
+    ALARM_KINDS,
+    ERROR_CODES,
     MAX_HEADER_BYTES,
     ProtocolError,
     SectionEnd,
@@ -14,6 +16,7 @@ from appliance.stream.protocol import (
     StreamLimits,
     Tile,
     TileHeader,
+    as_repeat,
     decode_feedback,
     decode_stream_message,
     encode_end,
@@ -159,3 +162,45 @@ def test_alarm_feedback_and_the_optional_restore_suspended_key_of_a_result() -> 
     assert decode_feedback(encode_feedback("result", **result, restore_suspended=True))["restore_suspended"] is True
     with pytest.raises(ProtocolError):  # optional for a result only
         decode_feedback(msgpack.packb({"v": 1, "type": "retake", **result, "restore_suspended": True}))
+
+
+def test_replaces_is_optional_and_absent_from_a_plain_tile_message() -> None:
+    """v1.1 retake loop: `replaces` names a tile; a plain tile stays byte-compatible with v1.0."""
+    pixels = np.zeros((64, 96), np.uint16)
+    plain = msgpack.unpackb(bytes(encode_tile(tile_header(), pixels)[0]))
+    assert "replaces" not in plain
+    frames = [bytes(f) for f in encode_tile(tile_header(tile_id="t.r1", seq=43, replaces="tile_000042"), pixels)]
+    message = decode_stream_message(frames, LIMITS)
+    assert isinstance(message, Tile) and message.header.replaces == "tile_000042"
+    for bad in ("../x", 7, ""):
+        with pytest.raises(ProtocolError, match="replaces"):
+            decode_stream_message([raw_header(replaces=bad), PIXELS_64x96_U16], LIMITS)
+
+
+@pytest.mark.parametrize("name", ["qc.jsonl", "index.sqlite", "index.sqlite-wal", "index.sqlite-shm"])
+def test_sections_named_like_the_appliances_own_files_are_refused(name: str) -> None:
+    with pytest.raises(ProtocolError, match="reserved") as info:
+        decode_stream_message([raw_header(section=name), PIXELS_64x96_U16], LIMITS)
+    assert info.value.code == "bad_field"
+
+
+def test_v1_1_feedback_repeat_draining_and_the_new_alarm_kinds() -> None:
+    error = encode_feedback("error", code="storage_failed", message="EROFS", section="s", tile_id="t", seq=1)
+    repeated = decode_feedback(as_repeat(error))
+    assert repeated["repeat"] is True and {k: v for k, v in repeated.items() if k != "repeat"} == decode_feedback(error)
+    assert decode_feedback(encode_feedback("draining", message="stopping"))["type"] == "draining"
+    kinds = {
+        "disk_full": dict(directory="/out", free_bytes=0, section="s", tile_id="t", seq=1),
+        "disk_ok": dict(directory="/out", waited_s=3.0, free_bytes=10),
+        "restarted": dict(which="sink"),
+    }
+    for kind, keys in kinds.items():
+        assert decode_feedback(encode_feedback("alarm", kind=kind, message="m", **keys))["kind"] == kind
+    with pytest.raises(ValueError, match="needs keys"):
+        encode_feedback("alarm", kind="restarted", message="m")  # `which` is required
+    with pytest.raises(ValueError, match="needs keys"):
+        encode_feedback("alarm", kind="restarted", message="m", which="sink", n_soft=1)  # not a key of this kind
+    with pytest.raises(ProtocolError):
+        decode_feedback(msgpack.packb({"v": 1, "type": "alarm", "kind": "meteor", "message": "m"}))
+    assert {"storage_failed", "section_ended", "unknown_tile", "draining"} <= set(ERROR_CODES)
+    assert set(ALARM_KINDS) == {"implausible_blur_share", "disk_full", "disk_ok", "restarted"}
