@@ -265,7 +265,18 @@ _FEEDBACK_KEYS: dict[str, frozenset[str]] = {
     "retake": _IDS | {"reason", "blur_score"},
     "error": _IDS | {"code", "message"},
     "section_done": frozenset(
-        {"section", "n_done", "n_sharp", "n_soft", "n_retake", "n_error", "n_expected", "n_rejected", "n_repeat"}
+        {
+            "section",
+            "n_done",
+            "n_sharp",
+            "n_soft",
+            "n_retake",
+            "n_empty",
+            "n_error",
+            "n_expected",
+            "n_rejected",
+            "n_repeat",
+        }
     ),
     "alarm": frozenset({"kind", "message"}),
     "draining": frozenset({"message"}),

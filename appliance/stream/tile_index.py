@@ -147,6 +147,7 @@ class TileIndex:
             "n_sharp": by_outcome.get("sharp", 0),
             "n_soft": by_outcome.get("soft", 0),
             "n_retake": by_outcome.get("retake", 0),
+            "n_empty": by_outcome.get("empty", 0),
             "n_error": by_outcome.get("error", 0) + by_outcome.get(STORAGE_FAILED, 0),
         }
         return {"n_done": sum(counts.values()), **counts, "n_rejected": n_rejected, "n_repeat": n_repeat}

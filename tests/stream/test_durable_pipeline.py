@@ -60,7 +60,7 @@ def without_repeat(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def assert_counts_add_up(done: dict[str, Any]) -> None:
-    assert done["n_done"] == done["n_sharp"] + done["n_soft"] + done["n_retake"] + done["n_error"]
+    assert done["n_done"] == done["n_sharp"] + done["n_soft"] + done["n_retake"] + done["n_empty"] + done["n_error"]
 
 
 def test_after_a_restart_a_resent_section_is_answered_once_from_the_index_and_nothing_is_rewritten(

@@ -66,6 +66,7 @@ def test_rows_answers_and_counts_add_up(tmp_path: Path) -> None:
         "n_sharp": 1,
         "n_soft": 1,
         "n_retake": 1,
+        "n_empty": 0,
         "n_error": 1,
         "n_rejected": 1,
         "n_repeat": 1,
