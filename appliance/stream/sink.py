@@ -17,7 +17,7 @@ import numpy as np
 import ray
 import zmq
 
-from appliance.config import OutputConfig
+from appliance.config import OutputConfig, SecurityConfig
 from appliance.messages import IMPLAUSIBLE_BLUR_SHARE, BlurShareAlarm, TileOutcome
 from appliance.operator.metrics import SinkMetrics
 from appliance.operator.report_figures import Thresholds
@@ -73,13 +73,19 @@ _write_report_remote = ray.remote(num_cpus=0, max_retries=0)(write_section_repor
 class SinkActor:
     """Owns the output directory, the QC record and the feedback socket (one writer for each)."""
 
-    def __init__(self, output: OutputConfig, feedback_endpoint: str, thresholds: Thresholds | None = None) -> None:
+    def __init__(
+        self,
+        output: OutputConfig,
+        feedback_endpoint: str,
+        thresholds: Thresholds | None = None,
+        security: SecurityConfig | None = None,
+    ) -> None:
         self._output = output
         self._dir = Path(output.directory).resolve()
         self._dir.mkdir(parents=True, exist_ok=True)
         self._qc = QcLog(self._dir / QC_FILENAME, output.fsync)
         self._context = zmq.Context()
-        self._feedback = FeedbackChannel(self._context, feedback_endpoint)
+        self._feedback = FeedbackChannel(self._context, feedback_endpoint, security)
         self._qc_lock = asyncio.Lock()
         self._counts: Counter[str] = Counter()
         self._section_counts: dict[str, Counter[str]] = {}
