@@ -18,12 +18,15 @@ from pathlib import Path
 
 import pytest
 import ray
+from ray._private.authentication_test_utils import reset_auth_token_state
 
 from appliance.config import IngestConfig, MetricsConfig, OutputConfig, RigConfig, SecurityConfig
 from appliance.serving.pipeline import Appliance, RunningEndpoints
 from tests.serving.listeners import Listener, lan_address, listeners_of_tree, ports_on_the_network
 
 pytestmark = pytest.mark.system
+
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
 
 # A stranger who knows Ray: it keeps 127.0.0.1 as the appliance does (Ray would swap in the LAN address)
 # and fails fast instead of retrying the GCS for a minute.
@@ -68,6 +71,7 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LockedAppliance
         metrics=MetricsConfig(address="127.0.0.1:0"),
         security=SecurityConfig(ray_token_file=root / "secrets" / "ray_auth_token"),
     )
+    saved_env = {name: os.environ.get(name) for name in AUTH_ENV}
     appliance = Appliance(cfg)
     endpoints = appliance.start()
     try:
@@ -75,6 +79,13 @@ def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LockedAppliance
         yield LockedAppliance(endpoints, gcs, root / "secrets" / "ray_auth_token", listeners_of_tree(os.getpid()))
     finally:
         appliance.drain_and_stop()
+        # The next test module's cluster starts as conftest configures it (no token).
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        reset_auth_token_state()
 
 
 def _port(endpoint: str) -> int:
