@@ -9,7 +9,10 @@ live here and the socket owners (ingest, sink) make one call each:
   With CURVE only a pinned key gets in at all; without CURVE (loopback only, or an explicit
   `allow_unauthenticated_network`) the first peer keeps the socket until it disconnects.
 - MAXMSGSIZE on the tile socket: libzmq drops a connection that announces a larger frame before it
-  buffers it, so a 2 GiB frame never reaches the ingest's memory.
+  buffers it, so a 2 GiB frame never reaches the ingest's memory. Frames up to twice the tile limit
+  still get through and are refused politely (`error` oversized): the usual cause is a controller
+  sending 16-bit tiles against a limit sized for 8-bit ones, and it must learn why, not reconnect and
+  resend forever.
 
 The controller side (`secure_client_socket`) is used by the reference controller and by tests.
 """
@@ -38,6 +41,9 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 # Room for the msgpack header frame next to the pixel frame (headers are ~300 bytes; libzmq checks
 # every frame against MAXMSGSIZE, the largest being the pixels).
 HEADER_ALLOWANCE_BYTES = 64 * 1024
+# Frames up to this many times ingest.max_tile_bytes are read and answered `oversized`; larger ones are
+# dropped by libzmq unread. The ingest then buffers at most RCVHWM x this x the limit.
+POLITE_REFUSAL_FACTOR = 2
 # A feedback peer that vanished without a FIN (cable pulled) is noticed within this, so the controller's
 # next connection is admitted instead of waiting for TCP to give up.
 HEARTBEAT_IVL_MS = 1000
@@ -112,10 +118,10 @@ def secure_server_socket(
 
     role: "tiles" (PULL, any number of pinned senders) or "feedback" (PUSH, one peer at a time).
     max_frame_bytes: the largest pixel frame accepted (ingest.max_tile_bytes); the socket's MAXMSGSIZE
-    is this plus HEADER_ALLOWANCE_BYTES.
+    is `max_message_bytes(max_frame_bytes)`.
     """
     if max_frame_bytes is not None:
-        socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + HEADER_ALLOWANCE_BYTES)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(max_frame_bytes))
     if security.curve:
         keys = load_server_keys(security)
         socket.setsockopt(zmq.CURVE_SERVER, 1)
@@ -129,6 +135,11 @@ def secure_server_socket(
         # A ZAP domain makes libzmq ask the handler about every connection, NULL mechanism included.
         socket.setsockopt(zmq.ZAP_DOMAIN, role.encode())
         _zap_handler_for(socket.context).guard(socket, role, security)
+
+
+def max_message_bytes(max_frame_bytes: int) -> int:
+    """The tile socket's ZMQ_MAXMSGSIZE (bytes) for a pixel-frame limit of `max_frame_bytes`."""
+    return POLITE_REFUSAL_FACTOR * max_frame_bytes + HEADER_ALLOWANCE_BYTES
 
 
 def load_server_keys(security: SecurityConfig) -> CurveKeys:

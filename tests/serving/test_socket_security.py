@@ -22,7 +22,7 @@ from appliance.tools.reference_controller import ControllerCurve, ReferenceContr
 pytestmark = pytest.mark.system
 
 LOOPBACK = dict(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*")
-TILE_LIMIT_BYTES = 64 * 1024 * 1024
+TILE_LIMIT_BYTES = 64 * 1024 * 1024  # MAXMSGSIZE: 2 x 64 MiB + 64 KiB
 OVERSIZED_BYTES = 300 * 1024 * 1024
 TILES = 40
 

@@ -20,6 +20,7 @@ from appliance.stream.zmq_security import (
     SECOND_PEER_WAIT_S,
     CurveKeys,
     load_key_pair,
+    max_message_bytes,
     secure_client_socket,
     secure_server_socket,
     write_key_pair,
@@ -170,7 +171,7 @@ def test_a_frame_above_the_limit_drops_the_sender_and_the_socket_keeps_working(
     secure_server_socket(tiles, SecurityConfig(), "tiles", max_frame_bytes=1024)
     tiles.bind("tcp://127.0.0.1:*")
     endpoint = tiles.getsockopt_string(zmq.LAST_ENDPOINT)
-    assert tiles.getsockopt(zmq.MAXMSGSIZE) == 1024 + 64 * 1024
+    assert tiles.getsockopt(zmq.MAXMSGSIZE) == max_message_bytes(1024) == 2 * 1024 + 64 * 1024
     big = peers.socket(zmq.PUSH)
     big.setsockopt(zmq.LINGER, 0)
     big.connect(endpoint)
