@@ -409,25 +409,24 @@ def test_systemd_unit_runs_serve_and_drains_on_stop(rig):
     _assert_systemd_accepts(rig.unit_file)
 
 
-def test_network_bind_without_curve_fails_before_changing_anything(tmp_path):
-    rig = _make_rig(tmp_path)
+def _refused_in_preflight(root: Path, **overrides: object) -> PlaybookRun:
+    """Apply a fresh rig with `overrides`; assert the run failed and changed nothing; return it."""
+    rig = _make_rig(root)
     try:
-        run = _playbook(rig.inventory, rig.write_vars(deblur_appliance_curve=False))
+        run = _playbook(rig.inventory, rig.write_vars(**overrides))
     finally:
         _remove_user(rig)
     assert run.returncode != 0
-    assert "need CURVE" in run.output and "deblur_appliance_allow_unauthenticated_network" in run.output
     assert run.recap["changed"] == 0
-    assert not (tmp_path / "rig" / "opt").exists()
+    assert not (root / "rig" / "opt").exists()
+    return run
+
+
+def test_network_bind_without_curve_fails_before_changing_anything(tmp_path):
+    run = _refused_in_preflight(tmp_path, deblur_appliance_curve=False)
+    assert "need CURVE" in run.output and "deblur_appliance_allow_unauthenticated_network" in run.output
 
 
 def test_required_gpu_without_driver_fails_before_changing_anything(tmp_path):
-    rig = _make_rig(tmp_path)
-    try:
-        run = _playbook(rig.inventory, rig.write_vars(deblur_appliance_require_gpu=True))
-    finally:
-        _remove_user(rig)
-    assert run.returncode != 0
+    run = _refused_in_preflight(tmp_path, deblur_appliance_require_gpu=True)
     assert "GPUs are required" in run.output and "Install the NVIDIA driver" in run.output
-    assert run.recap["changed"] == 0
-    assert not (tmp_path / "rig" / "opt").exists()
