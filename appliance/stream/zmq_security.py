@@ -206,7 +206,6 @@ class ZapHandler:
         self._pending: list[tuple[bytes, _Guarded, str | None]] = []
         self._waiting: list[tuple[float, list[bytes]]] = []  # (deadline, request) of second feedback peers
         self.stopped = False
-        self.n_denied = 0
         self._thread = threading.Thread(target=self._run, name="zap-handler", daemon=True)
         self._thread.start()
 
@@ -286,7 +285,6 @@ class ZapHandler:
             refusal = "the feedback socket already has its one peer (the controller)"
         envelope = [peer, delimiter, version, request_id]
         if refusal:
-            self.n_denied += 1
             log.warning(
                 "refused a %s connection from %s: %s", domain.decode(errors="replace"), address.decode(), refusal
             )
