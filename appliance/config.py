@@ -5,11 +5,12 @@ Every field is validated at start-up, so a bad config fails before the microscop
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
@@ -225,6 +226,67 @@ class MetricsConfig(_Strict):
         return self
 
 
+# z85 encodes a 32-byte CURVE key as 40 printable characters (ZeroMQ RFC 32).
+Z85_KEY_PATTERN = r"^[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$"
+LOOPBACK_HOSTS = frozenset({"localhost", "lo", "::1", "[::1]"})
+
+
+class SecurityConfig(_Strict):
+    """Who may reach the appliance: ZeroMQ CURVE keys and the local Ray cluster's token (docs/security.md)."""
+
+    curve: bool = Field(
+        False,
+        description="ZeroMQ CURVE on both sockets: encrypted, and only the pinned controller keys get in. "
+        "Off by default for the loopback-only default endpoints; a non-loopback endpoint without CURVE is "
+        "refused unless allow_unauthenticated_network is true.",
+    )
+    server_secret_key_file: Path | None = Field(
+        None,
+        description="The rig's CURVE certificate with its secret key (`python -m appliance keys generate`, "
+        "the NAME.key_secret file, mode 0600). Its public key goes to the controller vendor.",
+    )
+    controller_public_keys: list[Annotated[str, StringConstraints(pattern=Z85_KEY_PATTERN)]] = Field(
+        default_factory=list,
+        description="z85 public keys (40 characters) of the controllers allowed to connect (pinned).",
+    )
+    allow_unauthenticated_network: bool = Field(
+        False,
+        description="Explicitly allow non-loopback ZeroMQ endpoints without CURVE (anyone who reaches the "
+        "ports can send tiles; only the nftables firewall stands between them and the rig).",
+    )
+    ray_token_file: Path | None = Field(
+        None,
+        description="Token file of the local Ray cluster's token authentication (created with mode 0600 "
+        "when missing). None: Ray's own default, ~/.ray/auth_token of the user running the appliance.",
+    )
+
+    @model_validator(mode="after")
+    def _curve_has_keys(self) -> SecurityConfig:
+        if self.curve and (self.server_secret_key_file is None or not self.controller_public_keys):
+            raise ValueError(
+                "security.curve is true: set security.server_secret_key_file (the rig's .key_secret file) and "
+                "at least one security.controller_public_keys entry (`python -m appliance keys generate`)"
+            )
+        return self
+
+    @property
+    def ray_token_path(self) -> Path:
+        """Where the local Ray cluster's token is (created when missing)."""
+        return self.ray_token_file if self.ray_token_file is not None else Path.home() / ".ray" / "auth_token"
+
+
+def endpoint_is_loopback(endpoint: str) -> bool:
+    """True for a ZeroMQ endpoint no other machine can reach: tcp on loopback, ipc, inproc."""
+    transport, _, rest = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].split(";")[-1]  # tcp://[source;]host:port
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host in LOOPBACK_HOSTS
+
+
 class RigConfig(_Strict):
     """Everything the appliance needs to serve one microscope."""
 
@@ -235,6 +297,22 @@ class RigConfig(_Strict):
     deblur: DeblurConfig = DeblurConfig()
     ray: RayConfig = RayConfig()
     metrics: MetricsConfig = MetricsConfig()
+    security: SecurityConfig = SecurityConfig()
+
+    @model_validator(mode="after")
+    def _network_endpoints_need_curve(self) -> RigConfig:
+        """A ZeroMQ endpoint other machines can reach must be CURVE-authenticated, or allowed explicitly."""
+        if self.security.curve or self.security.allow_unauthenticated_network:
+            return self
+        for field in ("tile_endpoint", "feedback_endpoint"):
+            endpoint = getattr(self.ingest, field)
+            if not endpoint_is_loopback(endpoint):
+                raise ValueError(
+                    f"ingest.{field} ({endpoint}) is reachable from the network but security.curve is false: "
+                    "turn CURVE on (security.curve, server_secret_key_file, controller_public_keys; "
+                    "docs/security.md), bind 127.0.0.1, or set security.allow_unauthenticated_network: true"
+                )
+        return self
 
     @model_validator(mode="after")
     def _replicas_fit_the_gpus(self) -> RigConfig:

@@ -5,6 +5,7 @@ Examples:
   python bench/replay.py --local --tiles 300 --rate 0               # flat out
   python bench/replay.py --tiles-dir /data/section_0001 --tile-endpoint tcp://rig:5555 \
       --feedback-endpoint tcp://rig:5556                            # a running appliance
+      [--curve-client-key keys/controller.key_secret --curve-server-key keys/server.key]   # a CURVE rig
 
 Generated tiles are mosaics of real EM (../shared/data/isbi2012-train) at MultiSEM size (default
 2400x2400 uint8, 5.76 MB); by default 1 in 16 is made soft (Gaussian sigma 1.5 px) and 1 in 16 beyond
@@ -30,6 +31,7 @@ from appliance.config import ConfigError, IngestConfig, MetricsConfig, RigConfig
 from appliance.tile_io import TileError, read_tile  # noqa: E402
 from appliance.tools.reference_controller import (  # noqa: E402
     MULTISEM_TILES_PER_S,
+    ControllerCurve,
     ReferenceController,
     ReplayReport,
     cycle_tiles,
@@ -139,6 +141,12 @@ def main(
     feedback_endpoint: Annotated[
         str, typer.Option(help="Running appliance's feedback endpoint.")
     ] = "tcp://127.0.0.1:5556",
+    curve_client_key: Annotated[
+        Path | None, typer.Option(help="A CURVE rig: this controller's key pair file (keys generate, NAME.key_secret).")
+    ] = None,
+    curve_server_key: Annotated[
+        Path | None, typer.Option(help="A CURVE rig: the rig's public key file (server.key).")
+    ] = None,
     bare_repeats: Annotated[int, typer.Option(min=0, help="Passes of the bare loops over the pool (0 = skip).")] = 1,
     json_out: Annotated[Path | None, typer.Option(help="JSON report path.")] = None,
 ) -> None:
@@ -170,7 +178,10 @@ def main(
         finally:
             appliance.drain_and_stop()
     else:
-        with ReferenceController(tile_endpoint, feedback_endpoint) as client:
+        if (curve_client_key is None) != (curve_server_key is None):
+            raise typer.BadParameter("give both --curve-client-key and --curve-server-key, or neither")
+        curve = ControllerCurve.from_files(curve_client_key, curve_server_key) if curve_client_key else None
+        with ReferenceController(tile_endpoint, feedback_endpoint, curve=curve) as client:
             report = client.send_section(section, cycle_tiles(tile_pool, tiles), rate_hz=rate or None)
         stats = None
     _report(report, bare, stats, rate, json_out, tile_pool)

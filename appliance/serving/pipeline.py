@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,10 @@ from appliance.operator.metrics_endpoint import SCRAPE_TIMEOUT_S, HostMetrics, M
 from appliance.operator.report_figures import Thresholds
 from appliance.serving.blur_detector_deployment import BlurDetectorDeployment
 from appliance.serving.deblur_deployment import DeblurDeployment
+from appliance.serving.ray_lockdown import init_local_ray
 from appliance.stream.ingest import IngestActor
 from appliance.stream.sink import SinkActor
+from appliance.stream.zmq_security import check_curve_keys
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Appliance:
         Raises ConfigError before anything starts when detector.calibration cannot be used.
         """
         load_configured_calibration(self.cfg.detector)
+        check_curve_keys(self.cfg.security)
         self._init_ray()
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         # No HTTP proxy: tiles arrive over ZeroMQ only.
@@ -82,11 +84,16 @@ class Appliance:
         )
         thresholds = Thresholds(self.cfg.detector.sharp_sigma_px, self.cfg.detector.max_restorable_sigma_px)
         self._sink = SinkActor.remote(  # type: ignore[attr-defined]  # added by @ray.remote
-            self.cfg.output, self.cfg.ingest.feedback_endpoint, thresholds
+            self.cfg.output, self.cfg.ingest.feedback_endpoint, thresholds, security=self.cfg.security
         )
         sink_info = ray.get(self._sink.endpoints.remote())
         self._ingest = IngestActor.remote(  # type: ignore[attr-defined]  # added by @ray.remote
-            self.cfg.ingest, detector, deblur, self._sink, calibrated=self.cfg.detector.calibration is not None
+            self.cfg.ingest,
+            detector,
+            deblur,
+            self._sink,
+            calibrated=self.cfg.detector.calibration is not None,
+            security=self.cfg.security,
         )
         tile_endpoint = ray.get(self._ingest.start.remote())
         metrics_url = self._start_metrics(sink_info["output_dir"]) if self.cfg.metrics.enabled else None
@@ -156,16 +163,17 @@ class Appliance:
         if ray.is_initialized():
             return
         ray_cfg = self.cfg.ray
+        options = {
+            "num_cpus": ray_cfg.num_cpus,
+            "num_gpus": ray_cfg.num_gpus,
+            "include_dashboard": False,
+            "log_to_driver": self._ray_logs_to_terminal,
+            "configure_logging": True,
+            "logging_level": logging.INFO if self._ray_logs_to_terminal else logging.WARNING,
+        }
         if ray_cfg.address is None:
-            # A local single-machine cluster: token auth guards nothing here and needs a token file.
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            address=ray_cfg.address,
-            num_cpus=ray_cfg.num_cpus,
-            num_gpus=ray_cfg.num_gpus,
-            include_dashboard=False,
-            log_to_driver=self._ray_logs_to_terminal,
-            configure_logging=True,
-            logging_level=logging.INFO if self._ray_logs_to_terminal else logging.WARNING,
-        )
+            # Our own single-node cluster: every Ray listener on loopback, token auth on (docs/security.md).
+            init_local_ray(self.cfg.security, **options)
+        else:
+            ray.init(address=ray_cfg.address, **options)
         self._owns_ray = True

@@ -7,6 +7,9 @@ from collections import deque
 
 import zmq
 
+from appliance.config import SecurityConfig
+from appliance.stream.zmq_security import secure_server_socket
+
 log = logging.getLogger(__name__)
 
 # Feedback frames are ~200 bytes; this holds ~20 MB while the controller is not reading.
@@ -20,10 +23,11 @@ class FeedbackChannel:
     go out on the next send or `flush()`. Everything sent here is also in the QC record on disk.
     """
 
-    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, security: SecurityConfig | None = None) -> None:
         self._socket = context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, 10_000)
         self._socket.setsockopt(zmq.LINGER, 2000)
+        secure_server_socket(self._socket, security or SecurityConfig(), "feedback")
         self._socket.bind(endpoint)
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._outbox: deque[bytes] = deque()

@@ -19,7 +19,7 @@ import zmq.asyncio
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from appliance.config import IngestConfig
+from appliance.config import IngestConfig, SecurityConfig
 from appliance.messages import TileOutcome
 from appliance.operator.metrics import IngestMetrics
 from appliance.stream.blur_share import BlurShareGuard
@@ -33,6 +33,7 @@ from appliance.stream.protocol import (
     decode_stream_message,
     duplicate_message,
 )
+from appliance.stream.zmq_security import secure_server_socket
 from appliance.tile_io import TileError, check_tile_pixels
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class IngestActor:
         deblur: DeploymentHandle,
         sink: ray.actor.ActorHandle,
         calibrated: bool = False,
+        security: SecurityConfig | None = None,
     ) -> None:
         self._cfg = cfg
         self._calibrated = calibrated
@@ -91,6 +93,7 @@ class IngestActor:
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.RCVHWM, cfg.receive_hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
+        secure_server_socket(self._socket, security or SecurityConfig(), "tiles", max_frame_bytes=cfg.max_tile_bytes)
         self._socket.bind(cfg.tile_endpoint)
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._credits = asyncio.Semaphore(cfg.max_in_flight)

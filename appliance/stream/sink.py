@@ -23,7 +23,7 @@ import numpy as np
 import ray
 import zmq
 
-from appliance.config import OutputConfig
+from appliance.config import OutputConfig, SecurityConfig
 from appliance.messages import IMPLAUSIBLE_BLUR_SHARE, BlurShareAlarm, TileOutcome
 from appliance.operator.metrics import SinkMetrics
 from appliance.operator.report_figures import Thresholds
@@ -94,7 +94,13 @@ class SinkActor:
     open the index and apply the QC lines it missed (tile_index.py): every tile ever recorded is known.
     """
 
-    def __init__(self, output: OutputConfig, feedback_endpoint: str, thresholds: Thresholds | None = None) -> None:
+    def __init__(
+        self,
+        output: OutputConfig,
+        feedback_endpoint: str,
+        thresholds: Thresholds | None = None,
+        security: SecurityConfig | None = None,
+    ) -> None:
         self._output = output
         self._dir = Path(output.directory).resolve()
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +111,7 @@ class SinkActor:
         self._n_reconciled = self._index.reconcile(self._qc.path)
         log.info("index %s: %d tile(s) known", self._index.path, self._index.n_tiles())
         self._context = zmq.Context()
-        self._feedback = FeedbackChannel(self._context, feedback_endpoint)
+        self._feedback = FeedbackChannel(self._context, feedback_endpoint, security)
         # QC append + index commit happen in this order for every line: the index's qc offset stays exact.
         self._record_lock = asyncio.Lock()
         self._writing: dict[tuple[str, str], asyncio.Event] = {}

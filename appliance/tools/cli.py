@@ -30,6 +30,36 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+keys_app = typer.Typer(no_args_is_help=True, help="ZeroMQ CURVE keys of the rig and its controller (docs/security.md).")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option(help="Directory for the key files (created; secrets get mode 0600).")],
+    name: Annotated[
+        list[str] | None, typer.Option(help="Key pair(s) to make, NAME.key + NAME.key_secret (repeat the option).")
+    ] = None,
+) -> None:
+    """Make CURVE key pairs (default: `server` for the rig and `controller` for the microscope controller)."""
+    from appliance.stream.zmq_security import load_key_pair, write_key_pair
+
+    made: dict[str, tuple[Path, Path]] = {}
+    for pair in name or ["server", "controller"]:
+        try:
+            made[pair] = write_key_pair(out, pair)
+        except (FileExistsError, OSError) as exc:
+            _error(str(exc))
+            raise typer.Exit(2) from None
+    for pair, (public, secret) in made.items():
+        typer.echo(f"{pair}: public {load_key_pair(public).public.decode()}  ({public}; secret: {secret}, mode 0600)")
+    if "server" in made:
+        controllers = [load_key_pair(p).public.decode() for n, (p, _) in made.items() if n != "server"]
+        typer.echo("\nrig.yaml:\nsecurity:\n  curve: true")
+        typer.echo(f"  server_secret_key_file: {made['server'][1].resolve()}")
+        typer.echo("  controller_public_keys:" + "".join(f'\n    - "{key}"' for key in controllers))
+
+
 @app.command()
 def demo(
     tiles: Annotated[int, typer.Option(min=1, help="Tiles to replay (the bundled samples in turn).")] = 120,

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 if TYPE_CHECKING:
     from appliance.serving.pipeline import Appliance
 from appliance.stream.protocol import ProtocolError, TileHeader, decode_feedback, encode_end, encode_start, encode_tile
+from appliance.stream.zmq_security import CurveKeys, load_key_pair, secure_client_socket
 
 MULTISEM_TILES_PER_S = 25.4
 REPLY_TIMEOUT_S = 120.0  # docs/protocol.md: resend a tile still unanswered after this long
@@ -144,18 +146,41 @@ def is_final_answer(message: dict[str, Any]) -> bool:
     return message["type"] == "result" or (message["type"] == "error" and message.get("code") not in RESEND_CODES)
 
 
+@dataclass(frozen=True)
+class ControllerCurve:
+    """The controller's side of CURVE: its own key pair and the rig's pinned public key (docs/security.md)."""
+
+    client: CurveKeys
+    server_public_key: bytes
+
+    @classmethod
+    def from_files(cls, client_secret_file: Path, server_public_file: Path) -> ControllerCurve:
+        """From `keys generate` files: the controller's NAME.key_secret and the rig's server.key."""
+        return cls(load_key_pair(client_secret_file), load_key_pair(server_public_file).public)
+
+    def apply(self, socket: zmq.Socket) -> None:
+        """Make `socket` a CURVE client of the rig; before `connect`."""
+        secure_client_socket(socket, self.client, self.server_public_key)
+
+
 class ReferenceController:
     """PUSH tiles to `tile_endpoint`, PULL feedback from `feedback_endpoint` (docs/protocol.md).
 
     Keeps every tile message it sent until the tile's final answer arrives, so it can resend it
     identically (resend rule); a vendor's controller must keep them the same way.
+    curve: the controller's CURVE keys when the rig has `security.curve` on; None connects without.
     """
 
-    def __init__(self, tile_endpoint: str, feedback_endpoint: str, send_hwm: int = 2) -> None:
+    def __init__(
+        self, tile_endpoint: str, feedback_endpoint: str, send_hwm: int = 2, curve: ControllerCurve | None = None
+    ) -> None:
         self._context = zmq.Context()
+        self._curve = curve
         self._push = self._context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, send_hwm)
         self._push.setsockopt(zmq.LINGER, 5000)
+        if curve is not None:
+            curve.apply(self._push)
         self._push.connect(tile_endpoint)
         self._feedback_endpoint = feedback_endpoint
         self._lock = threading.Lock()
@@ -346,6 +371,8 @@ class ReferenceController:
     def _receive_feedback(self) -> None:
         pull = self._context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            self._curve.apply(pull)
         pull.connect(self._feedback_endpoint)
         self._ready.set()
         try:

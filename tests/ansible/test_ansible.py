@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from appliance.config import RigConfig, load_rig_config
+from appliance.stream.zmq_security import load_key_pair, write_key_pair
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
@@ -140,6 +141,11 @@ def _make_rig(root: Path) -> Rig:
         group = grp.getgrgid(os.getegid()).gr_name
     source = root / "src"
     _copy_package_source(source)
+    # The rig's and the controller's CURVE keys, as `python -m appliance keys generate` leaves them on the
+    # control node.
+    keys = root / "keys"
+    for name in ("server", "controller"):
+        write_key_pair(keys, name)
     sysroot = root / "rig"
     variables = {
         "deblur_appliance_user": user,
@@ -166,6 +172,8 @@ def _make_rig(root: Path) -> Rig:
         "deblur_appliance_log_mode": "file",
         "deblur_appliance_rig_name": "ci-rig",
         "deblur_appliance_environment": {"OMP_NUM_THREADS": "1", "CI_LABEL": "ci 100%"},
+        "deblur_appliance_curve_server_secret_key_file": str(keys / "server.key_secret"),
+        "deblur_appliance_curve_controller_key_files": [str(keys / "controller.key")],
     }
     for unit_dir in ("systemd", "logrotate.d"):  # stand-ins for /etc/systemd/system, /etc/logrotate.d
         (sysroot / unit_dir).mkdir(parents=True)
@@ -314,6 +322,20 @@ def test_rendered_rig_yaml_is_a_valid_cpu_only_rig_config(rig):
     assert first_config.detector.calibration is None  # deblur_appliance_calibration_file "": no calibration
 
 
+def test_curve_keys_are_pinned_in_rig_yaml_and_the_secret_is_private_to_the_service_user(rig):
+    _require_ok(rig.second)
+    security = rig.cpu_config.security
+    keys = rig.root / "keys"
+    assert security.curve and not security.allow_unauthenticated_network
+    assert security.controller_public_keys == [load_key_pair(keys / "controller.key").public.decode()]
+    installed = Path(security.server_secret_key_file)
+    assert installed == Path(rig.variables["deblur_appliance_config_dir"]) / "keys" / "server.key_secret"
+    assert load_key_pair(installed) == load_key_pair(keys / "server.key_secret")
+    assert installed.stat().st_mode & 0o777 == 0o600 and installed.parent.stat().st_mode & 0o777 == 0o700
+    assert (installed.owner(), installed.group()) == (rig.user, rig.group)
+    assert security.ray_token_file == Path(rig.variables["deblur_appliance_state_dir"]) / "ray_auth_token"
+
+
 def test_code_config_and_gpu_changes_reinstall_rerender_and_notify_a_restart(rig):
     third = _require_ok(rig.third)
     expected = ["Install em-deblur-appliance into the virtualenv", "Record what is installed", "Write rig.yaml"]
@@ -342,15 +364,22 @@ def test_firewall_admits_only_the_controller_to_the_appliance_ports(rig):
         pytest.skip("nft not installed or not root: cannot validate the ruleset (apt-get install nftables)")
     _require_ok(rig.third)
     ruleset = Path(rig.variables["deblur_appliance_config_dir"]) / "firewall.nft"
-    rules = [line.strip() for line in ruleset.read_text(encoding="utf-8").splitlines() if "dport" in line]
-    assert rules == [
-        'tcp dport { 5555, 5556 } iifname "lo" accept',
+    text = ruleset.read_text(encoding="utf-8")
+    rules = [line.strip() for line in text.splitlines() if line.startswith("        ") and "#" not in line]
+    assert "type filter hook input priority 0; policy drop;" in rules
+    accepted = [rule for rule in rules if rule.endswith("accept")]
+    assert accepted == [
+        'iifname "lo" accept',
+        "ct state established,related accept",
+        "meta l4proto { icmp, ipv6-icmp } accept",
+        "tcp dport 22 accept",
         "tcp dport { 5555, 5556 } ip saddr 192.0.2.10 accept",
-        "tcp dport { 5555, 5556 } drop",
-        'tcp dport 9464 iifname "lo" accept',
         "tcp dport 9464 ip saddr 192.0.2.50 accept",
-        "tcp dport 9464 drop",
     ]
+    # Ray's well-known ports (GCS 6379, dashboard 8265, client 10001, dashboard agent 52365, metrics
+    # export 8080, workers 10002-19999) appear nowhere: the drop policy covers them.
+    opened = {int(port) for rule in accepted for port in re.findall(r"\b(\d{2,5})\b", rule.split("saddr")[0])}
+    assert opened == {22, 5555, 5556, 9464}
     proc = subprocess.run(["nft", "--check", "--file", str(ruleset)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     unit = Path(rig.variables["deblur_appliance_systemd_unit_dir"]) / "em-deblur-appliance-firewall.service"
@@ -380,13 +409,24 @@ def test_systemd_unit_runs_serve_and_drains_on_stop(rig):
     _assert_systemd_accepts(rig.unit_file)
 
 
-def test_required_gpu_without_driver_fails_before_changing_anything(tmp_path):
-    rig = _make_rig(tmp_path)
+def _refused_in_preflight(root: Path, **overrides: object) -> PlaybookRun:
+    """Apply a fresh rig with `overrides`; assert the run failed and changed nothing; return it."""
+    rig = _make_rig(root)
     try:
-        run = _playbook(rig.inventory, rig.write_vars(deblur_appliance_require_gpu=True))
+        run = _playbook(rig.inventory, rig.write_vars(**overrides))
     finally:
         _remove_user(rig)
     assert run.returncode != 0
-    assert "GPUs are required" in run.output and "Install the NVIDIA driver" in run.output
     assert run.recap["changed"] == 0
-    assert not (tmp_path / "rig" / "opt").exists()
+    assert not (root / "rig" / "opt").exists()
+    return run
+
+
+def test_network_bind_without_curve_fails_before_changing_anything(tmp_path):
+    run = _refused_in_preflight(tmp_path, deblur_appliance_curve=False)
+    assert "need CURVE" in run.output and "deblur_appliance_allow_unauthenticated_network" in run.output
+
+
+def test_required_gpu_without_driver_fails_before_changing_anything(tmp_path):
+    run = _refused_in_preflight(tmp_path, deblur_appliance_require_gpu=True)
+    assert "GPUs are required" in run.output and "Install the NVIDIA driver" in run.output
