@@ -1,26 +1,33 @@
 """ZeroMQ ingest actor: receive tiles, validate them, and drive each through detector -> deblur -> sink.
 
 Flow control is credit based: a tile takes a credit when it is read from the socket and gives it back
-only when the sink has written it. With no credit left the actor stops reading, the ZeroMQ pipe fills,
-and the controller's PUSH blocks. Serve's BackPressureError is retried, never turned into a lost tile.
+only when the sink has recorded its outcome. With no credit left the actor stops reading, the ZeroMQ pipe
+fills, and the controller's PUSH blocks. Serve's BackPressureError is retried, never turned into a lost tile.
+
+Faults (docs/operating.md): a detector/deblur call that died with its replica is retried (bounded) on the
+replica Serve starts instead; a write to a sink that died is retried until the restarted sink answers
+(write_tile is idempotent), so a credit is never released for a tile whose outcome was not recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import zmq
 import zmq.asyncio
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from appliance.config import IngestConfig
-from appliance.messages import TileOutcome
+from appliance.messages import BlurAssessment, RestoredTile, TileOutcome
 from appliance.operator.metrics import IngestMetrics
 from appliance.stream.blur_share import BlurShareGuard
 from appliance.stream.protocol import (
@@ -38,6 +45,13 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 100
 RETRY_DELAY_S = (0.005, 0.5)  # first and longest wait between retries of a rejected Serve call
+# A call lost with its replica (killed, OOM) is retried on the replacement Serve starts (~2 s, longer
+# while a model loads): waits of 1, 2, 4, 8, 16 s, i.e. 6 attempts over ~31 s, then processing_failed.
+REPLICA_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+# The call died with the process that ran it (or owned its result); the same call can run again.
+REPLICA_DEATH = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, ObjectLostError)
+SINK_RETRY_WAIT_S = (0.2, 5.0)  # first and longest wait between writes to a sink that is restarting
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,8 +61,9 @@ class _Section:
 
     blur_share: BlurShareGuard
     seqs: set[int] = field(default_factory=set)
-    tile_ids: set[str] = field(default_factory=set)
+    tile_ids: dict[str, int] = field(default_factory=dict)  # tile_id -> its seq (a resend repeats both)
     pending: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # tile_id -> its processing
 
 
 @ray.remote(num_cpus=0)
@@ -82,6 +97,8 @@ class IngestActor:
         self._sections: dict[str, _Section] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._drain_deadline: float | None = None  # monotonic; set by drain(): refuse until then
+        self._drain_quiet_s = 0.0
         self._loop_task: asyncio.Task[None] | None = None
         self._stats: dict[str, int] = {
             "received": 0,
@@ -93,6 +110,10 @@ class IngestActor:
             "in_flight": 0,
             "max_in_flight_seen": 0,
             "sink_errors": 0,
+            "replica_retries": 0,
+            "sink_retries": 0,
+            "repeats": 0,
+            "refused_draining": 0,
         }
         self._metrics = IngestMetrics(cfg.max_in_flight)
 
@@ -102,11 +123,18 @@ class IngestActor:
             self._loop_task = asyncio.get_running_loop().create_task(self._receive_loop())
         return self.endpoint
 
-    async def drain(self) -> dict[str, int]:
-        """Stop reading new messages, wait until every accepted tile is written, close the socket."""
-        self._stopping.set()
+    def health(self) -> int:
+        """This actor's process id: the supervisor sees a restart as a new pid (and kills it in tests)."""
+        return os.getpid()
+
+    async def drain(self, grace_s: float = 0.0) -> dict[str, int]:
+        """Refuse every message still buffered (error `draining`) for up to `grace_s` (less once the socket
+        is quiet for grace_s / 4), then stop reading, wait until every accepted tile is recorded, close."""
+        self._drain_quiet_s = grace_s / 4
+        self._drain_deadline = time.monotonic() + grace_s
         if self._loop_task is not None:
             await self._loop_task
+        self._stopping.set()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self._socket.close()
@@ -129,7 +157,10 @@ class IngestActor:
                 return
             self._stats["received"] += 1
             self._metrics.messages_received.inc()
-            self._handle(frames, time.time())
+            if self._drain_deadline is None:
+                self._handle(frames, time.time())
+            else:
+                self._refuse_draining(frames)
 
     async def _take_credit(self) -> None:
         # Time without a credit is time the controller is held back: the operator's "how far behind".
@@ -142,10 +173,34 @@ class IngestActor:
 
     async def _next_message(self) -> list[zmq.Frame] | None:
         # Poll in short steps so that drain() is noticed while the controller is silent.
-        while not self._stopping.is_set():
+        quiet_since = time.monotonic()
+        while not self._stopping.is_set() and not self._drain_over(quiet_since):
             if await self._socket.poll(POLL_MS, zmq.POLLIN):  # type: ignore[call-arg]  # pyzmq's stub: timeout only
                 return await self._socket.recv_multipart(copy=False)
         return None
+
+    def _drain_over(self, quiet_since: float) -> bool:
+        if self._drain_deadline is None:
+            return False
+        now = time.monotonic()
+        return now >= self._drain_deadline or now - quiet_since >= self._drain_quiet_s
+
+    def _refuse_draining(self, frames: list[zmq.Frame]) -> None:
+        """While draining every buffered message gets an answer: `draining` (resend after restart), or
+        its protocol error when it is malformed anyway."""
+        try:
+            message = decode_stream_message([frame.buffer for frame in frames], self._limits)
+        except ProtocolError as exc:
+            self._spawn(self._reject(exc.code, exc.message, exc.context), section=None, holds_credit=True)
+            return
+        header = message.header if isinstance(message, Tile) else message
+        ids: dict[str, Any] = {"section": header.section}
+        if isinstance(header, TileHeader):
+            ids |= {"tile_id": header.tile_id, "seq": header.seq}
+        self._stats["refused_draining"] += 1
+        what = f"{header.type} message"
+        text = f"appliance stopping: this {what} was not processed; resend it after the restart"
+        self._spawn(self._reject("draining", text, ids), section=None, holds_credit=True)
 
     def _handle(self, frames: list[zmq.Frame], t_received: float) -> None:
         """Decode one message; every path either releases the credit or hands it to a task."""
@@ -173,6 +228,11 @@ class IngestActor:
         header = tile.header
         section = self._section(header.section)
         ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
+        if section.tile_ids.get(header.tile_id) == header.seq:  # a resend (contract v1.1): answer it again
+            self._stats["repeats"] += 1
+            first = section.tasks.get(header.tile_id)
+            self._spawn(self._answer_again(header, first), section=section, holds_credit=True)
+            return
         if header.seq in section.seqs or header.tile_id in section.tile_ids:
             what = f"seq {header.seq}" if header.seq in section.seqs else f"tile_id {header.tile_id!r}"
             raise ProtocolError(
@@ -187,10 +247,12 @@ class IngestActor:
         # One copy, into the object store; everything downstream passes the reference.
         pixels_ref = ray.put(tile.pixels)
         section.seqs.add(header.seq)
-        section.tile_ids.add(header.tile_id)
+        section.tile_ids[header.tile_id] = header.seq
         self._stats["tiles_accepted"] += 1
         self._metrics.tiles_received.inc()
-        self._spawn(self._process_tile(header, pixels_ref, t_received, section), section=section, holds_credit=True)
+        task = self._spawn(self._process_tile(header, pixels_ref, t_received, section), section, holds_credit=True)
+        section.tasks[header.tile_id] = task
+        task.add_done_callback(lambda _: section.tasks.pop(header.tile_id, None))
 
     def _section(self, name: str) -> _Section:
         """The open section `name`, opened now if it is new."""
@@ -199,7 +261,7 @@ class IngestActor:
             self._sections[name] = _Section(guard)
         return self._sections[name]
 
-    def _spawn(self, work: Any, section: _Section | None, holds_credit: bool = False) -> None:
+    def _spawn(self, work: Any, section: _Section | None, holds_credit: bool = False) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         if section is not None:
@@ -222,6 +284,7 @@ class IngestActor:
                 log.error("could not record a tile outcome: %r", finished.exception())
 
         task.add_done_callback(_done)
+        return task
 
     async def _process_tile(
         self, header: TileHeader, pixels_ref: ray.ObjectRef, t_received: float, section: _Section
@@ -230,14 +293,15 @@ class IngestActor:
         restored_ref: ray.ObjectRef | None = None
         try:
             t0 = time.perf_counter()
-            outcome.assessment = await self._call(self._detector, pixels_ref)
+            assessment: BlurAssessment = await self._call(self._detector, lambda: self._detector.remote(pixels_ref))
+            outcome.assessment = assessment
             outcome.timings_s["detect_s"] = time.perf_counter() - t0
-            outcome.alarm = section.blur_share.observe(outcome.assessment.label, self._calibrated)
-            if outcome.assessment.label == "soft" and section.blur_share.suspended:
+            outcome.alarm = section.blur_share.observe(assessment.label, self._calibrated)
+            if assessment.label == "soft" and section.blur_share.suspended:
                 outcome.restore_suspended = True
-            elif outcome.assessment.label == "soft":
+            elif assessment.label == "soft":
                 t1 = time.perf_counter()
-                restored = await self._call(self._deblur, pixels_ref, outcome.assessment)
+                restored = await self._call(self._deblur, lambda: self._restore(pixels_ref, assessment))
                 outcome.timings_s["deblur_s"] = time.perf_counter() - t1
                 restored_ref, outcome.deblur_version = restored.pixels_ref, restored.model_version
                 self._metrics.deblur_busy_s.labels(replica=restored.replica).inc(restored.busy_s)
@@ -245,35 +309,75 @@ class IngestActor:
             log.exception("tile %s/%s failed in processing", header.section, header.tile_id)
             outcome.failure = f"{type(exc).__name__}: {exc}"
             self._stats["failed"] += 1
-        await self._sink.write_tile.remote(outcome, pixels_ref, restored_ref)
+        await self._until_sink_answers(lambda: self._sink.write_tile.remote(outcome, pixels_ref, restored_ref))
         self._stats["tiles_done"] += 1
 
-    async def _call(self, handle: DeploymentHandle, *args: Any) -> Any:
+    async def _restore(self, pixels_ref: ray.ObjectRef, assessment: BlurAssessment) -> RestoredTile:
+        """Deblur one tile and take the restored pixels over: the replica owns its ObjectRef, and a replica
+        killed after answering would take the pixels with it before the sink reads them."""
+        restored: RestoredTile = await self._deblur.remote(pixels_ref, assessment)
+        pixels = await restored.pixels_ref
+        return RestoredTile(ray.put(pixels), restored.model_version, restored.replica, restored.busy_s)
+
+    async def _answer_again(self, header: TileHeader, first: asyncio.Task[None] | None) -> None:
+        """A resend of a tile already accepted: once its first copy is recorded, the sink re-sends the
+        recorded answer with `repeat: true` (nothing is processed or written twice)."""
+        if first is not None:
+            await asyncio.gather(first, return_exceptions=True)
+        await self._until_sink_answers(lambda: self._sink.lookup.remote(header.section, header.tile_id, header.seq))
+
+    async def _until_sink_answers(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Call the sink until it answers: a dead sink is restarted by Ray (max_restarts) and its calls are
+        idempotent, so the tile keeps its credit (the ingest stops reading) instead of being lost."""
+        delay = SINK_RETRY_WAIT_S[0]
+        while True:
+            try:
+                return await call()
+            except Exception as exc:  # the outcome is not recorded: never give the credit back
+                self._stats["sink_retries"] += 1
+                log.error("sink did not record a tile outcome (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SINK_RETRY_WAIT_S[1])
+
+    async def _call(self, handle: DeploymentHandle, attempt: Callable[[], Awaitable[T]]) -> T:
+        """One detector/deblur call (`attempt` calls `handle`); queue depth metered per deployment."""
         depth = self._metrics.queue_depth.labels(deployment=handle.deployment_name)
         depth.inc()
         try:
-            return await self._call_until_accepted(handle, *args)
+            return await self._retry_replica_death(handle.deployment_name, attempt)
         finally:
             depth.dec()
 
-    async def _call_until_accepted(self, handle: DeploymentHandle, *args: Any) -> Any:
+    async def _retry_replica_death(self, deployment: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        for wait_s in (*REPLICA_RETRY_WAITS_S, None):
+            try:
+                return await self._call_until_accepted(deployment, attempt)
+            except REPLICA_DEATH as exc:
+                if wait_s is None:
+                    raise
+                self._stats["replica_retries"] += 1
+                log.warning("%s replica died during a call (%s); retrying in %.0f s", deployment, exc, wait_s)
+                await asyncio.sleep(wait_s)
+        raise AssertionError("unreachable")
+
+    async def _call_until_accepted(self, deployment: str, attempt: Callable[[], Awaitable[T]]) -> T:
         delay = RETRY_DELAY_S[0]
         while True:
             try:
-                return await handle.remote(*args)
+                return await attempt()
             except BackPressureError:
                 self._stats["backpressure_retries"] += 1
-                self._metrics.serve_rejections.labels(deployment=handle.deployment_name).inc()
+                self._metrics.serve_rejections.labels(deployment=deployment).inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_DELAY_S[1])
 
     async def _reject(self, code: str, message: str, context: dict[str, Any]) -> None:
         self._stats["rejected"] += 1
         log.warning("refused message (%s): %s", code, message)
-        await self._sink.record_rejection.remote(code, message, context)
+        await self._until_sink_answers(lambda: self._sink.record_rejection.remote(code, message, context))
 
     async def _finish_section(self, end: SectionEnd) -> None:
         section = self._sections.pop(end.section, None)
         if section is not None and section.pending:
             await asyncio.gather(*list(section.pending), return_exceptions=True)
-        await self._sink.finish_section.remote(end.section, end.n_tiles)
+        await self._until_sink_answers(lambda: self._sink.finish_section.remote(end.section, end.n_tiles))

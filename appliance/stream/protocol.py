@@ -33,6 +33,7 @@ ErrorCode = Literal[
     "duplicate_seq",
     "bad_pixels",
     "processing_failed",
+    "draining",  # v1.1: the appliance is stopping; this buffered message was not processed, resend it
 ]
 
 
@@ -238,7 +239,7 @@ def encode_tile(header: TileHeader, pixels: np.ndarray) -> list[bytes | memoryvi
 
 # ---- feedback (appliance -> controller) ----
 
-FeedbackType = Literal["result", "retake", "error", "section_done", "alarm"]
+FeedbackType = Literal["result", "retake", "error", "section_done", "alarm", "draining"]
 _FEEDBACK_KEYS: dict[str, frozenset[str]] = {
     "result": frozenset(
         {"section", "tile_id", "seq", "label", "action", "blur_score", "sigma_px", "path", "latency_s"}
@@ -246,9 +247,20 @@ _FEEDBACK_KEYS: dict[str, frozenset[str]] = {
     "retake": frozenset({"section", "tile_id", "seq", "reason", "blur_score"}),
     "error": frozenset({"code", "message", "section", "tile_id", "seq"}),
     "section_done": frozenset({"section", "n_done", "n_sharp", "n_soft", "n_retake", "n_error", "n_expected"}),
+    # v1.1: every alarm has kind and message; the rest depends on the kind (docs/protocol.md).
+    "alarm": frozenset({"kind", "message"}),
+    "draining": frozenset({"message"}),
+}
+# Alarm kinds added in v1.1 (implausible_blur_share is messages.IMPLAUSIBLE_BLUR_SHARE).
+ALARM_RESTARTED = "restarted"  # key `which`: "ingest" | "sink"; resend every unanswered tile now
+# Keys a feedback type carries only in some messages (docs/protocol.md says when).
+# `repeat: true` (v1.1): a re-sent answer of a tile already recorded (the resend rule).
+_FEEDBACK_OPTIONAL_KEYS: dict[str, frozenset[str]] = {
+    "result": frozenset({"restore_suspended", "repeat"}),
+    "retake": frozenset({"repeat"}),
+    "error": frozenset({"repeat"}),
     "alarm": frozenset(
         {
-            "kind",
             "section",
             "tile_id",
             "seq",
@@ -259,12 +271,10 @@ _FEEDBACK_KEYS: dict[str, frozenset[str]] = {
             "threshold",
             "min_tiles",
             "calibrated",
-            "message",
+            "which",
         }  # fmt: skip
     ),
 }
-# Keys a feedback type carries only in some messages (docs/protocol.md says when).
-_FEEDBACK_OPTIONAL_KEYS: dict[str, frozenset[str]] = {"result": frozenset({"restore_suspended"})}
 
 
 def _feedback_keys_ok(kind: str, keys: set[str]) -> bool:

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ from appliance.operator.metrics import SinkMetrics
 from appliance.operator.report_figures import Thresholds
 from appliance.operator.section_qc import TileQc
 from appliance.operator.section_report import REPORT_FILENAME, write_section_report
-from appliance.qc_record import QC_FILENAME, QcLine, QcRejection, QcTileRecord, TileAction
-from appliance.stream.feedback import FeedbackChannel
-from appliance.stream.protocol import ErrorCode, TileHeader, encode_feedback
+from appliance.qc_record import QC_FILENAME, QcLine, QcRejection, QcTileRecord, TileAction, read_qc_lines
+from appliance.stream.feedback import DEFAULT_MAX_PENDING, FeedbackChannel
+from appliance.stream.protocol import ALARM_RESTARTED, ErrorCode, FeedbackType, TileHeader, encode_feedback
 from appliance.tile_io import write_tile_atomic
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,53 @@ def _action(outcome: TileOutcome, restored: bool) -> TileAction:
     return "flagged" if outcome.assessment.label == "retake" else "written"
 
 
+# ---- supervise branch: the minimal idempotence the restarts need (the durable branch replaces it with
+# its SQLite index, same behaviour: a recorded tile is never written again, its answer is re-sent) ----
+
+Answer = list[tuple[FeedbackType, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class RecordedTile:
+    """A tile whose outcome is durable: its seq and the answer frames it got (re-sent with `repeat`)."""
+
+    seq: int
+    answer: Answer
+
+
+def answer_of(record: QcTileRecord) -> Answer:
+    """The feedback a recorded tile gets: `result` (+ `retake`), or `error` when processing failed."""
+    ids = {"section": record.section, "tile_id": record.tile_id, "seq": record.seq}
+    if record.error:
+        return [("error", {"code": "processing_failed", "message": f"tile written as acquired: {record.error}", **ids})]
+    suspended = {"restore_suspended": True} if record.restore_suspended else {}
+    result = dict(
+        **ids,
+        label=record.label,
+        action=record.action,
+        blur_score=record.blur_score,
+        sigma_px=record.sigma_px,
+        path=record.path,
+        latency_s=record.timings_s.get("total_s", 0.0),
+        **suspended,
+    )
+    answer: Answer = [("result", result)]
+    if record.label == "retake":
+        answer.append(("retake", {**ids, "reason": record.reason or "beyond repair", "blur_score": record.blur_score}))
+    return answer
+
+
+def recorded_tiles(qc_path: Path) -> dict[tuple[str, str], RecordedTile]:
+    """Every tile outcome in an existing qc.jsonl by (section, tile_id): a restarted sink knows them all."""
+    if not qc_path.is_file():
+        return {}
+    return {
+        (line.section, line.tile_id): RecordedTile(line.seq, answer_of(line))
+        for line in read_qc_lines(qc_path)
+        if isinstance(line, QcTileRecord)
+    }
+
+
 # matplotlib holds the GIL for seconds on a large section: render in another worker, not in the sink.
 _write_report_remote = ray.remote(num_cpus=0, max_retries=0)(write_section_report)
 
@@ -73,19 +121,26 @@ _write_report_remote = ray.remote(num_cpus=0, max_retries=0)(write_section_repor
 class SinkActor:
     """Owns the output directory, the QC record and the feedback socket (one writer for each)."""
 
-    def __init__(self, output: OutputConfig, feedback_endpoint: str, thresholds: Thresholds | None = None) -> None:
+    def __init__(
+        self,
+        output: OutputConfig,
+        feedback_endpoint: str,
+        thresholds: Thresholds | None = None,
+        feedback_hwm: int = DEFAULT_MAX_PENDING,
+    ) -> None:
         self._output = output
         self._dir = Path(output.directory).resolve()
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._recorded = recorded_tiles(self._dir / QC_FILENAME)
         self._qc = QcLog(self._dir / QC_FILENAME, output.fsync)
         self._context = zmq.Context()
-        self._feedback = FeedbackChannel(self._context, feedback_endpoint)
+        self._feedback = FeedbackChannel(self._context, feedback_endpoint, feedback_hwm)
+        self._n_held_s_seen = 0.0
         self._qc_lock = asyncio.Lock()
         self._counts: Counter[str] = Counter()
         self._section_counts: dict[str, Counter[str]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._metrics = SinkMetrics()
-        self._n_overflowed_seen = 0
         self._thresholds = thresholds or Thresholds()
         # Compact per-tile rows of each open section, for its report (qc.jsonl grows for the whole run).
         self._section_tiles: dict[str, list[TileQc]] = {}
@@ -98,9 +153,16 @@ class SinkActor:
     async def write_tile(self, outcome: TileOutcome, pixels: np.ndarray, restored: np.ndarray | None) -> str:
         """Write the delivered tile (+ original when restored), the QC line, then send feedback.
 
-        pixels / restored: (H, W) uint8/uint16, usually ObjectRefs resolved by Ray. Returns the action.
+        pixels / restored: (H, W) uint8/uint16, usually ObjectRefs resolved by Ray. Returns the action,
+        "repeat" for a tile already recorded (nothing written, its answer re-sent with `repeat: true`), or
+        "rejected" for a tile_id recorded under another seq (refused duplicate_seq).
+        Idempotent: the ingest calls it again after a sink restart until it answers.
         """
         header = outcome.header
+        await self._feedback.wait_for_room()  # a controller not reading holds this tile (and its credit)
+        known = self.lookup(header.section, header.tile_id, header.seq)
+        if known != "new":
+            return "repeat" if known == "recorded" else await self._refuse_conflict(header)
         delivered_path, original_path = tile_paths(self._dir, header)
         t0 = time.perf_counter()
         delivered = restored if restored is not None and not outcome.failure else pixels
@@ -145,40 +207,54 @@ class SinkActor:
             self._send_alarm(outcome.alarm, ids)
         if outcome.restore_suspended:
             self._metrics.restore_suspended.inc()
-        if outcome.failure:
-            self._send_error("processing_failed", f"tile written as acquired: {outcome.failure}", ids)
-            return action
-        assert assessment is not None
-        self._send(
-            encode_feedback(
-                "result",
-                **ids,
-                label=assessment.label,
-                action=action,
-                blur_score=assessment.blur_score,
-                sigma_px=assessment.sigma_px,
-                path=record.path,
-                latency_s=latency_s,
-                **({"restore_suspended": True} if outcome.restore_suspended else {}),
-            )
-        )
-        if assessment.label == "retake":
-            self._send(
-                encode_feedback(
-                    "retake", **ids, reason=assessment.reason or "beyond repair", blur_score=assessment.blur_score
-                )
-            )
-            self._metrics.retake_flags.inc()
+        answer = answer_of(record)
+        self._recorded[(header.section, header.tile_id)] = RecordedTile(header.seq, answer)
+        self._send_answer(answer)
         return action
 
     async def record_rejection(self, code: ErrorCode, message: str, context: dict[str, Any]) -> None:
         """A message was refused: QC line first (durable), then the error to the controller."""
+        await self._feedback.wait_for_room()
         ids = {key: context.get(key) for key in ("section", "tile_id", "seq")}
         record = QcRejection(t=time.time(), **ids, action="rejected", code=code, error=message)
         async with self._qc_lock:
             await asyncio.to_thread(self._qc.append, record)
         self._counts["rejected"] += 1
         self._send_error(code, message, ids)
+
+    def lookup(self, section: str, tile_id: str, seq: int) -> str:
+        """ "new", "recorded" (its recorded answer is re-sent now with `repeat: true`) or "conflict"
+        (tile_id recorded under another seq: the caller refuses it duplicate_seq)."""
+        known = self._recorded.get((section, tile_id))
+        if known is None:
+            return "new"
+        if known.seq != seq:
+            return "conflict"
+        self._send_answer(known.answer, repeat=True)
+        self._counts["repeat"] += 1
+        return "recorded"
+
+    async def _refuse_conflict(self, header: TileHeader) -> str:
+        ids = {"section": header.section, "tile_id": header.tile_id, "seq": header.seq}
+        message = f"tile_id {header.tile_id!r} was already recorded in section {header.section!r} under another seq"
+        await self.record_rejection("duplicate_seq", message, ids)
+        return "rejected"
+
+    def send_draining(self, message: str) -> None:
+        """Tell the controller the appliance is stopping: stop sending; unanswered tiles are resent after restart."""
+        log.warning("draining: %s", message)
+        self._send(encode_feedback("draining", message=message))
+
+    def send_restarted(self, which: str) -> None:
+        """Supervision restarted `which` ("ingest" | "sink"): the controller resends every unanswered tile now."""
+        message = f"the {which} was restarted after a failure; resend every tile without an answer"
+        log.error("ALARM restarted: %s", message)
+        self._metrics.alarms.labels(kind=ALARM_RESTARTED).inc()
+        self._send(encode_feedback("alarm", kind=ALARM_RESTARTED, which=which, message=message))
+
+    def health(self) -> int:
+        """This actor's process id: the supervisor sees a restart as a new pid (and kills it in tests)."""
+        return os.getpid()
 
     async def finish_section(self, section: str, n_expected: int | None) -> dict[str, int | None]:
         """All tiles of `section` are done: send `section_done` with its counts."""
@@ -215,7 +291,8 @@ class SinkActor:
         return {
             **self._counts,
             "feedback_pending": self._feedback.pending,
-            "feedback_overflowed": self._feedback.n_overflowed,
+            "feedback_max_pending": self._feedback.max_pending_seen,
+            "feedback_held_ms": round(self._feedback.waited_s * 1000),
         }
 
     def last_report(self) -> str:
@@ -225,8 +302,8 @@ class SinkActor:
     def metrics_text(self) -> bytes:
         """This actor's Prometheus metrics (text format), for the driver's /metrics endpoint."""
         self._metrics.feedback_pending.set(self._feedback.pending)
-        self._metrics.feedback_dropped.inc(self._feedback.n_overflowed - self._n_overflowed_seen)
-        self._n_overflowed_seen = self._feedback.n_overflowed
+        self._metrics.feedback_held_s.inc(self._feedback.waited_s - self._n_held_s_seen)
+        self._n_held_s_seen = self._feedback.waited_s
         return self._metrics.exposition()
 
     async def close(self) -> dict[str, int]:
@@ -265,6 +342,14 @@ class SinkActor:
                 message=message,
             )
         )
+
+    def _send_answer(self, answer: Answer, repeat: bool = False) -> None:
+        for kind, fields in answer:
+            if kind == "error":
+                self._metrics.errors.labels(code=fields["code"]).inc()
+            elif kind == "retake" and not repeat:
+                self._metrics.retake_flags.inc()
+            self._send(encode_feedback(kind, **fields, **({"repeat": True} if repeat else {})))
 
     def _send_error(self, code: ErrorCode, message: str, ids: dict[str, Any]) -> None:
         self._metrics.errors.labels(code=code).inc()

@@ -150,7 +150,7 @@ def test_alarm_feedback_and_the_optional_restore_suspended_key_of_a_result() -> 
     )  # fmt: skip
     assert decode_feedback(encode_feedback("alarm", **alarm))["kind"] == "implausible_blur_share"
     with pytest.raises(ValueError, match="alarm feedback needs keys"):
-        encode_feedback("alarm", **{k: v for k, v in alarm.items() if k != "calibrated"})
+        encode_feedback("alarm", **{k: v for k, v in alarm.items() if k != "message"})
     result = dict(
         section="s", tile_id="t", seq=1, label="soft", action="written", blur_score=0.4, sigma_px=1.3,
         path="s/t.tif", latency_s=0.1,
@@ -159,3 +159,14 @@ def test_alarm_feedback_and_the_optional_restore_suspended_key_of_a_result() -> 
     assert decode_feedback(encode_feedback("result", **result, restore_suspended=True))["restore_suspended"] is True
     with pytest.raises(ProtocolError):  # optional for a result only
         decode_feedback(msgpack.packb({"v": 1, "type": "retake", **result, "restore_suspended": True}))
+
+
+def test_v1_1_draining_feedback_restarted_alarm_and_repeat_flag() -> None:
+    draining = decode_feedback(encode_feedback("draining", message="appliance stopping"))
+    assert draining == {"v": 1, "type": "draining", "message": "appliance stopping"}
+    restarted = decode_feedback(encode_feedback("alarm", kind="restarted", which="sink", message="resend"))
+    assert (restarted["kind"], restarted["which"]) == ("restarted", "sink")
+    error = dict(code="draining", message="resend after restart", section="s", tile_id="t", seq=3)
+    assert decode_feedback(encode_feedback("error", **error, repeat=True))["repeat"] is True
+    with pytest.raises(ValueError, match="draining feedback needs keys"):
+        encode_feedback("draining", message="x", section="s")
