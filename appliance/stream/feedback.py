@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PENDING = 1000  # feedback frames are ~200 bytes: ~200 kB queued in the outbox at most
 WAIT_POLL_S = 0.05
+# A kernel send buffer sized like the outbox (~256 bytes a frame): frames waiting for a controller that
+# is not reading stay in the outbox, where they are counted and turn into backpressure, instead of MBs
+# hidden in the kernel's autotuned buffer. 4608 bytes is Linux's smallest.
+FRAME_BYTES = 256
+MIN_SEND_BUFFER_BYTES = 4608
 
 
 class FeedbackChannel:
@@ -32,6 +37,7 @@ class FeedbackChannel:
     def __init__(self, context: zmq.Context, endpoint: str, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self._socket = context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, max_pending)
+        self._socket.setsockopt(zmq.SNDBUF, max(MIN_SEND_BUFFER_BYTES, max_pending * FRAME_BYTES))
         self._socket.setsockopt(zmq.LINGER, 2000)
         self._socket.bind(endpoint)
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -132,6 +132,7 @@ class SinkActor:
         self._dir = Path(output.directory).resolve()
         self._dir.mkdir(parents=True, exist_ok=True)
         self._recorded = recorded_tiles(self._dir / QC_FILENAME)
+        self._writing: dict[tuple[str, str], asyncio.Event] = {}
         self._qc = QcLog(self._dir / QC_FILENAME, output.fsync)
         self._context = zmq.Context()
         self._feedback = FeedbackChannel(self._context, feedback_endpoint, feedback_hwm)
@@ -160,9 +161,20 @@ class SinkActor:
         """
         header = outcome.header
         await self._feedback.wait_for_room()  # a controller not reading holds this tile (and its credit)
+        key = (header.section, header.tile_id)
+        while key in self._writing:  # e.g. a restarted ingest's copy while the first is still being written
+            await self._writing[key].wait()
         known = self.lookup(header.section, header.tile_id, header.seq)
         if known != "new":
             return "repeat" if known == "recorded" else await self._refuse_conflict(header)
+        self._writing[key] = asyncio.Event()
+        try:
+            return await self._write_new_tile(outcome, pixels, restored)
+        finally:
+            self._writing.pop(key).set()
+
+    async def _write_new_tile(self, outcome: TileOutcome, pixels: np.ndarray, restored: np.ndarray | None) -> str:
+        header = outcome.header
         delivered_path, original_path = tile_paths(self._dir, header)
         t0 = time.perf_counter()
         delivered = restored if restored is not None and not outcome.failure else pixels
