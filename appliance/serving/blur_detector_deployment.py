@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from ray import serve
 
@@ -38,7 +36,3 @@ class BlurDetectorDeployment:
 
     def model_version(self) -> str:
         return self._detector.model_version
-
-    def pid(self) -> int:
-        """This replica's process id (operators and the fault tests find the process to watch or kill)."""
-        return os.getpid()

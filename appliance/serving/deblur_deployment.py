@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -38,7 +37,3 @@ class DeblurDeployment:
 
     def model_version(self) -> str:
         return self._restorer.model_version
-
-    def pid(self) -> int:
-        """This replica's process id (operators and the fault tests find the process to watch or kill)."""
-        return os.getpid()

@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 100
 RETRY_DELAY_S = (0.005, 0.5)  # first and longest wait between retries of a rejected Serve call
-# A call lost with its replica (killed, OOM) is retried on the replacement Serve starts (~2 s, longer
-# while a model loads): waits of 1, 2, 4, 8, 16 s, i.e. 6 attempts over ~31 s, then processing_failed.
-REPLICA_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+# A call lost with its replica (killed, OOM) is retried on the replacement Serve starts (seconds; longer
+# while a model loads on a busy machine): waits of 2, 4, 8, 16, 30 s, i.e. 6 attempts over ~60 s, then
+# the tile is answered processing_failed (written as acquired).
+REPLICA_RETRY_WAITS_S = (2.0, 4.0, 8.0, 16.0, 30.0)
 # The call died with the process that ran it (or owned its result); the same call can run again.
 REPLICA_DEATH = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, ObjectLostError)
 SINK_RETRY_WAIT_S = (0.2, 5.0)  # first and longest wait between writes to a sink that is restarting
