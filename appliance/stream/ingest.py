@@ -98,8 +98,6 @@ class IngestActor:
         self._sections: dict[str, _Section] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
-        self._drain_deadline: float | None = None  # monotonic; set by drain(): refuse until then
-        self._drain_quiet_s = 0.0
         self._loop_task: asyncio.Task[None] | None = None
         self._stats: dict[str, int] = {
             "received": 0,
@@ -131,11 +129,13 @@ class IngestActor:
     async def drain(self, grace_s: float = 0.0) -> dict[str, int]:
         """Refuse every message still buffered (error `draining`) for up to `grace_s` (less once the socket
         is quiet for grace_s / 4), then stop reading, wait until every accepted tile is recorded, close."""
-        self._drain_quiet_s = grace_s / 4
-        self._drain_deadline = time.monotonic() + grace_s
-        if self._loop_task is not None:
-            await self._loop_task
         self._stopping.set()
+        if self._loop_task is not None:
+            # Cancelled also while it waits for a credit: refusing needs none, so a long tile in flight
+            # cannot make the grace period pass with messages still unread.
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self._refuse_buffered(grace_s)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self._socket.close()
@@ -158,10 +158,7 @@ class IngestActor:
                 return
             self._stats["received"] += 1
             self._metrics.messages_received.inc()
-            if self._drain_deadline is None:
-                self._handle(frames, time.time())
-            else:
-                self._refuse_draining(frames)
+            self._handle(frames, time.time())
 
     async def _take_credit(self) -> None:
         # Time without a credit is time the controller is held back: the operator's "how far behind".
@@ -174,17 +171,21 @@ class IngestActor:
 
     async def _next_message(self) -> list[zmq.Frame] | None:
         # Poll in short steps so that drain() is noticed while the controller is silent.
-        quiet_since = time.monotonic()
-        while not self._stopping.is_set() and not self._drain_over(quiet_since):
+        while not self._stopping.is_set():
             if await self._socket.poll(POLL_MS, zmq.POLLIN):  # type: ignore[call-arg]  # pyzmq's stub: timeout only
                 return await self._socket.recv_multipart(copy=False)
         return None
 
-    def _drain_over(self, quiet_since: float) -> bool:
-        if self._drain_deadline is None:
-            return False
-        now = time.monotonic()
-        return now >= self._drain_deadline or now - quiet_since >= self._drain_quiet_s
+    async def _refuse_buffered(self, grace_s: float) -> None:
+        """Read what is still buffered for up to `grace_s` (until quiet for grace_s / 4) and refuse it."""
+        deadline = time.monotonic() + grace_s
+        while (wait_s := min(grace_s / 4, deadline - time.monotonic())) > 0:
+            if not await self._socket.poll(int(wait_s * 1000), zmq.POLLIN):  # type: ignore[call-arg]
+                return
+            frames = await self._socket.recv_multipart(copy=False)
+            self._stats["received"] += 1
+            self._metrics.messages_received.inc()
+            self._refuse_draining(frames)
 
     def _refuse_draining(self, frames: list[zmq.Frame]) -> None:
         """While draining every buffered message gets an answer: `draining` (resend after restart), or
@@ -192,7 +193,7 @@ class IngestActor:
         try:
             message = decode_stream_message([frame.buffer for frame in frames], self._limits)
         except ProtocolError as exc:
-            self._spawn(self._reject(exc.code, exc.message, exc.context), section=None, holds_credit=True)
+            self._spawn(self._reject(exc.code, exc.message, exc.context), section=None)
             return
         header = message.header if isinstance(message, Tile) else message
         ids: dict[str, Any] = {"section": header.section}
@@ -201,7 +202,7 @@ class IngestActor:
         self._stats["refused_draining"] += 1
         what = f"{header.type} message"
         text = f"appliance stopping: this {what} was not processed; resend it after the restart"
-        self._spawn(self._reject("draining", text, ids), section=None, holds_credit=True)
+        self._spawn(self._reject("draining", text, ids), section=None)
 
     def _handle(self, frames: list[zmq.Frame], t_received: float) -> None:
         """Decode one message; every path either releases the credit or hands it to a task."""
