@@ -77,7 +77,8 @@ class Tally:
     malformed_sent: int = 0
     malformed_refused: int = 0
     recovered: bool = False
-    recovery_s: float | None = None
+    resumed_s: float | None = None  # fault -> the next tile answered
+    recovery_s: float | None = None  # fault -> every tile sent before it answered
     file_problems: list[str] = field(default_factory=list)
 
     @property
@@ -291,6 +292,8 @@ def tally(fault: str, controller: FaultController, output_dir: Path, t_fault: fl
     if t_fault is not None and result.recovered:
         last = max((controller.answered_at[tid] for tid in pending_at_fault), default=t_fault)
         result.recovery_s = round(max(last - t_fault, 0.0), 2)
+        after = [t for t in controller.answered_at.values() if t > t_fault]
+        result.resumed_s = round(min(after) - t_fault, 2) if after else None
     return result
 
 
@@ -392,7 +395,7 @@ def run_kill_drill(appliance: Any, fault: str, tiles: list[tuple[str, np.ndarray
     controller = FaultController(endpoints.tile, endpoints.feedback, section)
     try:
         joined = kill_when(controller, max(len(tiles) // 4, 1), kill)
-        controller.stream(iter(tiles), deadline_s=300, reply_timeout_s=45)
+        controller.stream(iter(tiles), deadline_s=400, reply_timeout_s=120)
         t_fault = joined()
         return tally(fault, controller, Path(endpoints.output_dir), t_fault)
     finally:
@@ -480,7 +483,7 @@ def run_malformed_drill(appliance: Any, tiles: list[tuple[str, np.ndarray]], sec
             for frames in bad:
                 controller.send_raw(frames)
 
-        controller.stream(mixed(), deadline_s=300, reply_timeout_s=60)
+        controller.stream(mixed(), deadline_s=300, reply_timeout_s=120)
         controller.wait_until(lambda: controller.malformed_refused >= n_bad, 30)
         result = tally("malformed", controller, Path(endpoints.output_dir), None)
         result.malformed_sent = n_bad
@@ -590,13 +593,15 @@ app = typer.Typer(add_completion=False)
 
 
 def print_table(results: list[Tally]) -> None:
-    columns = ("fault", "sent", "answered", "lost", "duplicated", "repeats", "resent", "recovered", "recovery_s")
+    columns = ("fault", "sent", "answered", "lost", "duplicated", "unassessed", "repeats", "resent", "recovered")
+    columns += ("resumed_s", "recovery_s")
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for result in results:
         row = asdict(result)
         row["recovered"] = "yes" if result.ok else "NO"
-        row["recovery_s"] = "-" if result.recovery_s is None else f"{result.recovery_s:.1f} s"
+        for key in ("resumed_s", "recovery_s"):
+            row[key] = "-" if row[key] is None else f"{row[key]:.1f} s"
         if result.fault == "malformed":
             row["fault"] = f"malformed ({result.malformed_refused}/{result.malformed_sent} refused)"
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")

@@ -64,6 +64,7 @@ def test_a_killed_replica_loses_no_tile_and_leaves_none_unassessed(
     assert_clean(result, 80)
     assert result.recovery_s is not None  # the kill happened mid-stream
     assert appliance.stats()["ingest"]["replica_retries"] > 0  # calls died with the replica and were retried
+    assert result.resent == 0  # no tile went unanswered long enough for the controller to resend it
 
 
 @pytest.mark.parametrize("which", ["sink", "ingest"])
@@ -99,3 +100,4 @@ def test_1000_malformed_messages_mixed_with_tiles_each_get_one_error(
     result = run_malformed_drill(appliance, tiles(100), "s1", n_bad=1000)
     assert_clean(result, 100)
     assert result.malformed_refused == result.malformed_sent == 1000
+    assert result.resent == 0
