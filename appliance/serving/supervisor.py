@@ -75,9 +75,11 @@ class Supervisor:
         except (RayActorError, ActorUnavailableError, GetTimeoutError) as exc:
             if which not in self._down_since:
                 self._down_since[which] = time.time()
-                log.error("the %s is down (%s); Ray restarts it", which, type(exc).__name__)
+                log.error("the %s is down or not answering (%s); Ray restarts a dead one", which, type(exc).__name__)
             return
         if pid == self._pids[which]:
+            if self._down_since.pop(which, None) is not None:
+                log.warning("the %s answers again (same process: it was only slow)", which)
             return
         t_down = self._down_since.pop(which, time.time())
         if which == "ingest":
