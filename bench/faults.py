@@ -402,9 +402,15 @@ def run_kill_drill(appliance: Any, fault: str, tiles: list[tuple[str, np.ndarray
         controller.close()
 
 
+STALL_FILLERS_PER_TILE = 10  # malformed messages between tiles: their errors fill the feedback path sooner
+
+
 def run_stalled_reader_drill(appliance: Any, tiles: list[tuple[str, np.ndarray]], section: str) -> Tally:
     """The controller stops reading feedback after a few answers until the appliance holds its tiles
-    (feedback outbox full, credits used up), then reads again: every answer must still arrive."""
+    (feedback outbox full, credits used up), then reads again: every answer must still arrive.
+
+    Malformed messages between the tiles (each answered by an `error`) fill the kernel's socket buffers
+    and the outbox also with few, large tiles; their errors must all arrive too."""
     import ray
 
     endpoints = appliance.endpoints
@@ -426,10 +432,13 @@ def run_stalled_reader_drill(appliance: Any, tiles: list[tuple[str, np.ndarray]]
         controller.stalled.clear()
 
     try:
-        joined = kill_when(controller, 5, stall)
-        controller.stream(iter(tiles), deadline_s=300, reply_timeout_s=120)
+        joined = kill_when(controller, 3, stall)
+        n_bad = STALL_FILLERS_PER_TILE * len(tiles)
+        controller.stream(mixed_with_malformed(controller, tiles, n_bad), deadline_s=300, reply_timeout_s=120)
         t_fault = joined()
+        controller.wait_until(lambda: controller.malformed_refused >= n_bad, 30)
         result = tally("stalled_reader", controller, Path(endpoints.output_dir), t_fault)
+        result.malformed_sent = n_bad
         result.file_problems += stalled_reader_problems(appliance.cfg.ingest, sink_stats)
         return result
     finally:
@@ -466,24 +475,26 @@ def malformed_messages(count: int) -> Iterator[list[Any]]:
             yield [msgpack.packb(header), bytes(100)]
 
 
+def mixed_with_malformed(
+    controller: FaultController, tiles: list[tuple[str, np.ndarray]], n_bad: int
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The tiles in order, `n_bad` malformed messages sent between them (evenly, the rest at the end)."""
+    bad = malformed_messages(n_bad)
+    per_tile = n_bad // max(len(tiles), 1)
+    for tile in tiles:
+        for _ in range(per_tile):
+            controller.send_raw(next(bad))
+        yield tile
+    for frames in bad:
+        controller.send_raw(frames)
+
+
 def run_malformed_drill(appliance: Any, tiles: list[tuple[str, np.ndarray]], section: str, n_bad: int) -> Tally:
     """Valid tiles with `n_bad` malformed messages mixed in: each tile answered once, each bad one refused."""
     endpoints = appliance.endpoints
     controller = FaultController(endpoints.tile, endpoints.feedback, section)
     try:
-        bad = malformed_messages(n_bad)
-        per_tile = max(n_bad // max(len(tiles), 1), 1)
-
-        def mixed() -> Iterator[tuple[str, np.ndarray]]:
-            for tile in tiles:
-                for frames in [next(bad, None) for _ in range(per_tile)]:
-                    if frames is not None:
-                        controller.send_raw(frames)
-                yield tile
-            for frames in bad:
-                controller.send_raw(frames)
-
-        controller.stream(mixed(), deadline_s=300, reply_timeout_s=120)
+        controller.stream(mixed_with_malformed(controller, tiles, n_bad), deadline_s=300, reply_timeout_s=120)
         controller.wait_until(lambda: controller.malformed_refused >= n_bad, 30)
         result = tally("malformed", controller, Path(endpoints.output_dir), None)
         result.malformed_sent = n_bad
@@ -602,8 +613,8 @@ def print_table(results: list[Tally]) -> None:
         row["recovered"] = "yes" if result.ok else "NO"
         for key in ("resumed_s", "recovery_s"):
             row[key] = "-" if row[key] is None else f"{row[key]:.1f} s"
-        if result.fault == "malformed":
-            row["fault"] = f"malformed ({result.malformed_refused}/{result.malformed_sent} refused)"
+        if result.malformed_sent:
+            row["fault"] += f" (+{result.malformed_sent} malformed: {result.malformed_refused} refused)"
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
 
 
