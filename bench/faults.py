@@ -40,7 +40,7 @@ from appliance.stream.protocol import ProtocolError, decode_feedback, encode_end
 from appliance.tools.demo import sample_tiles  # noqa: E402
 from appliance.tools.reference_controller import tile_frames  # noqa: E402
 
-DRILLS = ("detector", "deblur", "sink", "ingest", "sigterm", "stalled_reader", "malformed")
+DRILLS = ("none", "detector", "deblur", "sink", "ingest", "sigterm", "stalled_reader", "malformed")
 SEND_TIMEOUT_MS = 200  # the sender re-checks `draining` and resend requests this often while blocked
 
 
@@ -383,9 +383,11 @@ def drill_rig(output_dir: Path, size: int, **ingest: Any) -> RigConfig:
 
 def run_kill_drill(appliance: Any, fault: str, tiles: list[tuple[str, np.ndarray]], section: str) -> Tally:
     """Stream `tiles`; once a quarter are answered, SIGKILL the `fault` process (detector, deblur, sink,
-    ingest); wait until every tile is answered."""
+    ingest; "none" for the baseline); wait until every tile is answered."""
 
     def kill() -> None:
+        if fault == "none":  # the baseline: the same moment marked, nothing killed
+            return
         if fault in ("sink", "ingest"):
             sigkill(appliance.actor_pids()[fault])
         else:
