@@ -63,8 +63,8 @@ def test_a_killed_replica_loses_no_tile_and_leaves_none_unassessed(
 ) -> None:
     appliance = drill_appliance()
     pid_before = replica_pid(REPLICA_TITLES[fault])
-    result = run_kill_drill(appliance, fault, tiles(80), "s1")
-    assert_clean(result, 80)
+    result = run_kill_drill(appliance, fault, tiles(60), "s1")
+    assert_clean(result, 60)
     assert result.recovery_s is not None  # the kill happened mid-stream
     assert replica_pid(REPLICA_TITLES[fault]) != pid_before  # Serve replaced the killed replica
     assert result.resent == 0  # no tile went unanswered long enough for the controller to resend it
@@ -79,8 +79,8 @@ def test_a_killed_actor_is_restarted_on_the_same_ports_and_every_tile_is_answere
     appliance = drill_appliance()
     endpoints = appliance.endpoints
     pid_before = appliance.actor_pids()[which]
-    result = run_kill_drill(appliance, which, tiles(80), "s1")
-    assert_clean(result, 80)
+    result = run_kill_drill(appliance, which, tiles(60), "s1")
+    assert_clean(result, 60)
     restarts = appliance.restarts()
     assert [r.which for r in restarts] == [which]
     assert appliance.actor_pids()[which] not in (None, pid_before)
@@ -103,7 +103,7 @@ def test_1000_malformed_messages_mixed_with_tiles_each_get_one_error(
     drill_appliance: Callable[..., Appliance],
 ) -> None:
     appliance = drill_appliance()
-    result = run_malformed_drill(appliance, tiles(100), "s1", n_bad=1000)
-    assert_clean(result, 100)
+    result = run_malformed_drill(appliance, tiles(60), "s1", n_bad=1000)
+    assert_clean(result, 60)
     assert result.malformed_refused == result.malformed_sent == 1000
     assert result.resent == 0
