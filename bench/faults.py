@@ -317,7 +317,7 @@ def kill_when(controller: FaultController, n_answered: int, kill: Callable[[], N
     return _join
 
 
-# Ray names a worker process after what it runs: `ray::ServeReplica:<app>:<deployment>`.
+# Ray names a worker process after what it runs: `ray::ServeReplica:<app>:<deployment>[.<method>]`.
 REPLICA_TITLES = {
     "detector": "ray::ServeReplica:blur-detector:BlurDetectorDeployment",
     "deblur": "ray::ServeReplica:deblur:DeblurDeployment",
@@ -347,7 +347,8 @@ def replica_pid(title: str) -> int:
                 return True
         return False
 
-    found = [pid for pid, name in titles.items() if name.strip() == title and mine(pid)]
+    # While it runs a call, Ray appends the method: `ray::ServeReplica:...:BlurDetectorDeployment.handle_request`.
+    found = [pid for pid, name in titles.items() if name.strip().split(".")[0] == title and mine(pid)]
     if len(found) != 1:
         raise RuntimeError(f"expected one process {title!r} under pid {me}, found {found}")
     return found[0]
