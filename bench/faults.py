@@ -299,19 +299,25 @@ def tally(fault: str, controller: FaultController, output_dir: Path, t_fault: fl
 
 def kill_when(controller: FaultController, n_answered: int, kill: Callable[[], None]) -> Callable[[], float | None]:
     """Run `kill` in a thread once `n_answered` tiles are answered; the returned callable joins it and
-    gives the kill's time (time.monotonic(), None if it never ran)."""
+    gives the kill's time (time.monotonic(), None if it never ran); it raises when `kill` failed."""
     t_fault: list[float] = []
+    failed: list[BaseException] = []
 
     def _run() -> None:
         if controller.wait_until(lambda: len(controller.answers) >= n_answered, 300):
             t_fault.append(time.monotonic())
-            kill()
+            try:
+                kill()
+            except BaseException as exc:  # a fault that did not happen must fail the drill, not pass it
+                failed.append(exc)
 
     thread = threading.Thread(target=_run, name="fault", daemon=True)
     thread.start()
 
     def _join() -> float | None:
         thread.join(timeout=600)
+        if failed:
+            raise RuntimeError("the fault could not be made") from failed[0]
         return t_fault[0] if t_fault else None
 
     return _join
