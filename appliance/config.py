@@ -38,6 +38,21 @@ class IngestConfig(_Strict):
         "reading, the ZeroMQ pipe fills and the controller's send blocks (it is slowed, never dropped).",
     )
     receive_hwm: int = Field(2, ge=1, le=1000, description="ZeroMQ RCVHWM in messages (tiles are MBs).")
+    feedback_hwm: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Feedback frames held for a controller that is not reading. At the limit tile writes wait, "
+        "credits run out and the ingest stops reading (backpressure): no feedback is ever dropped.",
+    )
+    drain_grace_s: float = Field(
+        2.0,
+        ge=0.0,
+        le=60.0,
+        description="On stop: how long the ingest keeps reading after sending `draining`, refusing every "
+        "buffered message with error `draining` so none is dropped silently (it ends sooner once the socket "
+        "has been quiet for a quarter of this).",
+    )
     max_tile_bytes: int = Field(
         256 * 1024 * 1024, ge=1024, description="Largest accepted pixel frame; larger frames are refused."
     )

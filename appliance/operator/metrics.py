@@ -97,8 +97,10 @@ class SinkMetrics(_Metrics):
         self.feedback_pending = Gauge(
             f"{PREFIX}feedback_pending", "Feedback messages the controller has not taken yet.", registry=r
         )
-        self.feedback_dropped = Counter(
-            f"{PREFIX}feedback_dropped", "Feedback messages dropped from a full outbox (still in qc.jsonl).", registry=r
+        self.feedback_held_s = Counter(
+            f"{PREFIX}feedback_held_seconds",
+            "Seconds tile writes were held because the feedback outbox was full (controller not reading).",
+            registry=r,
         )
         stages = (
             ("receive_to_durable", "Receive -> file and QC line durable."),

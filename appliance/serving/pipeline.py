@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import zmq
 from ray import serve
 from ray.serve.schema import LoggingConfig
 
@@ -18,6 +19,7 @@ from appliance.operator.report_figures import Thresholds
 from appliance.serving.blur_detector_deployment import BlurDetectorDeployment
 from appliance.serving.deblur_deployment import DeblurDeployment
 from appliance.serving.ray_lockdown import init_local_ray
+from appliance.serving.supervisor import Restart, Supervisor
 from appliance.stream.ingest import IngestActor
 from appliance.stream.sink import SinkActor
 from appliance.stream.zmq_security import check_curve_keys
@@ -29,6 +31,28 @@ DETECTOR_APP = "blur-detector"
 DEBLUR_APP = "deblur"
 # Per-request access logs at 25 tiles/s would drown the rig's log; warnings and errors still show.
 SERVE_LOGGING = LoggingConfig(log_level="WARNING", enable_access_log=False)
+# Supervised actors: Ray restarts a killed sink or ingest process (the Supervisor resumes it). Sink calls
+# are idempotent, so Ray also retries them on the restarted sink; ingest calls are not retried.
+SINK_OPTIONS = {"max_restarts": -1, "max_task_retries": -1}
+INGEST_OPTIONS = {"max_restarts": -1, "max_task_retries": 0}
+STATS_TIMEOUT_S = 10.0  # a restarting actor answers after its restart; the status line skips a beat
+DRAINING_MESSAGE = "appliance stopping: send nothing more; resend every tile without an answer after the restart"
+
+
+def resolve_endpoint(endpoint: str) -> str:
+    """`tcp://host:*` -> `tcp://host:<a free port>` (other endpoints unchanged), resolved once by the driver
+    so that an actor Ray restarts binds the very port the controller already connects to."""
+    if not endpoint.endswith(":*"):
+        return endpoint
+    context = zmq.Context()
+    probe = context.socket(zmq.PULL)
+    probe.setsockopt(zmq.LINGER, 0)
+    try:
+        probe.bind(endpoint)
+        return probe.getsockopt_string(zmq.LAST_ENDPOINT)
+    finally:
+        probe.close()
+        context.term()
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,7 @@ class Appliance:
         self._ingest: Any = None
         self._sink: Any = None
         self._metrics: MetricsEndpoint | None = None
+        self._supervisor: Supervisor | None = None
         self.endpoints: RunningEndpoints | None = None
 
     def start(self) -> RunningEndpoints:
@@ -83,12 +108,22 @@ class Appliance:
             route_prefix=None,
         )
         thresholds = Thresholds(self.cfg.detector.sharp_sigma_px, self.cfg.detector.max_restorable_sigma_px)
-        self._sink = SinkActor.remote(  # type: ignore[attr-defined]  # added by @ray.remote
-            self.cfg.output, self.cfg.ingest.feedback_endpoint, thresholds, security=self.cfg.security
+        ingest_cfg = self.cfg.ingest.model_copy(
+            update={
+                "tile_endpoint": resolve_endpoint(self.cfg.ingest.tile_endpoint),
+                "feedback_endpoint": resolve_endpoint(self.cfg.ingest.feedback_endpoint),
+            }
+        )
+        self._sink = SinkActor.options(**SINK_OPTIONS).remote(  # type: ignore[attr-defined]  # added by @ray.remote
+            self.cfg.output,
+            ingest_cfg.feedback_endpoint,
+            thresholds,
+            feedback_hwm=ingest_cfg.feedback_hwm,
+            security=self.cfg.security,
         )
         sink_info = ray.get(self._sink.endpoints.remote())
-        self._ingest = IngestActor.remote(  # type: ignore[attr-defined]  # added by @ray.remote
-            self.cfg.ingest,
+        self._ingest = IngestActor.options(**INGEST_OPTIONS).remote(  # type: ignore[attr-defined]
+            ingest_cfg,
             detector,
             deblur,
             self._sink,
@@ -96,6 +131,8 @@ class Appliance:
             security=self.cfg.security,
         )
         tile_endpoint = ray.get(self._ingest.start.remote())
+        self._supervisor = Supervisor({"sink": self._sink, "ingest": self._ingest})
+        self._supervisor.start()
         metrics_url = self._start_metrics(sink_info["output_dir"]) if self.cfg.metrics.enabled else None
         self.endpoints = RunningEndpoints(tile_endpoint, sink_info["feedback"], sink_info["output_dir"], metrics_url)
         log.info(
@@ -133,17 +170,32 @@ class Appliance:
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters of the ingest (received, in flight, retries) and the sink (by outcome)."""
-        return {"ingest": ray.get(self._ingest.stats.remote()), "sink": ray.get(self._sink.stats.remote())}
+        ingest, sink = ray.get([self._ingest.stats.remote(), self._sink.stats.remote()], timeout=STATS_TIMEOUT_S)
+        return {"ingest": ingest, "sink": sink}
+
+    def restarts(self) -> list[Restart]:
+        """Every recovery of the sink or ingest so far (supervision)."""
+        return list(self._supervisor.restarts) if self._supervisor is not None else []
+
+    def actor_pids(self) -> dict[str, int | None]:
+        """Process id of the sink and the ingest (None while one is down): what an operator or a test kills."""
+        return self._supervisor.pids() if self._supervisor is not None else {}
 
     def last_report(self) -> str:
         """Path of the newest section report ("" before the first section ended)."""
         return str(ray.get(self._sink.last_report.remote()))
 
     def drain_and_stop(self) -> dict[str, dict[str, int]]:
-        """Stop reading, finish every accepted tile, flush feedback, then tear everything down."""
+        """Tell the controller `draining`, refuse what is still buffered (error `draining`) for
+        ingest.drain_grace_s, finish every accepted tile, flush feedback, then tear everything down."""
         final: dict[str, dict[str, int]] = {}
+        if self._supervisor is not None:
+            self._supervisor.stop()
+            self._supervisor = None
         if self._ingest is not None:
-            final["ingest"] = ray.get(self._ingest.drain.remote())
+            if self._sink is not None:
+                ray.get(self._sink.send_draining.remote(DRAINING_MESSAGE))
+            final["ingest"] = ray.get(self._ingest.drain.remote(self.cfg.ingest.drain_grace_s))
         if self._sink is not None:
             final["sink"] = ray.get(self._sink.close.remote())
         if self._metrics is not None:

@@ -9,6 +9,8 @@ import threading
 import time
 from types import FrameType
 
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
 from appliance.config import RigConfig
 from appliance.operator.section_report import REPORT_FILENAME
 from appliance.operator.status_line import status_line
@@ -65,7 +67,12 @@ def _print_status_until(stop: threading.Event, appliance: Appliance, every_s: fl
     output_dir = appliance.endpoints.output_dir
     previous, t_previous = appliance.stats(), time.monotonic()
     while not stop.wait(every_s):
-        current, now = appliance.stats(), time.monotonic()
+        try:
+            current, now = appliance.stats(), time.monotonic()
+        except (RayActorError, ActorUnavailableError, GetTimeoutError) as exc:
+            # A dead sink or ingest is restarted and resumed by supervision (docs/operating.md): keep serving.
+            print(f"status: unavailable, an actor is restarting ({type(exc).__name__})", flush=True)
+            continue
         line = status_line(
             previous,
             current,

@@ -1,26 +1,33 @@
 """ZeroMQ ingest actor: receive tiles, validate them, and drive each through detector -> deblur -> sink.
 
 Flow control is credit based: a tile takes a credit when it is read from the socket and gives it back
-only when the sink has written it. With no credit left the actor stops reading, the ZeroMQ pipe fills,
-and the controller's PUSH blocks. Serve's BackPressureError is retried, never turned into a lost tile.
+only when the sink has recorded its outcome. With no credit left the actor stops reading, the ZeroMQ pipe
+fills, and the controller's PUSH blocks. Serve's BackPressureError is retried, never turned into a lost tile.
+
+Faults (docs/operating.md): a detector/deblur call that died with its replica is retried (bounded) on the
+replica Serve starts instead; a write to a sink that died is retried until the restarted sink answers
+(write_tile is idempotent), so a credit is never released for a tile whose outcome was not recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import zmq
 import zmq.asyncio
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from appliance.config import IngestConfig, SecurityConfig
-from appliance.messages import TileOutcome
+from appliance.messages import BlurAssessment, RestoredTile, TileOutcome
 from appliance.operator.metrics import IngestMetrics
 from appliance.stream.blur_share import BlurShareGuard
 from appliance.stream.protocol import (
@@ -40,6 +47,14 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 100
 RETRY_DELAY_S = (0.005, 0.5)  # first and longest wait between retries of a rejected Serve call
+# A call lost with its replica (killed, OOM) is retried on the replacement Serve starts (seconds; longer
+# while a model loads on a busy machine): waits of 2, 4, 8, 16, 30 s, i.e. 6 attempts over ~60 s, then
+# the tile is answered processing_failed (written as acquired).
+REPLICA_RETRY_WAITS_S = (2.0, 4.0, 8.0, 16.0, 30.0)
+# The call died with the process that ran it (or owned its result); the same call can run again.
+REPLICA_DEATH = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, ObjectLostError)
+SINK_RETRY_WAIT_S = (0.2, 5.0)  # first and longest wait between writes to a sink that is restarting
+T = TypeVar("T")
 
 
 @dataclass
@@ -111,7 +126,10 @@ class IngestActor:
             "in_flight": 0,
             "max_in_flight_seen": 0,
             "sink_errors": 0,
+            "replica_retries": 0,
+            "sink_retries": 0,
             "repeats": 0,
+            "refused_draining": 0,
         }
         self._metrics = IngestMetrics(cfg.max_in_flight)
 
@@ -121,11 +139,20 @@ class IngestActor:
             self._loop_task = asyncio.get_running_loop().create_task(self._receive_loop())
         return self.endpoint
 
-    async def drain(self) -> dict[str, int]:
-        """Stop reading new messages, wait until every accepted tile is written, close the socket."""
+    def health(self) -> int:
+        """This actor's process id: the supervisor sees a restart as a new pid (and kills it in tests)."""
+        return os.getpid()
+
+    async def drain(self, grace_s: float = 0.0) -> dict[str, int]:
+        """Refuse every message still buffered (error `draining`) for up to `grace_s` (less once the socket
+        is quiet for grace_s / 4), then stop reading, wait until every accepted tile is recorded, close."""
         self._stopping.set()
         if self._loop_task is not None:
-            await self._loop_task
+            # Cancelled also while it waits for a credit: refusing needs none, so a long tile in flight
+            # cannot make the grace period pass with messages still unread.
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self._refuse_buffered(grace_s)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self._socket.close()
@@ -165,6 +192,34 @@ class IngestActor:
             if await self._socket.poll(POLL_MS, zmq.POLLIN):  # type: ignore[call-arg]  # pyzmq's stub: timeout only
                 return await self._socket.recv_multipart(copy=False)
         return None
+
+    async def _refuse_buffered(self, grace_s: float) -> None:
+        """Read what is still buffered for up to `grace_s` (until quiet for grace_s / 4) and refuse it."""
+        deadline = time.monotonic() + grace_s
+        while (wait_s := min(grace_s / 4, deadline - time.monotonic())) > 0:
+            if not await self._socket.poll(int(wait_s * 1000), zmq.POLLIN):  # type: ignore[call-arg]
+                return
+            frames = await self._socket.recv_multipart(copy=False)
+            self._stats["received"] += 1
+            self._metrics.messages_received.inc()
+            self._refuse_draining(frames)
+
+    def _refuse_draining(self, frames: list[zmq.Frame]) -> None:
+        """While draining every buffered message gets an answer: `draining` (resend after restart), or
+        its protocol error when it is malformed anyway."""
+        try:
+            message = decode_stream_message([frame.buffer for frame in frames], self._limits)
+        except ProtocolError as exc:
+            self._spawn(self._reject(exc.code, exc.message, exc.context), section=None)
+            return
+        header = message.header if isinstance(message, Tile) else message
+        ids: dict[str, Any] = {"section": header.section}
+        if isinstance(header, TileHeader):
+            ids |= {"tile_id": header.tile_id, "seq": header.seq}
+        self._stats["refused_draining"] += 1
+        what = f"{header.type} message"
+        text = f"appliance stopping: this {what} was not processed; resend it after the restart"
+        self._spawn(self._reject("draining", text, ids), section=None)
 
     def _handle(self, frames: list[zmq.Frame], t_received: float) -> None:
         """Decode one message; every path either releases the credit or hands it to a task."""
@@ -220,7 +275,9 @@ class IngestActor:
         try:
             if after is not None:
                 await asyncio.wait([after])
-            status = await self._sink.lookup.remote(header.section, header.tile_id, header.seq, header.replaces)
+            status = await self._until_sink_answers(
+                lambda: self._sink.lookup.remote(header.section, header.tile_id, header.seq, header.replaces)
+            )
             if status == "new":  # counted here: a repeat or a refusal never ends in tiles_done
                 self._stats["tiles_accepted"] += 1
                 self._metrics.tiles_received.inc()
@@ -239,7 +296,8 @@ class IngestActor:
         self._spawn(self._open_section(start.section), section=None)
 
     async def _open_section(self, name: str) -> None:
-        await self._sink.start_section.remote(name)  # refuses `section_ended` itself for an ended section
+        # The sink refuses `section_ended` itself for an ended section.
+        await self._until_sink_answers(lambda: self._sink.start_section.remote(name))
 
     def _section(self, name: str) -> _Section:
         """The open section `name`, opened now if it is new."""
@@ -280,14 +338,15 @@ class IngestActor:
         restored_ref: ray.ObjectRef | None = None
         try:
             t0 = time.perf_counter()
-            outcome.assessment = await self._call(self._detector, pixels_ref)
+            assessment: BlurAssessment = await self._call(self._detector, lambda: self._detector.remote(pixels_ref))
+            outcome.assessment = assessment
             outcome.timings_s["detect_s"] = time.perf_counter() - t0
-            outcome.alarm = section.blur_share.observe(outcome.assessment.label, self._calibrated)
-            if outcome.assessment.label == "soft" and section.blur_share.suspended:
+            outcome.alarm = section.blur_share.observe(assessment.label, self._calibrated)
+            if assessment.label == "soft" and section.blur_share.suspended:
                 outcome.restore_suspended = True
-            elif outcome.assessment.label == "soft":
+            elif assessment.label == "soft":
                 t1 = time.perf_counter()
-                restored = await self._call(self._deblur, pixels_ref, outcome.assessment)
+                restored = await self._call(self._deblur, lambda: self._restore(pixels_ref, assessment))
                 outcome.timings_s["deblur_s"] = time.perf_counter() - t1
                 restored_ref, outcome.deblur_version = restored.pixels_ref, restored.model_version
                 self._metrics.deblur_busy_s.labels(replica=restored.replica).inc(restored.busy_s)
@@ -295,35 +354,68 @@ class IngestActor:
             log.exception("tile %s/%s failed in processing", header.section, header.tile_id)
             outcome.failure = f"{type(exc).__name__}: {exc}"
             self._stats["failed"] += 1
-        await self._sink.write_tile.remote(outcome, pixels_ref, restored_ref)
+        await self._until_sink_answers(lambda: self._sink.write_tile.remote(outcome, pixels_ref, restored_ref))
         self._stats["tiles_done"] += 1
 
-    async def _call(self, handle: DeploymentHandle, *args: Any) -> Any:
+    async def _restore(self, pixels_ref: ray.ObjectRef, assessment: BlurAssessment) -> RestoredTile:
+        """Deblur one tile and take the restored pixels over: the replica owns its ObjectRef, and a replica
+        killed after answering would take the pixels with it before the sink reads them."""
+        restored: RestoredTile = await self._deblur.remote(pixels_ref, assessment)
+        pixels = await restored.pixels_ref
+        return RestoredTile(ray.put(pixels), restored.model_version, restored.replica, restored.busy_s)
+
+    async def _until_sink_answers(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Call the sink until it answers: a dead sink is restarted by Ray (max_restarts) and its calls are
+        idempotent, so the tile keeps its credit (the ingest stops reading) instead of being lost."""
+        delay = SINK_RETRY_WAIT_S[0]
+        while True:
+            try:
+                return await call()
+            except Exception as exc:  # the outcome is not recorded: never give the credit back
+                self._stats["sink_retries"] += 1
+                log.error("sink did not record a tile outcome (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SINK_RETRY_WAIT_S[1])
+
+    async def _call(self, handle: DeploymentHandle, attempt: Callable[[], Awaitable[T]]) -> T:
+        """One detector/deblur call (`attempt` calls `handle`); queue depth metered per deployment."""
         depth = self._metrics.queue_depth.labels(deployment=handle.deployment_name)
         depth.inc()
         try:
-            return await self._call_until_accepted(handle, *args)
+            return await self._retry_replica_death(handle.deployment_name, attempt)
         finally:
             depth.dec()
 
-    async def _call_until_accepted(self, handle: DeploymentHandle, *args: Any) -> Any:
+    async def _retry_replica_death(self, deployment: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        for wait_s in (*REPLICA_RETRY_WAITS_S, None):
+            try:
+                return await self._call_until_accepted(deployment, attempt)
+            except REPLICA_DEATH as exc:
+                if wait_s is None:
+                    raise
+                self._stats["replica_retries"] += 1
+                log.warning("%s replica died during a call (%s); retrying in %.0f s", deployment, exc, wait_s)
+                await asyncio.sleep(wait_s)
+        raise AssertionError("unreachable")
+
+    async def _call_until_accepted(self, deployment: str, attempt: Callable[[], Awaitable[T]]) -> T:
         delay = RETRY_DELAY_S[0]
         while True:
             try:
-                return await handle.remote(*args)
+                return await attempt()
             except BackPressureError:
                 self._stats["backpressure_retries"] += 1
-                self._metrics.serve_rejections.labels(deployment=handle.deployment_name).inc()
+                self._metrics.serve_rejections.labels(deployment=deployment).inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_DELAY_S[1])
 
     async def _reject(self, code: str, message: str, context: dict[str, Any]) -> None:
         self._stats["rejected"] += 1
         log.warning("refused message (%s): %s", code, message)
-        await self._sink.record_rejection.remote(code, message, context)
+        await self._until_sink_answers(lambda: self._sink.record_rejection.remote(code, message, context))
 
     async def _finish_section(self, end: SectionEnd) -> None:
         section = self._sections.pop(end.section, None)
         if section is not None and section.pending:
             await asyncio.gather(*list(section.pending), return_exceptions=True)
-        await self._sink.finish_section.remote(end.section, end.n_tiles)
+        await self._until_sink_answers(lambda: self._sink.finish_section.remote(end.section, end.n_tiles))

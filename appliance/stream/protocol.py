@@ -259,6 +259,7 @@ def encode_tile(header: TileHeader, pixels: np.ndarray) -> list[bytes | memoryvi
 FeedbackType = Literal["result", "retake", "error", "section_done", "alarm", "draining"]
 AlarmKind = Literal["implausible_blur_share", "disk_full", "disk_ok", "restarted"]
 ALARM_KINDS: tuple[AlarmKind, ...] = get_args(AlarmKind)
+ALARM_RESTARTED: AlarmKind = "restarted"  # key `which`: "ingest" | "sink"; resend every unanswered tile now
 _IDS = frozenset({"section", "tile_id", "seq"})
 _FEEDBACK_KEYS: dict[str, frozenset[str]] = {
     "result": _IDS | {"label", "action", "blur_score", "sigma_px", "path", "latency_s"},

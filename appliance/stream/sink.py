@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import sqlite3
 import time
@@ -40,8 +41,16 @@ from appliance.qc_record import (
     TileAction,
 )
 from appliance.stream.answers import answer_frames, storage_failed_frame
-from appliance.stream.feedback import FeedbackChannel
-from appliance.stream.protocol import ErrorCode, TileHeader, as_repeat, duplicate_message, encode_feedback, unpack_map
+from appliance.stream.feedback import DEFAULT_MAX_PENDING, FeedbackChannel
+from appliance.stream.protocol import (
+    ALARM_RESTARTED,
+    ErrorCode,
+    TileHeader,
+    as_repeat,
+    duplicate_message,
+    encode_feedback,
+    unpack_map,
+)
 from appliance.stream.qc_log import QcLog
 from appliance.stream.tile_index import TileIndex, TileRow, is_section_name
 from appliance.tile_io import is_disk_full, move_durably, sweep_part_files, write_tile_atomic
@@ -99,6 +108,7 @@ class SinkActor:
         output: OutputConfig,
         feedback_endpoint: str,
         thresholds: Thresholds | None = None,
+        feedback_hwm: int = DEFAULT_MAX_PENDING,
         security: SecurityConfig | None = None,
     ) -> None:
         self._output = output
@@ -111,7 +121,8 @@ class SinkActor:
         self._n_reconciled = self._index.reconcile(self._qc.path)
         log.info("index %s: %d tile(s) known", self._index.path, self._index.n_tiles())
         self._context = zmq.Context()
-        self._feedback = FeedbackChannel(self._context, feedback_endpoint, security)
+        self._feedback = FeedbackChannel(self._context, feedback_endpoint, feedback_hwm, security)
+        self._n_held_s_seen = 0.0
         # QC append + index commit happen in this order for every line: the index's qc offset stays exact.
         self._record_lock = asyncio.Lock()
         self._writing: dict[tuple[str, str], asyncio.Event] = {}
@@ -121,7 +132,6 @@ class SinkActor:
         self._unrecorded_rejections: Counter[str] = Counter()
         self._flusher: asyncio.Task[None] | None = None
         self._metrics = SinkMetrics()
-        self._n_overflowed_seen = 0
         self._thresholds = thresholds or Thresholds()
         # Compact per-tile rows of each open section, for its report (qc.jsonl grows for the whole run).
         self._section_tiles: dict[str, list[TileQc]] = {}
@@ -167,6 +177,7 @@ class SinkActor:
         Returns the QC action, or "repeat", "rejected", "storage_failed".
         """
         header = outcome.header
+        await self._feedback.wait_for_room()  # a controller not reading holds this tile (and its credit)
         await self._wait_unclaimed(header.section, header.tile_id)
         status, refusal = self._admission(header.section, header.tile_id, header.seq, header.replaces)
         if status == "recorded":
@@ -185,6 +196,7 @@ class SinkActor:
 
     async def record_rejection(self, code: ErrorCode, message: str, context: dict[str, Any]) -> None:
         """A message was refused: QC line and index count first (one try), then the error, always."""
+        await self._feedback.wait_for_room()
         ids = {key: context.get(key) for key in ("section", "tile_id", "seq")}
         record = QcRejection(t=time.time(), **ids, action="rejected", code=code, error=message)
         try:
@@ -195,6 +207,22 @@ class SinkActor:
                 self._unrecorded_rejections[str(section)] += 1
         self._counts["rejected"] += 1
         self._send_error(code, message, ids)
+
+    def send_draining(self, message: str) -> None:
+        """Tell the controller the appliance is stopping: stop sending; unanswered tiles are resent after restart."""
+        log.warning("draining: %s", message)
+        self._send(encode_feedback("draining", message=message))
+
+    def send_restarted(self, which: str) -> None:
+        """Supervision restarted `which` ("ingest" | "sink"): the controller resends every unanswered tile now."""
+        message = f"the {which} was restarted after a failure; resend every tile without an answer"
+        log.error("ALARM restarted: %s", message)
+        self._metrics.alarms.labels(kind=ALARM_RESTARTED).inc()
+        self._send(encode_feedback("alarm", kind=ALARM_RESTARTED, which=which, message=message))
+
+    def health(self) -> int:
+        """This actor's process id: the supervisor sees a restart as a new pid (and kills it in tests)."""
+        return os.getpid()
 
     async def finish_section(self, section: str, n_expected: int | None) -> dict[str, Any]:
         """All tiles of `section` are done: mark it ended and send `section_done` with its counts.
@@ -240,7 +268,8 @@ class SinkActor:
             "part_files_swept": self._n_swept,
             "qc_lines_reconciled": self._n_reconciled,
             "feedback_pending": self._feedback.pending,
-            "feedback_overflowed": self._feedback.n_overflowed,
+            "feedback_max_pending": self._feedback.max_pending_seen,
+            "feedback_held_ms": round(self._feedback.waited_s * 1000),
         }
 
     def last_report(self) -> str:
@@ -250,8 +279,8 @@ class SinkActor:
     def metrics_text(self) -> bytes:
         """This actor's Prometheus metrics (text format), for the driver's /metrics endpoint."""
         self._metrics.feedback_pending.set(self._feedback.pending)
-        self._metrics.feedback_dropped.inc(self._feedback.n_overflowed - self._n_overflowed_seen)
-        self._n_overflowed_seen = self._feedback.n_overflowed
+        self._metrics.feedback_held_s.inc(self._feedback.waited_s - self._n_held_s_seen)
+        self._n_held_s_seen = self._feedback.waited_s
         return self._metrics.exposition()
 
     async def close(self) -> dict[str, int]:

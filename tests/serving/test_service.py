@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from appliance.qc_record import QC_FILENAME, QcTileRecord, read_qc_lines
+from appliance.qc_record import QC_FILENAME, QcRejection, QcTileRecord, read_qc_lines
 from appliance.tools.reference_controller import ReferenceController, cycle_tiles, tile_frames
 
 pytestmark = pytest.mark.system
@@ -79,7 +79,9 @@ def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
             time.sleep(0.6)  # at least one status line
             process.send_signal(signal.SIGTERM)
             output, _ = process.communicate(timeout=120)
-            results = [m for m in controller.feedback() if m["type"] == "result"]
+            feedback = controller.feedback()
+            results = [m for m in feedback if m["type"] == "result"]
+            refused = [m for m in feedback if m["type"] == "error" and m["code"] == "draining"]
         assert process.returncode == 0, output
         assert "drained and stopped" in output
         assert re.search(
@@ -91,9 +93,16 @@ def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
         assert "(raylet)" not in output and "killed by `ray.kill`" not in output, output
         received = re.search(r"^em_appliance_tiles_received_total ([0-9.e+]+)$", scraped, re.MULTILINE)
         assert received and 1 <= float(received.group(1)) <= 12, scraped
-        # Every tile the appliance read was finished; the rest were never read (still the controller's).
+        # The controller was told `draining`; every tile got exactly one answer: finished (result) or,
+        # still buffered when the stop came, refused `draining` (to resend after a restart); none dropped.
+        assert sum(m["type"] == "draining" for m in feedback) == 1
+        answered = sorted(m["seq"] for m in results + refused)
+        assert answered == list(range(12)) and len(results) >= 1, feedback
         qc_lines = read_qc_lines(tmp_path / "out" / QC_FILENAME)
-        assert len(qc_lines) == len(results) >= 1 and all(isinstance(r, QcTileRecord) for r in qc_lines)
+        assert sorted(r.seq for r in qc_lines if isinstance(r, QcTileRecord)) == sorted(m["seq"] for m in results)
+        assert sorted(r.seq for r in qc_lines if isinstance(r, QcRejection) and r.code == "draining") == sorted(
+            m["seq"] for m in refused
+        )
         for message in results:
             assert (tmp_path / "out" / message["path"]).is_file()
     finally:

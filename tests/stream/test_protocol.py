@@ -153,7 +153,7 @@ def test_alarm_feedback_and_the_optional_restore_suspended_key_of_a_result() -> 
     )  # fmt: skip
     assert decode_feedback(encode_feedback("alarm", **alarm))["kind"] == "implausible_blur_share"
     with pytest.raises(ValueError, match="alarm feedback needs keys"):
-        encode_feedback("alarm", **{k: v for k, v in alarm.items() if k != "calibrated"})
+        encode_feedback("alarm", **{k: v for k, v in alarm.items() if k != "message"})
     result = dict(
         section="s", tile_id="t", seq=1, label="soft", action="written", blur_score=0.4, sigma_px=1.3,
         path="s/t.tif", latency_s=0.1,
@@ -204,3 +204,14 @@ def test_v1_1_feedback_repeat_draining_and_the_new_alarm_kinds() -> None:
         decode_feedback(msgpack.packb({"v": 1, "type": "alarm", "kind": "meteor", "message": "m"}))
     assert {"storage_failed", "section_ended", "unknown_tile", "draining"} <= set(ERROR_CODES)
     assert set(ALARM_KINDS) == {"implausible_blur_share", "disk_full", "disk_ok", "restarted"}
+
+
+def test_v1_1_draining_feedback_restarted_alarm_and_repeat_flag() -> None:
+    draining = decode_feedback(encode_feedback("draining", message="appliance stopping"))
+    assert draining == {"v": 1, "type": "draining", "message": "appliance stopping"}
+    restarted = decode_feedback(encode_feedback("alarm", kind="restarted", which="sink", message="resend"))
+    assert (restarted["kind"], restarted["which"]) == ("restarted", "sink")
+    error = dict(code="draining", message="resend after restart", section="s", tile_id="t", seq=3)
+    assert decode_feedback(encode_feedback("error", **error, repeat=True))["repeat"] is True
+    with pytest.raises(ValueError, match="draining feedback needs keys"):
+        encode_feedback("draining", message="x", section="s")
