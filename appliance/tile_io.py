@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -86,6 +87,14 @@ def write_tile_atomic(path: Path, pixels: np.ndarray, fsync: bool = True) -> Non
         if fsync:
             _fsync_path(Path(tmp_name))
         os.replace(tmp_name, path)
+    except OSError as exc:
+        # numpy's tofile (under tifffile) reports a full disk as a short write without errno
+        # ("5760000 requested and 5504768 written"): name it ENOSPC, so it is backpressure, not a failure.
+        full = exc.errno is None and shutil.disk_usage(path.parent).free < pixels.nbytes
+        Path(tmp_name).unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on the device writing {path.name} ({exc})") from exc
+        raise
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

@@ -14,6 +14,7 @@ JSON to bench/results/faults.json. tests/faults/ runs the same drills with small
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ from appliance.stream.protocol import ProtocolError, decode_feedback, encode_end
 from appliance.tools.demo import sample_tiles  # noqa: E402
 from appliance.tools.reference_controller import tile_frames  # noqa: E402
 
-DRILLS = ("none", "detector", "deblur", "sink", "ingest", "sigterm", "stalled_reader", "malformed")
+DRILLS = ("none", "detector", "deblur", "sink", "ingest", "sigterm", "stalled_reader", "malformed", "disk_full")
 SEND_TIMEOUT_MS = 200  # the sender re-checks `draining` and resend requests this often while blocked
 
 
@@ -411,6 +412,64 @@ def run_kill_drill(appliance: Any, fault: str, tiles: list[tuple[str, np.ndarray
         controller.close()
 
 
+DISK_FULL_HOLD_S = 3.0  # the disk stays full this long after the appliance's `disk_full` alarm
+
+
+def mount_tmpfs(path: Path, size_mb: int) -> None:
+    """A real small filesystem for the output (root and mount(8) needed: the drill refuses to fill a real disk)."""
+    if os.geteuid() != 0:
+        raise RuntimeError("the disk_full drill mounts a tmpfs: run it as root (it never fills a real disk)")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], check=True)
+
+
+def fill_disk(path: Path) -> Path:
+    """Write a filler file until the filesystem at `path` is full (ENOSPC); returns it."""
+    filler = path / "filler.bin"
+    block = b"\0" * (1 << 20)
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(block)
+                out.flush()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return filler
+
+
+def run_disk_full_drill(appliance: Any, tiles: list[tuple[str, np.ndarray]], section: str, disk: Path) -> Tally:
+    """Once a quarter of the tiles are answered, fill the output filesystem; after the appliance's
+    `disk_full` alarm, hold it full for DISK_FULL_HOLD_S, then free the space: every tile must be answered
+    (none lost, none `storage_failed`), and `disk_ok` must follow."""
+    endpoints = appliance.endpoints
+    controller = FaultController(endpoints.tile, endpoints.feedback, section)
+
+    def fill() -> None:
+        filler = fill_disk(disk)
+
+        def alarmed() -> bool:
+            return any(a["kind"] == "disk_full" for a in controller.alarms)
+
+        if not controller.wait_until(alarmed, 120):
+            filler.unlink()
+            raise RuntimeError("the disk was full but no disk_full alarm came")
+        time.sleep(DISK_FULL_HOLD_S)
+        filler.unlink()
+
+    try:
+        joined = kill_when(controller, max(len(tiles) // 4, 1), fill)
+        controller.stream(iter(tiles), deadline_s=400, reply_timeout_s=120)
+        t_fault = joined()
+        controller.wait_until(lambda: any(a["kind"] == "disk_ok" for a in controller.alarms), 30)
+        result = tally("disk_full", controller, Path(endpoints.output_dir), t_fault)
+        if not any(a["kind"] == "disk_ok" for a in controller.alarms):
+            result.file_problems.append("no disk_ok alarm after the space came back")
+        return result
+    finally:
+        controller.close()
+
+
 STALL_FILLERS_PER_TILE = 10  # malformed messages between tiles: their errors fill the feedback path sooner
 
 
@@ -645,12 +704,17 @@ def main(
     work_dir.mkdir(parents=True, exist_ok=True)
     batch = list(fault_tiles(tiles, size))
     results: list[Tally] = []
+    unknown = sorted(set(chosen) - set(DRILLS))
+    if unknown:
+        raise typer.BadParameter(f"unknown drill(s) {unknown}; choose from {', '.join(DRILLS)}")
     in_process = [d for d in chosen if d != "sigterm"]
     if in_process:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         for name in in_process:
             out = work_dir / f"{name}-{time.time_ns()}"
+            if name == "disk_full":  # room for every tile (and the QC files) once the filler is gone
+                mount_tmpfs(out, size_mb=16 + int(len(batch) * size * size * 1.3 / 1e6))
             ingest = {"feedback_hwm": 8} if name == "stalled_reader" else {}
             appliance = Appliance(drill_rig(out, size, **ingest))
             appliance.start()
@@ -659,10 +723,14 @@ def main(
                     results.append(run_stalled_reader_drill(appliance, batch, "s1"))
                 elif name == "malformed":
                     results.append(run_malformed_drill(appliance, batch, "s1", malformed))
+                elif name == "disk_full":
+                    results.append(run_disk_full_drill(appliance, batch, "s1", Path(appliance.endpoints.output_dir)))
                 else:
                     results.append(run_kill_drill(appliance, name, batch, "s1"))
             finally:
                 appliance.drain_and_stop()
+                if name == "disk_full":
+                    subprocess.run(["umount", "-l", str(out)], check=False)
             print(f"{name}: {asdict(results[-1])}", flush=True)
         ray.shutdown()
     if "sigterm" in chosen:
