@@ -9,7 +9,7 @@ LABELS = ("sharp", "soft", "retake", "empty")
 
 def tiles_done(sink_counts: Mapping[str, int]) -> int:
     """Tiles answered so far (every label plus failed ones), from the sink's counters."""
-    return sum(sink_counts.get(key, 0) for key in (*LABELS, "error"))
+    return sum(sink_counts.get(key, 0) for key in (*LABELS, "error", "storage_failed"))
 
 
 def human_bytes(n_bytes: float) -> str:
@@ -37,7 +37,7 @@ def status_line(
     """
     sink = current["sink"]
     rate = (tiles_done(sink) - tiles_done(previous["sink"])) / interval_s if interval_s > 0 else 0.0
-    errors = sink.get("error", 0) + sink.get("rejected", 0)
+    errors = sink.get("error", 0) + sink.get("storage_failed", 0) + sink.get("rejected", 0)
     labels = " ".join(f"{label} {sink.get(label, 0)}" for label in LABELS)
     report = f"last report {last_report}" if last_report else "no section report yet"
     return (
