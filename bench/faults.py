@@ -424,17 +424,19 @@ def mount_tmpfs(path: Path, size_mb: int) -> None:
 
 
 def fill_disk(path: Path) -> Path:
-    """Write a filler file until the filesystem at `path` is full (ENOSPC); returns it."""
+    """Write a filler file in `path` until its filesystem refuses another byte (ENOSPC); returns it."""
     filler = path / "filler.bin"
-    block = b"\0" * (1 << 20)
-    with open(filler, "wb") as out:
-        try:
-            while True:
-                out.write(block)
-                out.flush()
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 20, 1 << 12, 1):  # large writes first, then down to the last free byte
+            try:
+                while True:
+                    os.write(fd, bytes(size))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
     return filler
 
 

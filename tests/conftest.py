@@ -95,3 +95,17 @@ def start_appliance(ray_cluster: None, tmp_path: Path) -> Iterator[Callable[...,
     for appliance in started:
         if appliance.endpoints is not None:
             appliance.drain_and_stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB tmpfs (root and mount(8) needed; the test is skipped otherwise: never fill a real disk)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a small filesystem needs root to mount a tmpfs; not filling a real disk instead")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(out)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield out
+    subprocess.run(["umount", "-R", "-l", str(out)], check=False)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +10,6 @@ import pytest
 from appliance.tile_io import is_disk_full, write_tile_atomic
 
 pytestmark = pytest.mark.system  # mounts a real tmpfs
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (root and mount(8) needed; skipped otherwise: never fill a real disk)."""
-    if os.geteuid() != 0:
-        pytest.skip("a small filesystem needs root to mount a tmpfs; not filling a real disk instead")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_multisem_tile_on_a_full_disk_is_enospc_and_leaves_no_temp_file(small_disk: Path) -> None:

@@ -4,12 +4,11 @@ failures and a full disk. Real Ray Serve, real ZeroMQ on loopback, real files an
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from appliance.qc_record import QC_FILENAME, QcRejection, QcStorageFailure, QcSu
 from appliance.stream.protocol import encode_end, encode_start
 from appliance.tile_io import read_tile
 from appliance.tools.reference_controller import ReferenceController, tile_frames
+from bench.faults import fill_disk
 
 pytestmark = pytest.mark.system
 
@@ -189,34 +189,6 @@ def test_retake_loop_and_section_counts_with_malformed_messages_mixed_in(
         assert (record.replaces, record.label) == (old, "sharp")
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs as the output directory (root and mount(8) needed; the test is skipped otherwise)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("a small filesystem needs root to mount a tmpfs; not filling a real disk instead")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(out)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield out
-    subprocess.run(["umount", "-R", "-l", str(out)], check=False)
-
-
-def fill_completely(path: Path) -> None:
-    """Write `path` until the filesystem refuses another byte (ENOSPC)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        for size in (1 << 16, 1 << 12, 1):
-            try:
-                while True:
-                    os.write(fd, bytes(size))
-            except OSError:
-                continue
-    finally:
-        os.close(fd)
-
-
 def mount_read_only(path: Path) -> None:
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], check=True)
@@ -241,8 +213,7 @@ def test_a_failed_write_is_answered_storage_failed_and_a_full_disk_holds_tiles_u
         ro_feedback = controller.feedback()
 
         # 2. A full disk: tiles are held (no answer, no loss), one disk_full alarm, then disk_ok and results.
-        filler = small_disk / "filler.bin"
-        fill_completely(filler)
+        filler = fill_disk(small_disk)
         tiles = [(f"f{i}", pixels) for i, (_, pixels) in enumerate(small_tiles[:3])]
         for seq, (tile_id, pixels) in enumerate(tiles):
             controller.send_raw(tile_frames("full", tile_id, seq, pixels))
