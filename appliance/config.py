@@ -139,6 +139,44 @@ class ReplicaConfig(_Strict):
         }
 
 
+class OnlineBaselineConfig(_Strict):
+    """Per-beam running in-focus baseline and focus-drift alarm (docs/calibration.md)."""
+
+    enabled: bool = Field(
+        True,
+        description="Track each beam's in-focus blur while the appliance runs: `focus_drift` alarms, and with a "
+        "rig calibration each beam's tiles judged against that beam's own baseline (bounded).",
+    )
+    window: int = Field(200, ge=1, le=100_000, description="Sharp-looking tiles per beam in the running median.")
+    min_tiles: int = Field(
+        20, ge=1, le=100_000, description="Sharp-looking tiles a beam needs before its baseline is used or tested."
+    )
+    accept_log_margin: float = Field(
+        0.7,
+        gt=0.0,
+        le=5.0,
+        description="A tile counts towards its beam's baseline when its blur reading is within this of the "
+        "reference in log(sigma + 0.5 px): clearly blurred tiles do not move the baseline.",
+    )
+    drift_log_threshold: float = Field(
+        0.25,
+        gt=0.0,
+        le=5.0,
+        description="A beam drifts when its running baseline is further than this from the reference in "
+        "log(sigma + 0.5 px) (0.25: 1.5 -> 2.07 px); it is also how far a beam's own baseline may move the "
+        "labels' zero point from the rig calibration.",
+    )
+
+    @model_validator(mode="after")
+    def _min_tiles_fit_window(self) -> OnlineBaselineConfig:
+        if self.min_tiles > self.window:
+            raise ValueError(
+                f"detector.online_baseline.min_tiles ({self.min_tiles}) must not exceed "
+                f"detector.online_baseline.window ({self.window})"
+            )
+        return self
+
+
 class DetectorConfig(ReplicaConfig):
     """Blur detector: backend and the thresholds that turn a blur estimate into a label."""
 
@@ -162,6 +200,7 @@ class DetectorConfig(ReplicaConfig):
         "in-focus baseline. Checked at start-up: the file must load and be made with the running detector "
         "model. None: the detector's own scale (that of its training data).",
     )
+    online_baseline: OnlineBaselineConfig = OnlineBaselineConfig()
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> DetectorConfig:

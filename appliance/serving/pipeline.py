@@ -14,6 +14,7 @@ from ray.serve.schema import LoggingConfig
 
 from appliance.config import RigConfig
 from appliance.detection.calibration import load_configured_calibration
+from appliance.detection.online_baseline import OnlineBaseline
 from appliance.operator.metrics_endpoint import SCRAPE_TIMEOUT_S, HostMetrics, MetricsEndpoint
 from appliance.operator.report_figures import Thresholds
 from appliance.serving.blur_detector_deployment import BlurDetectorDeployment
@@ -87,7 +88,7 @@ class Appliance:
 
         Raises ConfigError before anything starts when detector.calibration cannot be used.
         """
-        load_configured_calibration(self.cfg.detector)
+        calibration = load_configured_calibration(self.cfg.detector)
         check_curve_keys(self.cfg.security)
         self._init_ray()
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -127,8 +128,9 @@ class Appliance:
             detector,
             deblur,
             self._sink,
-            calibrated=self.cfg.detector.calibration is not None,
+            calibrated=calibration is not None,
             security=self.cfg.security,
+            focus=OnlineBaseline(self.cfg.detector, calibration),
         )
         tile_endpoint = ray.get(self._ingest.start.remote())
         self._supervisor = Supervisor({"sink": self._sink, "ingest": self._ingest})
