@@ -152,11 +152,13 @@ class OnlineBaselineConfig(_Strict):
         20, ge=1, le=100_000, description="Sharp-looking tiles a beam needs before its baseline is used or tested."
     )
     accept_log_margin: float = Field(
-        0.7,
+        1.2,
         gt=0.0,
         le=5.0,
         description="A tile counts towards its beam's baseline when its blur reading is within this of the "
-        "reference in log(sigma + 0.5 px): clearly blurred tiles do not move the baseline.",
+        "reference in log(sigma + 0.5 px) (1.2: up to 6.1 px from a 1.5 px reference): readings no in-focus "
+        "tile gives do not count. The running median itself ignores a minority of soft tiles; a tighter margin "
+        "would also hide a beam that defocused in one step.",
     )
     drift_log_threshold: float = Field(
         0.25,
