@@ -132,10 +132,7 @@ class OnlineBaseline:
     def reference_px(self, beam: int | None, pixel_size_nm: float) -> float | None:
         """What the beam's baseline is compared with (px at pixel_size_nm): the calibration's baseline, or the
         beam's own first baseline without one (None until it has it)."""
-        state = self._beams.get(beam)
-        if state is None and self.calibration is None:
-            return None
-        return self._reference_of(state or BeamBaseline(deque()), pixel_size_nm)
+        return self._reference_of(self._beams.get(beam), pixel_size_nm)
 
     def drifting_beams(self) -> list[int | None]:
         """Beams in a drift excursion now (alarm sent, not cleared)."""
@@ -150,10 +147,10 @@ class OnlineBaseline:
         if state.first_nm is None and len(state.sigmas_nm) >= self.cfg.online_baseline.min_tiles:
             state.first_nm = state.median_nm()
 
-    def _reference_of(self, state: BeamBaseline, pixel_size_nm: float) -> float | None:
+    def _reference_of(self, state: BeamBaseline | None, pixel_size_nm: float) -> float | None:
         if self.calibration is not None:
             return rig_reference(self.calibration, pixel_size_nm).baseline_sigma_px
-        return None if state.first_nm is None else state.first_nm / pixel_size_nm
+        return None if state is None or state.first_nm is None else state.first_nm / pixel_size_nm
 
     def _excursion(
         self, state: BeamBaseline, beam: int | None, baseline_px: float | None, pixel_size_nm: float
