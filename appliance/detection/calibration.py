@@ -317,6 +317,11 @@ def rig_reference(calibration: RigCalibration, pixel_size_nm: float | None = Non
     )
 
 
+def is_judged(assessment: BlurAssessment) -> bool:
+    """Whether the verdict carries a focus reading to calibrate (not `empty`, not "not judgeable")."""
+    return assessment.label != "empty" and not assessment.reason.startswith("not judgeable")
+
+
 def apply_calibration(
     assessment: BlurAssessment, reference: RigCalibration | FocusReference, cfg: DetectorConfig
 ) -> BlurAssessment:
@@ -328,7 +333,7 @@ def apply_calibration(
     calibrated sigma; the model_version is kept, the reason says it is calibrated and baseline_sigma_px
     records the baseline used.
     """
-    if assessment.label == "empty" or assessment.reason.startswith("not judgeable"):
+    if not is_judged(assessment):
         return assessment
     if isinstance(reference, RigCalibration):
         reference = rig_reference(reference)

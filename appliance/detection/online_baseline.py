@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from appliance.config import DetectorConfig
-from appliance.detection.calibration import FocusReference, RigCalibration, apply_calibration, rig_reference
+from appliance.detection.calibration import (
+    FocusReference,
+    RigCalibration,
+    apply_calibration,
+    is_judged,
+    rig_reference,
+)
 from appliance.detection.detector import LOG_SIGMA_OFFSET_PX
 from appliance.messages import FOCUS_DRIFT, FOCUS_OK, NO_BEAM, BlurAssessment, FocusAlarmKind, FocusDriftAlarm
 
@@ -61,11 +67,6 @@ def clamp_baseline_px(baseline_px: float, reference_px: float, max_log_shift: fl
     """baseline_px bounded to reference_px +- max_log_shift in log(sigma + 0.5 px), px."""
     low, high = log_sigma(reference_px) - max_log_shift, log_sigma(reference_px) + max_log_shift
     return sigma_from_log(min(max(log_sigma(baseline_px), low), high))
-
-
-def is_judged(assessment: BlurAssessment) -> bool:
-    """Whether the verdict carries a focus reading (not `empty`, not "not judgeable")."""
-    return assessment.label != "empty" and not assessment.reason.startswith("not judgeable")
 
 
 @dataclass

@@ -476,6 +476,8 @@ class SinkActor:
             )
         self._counts["storage_failed"] += 1
         self._metrics.errors.labels(code="storage_failed").inc()
+        if outcome.focus_alarm is not None:  # beam state, not the tile's: the resend will not raise it again
+            self._send_focus_alarm(outcome.focus_alarm, _ids(header.section, header.tile_id, header.seq))
         self._send(storage_failed_frame(line))
         return "storage_failed"
 
