@@ -87,6 +87,7 @@ class IngestActor:
     """Owns the tile socket; one asyncio task per tile in flight, bounded by credits.
 
     calibrated: whether the detector runs with a rig calibration (reported in the safety rule's alarm).
+    microscope: the name of the microscope this ingest serves; the shared detector applies its calibration.
     """
 
     def __init__(
@@ -97,9 +98,11 @@ class IngestActor:
         sink: ray.actor.ActorHandle,
         calibrated: bool = False,
         security: SecurityConfig | None = None,
+        microscope: str = "",
     ) -> None:
         self._cfg = cfg
         self._calibrated = calibrated
+        self._microscope = microscope
         self._limits = StreamLimits(max_tile_bytes=cfg.max_tile_bytes, max_tile_side=cfg.max_tile_side)
         self._detector = detector
         self._deblur = deblur
@@ -338,7 +341,9 @@ class IngestActor:
         restored_ref: ray.ObjectRef | None = None
         try:
             t0 = time.perf_counter()
-            assessment: BlurAssessment = await self._call(self._detector, lambda: self._detector.remote(pixels_ref))
+            assessment: BlurAssessment = await self._call(
+                self._detector, lambda: self._detector.remote(pixels_ref, self._microscope)
+            )
             outcome.assessment = assessment
             outcome.timings_s["detect_s"] = time.perf_counter() - t0
             outcome.alarm = section.blur_share.observe(assessment.label, self._calibrated)

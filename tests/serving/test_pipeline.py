@@ -203,7 +203,8 @@ def test_implausible_blur_share_suspends_restoring_and_raises_one_alarm(
         assert record.original_path is None
     with urllib.request.urlopen(endpoints.metrics, timeout=15) as response:
         metrics = {f.name: f.samples for f in text_string_to_metric_families(response.read().decode())}
-    assert [(s.labels, s.value) for s in metrics["em_appliance_alarms"]] == [({"kind": "implausible_blur_share"}, 1)]
+    alarms = [(s.labels, s.value) for s in metrics["em_appliance_alarms"]]
+    assert alarms == [({"kind": "implausible_blur_share", "microscope": "rig"}, 1)]
     assert [s.value for s in metrics["em_appliance_restore_suspended_tiles"] if s.name.endswith("_total")] == [7]
     assert [s.value for s in metrics["em_appliance_detector_calibrated"]] == [0]
     results = [m for m in feedback if m["type"] == "result" and m["section"] == "storm"]
