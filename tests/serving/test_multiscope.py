@@ -110,12 +110,13 @@ def test_a_stalled_microscope_holds_back_only_its_own_tiles(
     stalled = context.socket(zmq.PUSH)
     stalled.setsockopt(zmq.LINGER, 0)
     stalled.setsockopt(zmq.SNDHWM, 1)
+    stalled.setsockopt(zmq.SNDTIMEO, 3000)  # the first send waits for the connection; a full pipe times out
     stalled.connect(scopes["scope-a"].tile)
     try:
         stalled.send_multipart(encode_start("stalled"))
         for seq, (tile_id, pixels) in enumerate(cycle_tiles(real_em_tiles, 8)):
             try:
-                stalled.send_multipart(tile_frames("stalled", tile_id, seq, pixels), flags=zmq.NOBLOCK)
+                stalled.send_multipart(tile_frames("stalled", tile_id, seq, pixels))
             except zmq.Again:
                 break  # scope-a is full: its credits are taken, its pipe is full
         time.sleep(2.0)
