@@ -208,7 +208,7 @@ def main(
                 report = run_replay(appliance, cycle_tiles(tile_pool, tiles), tiles, rate or None, section)
             else:
                 per_microscope = run_replays(
-                    appliance, lambda: cycle_tiles(tile_pool, tiles), tiles, rate or None, section
+                    appliance.microscopes, lambda: cycle_tiles(tile_pool, tiles), tiles, rate or None, section
                 )
                 report = ReplayReport.combined(per_microscope.values())
             stats = (
