@@ -4,6 +4,7 @@ drain and stop."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import ray
 from ray import serve
@@ -128,6 +129,16 @@ class Appliance:
             return str(ray._private.worker._global_node.get_logs_dir_path())
         except AttributeError:
             return DEFAULT_RAY_LOG_DIR
+
+    @property
+    def _ingest(self) -> Any:
+        """The first microscope's ingest actor (the fault drills and tests reach into it)."""
+        return self._scopes[0].ingest
+
+    @property
+    def _sink(self) -> Any:
+        """The first microscope's sink actor (the fault drills and tests reach into it)."""
+        return self._scopes[0].sink
 
     def _scope(self, microscope: str | None) -> MicroscopeRuntime:
         if microscope is None:
