@@ -91,6 +91,7 @@ class IngestActor:
     focus: the per-beam running baseline (appliance.detection.online_baseline): it judges every detector
     verdict (calibration, per-beam zero point) before it is acted upon; None passes verdicts on as they are.
     Its state lives as long as this actor: a restarted ingest starts it afresh.
+    microscope: the name of the microscope this ingest serves (its calibration is in `focus`).
     """
 
     def __init__(
@@ -102,10 +103,12 @@ class IngestActor:
         calibrated: bool = False,
         security: SecurityConfig | None = None,
         focus: OnlineBaseline | None = None,
+        microscope: str = "",
     ) -> None:
         self._cfg = cfg
         self._focus = focus
         self._calibrated = calibrated
+        self._microscope = microscope
         self._limits = StreamLimits(max_tile_bytes=cfg.max_tile_bytes, max_tile_side=cfg.max_tile_side)
         self._detector = detector
         self._deblur = deblur

@@ -204,8 +204,8 @@ def test_implausible_blur_share_suspends_restoring_and_raises_one_alarm(
         assert record.original_path is None
     with urllib.request.urlopen(endpoints.metrics, timeout=15) as response:
         metrics = {f.name: f.samples for f in text_string_to_metric_families(response.read().decode())}
-    alarm_counts = {s.labels["kind"]: s.value for s in metrics["em_appliance_alarms"]}
-    assert alarm_counts == {"implausible_blur_share": 1, "focus_drift": 0, "focus_ok": 0}
+    alarms = {(s.labels["kind"], s.labels["microscope"]): s.value for s in metrics["em_appliance_alarms"]}
+    assert alarms == {("implausible_blur_share", "rig"): 1, ("focus_drift", "rig"): 0, ("focus_ok", "rig"): 0}
     assert [s.value for s in metrics["em_appliance_restore_suspended_tiles"] if s.name.endswith("_total")] == [7]
     assert [s.value for s in metrics["em_appliance_detector_calibrated"]] == [0]
     results = [m for m in feedback if m["type"] == "result" and m["section"] == "storm"]
