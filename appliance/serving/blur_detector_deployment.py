@@ -28,12 +28,9 @@ class BlurDetectorDeployment:
     async def assess_batch(self, tiles: list[np.ndarray]) -> list[BlurAssessment]:
         return self._detector.assess(tiles)
 
-    async def __call__(self, tile: np.ndarray, microscope: str = "") -> BlurAssessment:
-        """tile: (H, W) uint8/uint16, usually passed as an ObjectRef that Ray resolves zero-copy.
-
-        microscope: the name of the microscope the tile comes from (its calibration applies).
-        """
-        return await self.assess_batch(tile, microscope)
+    async def __call__(self, tile: np.ndarray) -> BlurAssessment:
+        """tile: (H, W) uint8/uint16, usually passed as an ObjectRef that Ray resolves zero-copy."""
+        return await self.assess_batch(tile)
 
     def model_version(self) -> str:
         return self._detector.model_version

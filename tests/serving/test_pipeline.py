@@ -291,4 +291,6 @@ def test_a_beam_that_defocuses_raises_focus_drift_then_focus_ok_and_other_beams_
         metrics = {f.name: f.samples for f in text_string_to_metric_families(response.read().decode())}
     counts = {s.labels["kind"]: s.value for s in metrics["em_appliance_alarms"] if s.name.endswith("_total")}
     assert (counts["focus_drift"], counts["focus_ok"], counts["implausible_blur_share"]) == (1, 1, 0)
-    assert [(s.labels, s.value) for s in metrics["em_appliance_beam_focus_drift"]] == [({"beam": "1"}, 0)]
+    assert [(s.labels, s.value) for s in metrics["em_appliance_beam_focus_drift"]] == [
+        ({"beam": "1", "microscope": "rig"}, 0)
+    ]
