@@ -2,16 +2,18 @@
 
 A tile is judged from patches sampled at native resolution (never downscaled: focus lives in the finest
 detail): PATCH x PATCH patches on a sheared lattice (patches.py, detector.patch_rows x patches_per_row),
-each belonging to one cell of a GRID x GRID grid. A backend estimates, for every patch, the blur sigma (px) and a reliability weight (blank resin
-or noise-only patches say little about focus). The same aggregation then turns patch estimates into the
-tile's verdict, so backends are interchangeable:
+each belonging to one cell of a GRID x GRID grid. A backend estimates, for every patch, the blur sigma
+(px) and a reliability weight (blank resin or noise-only patches say little about focus). The same
+aggregation then turns patch estimates into the tile's verdict, so backends are interchangeable:
 
 - region map: reliability-weighted mean of log-sigma per cell, smoothed over 3x3 cells;
 - PSF shape: anisotropy and major-axis angle from the blurred patches' structure tensors (psf_shape.py);
-- tile sigma (major axis): the worse of the whole-tile mean and the worst reliable region (catches a
-  tilted section) and the blurriest 2x2 block of cells, times sqrt(anisotropy) (backends read an elliptical PSF's geometric-mean sigma);
-- localized blur: the blurriest window of detector.local_blur_share of the tile (square, 1:4 band or
-  strip, anywhere), read from the patches inside it (local_blur.py), sets the sigma when beyond repair;
+- tile sigma (major axis): the worst of the whole-tile mean, the worst reliable region (catches a tilted
+  section) and the blurriest 2x2 block of cells, times sqrt(anisotropy) (backends read an elliptical
+  PSF's geometric-mean sigma);
+- localized blur: the blurriest small window (detector.local_blur_window_share of the tile: square, 1:4
+  band or strip, anywhere), read from the patches inside it (local_blur.py), sets the sigma when it is
+  beyond repair;
 - label: fewer than tissue.MIN_TISSUE_CELLS cells holding tissue (tissue.py) -> empty; else, judged on its
   tissue cells only, sigma <= sharp_sigma_px -> sharp; <= max_restorable_sigma_px -> soft; else retake
   (with reason); too little reliable structure -> retake ("not judgeable").
@@ -160,7 +162,13 @@ def aggregate(
     local_shape = ""
     if local is not None:
         window = worst_window(
-            logs, w, cells, local.tile_shape, local.lattice, local.share, local.window_share,
+            logs,
+            w,
+            cells,
+            local.tile_shape,
+            local.lattice,
+            local.share,
+            local.window_share,
             local.min_patches * min_weight,
             LOG_SIGMA_OFFSET_PX,
         )
@@ -238,7 +246,7 @@ class BlurDetector:
             part = PatchEstimates(*(getattr(estimates, f)[start:stop] for f in PatchEstimates.__dataclass_fields__))
             tissue = tissue_cells(np.asarray(tile), float(np.median(noise[start:stop])))
             local = LocalBlurRule(
-                tile_shape=np.shape(tile),  # type: ignore[arg-type]
+                tile_shape=np.shape(tile),
                 lattice=lattice,
                 share=self.cfg.local_blur_share,
                 window_share=self.cfg.local_blur_window_share,

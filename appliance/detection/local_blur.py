@@ -4,8 +4,8 @@ A spot or strip blurred beyond repair on 1/16 of a tile must make it `retake` wh
 means cannot see it: a spot off the cell grid splits over 3x3 cells, and a 150 px strip of a 2400 px tile
 covers half a cell row. So windows of `window_share` of the tile (half the region share by default), in
 several shapes (square, 1:4 and 4:1 bands, strips as thick as a region strip), slide over the tile one
-lattice spacing at a time; each window's reading is the reliability-weighted log-mean sigma of the patches lying wholly inside it (a
-connected cluster of patches, as large as the region to be caught). Windows narrower than a patch are
+lattice spacing at a time; each window's reading is the reliability-weighted log-mean sigma of the
+patches lying wholly inside it (a connected cluster of patches). Windows narrower than a patch are
 skipped (small tiles). Membership depends only on the tile shape and the lattice, so it is built once per
 shape (a windows x patches matrix) and every tile costs two small matrix products.
 """
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from appliance.detection.patches import GRID, PATCH, patch_lattice
-
 
 
 def _window_sizes(share: float, window_share: float) -> list[tuple[float, float, str]]:
@@ -99,7 +98,7 @@ def worst_window(
     share: the region share to be caught (strip thickness); window_share: the share each window covers.
     """
 
-    windows = _windows(tuple(tile_shape), *lattice, share, window_share)  # type: ignore[arg-type]
+    windows = _windows(tile_shape, *lattice, share, window_share)
     if not windows.shapes:
         return None
     win_w = windows.members @ weight
