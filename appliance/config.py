@@ -179,6 +179,14 @@ class DetectorConfig(ReplicaConfig):
         description="Share of the tile each local-blur window covers (appliance/detection/local_blur.py): smaller "
         "than local_blur_share so several windows fit inside a blurred region wherever it lies.",
     )
+    local_blur_min_contrast: float = Field(
+        1.5,
+        ge=1.0,
+        le=10.0,
+        description="A local-blur window counts only when its sigma is at least this many times the whole tile's "
+        "(log-mean, +0.5 px): it must stand out, so a uniformly blurred tile near max_restorable_sigma_px keeps "
+        "the label of its mean and worst region instead of the worst of thousands of small windows.",
+    )
     local_blur_min_patches: float = Field(
         3.0,
         gt=0.0,

@@ -115,6 +115,7 @@ class LocalBlurRule:
     share: float
     window_share: float
     min_patches: float
+    min_contrast: float  # window (sigma + LOG_SIGMA_OFFSET_PX) over the whole tile's: a local spot stands out
     beyond_sigma_px: float  # only a window blurrier than this (max_restorable_sigma_px) may raise the verdict
 
 
@@ -172,7 +173,10 @@ def aggregate(
             local.min_patches * min_weight,
             LOG_SIGMA_OFFSET_PX,
         )
-        if window is not None and window.sigma_px > max(worst_sigma, local.beyond_sigma_px):
+        stands_out = window is not None and (window.sigma_px + LOG_SIGMA_OFFSET_PX) >= local.min_contrast * math.exp(
+            global_log
+        )
+        if window is not None and stands_out and window.sigma_px > max(worst_sigma, local.beyond_sigma_px):
             worst_sigma, worst, local_shape = window.sigma_px, window.cell, window.shape
     # Shape only from clearly blurred patches: a sharp patch's gradients show content, not the PSF.
     blurred = w * (est.sigma_px > 1.0) * (np.abs(tensors).sum(axis=1) > 0)
@@ -251,6 +255,7 @@ class BlurDetector:
                 share=self.cfg.local_blur_share,
                 window_share=self.cfg.local_blur_window_share,
                 min_patches=self.cfg.local_blur_min_patches,
+                min_contrast=self.cfg.local_blur_min_contrast,
                 beyond_sigma_px=self.cfg.max_restorable_sigma_px,
             )
             estimate = aggregate(part, cells, tensors[start:stop], self._unit_weight, self._c2, tissue, local)
