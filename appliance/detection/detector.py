@@ -116,6 +116,7 @@ class LocalBlurRule:
     window_share: float
     min_patches: float
     min_contrast: float  # window (sigma + LOG_SIGMA_OFFSET_PX) over the whole tile's: a local spot stands out
+    window_scale: float  # the backend sidecar's local_window_scale: patch-mean reading -> the label's scale
     beyond_sigma_px: float  # only a window blurrier than this (max_restorable_sigma_px) may raise the verdict
 
 
@@ -173,14 +174,17 @@ def aggregate(
             local.min_patches * min_weight,
             LOG_SIGMA_OFFSET_PX,
         )
-        stands_out = window is not None and (window.sigma_px + LOG_SIGMA_OFFSET_PX) >= local.min_contrast * math.exp(
-            global_log
-        )
-        if window is not None and stands_out and window.sigma_px > max(worst_sigma, local.beyond_sigma_px):
-            worst_sigma, worst, local_shape = window.sigma_px, window.cell, window.shape
+        if window is not None:
+            read = window.sigma_px + LOG_SIGMA_OFFSET_PX
+            stands_out = read >= local.min_contrast * math.exp(global_log)
+            scaled = read * local.window_scale - LOG_SIGMA_OFFSET_PX
+            if stands_out and scaled > max(worst_sigma, local.beyond_sigma_px):
+                worst_sigma, worst, local_shape = scaled, window.cell, window.shape
     # Shape only from clearly blurred patches: a sharp patch's gradients show content, not the PSF.
     blurred = w * (est.sigma_px > 1.0) * (np.abs(tensors).sum(axis=1) > 0)
-    if blurred.sum() >= 3.0 * min_weight:
+    # 3 patch-equivalents per GRID * GRID patches, the density the rule was set at: a denser lattice must
+    # not let a few oriented edges (a fold's band) read as an elongated PSF.
+    if blurred.sum() >= 3.0 * min_weight * len(w) / (GRID * GRID):
         anisotropy, angle = psf_shape(tensors, blurred, global_sigma, c2)
     else:  # too few blurred patches with structure to read a PSF shape from
         anisotropy, angle = 1.0, 0.0
@@ -256,6 +260,7 @@ class BlurDetector:
                 window_share=self.cfg.local_blur_window_share,
                 min_patches=self.cfg.local_blur_min_patches,
                 min_contrast=self.cfg.local_blur_min_contrast,
+                window_scale=self.backend.local_window_scale,
                 beyond_sigma_px=self.cfg.max_restorable_sigma_px,
             )
             estimate = aggregate(part, cells, tensors[start:stop], self._unit_weight, self._c2, tissue, local)
