@@ -6,9 +6,11 @@ import re
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from appliance.config import DetectorConfig
 from appliance.detection.detector import BlurDetector
+from appliance.detection.patches import PATCH, patch_lattice
 from models.blur_synth import BlurParams, add_sem_noise, apply_blur, load_image, load_split, quantize, to_unit_float
 
 pytestmark = pytest.mark.fast
@@ -87,3 +89,18 @@ def test_an_in_focus_multisem_tile_and_a_small_spot_stay_sharp(mosaic: np.ndarra
     spot_1_64 = _with_blurred_box(mosaic, (1037, 1213, 300, 300), 6.0, 6)  # 1/64: need not be caught
     labels = [v.label for v in detector.assess([in_focus, spot_1_64])]
     assert labels[0] == "sharp" and labels[1] != "retake", labels
+
+
+def test_every_strip_of_one_sixteenth_holds_a_whole_row_or_column_of_patches() -> None:
+    cfg = DetectorConfig()
+    ys, xs, _ = patch_lattice((SIDE, SIDE), cfg.patch_rows, cfg.patches_per_row)
+    strip = SIDE // 16
+    for start in range(0, SIDE - strip + 1, 5):
+        rows = ((ys >= start) & (ys + PATCH <= start + strip)).sum()
+        cols = ((xs >= start) & (xs + PATCH <= start + strip)).sum()
+        assert min(rows, cols) >= cfg.patches_per_row, (start, rows, cols)
+
+
+def test_a_lattice_that_cannot_shear_evenly_is_refused_naming_the_fields() -> None:
+    with pytest.raises(ValidationError, match="patch_rows.*patches_per_row"):
+        DetectorConfig(patch_rows=24, patches_per_row=4)
