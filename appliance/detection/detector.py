@@ -47,6 +47,7 @@ from appliance.weights import BLUR_DETECTOR_MODEL, CLASSICAL_DETECTOR_SIDECAR
 # Below this share of reliable patches (in patch-equivalents) a tile cannot be judged.
 MIN_RELIABLE_FRACTION = 0.05
 LOG_SIGMA_OFFSET_PX = 0.5  # sigma is averaged as log(sigma + offset) so 0 px is finite
+SHAPE_MIN_SIGMA_PX = 1.0  # only patches blurrier than this show the PSF's shape (sharper: the content's)
 
 
 def label_for_sigma(sigma_px: float, cfg: DetectorConfig) -> TileLabel:
@@ -131,7 +132,8 @@ def aggregate(
 ) -> _TileEstimate:
     """Combine one tile's patch estimates into region map, sigma and PSF shape.
 
-    cells: each patch's cell index (N,); tensors: psf_shape.structure_tensors of the patches (N, 3);
+    cells: each patch's cell index (N,); tensors: psf_shape.structure_tensors of the patches (N, 3), needed
+    only where est.sigma_px > SHAPE_MIN_SIGMA_PX (rows of the others are ignored);
     c2: the PSF-shape constant of the backend's sidecar (px^2); tissue: (GRID, GRID) bool, cells holding
     tissue (tissue.py; None = all): only those are judged, bare resin beside tissue says nothing of focus.
     local: the local-blur scan (None = off): the blurriest window of local.share of the tile, from the
@@ -181,7 +183,7 @@ def aggregate(
             if stands_out and scaled > max(worst_sigma, local.beyond_sigma_px):
                 worst_sigma, worst, local_shape = scaled, window.cell, window.shape
     # Shape only from clearly blurred patches: a sharp patch's gradients show content, not the PSF.
-    blurred = w * (est.sigma_px > 1.0) * (np.abs(tensors).sum(axis=1) > 0)
+    blurred = w * (est.sigma_px > SHAPE_MIN_SIGMA_PX) * (np.abs(tensors).sum(axis=1) > 0)
     # 3 patch-equivalents per GRID * GRID patches, the density the rule was set at: a denser lattice must
     # not let a few oriented edges (a fold's band) read as an elongated PSF.
     if blurred.sum() >= 3.0 * min_weight * len(w) / (GRID * GRID):
@@ -247,7 +249,11 @@ class BlurDetector:
         all_patches = np.concatenate([p for p, _ in cut])
         estimates = self.backend.estimate(all_patches)
         noise = patch_noise_sigma(all_patches)
-        tensors = structure_tensors(all_patches, noise)
+        # Structure tensors only where aggregate() reads a PSF shape: sharp patches (most of them) skip it.
+        tensors = np.zeros((len(all_patches), 3))
+        shaped = estimates.sigma_px > SHAPE_MIN_SIGMA_PX
+        if shaped.any():
+            tensors[shaped] = structure_tensors(all_patches[shaped], noise[shaped])
         results, start = [], 0
         for tile, (patches, cells) in zip(tiles, cut, strict=True):
             stop = start + len(patches)
