@@ -6,6 +6,7 @@ Every field is validated at start-up, so a bad config fails before the microscop
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -139,6 +140,46 @@ class ReplicaConfig(_Strict):
         }
 
 
+class OnlineBaselineConfig(_Strict):
+    """Per-beam running in-focus baseline and focus-drift alarm (docs/calibration.md)."""
+
+    enabled: bool = Field(
+        True,
+        description="Track each beam's in-focus blur while the appliance runs: `focus_drift` alarms, and with a "
+        "rig calibration each beam's tiles judged against that beam's own baseline (bounded).",
+    )
+    window: int = Field(200, ge=1, le=100_000, description="Sharp-looking tiles per beam in the running median.")
+    min_tiles: int = Field(
+        20, ge=1, le=100_000, description="Sharp-looking tiles a beam needs before its baseline is used or tested."
+    )
+    accept_log_margin: float = Field(
+        1.2,
+        gt=0.0,
+        le=5.0,
+        description="A tile counts towards its beam's baseline when its blur reading is within this of the "
+        "reference in log(sigma + 0.5 px) (1.2: up to 6.1 px from a 1.5 px reference): readings no in-focus "
+        "tile gives do not count. The running median itself ignores a minority of soft tiles; a tighter margin "
+        "would also hide a beam that defocused in one step.",
+    )
+    drift_log_threshold: float = Field(
+        0.25,
+        gt=0.0,
+        le=5.0,
+        description="A beam drifts when its running baseline is further than this from the reference in "
+        "log(sigma + 0.5 px) (0.25: 1.5 -> 2.07 px); it is also how far a beam's own baseline may move the "
+        "labels' zero point from the rig calibration.",
+    )
+
+    @model_validator(mode="after")
+    def _min_tiles_fit_window(self) -> OnlineBaselineConfig:
+        if self.min_tiles > self.window:
+            raise ValueError(
+                f"detector.online_baseline.min_tiles ({self.min_tiles}) must not exceed "
+                f"detector.online_baseline.window ({self.window})"
+            )
+        return self
+
+
 class DetectorConfig(ReplicaConfig):
     """Blur detector: backend and the thresholds that turn a blur estimate into a label."""
 
@@ -201,6 +242,7 @@ class DetectorConfig(ReplicaConfig):
         "in-focus baseline. Checked at start-up: the file must load and be made with the running detector "
         "model. None: the detector's own scale (that of its training data).",
     )
+    online_baseline: OnlineBaselineConfig = OnlineBaselineConfig()
 
     @model_validator(mode="after")
     def _lattice_shears_evenly(self) -> DetectorConfig:
@@ -302,6 +344,7 @@ class MetricsConfig(_Strict):
 # z85 encodes a 32-byte CURVE key as 40 printable characters (ZeroMQ RFC 32).
 Z85_KEY_PATTERN = r"^[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$"
 LOOPBACK_HOSTS = frozenset({"localhost", "lo", "::1", "[::1]"})
+Z85Key = Annotated[str, StringConstraints(pattern=Z85_KEY_PATTERN)]
 
 
 class SecurityConfig(_Strict):
@@ -318,7 +361,7 @@ class SecurityConfig(_Strict):
         description="The rig's CURVE certificate with its secret key (`python -m appliance keys generate`, "
         "the NAME.key_secret file, mode 0600). Its public key goes to the controller vendor.",
     )
-    controller_public_keys: list[Annotated[str, StringConstraints(pattern=Z85_KEY_PATTERN)]] = Field(
+    controller_public_keys: list[Z85Key] = Field(
         default_factory=list,
         description="z85 public keys (40 characters) of the controllers allowed to connect (pinned).",
     )
@@ -335,7 +378,8 @@ class SecurityConfig(_Strict):
 
     @model_validator(mode="after")
     def _curve_has_keys(self) -> SecurityConfig:
-        if self.curve and (self.server_secret_key_file is None or not self.controller_public_keys):
+        # The controller keys are checked per microscope (RigConfig): a microscope may pin its own.
+        if self.curve and self.server_secret_key_file is None:
             raise ValueError(
                 "security.curve is true: set security.server_secret_key_file (the rig's .key_secret file) and "
                 "at least one security.controller_public_keys entry (`python -m appliance keys generate`)"
@@ -360,8 +404,53 @@ def endpoint_is_loopback(endpoint: str) -> bool:
         return host in LOOPBACK_HOSTS
 
 
+MICROSCOPE_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+class MicroscopeConfig(_Strict):
+    """One microscope served by this appliance: its controller's sockets, its output folder, its keys.
+
+    The detector and deblur deployments (the GPUs) are shared by every microscope; ingest flow control
+    (credits), the output folder, the QC record and the feedback socket are each microscope's own.
+    """
+
+    name: str = Field(
+        ...,
+        pattern=MICROSCOPE_NAME_PATTERN,
+        description="Short name of the microscope (metrics label `microscope`, log lines, status line).",
+    )
+    tile_endpoint: str = Field(..., description="Appliance binds PULL here for this microscope's controller.")
+    feedback_endpoint: str = Field(..., description="Appliance binds PUSH here for this microscope's controller.")
+    output_directory: Path = Field(..., description="This microscope's output root (tiles, QC record, index).")
+    detector_calibration: Path | None = Field(
+        None,
+        description="This microscope's rig calibration (`python -m appliance calibrate` on its own in-focus "
+        "tiles); None: detector.calibration.",
+    )
+    controller_public_keys: list[Z85Key] | None = Field(
+        None,
+        description="z85 public keys of this microscope's controller (CURVE): only they reach its sockets. "
+        "None: security.controller_public_keys.",
+    )
+
+
+def endpoint_address(endpoint: str) -> str | None:
+    """What two sockets on this host cannot share: `tcp:PORT` (any host binds it), else the endpoint;
+    None for `tcp://host:*`, which picks a free port at start and never collides."""
+    transport, _, rest = endpoint.partition("://")
+    if transport != "tcp":
+        return endpoint
+    port = rest.rsplit(":", 1)[-1]
+    return None if port == "*" else f"tcp:{port}"
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
 class RigConfig(_Strict):
-    """Everything the appliance needs to serve one microscope."""
+    """Everything the appliance needs to serve its microscopes: one (ingest + output), or several
+    (`microscopes`) that share the detector and deblur deployments."""
 
     rig_name: str = Field("rig", pattern=r"^[A-Za-z0-9._-]{1,64}$")
     ingest: IngestConfig = IngestConfig()
@@ -371,21 +460,128 @@ class RigConfig(_Strict):
     ray: RayConfig = RayConfig()
     metrics: MetricsConfig = MetricsConfig()
     security: SecurityConfig = SecurityConfig()
+    microscopes: list[MicroscopeConfig] = Field(
+        default_factory=list,
+        description="Several microscopes on this appliance, each with its own endpoints and output folder "
+        "(ingest.* and output.* other than the endpoints and the directory apply to each). Empty: one "
+        "microscope named rig_name on ingest.tile_endpoint, ingest.feedback_endpoint and output.directory.",
+    )
+
+    @model_validator(mode="after")
+    def _microscopes_name_their_own_endpoints(self) -> RigConfig:
+        """With `microscopes`, the single-microscope endpoints and folder would be silently unused: refuse them."""
+        if not self.microscopes:
+            return self
+        unused = [f"ingest.{f}" for f in ("tile_endpoint", "feedback_endpoint") if f in self.ingest.model_fields_set]
+        unused += ["output.directory"] if "directory" in self.output.model_fields_set else []
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} set together with microscopes: each microscope names its own "
+                "(microscopes[].tile_endpoint, feedback_endpoint, output_directory); remove them"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _microscopes_are_distinct(self) -> RigConfig:
+        """Names, ports and output folders belong to one microscope each (a shared port would not bind;
+        a shared or nested folder would mix two microscopes' tiles and QC records)."""
+        scopes = self.served_microscopes()
+        _refuse_repeats("name", [(m.name, m.name) for m in scopes])
+        endpoints = [(m.name, e) for m in scopes for e in (m.tile_endpoint, m.feedback_endpoint)]
+        addresses = [(f"{name} {e}", address) for name, e in endpoints if (address := endpoint_address(e)) is not None]
+        _refuse_repeats("endpoint", addresses)
+        folders = [(m.name, Path(os.path.abspath(m.output_directory))) for m in scopes]
+        for i, (name_a, a) in enumerate(folders):
+            for name_b, b in folders[i + 1 :]:
+                if _overlaps(a, b):
+                    raise ValueError(
+                        f"microscopes {name_a!r} and {name_b!r}: output folders {a} and {b} overlap (one is or "
+                        "holds the other): give each microscope a folder of its own"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _network_endpoints_need_curve(self) -> RigConfig:
         """A ZeroMQ endpoint other machines can reach must be CURVE-authenticated, or allowed explicitly."""
         if self.security.curve or self.security.allow_unauthenticated_network:
             return self
-        for field in ("tile_endpoint", "feedback_endpoint"):
-            endpoint = getattr(self.ingest, field)
+        for where, endpoint in self._endpoint_fields():
             if not endpoint_is_loopback(endpoint):
                 raise ValueError(
-                    f"ingest.{field} ({endpoint}) is reachable from the network but security.curve is false: "
+                    f"{where} ({endpoint}) is reachable from the network but security.curve is false: "
                     "turn CURVE on (security.curve, server_secret_key_file, controller_public_keys; "
                     "docs/security.md), bind 127.0.0.1, or set security.allow_unauthenticated_network: true"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _curve_pins_every_controller(self) -> RigConfig:
+        if not self.security.curve:
+            return self
+        for index, scope in enumerate(self.microscopes or [None]):
+            if scope is None and not self.security.controller_public_keys:
+                where = "security.controller_public_keys"
+            elif scope is not None and not self.security_for(scope).controller_public_keys:
+                where = f"microscopes[{index}].controller_public_keys (or security.controller_public_keys)"
+            else:
+                continue
+            raise ValueError(
+                f"security.curve is true: set at least one {where} entry, the controller's z85 public key "
+                "(`python -m appliance keys generate`)"
+            )
+        return self
+
+    def _endpoint_fields(self) -> list[tuple[str, str]]:
+        if not self.microscopes:
+            return [(f"ingest.{f}", getattr(self.ingest, f)) for f in ("tile_endpoint", "feedback_endpoint")]
+        return [
+            (f"microscopes[{i}].{f}", getattr(m, f))
+            for i, m in enumerate(self.microscopes)
+            for f in ("tile_endpoint", "feedback_endpoint")
+        ]
+
+    def served_microscopes(self) -> list[MicroscopeConfig]:
+        """Every microscope this appliance serves, in order: `microscopes`, or the one of ingest/output.
+
+        The calibration and the controller keys come filled in (a microscope's own, else the rig's).
+        """
+        if not self.microscopes:
+            single = MicroscopeConfig(
+                name=self.rig_name,
+                tile_endpoint=self.ingest.tile_endpoint,
+                feedback_endpoint=self.ingest.feedback_endpoint,
+                output_directory=self.output.directory,
+            )
+            return [self._filled(single)]
+        return [self._filled(m) for m in self.microscopes]
+
+    def _filled(self, scope: MicroscopeConfig) -> MicroscopeConfig:
+        return scope.model_copy(
+            update={
+                "detector_calibration": scope.detector_calibration or self.detector.calibration,
+                "controller_public_keys": self.security_for(scope).controller_public_keys,
+            }
+        )
+
+    def ingest_for(self, scope: MicroscopeConfig) -> IngestConfig:
+        """ingest.* with this microscope's endpoints."""
+        return self.ingest.model_copy(
+            update={"tile_endpoint": scope.tile_endpoint, "feedback_endpoint": scope.feedback_endpoint}
+        )
+
+    def output_for(self, scope: MicroscopeConfig) -> OutputConfig:
+        """output.* with this microscope's folder."""
+        return self.output.model_copy(update={"directory": scope.output_directory})
+
+    def detector_for(self, scope: MicroscopeConfig) -> DetectorConfig:
+        """detector.* with this microscope's calibration (the start-up check of its file)."""
+        calibration = scope.detector_calibration or self.detector.calibration
+        return self.detector.model_copy(update={"calibration": calibration})
+
+    def security_for(self, scope: MicroscopeConfig) -> SecurityConfig:
+        """security.* with this microscope's controller keys pinned (its own, else the rig's)."""
+        keys = scope.controller_public_keys
+        return self.security if keys is None else self.security.model_copy(update={"controller_public_keys": keys})
 
     @model_validator(mode="after")
     def _replicas_fit_the_gpus(self) -> RigConfig:
@@ -406,6 +602,17 @@ class RigConfig(_Strict):
 
     def _gpu_shares(self) -> list[float]:
         return [d.num_gpus_per_replica for d in (self.detector, self.deblur) for _ in range(d.num_replicas)]
+
+
+def _refuse_repeats(what: str, items: list[tuple[str, str]]) -> None:
+    """items: (how to name it, the value that must be unique); raise naming both holders of a repeat."""
+    seen: dict[str, str] = {}
+    for label, value in items:
+        if value in seen:
+            raise ValueError(
+                f"microscopes: {seen[value]} and {label} use the same {what} ({value}): each needs its own"
+            )
+        seen[value] = label
 
 
 def gpu_shares_fit(shares: list[float], gpus: int) -> bool:

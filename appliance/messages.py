@@ -48,6 +48,8 @@ class BlurAssessment:
     region_scores: coarse grid (rows of floats, e.g. 8x8) of blur_score per region, to catch partial blur.
     reason: why the label is `retake` or `empty` ("" otherwise), in words an operator understands.
     model_version: which detector produced this (recorded in the QC record).
+    baseline_sigma_px: the in-focus baseline (px at this tile's pixel size) a calibrated verdict was measured
+        from: the rig's, or the tile's beam's own (docs/calibration.md); None for an uncalibrated verdict.
     """
 
     blur_score: float
@@ -58,10 +60,14 @@ class BlurAssessment:
     region_scores: list[list[float]] = field(default_factory=list)
     reason: str = ""
     model_version: str = ""
+    baseline_sigma_px: float | None = None
 
     def to_record(self) -> dict[str, Any]:
-        """Plain dict for JSON/msgpack (QC record, CLI output)."""
-        return asdict(self)
+        """Plain dict for JSON/msgpack (QC record, CLI output); baseline_sigma_px only when calibrated."""
+        record = asdict(self)
+        if record["baseline_sigma_px"] is None:
+            del record["baseline_sigma_px"]
+        return record
 
 
 @dataclass(frozen=True)
@@ -117,13 +123,69 @@ class BlurShareAlarm:
         return f"{what}. Check the focus; if tiles that look sharp read soft, recalibrate (detector.calibration)"
 
 
+# The `kind`s of the `alarm` feedback a FocusDriftAlarm becomes: a beam's focus drifted, and it came back.
+FocusAlarmKind = Literal["focus_drift", "focus_ok"]
+FOCUS_DRIFT: FocusAlarmKind = "focus_drift"
+FOCUS_OK: FocusAlarmKind = "focus_ok"
+# The beam of tiles whose header carries none (single-beam microscopes): one baseline for all of them.
+NO_BEAM = "none"
+
+
+@dataclass(frozen=True)
+class FocusDriftAlarm:
+    """A beam's running in-focus baseline left its reference (focus_drift) or came back (focus_ok).
+
+    beam: the header's beam, None for tiles sent without one. baseline_sigma_px: the beam's running median
+    of sharp-looking tiles; reference_sigma_px: the rig calibration's baseline, or without a calibration the
+    beam's own first baseline; both px at pixel_size_nm (the tile that raised it). drift_log: their distance
+    in log(sigma + 0.5 px); threshold: detector.online_baseline.drift_log_threshold.
+    """
+
+    kind: FocusAlarmKind
+    beam: int | None
+    baseline_sigma_px: float
+    reference_sigma_px: float
+    drift_log: float
+    threshold: float
+    pixel_size_nm: float
+    n_tiles: int
+    calibrated: bool
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The alarm's keys besides the tile ids and `message` (docs/protocol.md, `focus_drift`)."""
+        fields = asdict(self)
+        del fields["n_tiles"]
+        return fields
+
+    @property
+    def beam_name(self) -> str:
+        return NO_BEAM if self.beam is None else str(self.beam)
+
+    def message(self) -> str:
+        """What happened and what to do, in an operator's words (the alarm's `message`, the log line)."""
+        reference = "rig calibration" if self.calibrated else "its own first baseline"
+        where = f"beam {self.beam_name}: in-focus blur baseline {self.baseline_sigma_px:.2f} px"
+        if self.kind == FOCUS_OK:
+            return f"{where} is back within the threshold of {reference} ({self.reference_sigma_px:.2f} px)"
+        direction = "softer" if self.drift_log > 0 else "sharper"
+        what = (
+            f"{where} over its last {self.n_tiles} sharp-looking tiles, {direction} than {reference} "
+            f"({self.reference_sigma_px:.2f} px) by {abs(self.drift_log):.2f} in log-sigma "
+            f"(> {self.threshold:g}, detector.online_baseline.drift_log_threshold)"
+        )
+        if self.drift_log > 0:
+            return f"{what}: check this beam's focus and stigmation"
+        return f"{what}: the calibration no longer fits this beam; recalibrate (detector.calibration)"
+
+
 @dataclass
 class TileOutcome:
     """What the ingest learned about one tile, handed to the sink with the pixels.
 
     timings_s: seconds per stage the ingest timed (detect_s, deblur_s); failure: why processing failed
     ("" = it did not; the tile is then written as acquired). restore_suspended: a soft tile not restored
-    because its section tripped the safety rule; alarm: set on the one tile that tripped it.
+    because its section tripped the safety rule; alarm: set on the one tile that tripped it; focus_alarm: set
+    on the tile whose beam's baseline drifted or came back (appliance.detection.online_baseline).
     """
 
     header: TileHeader
@@ -134,3 +196,4 @@ class TileOutcome:
     timings_s: dict[str, float] = field(default_factory=dict)
     restore_suspended: bool = False
     alarm: BlurShareAlarm | None = None
+    focus_alarm: FocusDriftAlarm | None = None

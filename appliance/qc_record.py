@@ -61,6 +61,11 @@ class QcTileRecord(_Line):
     angle_deg: float | None = None
     region_scores: list[list[float]] | None = None
     reason: str | None = None
+    baseline_sigma_px: float | None = Field(
+        None,
+        description="Calibrated verdicts only (else absent): the in-focus baseline (px at this tile's pixel size) "
+        "sigma_px was measured from, the rig's or the beam's own (docs/calibration.md).",
+    )
     deblur_version: str | None = None
     error: str | None = None
     timings_s: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, total_s included.")

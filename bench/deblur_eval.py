@@ -139,20 +139,25 @@ def fixed_blur(family: str, sigma: float, rng: np.random.Generator) -> BlurParam
     return BlurParams(family, sigma, drawn.anisotropy, drawn.angle_deg)  # type: ignore[arg-type]
 
 
+def full_scale(tile: np.ndarray) -> float:
+    """The PSNR peak of a uint8/uint16 tile: its dtype's full range (255 or 65535)."""
+    return float(np.iinfo(tile.dtype).max)
+
+
 def best_wiener(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Wiener output (uint8) with the noise-to-signal ratio that is best against the truth."""
-    candidates = [quantize(np.clip(wiener_deconvolve(blurred01, psf, n), 0, 1)) for n in WIENER_NSR]
-    return max(candidates, key=lambda c: psnr(c, truth, 255.0))
+    """Wiener output (truth's dtype) with the noise-to-signal ratio that is best against the truth."""
+    candidates = [quantize(np.clip(wiener_deconvolve(blurred01, psf, n), 0, 1), truth.dtype) for n in WIENER_NSR]
+    return max(candidates, key=lambda c: psnr(c, truth, full_scale(truth)))
 
 
 def best_rl(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Richardson–Lucy output (uint8) at the iteration count that is best against the truth."""
+    """Richardson–Lucy output (truth's dtype) at the iteration count that is best against the truth."""
     candidates, estimate, done = [], None, 0
     for n in RL_ITERATIONS:  # each count continues from the previous one: 50 iterations in all
         estimate = richardson_lucy(blurred01, psf, n - done, initial=estimate)
         done = n
-        candidates.append(quantize(np.clip(estimate, 0, 1)))
-    return max(candidates, key=lambda c: psnr(c, truth, 255.0))
+        candidates.append(quantize(np.clip(estimate, 0, 1), truth.dtype))
+    return max(candidates, key=lambda c: psnr(c, truth, full_scale(truth)))
 
 
 def restore_cell(

@@ -55,7 +55,15 @@ from appliance.detection.detector import BlurDetector  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
 from appliance.tile_io import read_tile  # noqa: E402
 from bench.detector_eval import auroc, blur_params  # noqa: E402
-from models.blur_synth import DATA_DIR, FAMILIES, SPLITS, apply_blur, quantize, to_unit_float  # noqa: E402
+from models.blur_synth import (  # noqa: E402
+    DATA_DIR,
+    FAMILIES,
+    SPLITS,
+    BlurParams,
+    apply_blur,
+    quantize,
+    to_unit_float,
+)
 
 CORPUS = REPO.parent / "shared" / "data" / "em-corpus"
 SIGMAS = (1.0, 1.5, 2.0, 3.0)
@@ -134,8 +142,13 @@ def load_sources(corpus: Path) -> list[Source]:
 
 def blur_with_rig_noise(tile: np.ndarray, family: str, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Blur a sharp tile, then add Gaussian noise at the tile's own noise level; same dtype."""
-    params = blur_params(family, sigma, rng)
-    image = apply_blur(to_unit_float(tile), params)
+    return render_with_rig_noise(tile, blur_params(family, sigma, rng), rng)
+
+
+def render_with_rig_noise(tile: np.ndarray, params: BlurParams | None, rng: np.random.Generator) -> np.ndarray:
+    """A sharp uint8/uint16 tile blurred by `params` (None: not blurred), plus Gaussian noise at the tile's
+    own (Immerkaer) level, re-quantised to its dtype: the rig's noise on top of the tile's own."""
+    image = to_unit_float(tile) if params is None else apply_blur(to_unit_float(tile), params)
     image = image + rng.normal(0.0, noise_level(tile), size=image.shape).astype(np.float32)
     return quantize(image, tile.dtype)
 
@@ -436,10 +449,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(result: dict) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in table_rows(result))) for i, h in enumerate(HEADER)]
-    print("  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)))
-    for row in table_rows(result):
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Print `rows` under `header`, each column padded to its widest cell."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
@@ -487,7 +501,7 @@ def main() -> None:
         "runtime_s": time.monotonic() - start,
     }
     print()
-    print_table(result)
+    print_table(HEADER, table_rows(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(result))

@@ -10,6 +10,7 @@
 # ../shared/data); packed training data: $CARRY_DIR/em_train.npz (models/deblur/pack_data.py).
 # `bash bench/gpu_carry.sh` builds all three.
 #
+# The suite includes rows with 2 and 4 microscopes on one appliance (sharp tiles at 25.4/s each).
 # DEVICE=cpu SUITE_ARGS="--side 512 --scale 0.06" runs the same steps on a CPU machine (a rehearsal).
 set -u
 out=$(realpath -m "${1:?usage: bench/gpu_run.sh OUT_DIR [BUDGET_S]}")

@@ -12,7 +12,10 @@ In one process and one Ray cluster, on real-EM mosaics of MultiSEM size (bench/r
    same tile in DN (the CPU rig's result);
 4. the pipeline (ingest -> Serve detector/deblur -> sink, replicas as in the rig config): sharp tiles at
    25.4/s, sharp flat out, 1/16 soft + 1/16 retake flat out and at 25.4/s; lost/duplicated, latency
-   send -> durable, and pipeline/bare in the same run.
+   send -> durable, and pipeline/bare in the same run;
+5. several microscopes on the same appliance (shared detector/deblur): 2, then 4 controllers streaming
+   sharp tiles at 25.4/s each at once (MULTISCOPE_ROWS), total and per-microscope throughput and latency.
+   The appliance serves 4 microscopes throughout; rows 4. use the first, the others idle.
 Writes `suite.json` and `suite.md` (the table) into --out; tiles go to a scratch directory that is
 deleted afterwards. Each phase checks the budget and records what it skipped.
 """
@@ -41,11 +44,13 @@ from appliance.config import DeblurConfig, OutputConfig, RigConfig  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
 from appliance.restoration.restorer import TileRestorer  # noqa: E402
 from appliance.tools.reference_controller import MULTISEM_TILES_PER_S  # noqa: E402
-from bench.replay import bench_config, multisem_tiles  # noqa: E402
+from bench.replay import bench_config, multisem_tiles, with_microscopes  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 GPU_CONFIG = REPO_ROOT / "bench" / "rig-gpu.yaml"
 SOFT_SIGMA_PX = 1.5
+MULTISCOPE_ROWS = (2, 4)  # microscopes streaming at once; the appliance serves max(MULTISCOPE_ROWS)
+MULTISCOPE_TILES = 150  # per microscope (x --scale): ~6 s at 25.4/s
 
 
 class Budget:
@@ -238,7 +243,7 @@ def pipeline_rows(
         ("1/16 soft + 1/16 retake at 25.4/s", mix_pool, 300, MULTISEM_TILES_PER_S),
     ]
     rows: list[dict[str, Any]] = []
-    appliance = Appliance(cfg)
+    appliance = Appliance(with_microscopes(cfg, max(MULTISCOPE_ROWS)))
     appliance.start()
     try:
         for index, (title, pool, tiles, rate_hz) in enumerate(plan):
@@ -251,8 +256,30 @@ def pipeline_rows(
             report = run_replay(appliance, cycle_tiles(pool, count), count, rate_hz, f"suite-{index}")
             rows.append({"row": title, "rate_hz": rate_hz, **report.summary()})
         rows.append({"row": "appliance counters", **appliance.stats()})
+        rows += multiscope_rows(appliance, sharp_pool, max(16, int(MULTISCOPE_TILES * scale)), budget)
     finally:
         appliance.drain_and_stop()
+    return rows
+
+
+def multiscope_rows(
+    appliance: Any, pool: list[tuple[str, np.ndarray]], count: int, budget: Budget
+) -> list[dict[str, Any]]:
+    """MULTISCOPE_ROWS microscopes of `appliance` streaming `count` sharp tiles each at 25.4/s at once."""
+    from appliance.tools.reference_controller import ReplayReport, cycle_tiles, run_replays
+
+    rows: list[dict[str, Any]] = []
+    for n in MULTISCOPE_ROWS:
+        title = f"{n} microscopes, sharp tiles at 25.4/s each"
+        expected_s = count / MULTISEM_TILES_PER_S + 15
+        if budget.left_s() < expected_s:
+            rows.append({"row": title, "skipped": f"time budget ({budget.left_s():.0f} s left)"})
+            continue
+        scopes = dict(list(appliance.microscopes.items())[:n])
+        reports = run_replays(scopes, lambda: cycle_tiles(pool, count), count, MULTISEM_TILES_PER_S, f"multi{n}")
+        total = ReplayReport.combined(reports.values())
+        per_microscope = {name: report.summary() for name, report in reports.items()}
+        rows.append({"row": title, "microscopes": n, **total.summary(), "per_microscope": per_microscope})
     return rows
 
 
@@ -303,16 +330,23 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| deblur backend chosen by `auto` | | {deb.get('auto_choice')} |")
     for row in result.get("pipeline", []):
         if "tiles_per_s" in row:
+            slowest = max((one["tiles_per_s"] for one in row.get("per_microscope", {}).values()), default=None)
+            each = "" if slowest is None else f"; per microscope {min_rate(row):.1f}-{slowest:.1f} tiles/s"
             lines.append(
                 f"| pipeline: {row['row']} ({row['sent']} tiles) | {row['tiles_per_s']:.1f} | "
                 f"p50 / p95 / p99 {row['latency_p50_s']:.2f} / {row['latency_p95_s']:.2f} / "
-                f"{row['latency_p99_s']:.2f} s, lost {row['lost']}, dup {row['duplicated']} |"
+                f"{row['latency_p99_s']:.2f} s, lost {row['lost']}, dup {row['duplicated']}{each} |"
             )
         elif "skipped" in row:
             lines.append(f"| pipeline: {row['row']} | - | {row['skipped']} |")
     for name, value in result.get("ratios", {}).items():
         lines.append(f"| {name} | {value:.2f} | |")
     return "\n".join(lines) + "\n"
+
+
+def min_rate(row: dict[str, Any]) -> float:
+    """The slowest microscope's tiles/s in a multi-microscope row."""
+    return float(min(one["tiles_per_s"] for one in row["per_microscope"].values()))
 
 
 def ratios(result: dict[str, Any]) -> dict[str, float]:

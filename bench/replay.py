@@ -3,13 +3,16 @@
 Examples:
   python bench/replay.py --local --tiles 300                        # MultiSEM-size tiles, 25.4 tiles/s
   python bench/replay.py --local --tiles 300 --rate 0               # flat out
+  python bench/replay.py --local --tiles 300 --microscopes 4        # 4 microscopes at 25.4 tiles/s each
   python bench/replay.py --tiles-dir /data/section_0001 --tile-endpoint tcp://rig:5555 \
       --feedback-endpoint tcp://rig:5556                            # a running appliance
       [--curve-client-key keys/controller.key_secret --curve-server-key keys/server.key]   # a CURVE rig
 
 Generated tiles are mosaics of real EM (../shared/data/isbi2012-train) at MultiSEM size (default
 2400x2400 uint8, 5.76 MB); by default 1 in 16 is made soft (Gaussian sigma 1.5 px) and 1 in 16 beyond
-repair (sigma 6 px) with models.blur_synth. Prints a table and writes a JSON report.
+repair (sigma 6 px) with models.blur_synth. Prints a table and writes a JSON report. With --microscopes N
+(--local) one appliance serves N microscopes (shared detector and deblur), each streamed by its own
+controller at --rate: a table per microscope and one for all of them together.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from appliance.tools.reference_controller import (  # noqa: E402
     ReplayReport,
     cycle_tiles,
     run_replay,
+    run_replays,
 )
 from appliance.tools.replay_summary import print_table, replay_table  # noqa: E402
 
@@ -125,6 +129,27 @@ def bench_config(config: Path | None) -> RigConfig:
         raise typer.BadParameter(str(exc)) from None
 
 
+def with_microscopes(cfg: RigConfig, count: int) -> RigConfig:
+    """`cfg` serving `count` microscopes scope-1..N on free loopback ports, each writing to
+    output.directory/scope-K (cfg itself when count is 1 or it lists its own microscopes)."""
+    if count == 1 or cfg.microscopes:
+        return cfg
+    # The single-microscope endpoints and folder are left out: the microscopes name their own.
+    raw = cfg.model_dump(
+        mode="json", exclude={"ingest": {"tile_endpoint", "feedback_endpoint"}, "output": {"directory"}}
+    )
+    raw["microscopes"] = [
+        {
+            "name": f"scope-{k}",
+            "tile_endpoint": "tcp://127.0.0.1:*",
+            "feedback_endpoint": "tcp://127.0.0.1:*",
+            "output_directory": str(cfg.output.directory / f"scope-{k}"),
+        }
+        for k in range(1, count + 1)
+    ]
+    return RigConfig.model_validate(raw)
+
+
 @app.command()
 def main(
     tiles: Annotated[int, typer.Option(min=1, help="Tiles to send.")] = 300,
@@ -147,6 +172,9 @@ def main(
     curve_server_key: Annotated[
         Path | None, typer.Option(help="A CURVE rig: the rig's public key file (server.key).")
     ] = None,
+    microscopes: Annotated[
+        int, typer.Option(min=1, max=64, help="--local: microscopes on the appliance, each streamed at --rate.")
+    ] = 1,
     bare_repeats: Annotated[int, typer.Option(min=0, help="Passes of the bare loops over the pool (0 = skip).")] = 1,
     json_out: Annotated[Path | None, typer.Option(help="JSON report path.")] = None,
 ) -> None:
@@ -154,7 +182,9 @@ def main(
     if dtype not in ("uint8", "uint16"):
         raise typer.BadParameter(f"--dtype {dtype!r}: use uint8 or uint16")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    cfg = bench_config(config)
+    if microscopes > 1 and not local:
+        raise typer.BadParameter("--microscopes > 1 starts its own appliance: add --local")
+    cfg = with_microscopes(bench_config(config), microscopes)
     try:
         tile_pool = (
             directory_tiles(tiles_dir) if tiles_dir else multisem_tiles(pool, side, dtype, soft_every, retake_every)
@@ -169,12 +199,21 @@ def main(
     from appliance.serving.pipeline import Appliance
 
     section = time.strftime("bench-%Y%m%d-%H%M%S")
+    per_microscope: dict[str, ReplayReport] = {}
     if local:
         appliance = Appliance(cfg)
         appliance.start()
         try:
-            report = run_replay(appliance, cycle_tiles(tile_pool, tiles), tiles, rate or None, section)
-            stats = appliance.stats()
+            if len(appliance.microscopes) == 1:
+                report = run_replay(appliance, cycle_tiles(tile_pool, tiles), tiles, rate or None, section)
+            else:
+                per_microscope = run_replays(
+                    appliance.microscopes, lambda: cycle_tiles(tile_pool, tiles), tiles, rate or None, section
+                )
+                report = ReplayReport.combined(per_microscope.values())
+            stats = (
+                {name: appliance.stats(name) for name in appliance.microscopes} if per_microscope else appliance.stats()
+            )
         finally:
             appliance.drain_and_stop()
     else:
@@ -184,7 +223,13 @@ def main(
         with ReferenceController(tile_endpoint, feedback_endpoint, curve=curve) as client:
             report = client.send_section(section, cycle_tiles(tile_pool, tiles), rate_hz=rate or None)
         stats = None
-    _report(report, bare, stats, rate, json_out, tile_pool)
+    for name, one in per_microscope.items():
+        print_table(replay_table(one, f"bench/replay.py, microscope {name}", {"target rate": _rate(rate)}))
+    _report(report, bare, stats, rate, json_out, tile_pool, per_microscope)
+
+
+def _rate(rate: float) -> str:
+    return f"{rate} tiles/s" if rate else "flat out"
 
 
 def _report(
@@ -194,8 +239,11 @@ def _report(
     rate: float,
     json_out: Path | None,
     tile_pool: list[tuple[str, np.ndarray]],
+    per_microscope: dict[str, ReplayReport],
 ) -> None:
-    extra: dict[str, Any] = {"target rate": f"{rate} tiles/s" if rate else "flat out"}
+    extra: dict[str, Any] = {"target rate": _rate(rate) + (" per microscope" if per_microscope else "")}
+    if per_microscope:
+        extra["microscopes"] = str(len(per_microscope))
     ratio = None
     if bare:
         ratio = report.tiles_per_s / bare["bare_mix_tiles_per_s"]
@@ -204,11 +252,13 @@ def _report(
             extra["bare deblur"] = f"{bare['deblur_tiles_per_s']:.2f} tiles/s ({bare['deblur_version']})"
         extra["bare loop, same mix"] = f"{bare['bare_mix_tiles_per_s']:.1f} tiles/s"
         extra["pipeline / bare"] = f"{ratio:.2f}"
-    print_table(replay_table(report, "bench/replay.py", extra))
+    title = f"bench/replay.py, all {len(per_microscope)} microscopes" if per_microscope else "bench/replay.py"
+    print_table(replay_table(report, title, extra))
     out = json_out or REPO_ROOT / "bench" / "results" / f"replay-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "pipeline": report.summary(),
+        "microscopes": {name: one.summary() for name, one in per_microscope.items()},
         "bare": bare,
         "pipeline_over_bare": ratio,
         "appliance_stats": stats,

@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 import yaml
 
-from appliance.config import ConfigError, RigConfig, gpu_shares_fit, load_rig_config
+from appliance.config import ConfigError, MicroscopeConfig, RigConfig, gpu_shares_fit, load_rig_config
 
 pytestmark = pytest.mark.fast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO_ROOT / "rig.example.yaml"
-RIG_YAMLS = [EXAMPLE, *sorted((REPO_ROOT / "bench").glob("rig-*.yaml"))]
+MULTISCOPE_EXAMPLE = REPO_ROOT / "rig.multiscope.example.yaml"
+RIG_YAMLS = [EXAMPLE, MULTISCOPE_EXAMPLE, *sorted((REPO_ROOT / "bench").glob("rig-*.yaml"))]
 MARK = "# rig-specific:"
 
 
@@ -95,3 +96,97 @@ def test_every_yaml_in_the_repository_parses() -> None:
     for path in tracked:
         if path.suffix in (".yaml", ".yml") and "templates" not in path.parts:
             yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def scope(name: str, port: int, folder: str, **extra: object) -> dict[str, object]:
+    """One microscopes[] entry on loopback: tiles on `port`, feedback on `port` + 1."""
+    endpoints = {"tile_endpoint": f"tcp://127.0.0.1:{port}", "feedback_endpoint": f"tcp://127.0.0.1:{port + 1}"}
+    return {"name": name, **endpoints, "output_directory": folder, **extra}
+
+
+def test_a_single_microscope_rig_is_served_as_one_microscope_named_after_the_rig() -> None:
+    cfg = load_rig_config(EXAMPLE)
+    (only,) = cfg.served_microscopes()
+    assert (only.name, only.tile_endpoint, only.feedback_endpoint) == (
+        "multisem-01",
+        *[
+            cfg.ingest.tile_endpoint,
+            cfg.ingest.feedback_endpoint,
+        ],
+    )
+    assert only.output_directory == cfg.output.directory
+    assert only.controller_public_keys == cfg.security.controller_public_keys
+
+
+def test_the_multiscope_example_gives_each_microscope_its_own_sockets_folder_key_and_calibration() -> None:
+    cfg = load_rig_config(MULTISCOPE_EXAMPLE)
+    scopes = cfg.served_microscopes()
+    assert [m.name for m in scopes] == ["scope-a", "scope-b"]
+    assert len({m.output_directory for m in scopes}) == 2
+    assert len({m.detector_calibration for m in scopes}) == 2
+    keys = [cfg.security_for(m).controller_public_keys for m in scopes]
+    assert keys[0] != keys[1] and all(len(k) == 1 for k in keys)
+    ingest = cfg.ingest_for(scopes[1])
+    assert (ingest.tile_endpoint, ingest.max_in_flight) == ("tcp://0.0.0.0:5565", 16)
+    assert cfg.output_for(scopes[1]).directory == Path("/data/em-appliance/out/scope-b")
+
+
+def test_rig_keys_and_calibration_apply_to_a_microscope_without_its_own() -> None:
+    key = "x" * 40
+    cfg = RigConfig.model_validate(
+        {
+            "microscopes": [scope("a", 6000, "/o/a"), scope("b", 6002, "/o/b", detector_calibration="/c/b.json")],
+            "detector": {"calibration": "/c/rig.json"},
+            "security": {
+                "curve": True,
+                "server_secret_key_file": "/k/server.key_secret",
+                "controller_public_keys": [key],
+            },
+        }
+    )
+    a, b = cfg.served_microscopes()
+    assert (a.detector_calibration, b.detector_calibration) == (Path("/c/rig.json"), Path("/c/b.json"))
+    assert a.controller_public_keys == b.controller_public_keys == [key]
+
+
+@pytest.mark.parametrize(
+    ("microscopes", "extra", "error"),
+    [
+        ([scope("a", 6000, "/o/a"), scope("a", 6002, "/o/b")], {}, r"a and a use the same name"),
+        ([scope("a", 6000, "/o/a"), scope("b", 6001, "/o/b")], {}, r"a tcp://127.0.0.1:6001 and b .* same endpoint"),
+        (
+            [scope("a", 6000, "/o/a"), {**scope("b", 6002, "/o/b"), "tile_endpoint": "tcp://0.0.0.0:6000"}],
+            {"security": {"allow_unauthenticated_network": True}},
+            r"same endpoint \(tcp:6000\)",
+        ),
+        ([scope("a", 6000, "/o"), scope("b", 6002, "/o/b")], {}, r"'a' and 'b': output folders /o and /o/b overlap"),
+        ([scope("a", 6000, "/o/a"), scope("b", 6002, "/o/a/")], {}, r"overlap"),
+        (
+            [scope("a", 6000, "/o/a")],
+            {"ingest": {"tile_endpoint": "tcp://127.0.0.1:7000"}},
+            r"ingest.tile_endpoint set",
+        ),
+        ([scope("a", 6000, "/o/a")], {"output": {"directory": "/o"}}, r"output.directory set together"),
+        ([{**scope("a", 6000, "/o/a"), "feedback_endpoint": "tcp://0.0.0.0:6001"}], {}, r"microscopes\[0\].feedback"),
+        (
+            [scope("a", 6000, "/o/a")],
+            {"security": {"curve": True, "server_secret_key_file": "/k"}},
+            r"microscopes\[0\].controller_public_keys",
+        ),
+        ([{**scope("a", 6000, "/o/a"), "name": "a b"}], {}, r"microscopes.0.name"),
+        ([{**scope("a", 6000, "/o/a"), "gpu": 1}], {}, r"microscopes.0.gpu"),
+    ],
+)
+def test_bad_microscope_lists_are_refused_naming_the_field(
+    tmp_path: Path, microscopes: list[dict[str, object]], extra: dict[str, object], error: str
+) -> None:
+    config = tmp_path / "rig.yaml"
+    config.write_text(yaml.safe_dump({"microscopes": microscopes, **extra}))
+    with pytest.raises(ConfigError, match=error):
+        load_rig_config(config)
+
+
+def test_wildcard_ports_never_collide() -> None:
+    wild = {"tile_endpoint": "tcp://127.0.0.1:*", "feedback_endpoint": "tcp://127.0.0.1:*"}
+    scopes = [MicroscopeConfig(name=n, output_directory=Path(f"/o/{n}"), **wild) for n in ("a", "b")]
+    assert len(RigConfig(microscopes=scopes).served_microscopes()) == 2

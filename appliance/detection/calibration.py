@@ -17,8 +17,10 @@ from the median is kept because it also gives an unbiased added-blur estimate. W
 the detector's spread of in-focus readings within a source (AUROC 0.78-0.86 at sigma 1-3 px on the
 SEM/TEM sources), which no per-rig offset can remove.
 
-`RunningBaseline` is the online counterpart: a per-beam running median of sharp-looking tiles' sigma
-that flags drift away from the calibration (pure logic, no I/O).
+Pixel size: the rig's in-focus PSF is fixed in nm, so a calibration that records its tiles' pixel size
+(`pixel_size_nm`) is scaled to each tile's: baseline_px(tile) = baseline_px * cal_nm / tile_nm
+(`rig_reference`). Its online counterpart, the per-beam running baseline and focus-drift alarm, is
+appliance.detection.online_baseline; both are described in docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -99,6 +100,13 @@ class RigCalibration(_Strict):
     dtype: Literal["uint8", "uint16"]
     mapping: Literal["quadrature"] = Field(
         MAPPING, description="How a tile sigma is turned into blur added to the baseline."
+    )
+    pixel_size_nm: float | None = Field(
+        None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="Pixel size of the known-good tiles (nm); the baseline is scaled to each tile's pixel size. "
+        "None (unknown, also files written before it existed): the baseline is used in px as it is.",
     )
 
     def model_post_init(self, __context: object) -> None:
@@ -212,8 +220,13 @@ def _polarity(stats: Sequence[TileStats]) -> Literal["dark_on_light", "light_on_
     return "mixed"
 
 
-def calibration_from_stats(stats: Sequence[TileStats], model_version: str) -> RigCalibration:
-    """Check the known-good tiles' statistics and summarise them into a RigCalibration."""
+def calibration_from_stats(
+    stats: Sequence[TileStats], model_version: str, pixel_size_nm: float | None = None
+) -> RigCalibration:
+    """Check the known-good tiles' statistics and summarise them into a RigCalibration.
+
+    pixel_size_nm: the tiles' pixel size when known (recorded, see rig_reference).
+    """
     if len(stats) < MIN_TILES:
         raise CalibrationError(
             f"calibration needs at least {MIN_TILES} known-good in-focus tiles of one rig; got {len(stats)}"
@@ -231,11 +244,17 @@ def calibration_from_stats(stats: Sequence[TileStats], model_version: str) -> Ri
         noise_level=float(np.median([s.noise_level for s in stats])),
         contrast_polarity=_polarity(stats),
         dtype=stats[0].dtype,
+        pixel_size_nm=pixel_size_nm,
     )
 
 
-def calibrate(tiles: Sequence[np.ndarray], names: Sequence[str], detector: BlurDetector) -> RigCalibration:
+def calibrate(
+    tiles: Sequence[np.ndarray], names: Sequence[str], detector: BlurDetector, pixel_size_nm: float | None = None
+) -> RigCalibration:
     """Learn a rig's in-focus reference from known-good tiles (2-D uint8/uint16 arrays, any size >= 32 px).
+
+    pixel_size_nm: the tiles' pixel size (nm) when known; recorded so that tiles of another pixel size get
+    the baseline scaled (rig_reference).
 
     Raises CalibrationError naming the file and the problem: too few tiles, colour or constant images,
     a blurred tile among the sharp ones, tiles from mixed instruments.
@@ -252,7 +271,7 @@ def calibrate(tiles: Sequence[np.ndarray], names: Sequence[str], detector: BlurD
         if a.label == "empty" or a.reason.startswith("not judgeable"):
             raise CalibrationError(f"{name}: {a.reason}; pick tiles with tissue in them")
     stats = [tile_stats(np.asarray(t), n, a) for t, n, a in zip(tiles, names, assessments, strict=True)]
-    return calibration_from_stats(stats, detector.model_version)
+    return calibration_from_stats(stats, detector.model_version, pixel_size_nm)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,20 +285,64 @@ def added_blur_px(sigma_px: float | np.ndarray, baseline_px: float) -> float | n
     return float(added) if added.ndim == 0 else added
 
 
-def apply_calibration(assessment: BlurAssessment, calibration: RigCalibration, cfg: DetectorConfig) -> BlurAssessment:
-    """The assessment with sigma, regions, score and label measured from the rig's in-focus baseline.
+@dataclass(frozen=True)
+class FocusReference:
+    """The in-focus blur a tile is measured from: px at that tile's pixel size.
 
-    An `empty` tile and a "not judgeable" retake stay as they are (there is no estimate to correct). Other
-    retake reasons are recomputed from the calibrated sigma; the model_version is kept and the reason says
-    it is calibrated.
+    source: what it is, in the verdict's reason ("rig baseline", "beam 3 baseline").
     """
-    if assessment.label == "empty" or assessment.reason.startswith("not judgeable"):
+
+    baseline_sigma_px: float
+    region_baseline_sigma_px: float
+    source: str = "rig baseline"
+
+
+def scale_to_pixel_size(sigma_px: float, from_pixel_nm: float | None, to_pixel_nm: float | None) -> float:
+    """A blur fixed in nm, read as sigma_px at from_pixel_nm, in px at to_pixel_nm; unchanged if either is unknown."""
+    if from_pixel_nm is None or to_pixel_nm is None:
+        return sigma_px
+    return sigma_px * from_pixel_nm / to_pixel_nm
+
+
+def rig_reference(calibration: RigCalibration, pixel_size_nm: float | None = None) -> FocusReference:
+    """The calibration's baselines for a tile of pixel_size_nm (nm; None: as calibrated).
+
+    The rig's in-focus PSF is fixed in nm: baseline_px(tile) = baseline_px(cal) * cal_nm / tile_nm, and
+    unchanged when either pixel size is unknown.
+    """
+    cal_nm = calibration.pixel_size_nm
+    return FocusReference(
+        scale_to_pixel_size(calibration.baseline_sigma_px, cal_nm, pixel_size_nm),
+        scale_to_pixel_size(calibration.region_baseline_sigma_px, cal_nm, pixel_size_nm),
+    )
+
+
+def is_judged(assessment: BlurAssessment) -> bool:
+    """Whether the verdict carries a focus reading to calibrate (not `empty`, not "not judgeable")."""
+    return assessment.label != "empty" and not assessment.reason.startswith("not judgeable")
+
+
+def apply_calibration(
+    assessment: BlurAssessment, reference: RigCalibration | FocusReference, cfg: DetectorConfig
+) -> BlurAssessment:
+    """The assessment with sigma, regions, score and label measured from an in-focus baseline.
+
+    reference: a RigCalibration (its baselines as calibrated) or a FocusReference (scaled to the tile's pixel
+    size, or a beam's own: appliance.detection.online_baseline). An `empty` tile and a "not judgeable" retake
+    stay as they are (there is no estimate to correct). Other retake reasons are recomputed from the
+    calibrated sigma; the model_version is kept, the reason says it is calibrated and baseline_sigma_px
+    records the baseline used.
+    """
+    if not is_judged(assessment):
         return assessment
-    sigma = float(added_blur_px(assessment.sigma_px, calibration.baseline_sigma_px))
-    regions = added_blur_px(region_sigma_px(assessment), calibration.region_baseline_sigma_px)
+    if isinstance(reference, RigCalibration):
+        reference = rig_reference(reference)
+    baseline = reference.baseline_sigma_px
+    sigma = float(added_blur_px(assessment.sigma_px, baseline))
+    regions = added_blur_px(region_sigma_px(assessment), reference.region_baseline_sigma_px)
     label = label_for_sigma(sigma, cfg)
     note = (
-        f"calibrated: {assessment.sigma_px:.2f} px read, rig baseline {calibration.baseline_sigma_px:.2f} px "
+        f"calibrated: {assessment.sigma_px:.2f} px read, {reference.source} {baseline:.2f} px "
         f"(quadrature), added blur {sigma:.2f} px"
     )
     reason = note
@@ -297,6 +360,7 @@ def apply_calibration(assessment: BlurAssessment, calibration: RigCalibration, c
         label=label,
         region_scores=[[round(float(v), 4) for v in row] for row in np.asarray(blur_score_from_sigma(regions))],
         reason=reason,
+        baseline_sigma_px=round(baseline, 3),
     )
 
 
@@ -366,66 +430,3 @@ def load_configured_calibration(cfg: DetectorConfig, model_version: str | None =
         return load_calibration(cfg.calibration, version)
     except CalibrationError as exc:
         raise ConfigError(f"detector.calibration: {exc}") from exc
-
-
-# ---------------------------------------------------------------------------------------------------
-# Online baseline
-
-
-class RunningBaseline:
-    """Per-beam running median of sharp-looking tiles' (uncalibrated) sigma; flags drift from calibration.
-
-    A tile counts towards its beam's baseline when its uncalibrated sigma is within `accept_log_margin`
-    (in log(sigma + 0.5)) of the calibration baseline, so blurred tiles do not drag the baseline along.
-    Drift: the beam's running median, once it has `min_tiles`, differs from the calibration baseline
-    by more than `drift_log_threshold` in log(sigma + 0.5).
-    """
-
-    def __init__(
-        self,
-        calibration: RigCalibration,
-        window: int = 200,
-        min_tiles: int = 20,
-        accept_log_margin: float = 0.7,
-        drift_log_threshold: float = 0.25,
-    ) -> None:
-        if window < 1 or not 1 <= min_tiles <= window:
-            raise ValueError(f"RunningBaseline: need 1 <= min_tiles ({min_tiles}) <= window ({window})")
-        self.calibration = calibration
-        self.window = window
-        self.min_tiles = min_tiles
-        self.accept_log_margin = accept_log_margin
-        self.drift_log_threshold = drift_log_threshold
-        self._reference = float(_log_sigma(calibration.baseline_sigma_px))
-        self._beams: dict[int, deque[float]] = {}
-
-    def update(self, beam: int, sigma_px: float) -> bool:
-        """Record one tile's uncalibrated sigma (px) for `beam`; True if it was counted as sharp-ish."""
-        if not math.isfinite(sigma_px) or sigma_px < 0:
-            raise ValueError(f"RunningBaseline.update: beam {beam} sigma_px={sigma_px}; must be finite >= 0")
-        log = float(_log_sigma(sigma_px))
-        if abs(log - self._reference) > self.accept_log_margin:
-            return False
-        self._beams.setdefault(beam, deque(maxlen=self.window)).append(log)
-        return True
-
-    def baseline_px(self, beam: int) -> float | None:
-        """The beam's running median sigma (px), or None before min_tiles sharp-ish tiles."""
-        logs = self._beams.get(beam)
-        if logs is None or len(logs) < self.min_tiles:
-            return None
-        return float(math.exp(float(np.median(logs))) - LOG_SIGMA_OFFSET_PX)
-
-    def drift(self, beam: int) -> float | None:
-        """log(running + 0.5) - log(calibration + 0.5) for the beam, or None before min_tiles."""
-        running = self.baseline_px(beam)
-        return None if running is None else float(_log_sigma(running)) - self._reference
-
-    def drifted_beams(self) -> dict[int, float]:
-        """Beams whose running baseline moved beyond drift_log_threshold, with their drift."""
-        out = {}
-        for beam in sorted(self._beams):
-            d = self.drift(beam)
-            if d is not None and abs(d) > self.drift_log_threshold:
-                out[beam] = d
-        return out

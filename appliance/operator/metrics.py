@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from appliance.messages import IMPLAUSIBLE_BLUR_SHARE
+from appliance.messages import FOCUS_DRIFT, FOCUS_OK, IMPLAUSIBLE_BLUR_SHARE, NO_BEAM
 
 # `*_created` timestamps would be one more series per metric that no dashboard reads.
 disable_created_metrics()
@@ -17,7 +17,6 @@ PREFIX = "em_appliance_"
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Edges include the default label thresholds (sharp <= 0.8 px, restorable <= 3 px).
 SIGMA_BUCKETS_PX = (0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0)
-NO_BEAM = "none"
 
 
 class _Metrics:
@@ -84,7 +83,15 @@ class SinkMetrics(_Metrics):
         self.alarms = Counter(
             f"{PREFIX}alarms", "Alarms sent to the controller, by kind (docs/protocol.md).", ["kind"], registry=r
         )
-        self.alarms.labels(kind=IMPLAUSIBLE_BLUR_SHARE)  # exported at 0 from the start: increase() works
+        for kind in (IMPLAUSIBLE_BLUR_SHARE, FOCUS_DRIFT, FOCUS_OK):  # exported at 0 from the start: increase() works
+            self.alarms.labels(kind=kind)
+        self.beam_focus_drift = Gauge(
+            f"{PREFIX}beam_focus_drift",
+            "1 while a beam's running in-focus baseline is off its reference (focus_drift sent, focus_ok not yet), "
+            f'else 0; only beams that drifted since start (beam="{NO_BEAM}" for tiles without one).',
+            ["beam"],
+            registry=r,
+        )
         self.restore_suspended = Counter(
             f"{PREFIX}restore_suspended_tiles",
             "Soft tiles written as acquired because their section tripped the implausible-blur-share rule.",

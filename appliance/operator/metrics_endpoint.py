@@ -1,8 +1,10 @@
 """The one /metrics HTTP endpoint, served from the driver: the actors' registries joined at scrape time.
 
-Pull, not push: on each scrape the driver asks the ingest and sink actors for their exposition text
-(two small Ray calls every scrape interval, nothing per tile) and adds what only the host knows (disk
-free, configured replicas). Metric names never repeat across actors, so the texts join as they are.
+Pull, not push: on each scrape the driver asks each microscope's ingest and sink actors for their
+exposition text (two small Ray calls per microscope every scrape interval, nothing per tile) and adds what
+only the host knows (disk free, calibration, configured replicas). Metric names never repeat across the
+actors of one microscope; the same names from several microscopes are joined into one family, each sample
+labelled with its `microscope`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.operator.metrics import PREFIX
 
@@ -24,20 +28,16 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SCRAPE_TIMEOUT_S = 10.0
 
 
-class HostMetrics:
-    """Metrics of the machine, read at scrape time: disk free under the output directory, replicas, calibration."""
+class MicroscopeHostMetrics:
+    """What the host knows of one microscope, read at scrape time: disk free under its output folder, and
+    whether its detector readings are calibrated."""
 
-    def __init__(self, output_dir: Path, replicas_by_deployment: dict[str, int], calibrated: bool = False) -> None:
+    def __init__(self, output_dir: Path, calibrated: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         free = Gauge(
             f"{PREFIX}disk_free_bytes", "Free bytes on the output directory's file system.", registry=self.registry
         )
         free.set_function(lambda: shutil.disk_usage(output_dir).free)
-        replicas = Gauge(
-            f"{PREFIX}replicas", "Configured Serve replicas per deployment.", ["deployment"], registry=self.registry
-        )
-        for deployment, count in replicas_by_deployment.items():
-            replicas.labels(deployment=deployment).set(count)
         Gauge(
             f"{PREFIX}detector_calibrated",
             "1 when the detector runs with a rig calibration (detector.calibration), else 0.",
@@ -46,6 +46,46 @@ class HostMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class HostMetrics:
+    """What the host knows of the shared deployments: configured Serve replicas (no microscope label)."""
+
+    def __init__(self, replicas_by_deployment: dict[str, int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        replicas = Gauge(
+            f"{PREFIX}replicas", "Configured Serve replicas per deployment.", ["deployment"], registry=self.registry
+        )
+        for deployment, count in replicas_by_deployment.items():
+            replicas.labels(deployment=deployment).set(count)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Families:
+    """A collector yielding parsed metric families, for generate_latest."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def join_microscopes(texts_by_microscope: dict[str, list[bytes]], shared: bytes) -> bytes:
+    """One exposition from each microscope's actor texts, every sample labelled `microscope="<name>"`,
+    plus the shared text (unlabelled). Families of the same name from several microscopes become one
+    family (a name must appear once on a page), so per-microscope series sit side by side."""
+    families: dict[str, Metric] = {}
+    for microscope, texts in texts_by_microscope.items():
+        for text in texts:
+            for family in text_string_to_metric_families(text.decode("utf-8")):
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                merged.samples += [
+                    sample._replace(labels={"microscope": microscope, **sample.labels}) for sample in family.samples
+                ]
+    return generate_latest(_Families(list(families.values()))) + shared
 
 
 class MetricsEndpoint:

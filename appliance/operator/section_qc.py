@@ -36,6 +36,7 @@ class TileQc:
     empty: bool
     detector_version: str | None
     deblur_version: str | None
+    baseline_sigma_px: float | None = None  # the in-focus baseline a calibrated verdict was measured from
 
     @classmethod
     def from_record(cls, record: QcTileRecord) -> TileQc:
@@ -62,6 +63,7 @@ class TileQc:
             empty=record.label == "empty" or reason.startswith("not judgeable"),
             detector_version=record.detector_version,
             deblur_version=record.deblur_version,
+            baseline_sigma_px=record.baseline_sigma_px,
         )
 
 

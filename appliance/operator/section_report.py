@@ -54,8 +54,15 @@ def _sigma_stats(tiles: list[TileQc]) -> tuple[str, str]:
     return f"{statistics.median(sigmas):.2f}", f"{p95:.2f}"
 
 
+def _last_baseline(tiles: list[TileQc]) -> str:
+    """The in-focus baseline (px) the beam's last calibrated tile was judged against: "n/a" uncalibrated."""
+    baselines = [t.baseline_sigma_px for t in sorted(tiles, key=lambda t: t.seq) if t.baseline_sigma_px is not None]
+    return f"{baselines[-1]:.2f}" if baselines else "n/a"
+
+
 def beam_rows(tiles: list[TileQc]) -> list[list[str]]:
-    """Per beam: tiles, median and p95 sigma (px), sharp/soft/retake/failed counts, retake share."""
+    """Per beam: tiles, median and p95 sigma (px), sharp/soft/retake/failed counts, retake share, and the
+    in-focus baseline (px) its last tile was judged against (the beam's own when it has one, docs/calibration.md)."""
     beams = sorted({t.beam for t in tiles}, key=lambda b: (b is None, b or 0))
     rows = []
     for beam in beams:
@@ -70,6 +77,7 @@ def beam_rows(tiles: list[TileQc]) -> list[list[str]]:
                 p95,
                 *(str(labels[k]) for k in ("sharp", "soft", "retake", "failed")),
                 f"{100.0 * labels['retake'] / len(own):.1f} %",
+                _last_baseline(own),
             ]
         )
     return rows
@@ -130,7 +138,18 @@ def render_section_report(
     images = {key: _png_tag(figure_png(figure), alt) for key, (figure, alt) in figures.items()}
     retakes = retake_rows(tiles, output_dir, report_dir)
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    beam_header = ["beam", "tiles", "median σ (px)", "p95 σ (px)", "sharp", "soft", "retake", "failed", "retake share"]
+    beam_header = [
+        "beam",
+        "tiles",
+        "median σ (px)",
+        "p95 σ (px)",
+        "sharp",
+        "soft",
+        "retake",
+        "failed",
+        "retake share",
+        "baseline σ (px)",
+    ]
     retake_header = ["seq", "tile", "beam", "stage x, y (µm)", "σ (px)", "reason", "file"]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>QC report: section {html.escape(section)}</title>

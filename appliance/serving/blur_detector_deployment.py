@@ -6,7 +6,6 @@ import numpy as np
 from ray import serve
 
 from appliance.config import DetectorConfig
-from appliance.detection.calibration import apply_to_all, load_configured_calibration
 from appliance.detection.detector import BlurDetector
 from appliance.messages import BlurAssessment
 
@@ -15,24 +14,26 @@ from appliance.messages import BlurAssessment
 class BlurDetectorDeployment:
     """Wraps one BlurDetector per replica (loaded once); concurrent calls are batched by Serve.
 
-    With detector.calibration set, every assessment is measured from the rig's in-focus baseline
-    (appliance.detection.calibration); the file is loaded once here and checked against the model.
+    Its verdicts are the model's own (uncalibrated): replicas are stateless, and the rig calibration and
+    each beam's running baseline are applied by the ingest (appliance.detection.online_baseline), which
+    sees every verdict in order.
     """
 
     def __init__(self, cfg: DetectorConfig) -> None:
-        self._cfg = cfg
         self._detector = BlurDetector.from_config(cfg)
-        self._calibration = load_configured_calibration(cfg, self._detector.model_version)
         self.assess_batch.set_max_batch_size(cfg.max_batch_size)
         self.assess_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch
     async def assess_batch(self, tiles: list[np.ndarray]) -> list[BlurAssessment]:
-        return apply_to_all(self._detector.assess(tiles), self._calibration, self._cfg)
+        return self._detector.assess(tiles)
 
-    async def __call__(self, tile: np.ndarray) -> BlurAssessment:
-        """tile: (H, W) uint8/uint16, usually passed as an ObjectRef that Ray resolves zero-copy."""
-        return await self.assess_batch(tile)
+    async def __call__(self, tile: np.ndarray, microscope: str = "") -> BlurAssessment:
+        """tile: (H, W) uint8/uint16, usually passed as an ObjectRef that Ray resolves zero-copy.
+
+        microscope: the name of the microscope the tile comes from (its calibration applies).
+        """
+        return await self.assess_batch(tile, microscope)
 
     def model_version(self) -> str:
         return self._detector.model_version

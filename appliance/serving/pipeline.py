@@ -1,68 +1,42 @@
-"""Wires ingest -> Serve detector/deblur -> sink on a Ray cluster; start, drain and stop."""
+"""Wires each microscope's ingest -> the shared Serve detector/deblur -> its sink on a Ray cluster; start,
+drain and stop."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
-import zmq
 from ray import serve
 from ray.serve.schema import LoggingConfig
 
 from appliance.config import RigConfig
 from appliance.detection.calibration import load_configured_calibration
-from appliance.operator.metrics_endpoint import SCRAPE_TIMEOUT_S, HostMetrics, MetricsEndpoint
+from appliance.operator.metrics_endpoint import (
+    SCRAPE_TIMEOUT_S,
+    HostMetrics,
+    MetricsEndpoint,
+    MicroscopeHostMetrics,
+    join_microscopes,
+)
 from appliance.operator.report_figures import Thresholds
 from appliance.serving.blur_detector_deployment import BlurDetectorDeployment
 from appliance.serving.deblur_deployment import DeblurDeployment
+from appliance.serving.microscope import MicroscopeRuntime, RunningEndpoints, resolve_endpoint
 from appliance.serving.ray_lockdown import init_local_ray
-from appliance.serving.supervisor import Restart, Supervisor
-from appliance.stream.ingest import IngestActor
-from appliance.stream.sink import SinkActor
+from appliance.serving.supervisor import Restart
 from appliance.stream.zmq_security import check_curve_keys
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Appliance", "RunningEndpoints", "resolve_endpoint"]
 
 DEFAULT_RAY_LOG_DIR = "/tmp/ray/session_latest/logs"
 DETECTOR_APP = "blur-detector"
 DEBLUR_APP = "deblur"
 # Per-request access logs at 25 tiles/s would drown the rig's log; warnings and errors still show.
 SERVE_LOGGING = LoggingConfig(log_level="WARNING", enable_access_log=False)
-# Supervised actors: Ray restarts a killed sink or ingest process (the Supervisor resumes it). Sink calls
-# are idempotent, so Ray also retries them on the restarted sink; ingest calls are not retried.
-SINK_OPTIONS = {"max_restarts": -1, "max_task_retries": -1}
-INGEST_OPTIONS = {"max_restarts": -1, "max_task_retries": 0}
-STATS_TIMEOUT_S = 10.0  # a restarting actor answers after its restart; the status line skips a beat
 DRAINING_MESSAGE = "appliance stopping: send nothing more; resend every tile without an answer after the restart"
-
-
-def resolve_endpoint(endpoint: str) -> str:
-    """`tcp://host:*` -> `tcp://host:<a free port>` (other endpoints unchanged), resolved once by the driver
-    so that an actor Ray restarts binds the very port the controller already connects to."""
-    if not endpoint.endswith(":*"):
-        return endpoint
-    context = zmq.Context()
-    probe = context.socket(zmq.PULL)
-    probe.setsockopt(zmq.LINGER, 0)
-    try:
-        probe.bind(endpoint)
-        return probe.getsockopt_string(zmq.LAST_ENDPOINT)
-    finally:
-        probe.close()
-        context.term()
-
-
-@dataclass(frozen=True)
-class RunningEndpoints:
-    """Where the running appliance listens (wildcard ports resolved) and writes."""
-
-    tile: str
-    feedback: str
-    output_dir: str
-    metrics: str | None = None  # http://host:port/metrics, None when metrics.enabled is false
 
 
 class Appliance:
@@ -76,18 +50,19 @@ class Appliance:
         self.cfg = cfg
         self._ray_logs_to_terminal = ray_logs_to_terminal
         self._owns_ray = False
-        self._ingest: Any = None
-        self._sink: Any = None
+        self._scopes = [MicroscopeRuntime(cfg, scope) for scope in cfg.served_microscopes()]
         self._metrics: MetricsEndpoint | None = None
-        self._supervisor: Supervisor | None = None
-        self.endpoints: RunningEndpoints | None = None
+        self.endpoints: RunningEndpoints | None = None  # the first microscope's (the only one, usually)
+        self.microscopes: dict[str, RunningEndpoints] = {}  # every microscope's, by name
 
     def start(self) -> RunningEndpoints:
-        """Start Ray (local unless configured), deploy both models, bind the sockets.
+        """Start Ray (local unless configured), deploy both models once, bind each microscope's sockets.
 
-        Raises ConfigError before anything starts when detector.calibration cannot be used.
+        Raises ConfigError before anything starts when a microscope's calibration cannot be used.
+        Returns the first microscope's endpoints; `microscopes` has every one's.
         """
-        load_configured_calibration(self.cfg.detector)
+        for scope in self._scopes:
+            load_configured_calibration(self.cfg.detector_for(scope.scope))
         check_curve_keys(self.cfg.security)
         self._init_ray()
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -108,54 +83,40 @@ class Appliance:
             route_prefix=None,
         )
         thresholds = Thresholds(self.cfg.detector.sharp_sigma_px, self.cfg.detector.max_restorable_sigma_px)
-        ingest_cfg = self.cfg.ingest.model_copy(
-            update={
-                "tile_endpoint": resolve_endpoint(self.cfg.ingest.tile_endpoint),
-                "feedback_endpoint": resolve_endpoint(self.cfg.ingest.feedback_endpoint),
-            }
-        )
-        self._sink = SinkActor.options(**SINK_OPTIONS).remote(  # type: ignore[attr-defined]  # added by @ray.remote
-            self.cfg.output,
-            ingest_cfg.feedback_endpoint,
-            thresholds,
-            feedback_hwm=ingest_cfg.feedback_hwm,
-            security=self.cfg.security,
-        )
-        sink_info = ray.get(self._sink.endpoints.remote())
-        self._ingest = IngestActor.options(**INGEST_OPTIONS).remote(  # type: ignore[attr-defined]
-            ingest_cfg,
-            detector,
-            deblur,
-            self._sink,
-            calibrated=self.cfg.detector.calibration is not None,
-            security=self.cfg.security,
-        )
-        tile_endpoint = ray.get(self._ingest.start.remote())
-        self._supervisor = Supervisor({"sink": self._sink, "ingest": self._ingest})
-        self._supervisor.start()
-        metrics_url = self._start_metrics(sink_info["output_dir"]) if self.cfg.metrics.enabled else None
-        self.endpoints = RunningEndpoints(tile_endpoint, sink_info["feedback"], sink_info["output_dir"], metrics_url)
-        log.info(
-            "appliance %s listening: tiles %s, feedback %s, output %s, metrics %s",
-            self.cfg.rig_name,
-            self.endpoints.tile,
-            self.endpoints.feedback,
-            self.endpoints.output_dir,
-            metrics_url,
-        )
+        for scope in self._scopes:
+            self.microscopes[scope.name] = scope.start(detector, deblur, thresholds)
+        metrics_url = self._start_metrics() if self.cfg.metrics.enabled else None
+        self.microscopes = {
+            name: RunningEndpoints(e.tile, e.feedback, e.output_dir, metrics_url, name)
+            for name, e in self.microscopes.items()
+        }
+        self.endpoints = next(iter(self.microscopes.values()))
+        for endpoints in self.microscopes.values():
+            log.info(
+                "appliance %s, microscope %s listening: tiles %s, feedback %s, output %s, metrics %s",
+                self.cfg.rig_name,
+                endpoints.microscope,
+                endpoints.tile,
+                endpoints.feedback,
+                endpoints.output_dir,
+                metrics_url,
+            )
         return self.endpoints
 
-    def _start_metrics(self, output_dir: str) -> str:
+    def _start_metrics(self) -> str:
         replicas = {
             BlurDetectorDeployment.name: self.cfg.detector.num_replicas,  # type: ignore[attr-defined]
             DeblurDeployment.name: self.cfg.deblur.num_replicas,  # type: ignore[attr-defined]
         }
-        host = HostMetrics(Path(output_dir), replicas, calibrated=self.cfg.detector.calibration is not None)
-        ingest, sink = self._ingest, self._sink
+        hosts = {s.name: MicroscopeHostMetrics(s.output_dir, s.calibrated) for s in self._scopes}
+        shared = HostMetrics(replicas)
+        scopes = list(self._scopes)
 
         def collect() -> bytes:
-            texts = ray.get([ingest.metrics_text.remote(), sink.metrics_text.remote()], timeout=SCRAPE_TIMEOUT_S)
-            return b"".join([*texts, host.exposition()])
+            refs = [ref for scope in scopes for ref in scope.metrics_refs()]
+            texts = iter(ray.get(refs, timeout=SCRAPE_TIMEOUT_S))
+            by_microscope = {s.name: [next(texts), next(texts), hosts[s.name].exposition()] for s in scopes}
+            return join_microscopes(by_microscope, shared.exposition())
 
         self._metrics = MetricsEndpoint(*self.cfg.metrics.host_port, collect)
         return self._metrics.start()
@@ -168,36 +129,61 @@ class Appliance:
         except AttributeError:
             return DEFAULT_RAY_LOG_DIR
 
-    def stats(self) -> dict[str, dict[str, int]]:
-        """Counters of the ingest (received, in flight, retries) and the sink (by outcome)."""
-        ingest, sink = ray.get([self._ingest.stats.remote(), self._sink.stats.remote()], timeout=STATS_TIMEOUT_S)
-        return {"ingest": ingest, "sink": sink}
+    @property
+    def _ingest(self) -> Any:
+        """The first microscope's ingest actor (the fault drills and tests reach into it)."""
+        return self._scopes[0].ingest
+
+    @property
+    def _sink(self) -> Any:
+        """The first microscope's sink actor (the fault drills and tests reach into it)."""
+        return self._scopes[0].sink
+
+    def _scope(self, microscope: str | None) -> MicroscopeRuntime:
+        if microscope is None:
+            return self._scopes[0]
+        for scope in self._scopes:
+            if scope.name == microscope:
+                return scope
+        raise KeyError(f"no microscope {microscope!r} on this appliance: {[s.name for s in self._scopes]}")
+
+    def stats(self, microscope: str | None = None) -> dict[str, dict[str, int]]:
+        """Counters of a microscope's ingest (received, in flight, retries) and sink (by outcome).
+
+        microscope: its name; None: the first (the only one on a single-microscope rig).
+        """
+        return self._scope(microscope).stats()
 
     def restarts(self) -> list[Restart]:
-        """Every recovery of the sink or ingest so far (supervision)."""
-        return list(self._supervisor.restarts) if self._supervisor is not None else []
+        """Every recovery of a sink or ingest so far, all microscopes (supervision)."""
+        return [restart for scope in self._scopes for restart in scope.restarts()]
 
-    def actor_pids(self) -> dict[str, int | None]:
-        """Process id of the sink and the ingest (None while one is down): what an operator or a test kills."""
-        return self._supervisor.pids() if self._supervisor is not None else {}
+    def actor_pids(self, microscope: str | None = None) -> dict[str, int | None]:
+        """Process id of a microscope's sink and ingest (None while one is down): what an operator or a test
+        kills. microscope: None = the first."""
+        return self._scope(microscope).actor_pids()
 
-    def last_report(self) -> str:
-        """Path of the newest section report ("" before the first section ended)."""
-        return str(ray.get(self._sink.last_report.remote()))
+    def last_report(self, microscope: str | None = None) -> str:
+        """Path of a microscope's newest section report ("" before its first section ended)."""
+        return self._scope(microscope).last_report()
 
     def drain_and_stop(self) -> dict[str, dict[str, int]]:
-        """Tell the controller `draining`, refuse what is still buffered (error `draining`) for
-        ingest.drain_grace_s, finish every accepted tile, flush feedback, then tear everything down."""
-        final: dict[str, dict[str, int]] = {}
-        if self._supervisor is not None:
-            self._supervisor.stop()
-            self._supervisor = None
-        if self._ingest is not None:
-            if self._sink is not None:
-                ray.get(self._sink.send_draining.remote(DRAINING_MESSAGE))
-            final["ingest"] = ray.get(self._ingest.drain.remote(self.cfg.ingest.drain_grace_s))
-        if self._sink is not None:
-            final["sink"] = ray.get(self._sink.close.remote())
+        """Tell every controller `draining`, refuse what is still buffered (error `draining`) for
+        ingest.drain_grace_s, finish every accepted tile, flush feedback, then tear everything down.
+
+        Returns the first microscope's final counters ("ingest", "sink"); with several microscopes also
+        each one's under "<name>/ingest" and "<name>/sink"."""
+        for scope in self._scopes:
+            scope.stop_supervising()
+        ray.get([ref for scope in self._scopes if (ref := scope.send_draining(DRAINING_MESSAGE)) is not None])
+        # All microscopes drain at once: the grace period is waited once, not once per microscope.
+        grace_s = self.cfg.ingest.drain_grace_s
+        finals = _gather({f"{s.name}/ingest": s.drain_ingest(grace_s) for s in self._scopes})
+        finals |= _gather({f"{s.name}/sink": s.close_sink() for s in self._scopes})
+        first = self._scopes[0].name
+        final = {part: finals[f"{first}/{part}"] for part in ("ingest", "sink") if f"{first}/{part}" in finals}
+        if len(self._scopes) > 1:
+            final |= finals
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None
@@ -207,8 +193,10 @@ class Appliance:
             ray.shutdown()
         elif ray.is_initialized():
             serve.shutdown()  # a shared cluster outlives us: remove our deployments from it
-        self._ingest = self._sink = None
+        for scope in self._scopes:
+            scope.ingest = scope.sink = None
         self.endpoints = None
+        self.microscopes = {}
         return final
 
     def _init_ray(self) -> None:
@@ -229,3 +217,9 @@ class Appliance:
         else:
             ray.init(address=ray_cfg.address, **options)
         self._owns_ray = True
+
+
+def _gather(refs: dict[str, ray.ObjectRef | None]) -> dict[str, dict[str, int]]:
+    """{key: result} of the calls that were made (None: that actor was never started)."""
+    made = {key: ref for key, ref in refs.items() if ref is not None}
+    return dict(zip(made, ray.get(list(made.values())), strict=True))

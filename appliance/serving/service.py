@@ -39,20 +39,19 @@ def serve_until_signal(
     previous = {sig: signal.signal(sig, _on_signal) for sig in signals}
     appliance = Appliance(cfg, ray_logs_to_terminal=verbose)
     try:
-        endpoints = appliance.start()
+        appliance.start()
         # ray.init installs its own fatal-signal handlers in this process: take SIGTERM/SIGINT back.
         for sig in signals:
             signal.signal(sig, _on_signal)
-        print(
-            f"appliance {cfg.rig_name} ready: tiles {endpoints.tile}, feedback {endpoints.feedback}, "
-            f"output {endpoints.output_dir}, metrics {endpoints.metrics or 'off'}",
-            flush=True,
-        )
-        print(
-            f"each section's QC report: {endpoints.output_dir}/<section>/{REPORT_FILENAME}; "
-            f"Ray's own logs: {appliance.ray_log_dir()}",
-            flush=True,
-        )
+        several = len(appliance.microscopes) > 1
+        for name, scope in appliance.microscopes.items():
+            print(
+                f"appliance {cfg.rig_name}{f', microscope {name}' if several else ''} ready: tiles {scope.tile}, "
+                f"feedback {scope.feedback}, output {scope.output_dir}, metrics {scope.metrics or 'off'}",
+                flush=True,
+            )
+        reports = ", ".join(f"{e.output_dir}/<section>/{REPORT_FILENAME}" for e in appliance.microscopes.values())
+        print(f"each section's QC report: {reports}; Ray's own logs: {appliance.ray_log_dir()}", flush=True)
         _print_status_until(stop, appliance, status_every_s)
     finally:
         final = appliance.drain_and_stop()
@@ -63,23 +62,35 @@ def serve_until_signal(
 
 
 def _print_status_until(stop: threading.Event, appliance: Appliance, every_s: float) -> None:
-    assert appliance.endpoints is not None
-    output_dir = appliance.endpoints.output_dir
-    previous, t_previous = appliance.stats(), time.monotonic()
+    """One status line per microscope every `every_s` (`status NAME:` when there are several)."""
+    scopes = dict(appliance.microscopes)
+    label = {name: f"status {name}:" if len(scopes) > 1 else "status:" for name in scopes}
+    previous = {name: _stats(appliance, name) for name in scopes}
+    t_previous = time.monotonic()
     while not stop.wait(every_s):
-        try:
-            current, now = appliance.stats(), time.monotonic()
-        except (RayActorError, ActorUnavailableError, GetTimeoutError) as exc:
-            # A dead sink or ingest is restarted and resumed by supervision (docs/operating.md): keep serving.
-            print(f"status: unavailable, an actor is restarting ({type(exc).__name__})", flush=True)
-            continue
-        line = status_line(
-            previous,
-            current,
-            now - t_previous,
-            appliance.cfg.ingest.max_in_flight,
-            shutil.disk_usage(output_dir).free,
-            appliance.last_report(),
-        )
-        print(line, flush=True)
-        previous, t_previous = current, now
+        now = time.monotonic()
+        for name, endpoints in scopes.items():
+            current, before = _stats(appliance, name), previous[name]
+            previous[name] = current
+            if current is None or before is None:
+                # A dead sink or ingest is restarted and resumed by supervision (docs/operating.md): keep serving.
+                print(f"{label[name]} unavailable, an actor is restarting", flush=True)
+                continue
+            line = status_line(
+                before,
+                current,
+                now - t_previous,
+                appliance.cfg.ingest.max_in_flight,
+                shutil.disk_usage(endpoints.output_dir).free,
+                appliance.last_report(name),
+            )
+            print(line.replace("status:", label[name], 1), flush=True)
+        t_previous = now
+
+
+def _stats(appliance: Appliance, microscope: str) -> dict[str, dict[str, int]] | None:
+    """The microscope's counters, None while one of its actors is down or restarting."""
+    try:
+        return appliance.stats(microscope)
+    except (RayActorError, ActorUnavailableError, GetTimeoutError):
+        return None

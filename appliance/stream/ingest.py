@@ -27,6 +27,7 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from appliance.config import IngestConfig, SecurityConfig
+from appliance.detection.online_baseline import OnlineBaseline
 from appliance.messages import BlurAssessment, RestoredTile, TileOutcome
 from appliance.operator.metrics import IngestMetrics
 from appliance.stream.blur_share import BlurShareGuard
@@ -87,6 +88,10 @@ class IngestActor:
     """Owns the tile socket; one asyncio task per tile in flight, bounded by credits.
 
     calibrated: whether the detector runs with a rig calibration (reported in the safety rule's alarm).
+    focus: the per-beam running baseline (appliance.detection.online_baseline): it judges every detector
+    verdict (calibration, per-beam zero point) before it is acted upon; None passes verdicts on as they are.
+    Its state lives as long as this actor: a restarted ingest starts it afresh.
+    microscope: the name of the microscope this ingest serves (its calibration is in `focus`).
     """
 
     def __init__(
@@ -97,9 +102,13 @@ class IngestActor:
         sink: ray.actor.ActorHandle,
         calibrated: bool = False,
         security: SecurityConfig | None = None,
+        focus: OnlineBaseline | None = None,
+        microscope: str = "",
     ) -> None:
         self._cfg = cfg
+        self._focus = focus
         self._calibrated = calibrated
+        self._microscope = microscope
         self._limits = StreamLimits(max_tile_bytes=cfg.max_tile_bytes, max_tile_side=cfg.max_tile_side)
         self._detector = detector
         self._deblur = deblur
@@ -339,6 +348,9 @@ class IngestActor:
         try:
             t0 = time.perf_counter()
             assessment: BlurAssessment = await self._call(self._detector, lambda: self._detector.remote(pixels_ref))
+            if self._focus is not None:
+                verdict = self._focus.observe(header.beam, header.pixel_size_nm, assessment)
+                assessment, outcome.focus_alarm = verdict.assessment, verdict.alarm
             outcome.assessment = assessment
             outcome.timings_s["detect_s"] = time.perf_counter() - t0
             outcome.alarm = section.blur_share.observe(assessment.label, self._calibrated)

@@ -290,6 +290,10 @@ _FEEDBACK_OPTIONAL_KEYS: dict[str, frozenset[str]] = {
     "error": frozenset({"repeat"}),
     "section_done": frozenset({"repeat"}),
 }
+# A beam's running in-focus baseline left its reference or came back (appliance.detection.online_baseline).
+_FOCUS_ALARM_KEYS = frozenset(
+    {"beam", "baseline_sigma_px", "reference_sigma_px", "drift_log", "threshold", "pixel_size_nm", "calibrated"}
+)
 # alarm: `kind` and `message` always; the rest depends on the kind.
 _ALARM_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "implausible_blur_share": (
@@ -299,6 +303,8 @@ _ALARM_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "disk_full": (frozenset({"directory"}), _IDS | {"free_bytes"}),
     "disk_ok": (frozenset({"directory"}), frozenset({"waited_s", "free_bytes"})),
     "restarted": (frozenset({"which"}), frozenset()),
+    "focus_drift": (_FOCUS_ALARM_KEYS, _IDS),
+    "focus_ok": (_FOCUS_ALARM_KEYS, _IDS),
 }
 
 

@@ -25,7 +25,7 @@ import ray
 import zmq
 
 from appliance.config import OutputConfig, SecurityConfig
-from appliance.messages import IMPLAUSIBLE_BLUR_SHARE, BlurShareAlarm, TileOutcome
+from appliance.messages import FOCUS_DRIFT, IMPLAUSIBLE_BLUR_SHARE, BlurShareAlarm, FocusDriftAlarm, TileOutcome
 from appliance.operator.metrics import SinkMetrics
 from appliance.operator.report_figures import Thresholds
 from appliance.operator.section_qc import TileQc
@@ -443,6 +443,8 @@ class SinkActor:
         self._metrics.observe_tile(record.label, record.action, header.beam, record.sigma_px, record.timings_s)
         if outcome.alarm is not None:
             self._send_alarm(outcome.alarm, _ids(header.section, header.tile_id, header.seq))
+        if outcome.focus_alarm is not None:
+            self._send_focus_alarm(outcome.focus_alarm, _ids(header.section, header.tile_id, header.seq))
         if outcome.restore_suspended:
             self._metrics.restore_suspended.inc()
         if outcome.failure:
@@ -474,6 +476,8 @@ class SinkActor:
             )
         self._counts["storage_failed"] += 1
         self._metrics.errors.labels(code="storage_failed").inc()
+        if outcome.focus_alarm is not None:  # beam state, not the tile's: the resend will not raise it again
+            self._send_focus_alarm(outcome.focus_alarm, _ids(header.section, header.tile_id, header.seq))
         self._send(storage_failed_frame(line))
         return "storage_failed"
 
@@ -560,6 +564,14 @@ class SinkActor:
                 message=message,
             )
         )
+
+    def _send_focus_alarm(self, alarm: FocusDriftAlarm, ids: dict[str, Any]) -> None:
+        """A beam's focus drifted or came back (detection.online_baseline): log, count, tell the controller."""
+        message = alarm.message()
+        log.log(logging.ERROR if alarm.kind == FOCUS_DRIFT else logging.WARNING, "ALARM %s: %s", alarm.kind, message)
+        self._metrics.alarms.labels(kind=alarm.kind).inc()
+        self._metrics.beam_focus_drift.labels(beam=alarm.beam_name).set(int(alarm.kind == FOCUS_DRIFT))
+        self._send(encode_feedback("alarm", **ids, **alarm.wire_fields(), message=message))
 
     def _send_error(self, code: ErrorCode, message: str, ids: dict[str, Any]) -> None:
         self._metrics.errors.labels(code=code).inc()

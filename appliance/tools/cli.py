@@ -184,11 +184,19 @@ def calibrate(
     config: Annotated[
         Path | None, typer.Option(help="Rig config whose detector to calibrate (default: built-in).")
     ] = None,
+    pixel_size_nm: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Pixel size of these tiles (nm). Recorded, so that tiles of another pixel size get the baseline "
+            "scaled (docs/calibration.md); unset: the baseline is used as is.",
+        ),
+    ] = None,
 ) -> None:
     """Learn this rig's in-focus blur baseline from known-good tiles (set detector.calibration to the file)."""
     from appliance.tools.offline import calibrate_files
 
-    calibration, errors = calibrate_files(files, out, _detector_config(config))
+    calibration, errors = calibrate_files(files, out, _detector_config(config), pixel_size_nm)
     for error in errors:
         _error(error)
     if calibration is None:
@@ -197,7 +205,8 @@ def calibrate(
         f"calibrated detector {calibration.model_version} on {calibration.tile_count} tiles: in-focus baseline "
         f"sigma {calibration.baseline_sigma_px:.2f} px (regions {calibration.region_baseline_sigma_px:.2f} px, "
         f"spread {calibration.spread_log_sigma:.2f} in log-sigma), noise {calibration.noise_level:.4f}, "
-        f"{calibration.contrast_polarity}, {calibration.dtype}"
+        f"{calibration.contrast_polarity}, {calibration.dtype}, pixel size "
+        + ("unknown" if calibration.pixel_size_nm is None else f"{calibration.pixel_size_nm:g} nm")
     )
     typer.echo(f"written {out}; use it: detector.calibration: {out.resolve()} in rig.yaml, or --calibration {out}")
 

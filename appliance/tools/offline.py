@@ -58,8 +58,12 @@ class OfflineDetector:
         return {"calibrated": True, "baseline_sigma_px": self.calibration.baseline_sigma_px}
 
 
-def calibrate_files(paths: list[Path], out: Path, cfg: DetectorConfig) -> tuple[RigCalibration | None, list[str]]:
+def calibrate_files(
+    paths: list[Path], out: Path, cfg: DetectorConfig, pixel_size_nm: float | None = None
+) -> tuple[RigCalibration | None, list[str]]:
     """Calibrate the detector of `cfg` on known-good tile files and write the calibration to `out` atomically.
+
+    pixel_size_nm: the tiles' pixel size (nm) when known, recorded in the calibration.
 
     Returns (calibration, []) or (None, errors naming each bad file or the problem); on any error nothing
     is written.
@@ -73,7 +77,7 @@ def calibrate_files(paths: list[Path], out: Path, cfg: DetectorConfig) -> tuple[
     if errors:
         return None, errors
     try:
-        calibration = calibrate(tiles, [str(p) for p in paths], BlurDetector.from_config(cfg))
+        calibration = calibrate(tiles, [str(p) for p in paths], BlurDetector.from_config(cfg), pixel_size_nm)
     except CalibrationError as exc:
         return None, [str(exc)]
     try:

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ import zmq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 if TYPE_CHECKING:
-    from appliance.serving.pipeline import Appliance
+    from appliance.serving.pipeline import Appliance, RunningEndpoints
 from appliance.stream.protocol import ProtocolError, TileHeader, decode_feedback, encode_end, encode_start, encode_tile
 from appliance.stream.zmq_security import CurveKeys, load_key_pair, secure_client_socket
 
@@ -68,6 +68,27 @@ class ReplayReport:
 
     def latency_percentile_s(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q)) if self.latencies_s else float("nan")
+
+    @classmethod
+    def combined(cls, reports: Iterable[ReplayReport]) -> ReplayReport:
+        """Several controllers streaming at once as one: counts and latencies added, the longest wall time."""
+        total = cls()
+        for report in reports:
+            total.sent += report.sent
+            total.bytes_sent += report.bytes_sent
+            total.wall_s = max(total.wall_s, report.wall_s)
+            total.send_blocked_s += report.send_blocked_s
+            total.results += report.results
+            total.actions += report.actions
+            total.errors += report.errors
+            total.retake_flags += report.retake_flags
+            total.latencies_s += report.latencies_s
+            total.duplicated += report.duplicated
+            total.lost += report.lost
+            total.bad_feedback += report.bad_feedback
+            total.repeats += report.repeats
+            total.resent += report.resent
+        return total
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -482,3 +503,44 @@ def run_replay(
             columns=math.ceil(math.sqrt(count)),
             beams=beams,
         )
+
+
+def run_replays(
+    microscopes: Mapping[str, RunningEndpoints],
+    tiles: Callable[[], Iterator[tuple[str, np.ndarray]]],
+    count: int,
+    rate_hz: float | None,
+    section: str,
+) -> dict[str, ReplayReport]:
+    """Several microscopes streamed at once (e.g. a started appliance's `microscopes`), `count` tiles each
+    at `rate_hz` (None: flat out), one controller per microscope in its own thread; each one's report.
+
+    tiles: makes a fresh tile iterator for each controller; section: each microscope's is `section-NAME`.
+    """
+    reports: dict[str, ReplayReport] = {}
+    failures: list[BaseException] = []
+
+    def stream(name: str, endpoints: RunningEndpoints) -> None:
+        try:
+            with ReferenceController(endpoints.tile, endpoints.feedback) as client:
+                reports[name] = client.send_section(
+                    f"{section}-{name}",
+                    tiles(),
+                    rate_hz=rate_hz,
+                    expected_tiles=count,
+                    columns=math.ceil(math.sqrt(count)),
+                )
+        except BaseException as exc:  # re-raised in the caller's thread
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=stream, args=(name, endpoints), name=f"replay-{name}")
+        for name, endpoints in microscopes.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return reports

@@ -430,3 +430,88 @@ def test_network_bind_without_curve_fails_before_changing_anything(tmp_path):
 def test_required_gpu_without_driver_fails_before_changing_anything(tmp_path):
     run = _refused_in_preflight(tmp_path, deblur_appliance_require_gpu=True)
     assert "GPUs are required" in run.output and "Install the NVIDIA driver" in run.output
+
+
+def _render_role_templates(root: Path, variables: dict) -> tuple[Path, Path]:
+    """rig.yaml and firewall.nft as the role writes them for `variables` (over its defaults), 2 GPUs found.
+
+    A one-play playbook that templates the role's own files, without installing anything.
+    """
+    out = root / "rendered"
+    out.mkdir()
+    (root / "vars.yml").write_text(yaml.safe_dump(variables), encoding="utf-8")
+    role_files = [str(ROLE_DIR / "defaults" / "main.yml"), str(ROLE_DIR / "vars" / "main.yml"), str(root / "vars.yml")]
+    tasks = [
+        {"name": name, "ansible.builtin.template": {"src": str(ROLE_DIR / "templates" / f"{name}.j2"), "dest": str(out / name)}}
+        for name in ("rig.yaml", "firewall.nft")
+    ]
+    play = [{"hosts": "localhost", "gather_facts": False, "vars_files": role_files,
+             "vars": {"deblur_appliance__gpu_count": 2}, "tasks": tasks}]
+    (root / "render.yml").write_text(yaml.safe_dump(play, sort_keys=False), encoding="utf-8")
+    proc = subprocess.run(
+        ["ansible-playbook", "-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}",
+         str(root / "render.yml")],
+        cwd=ANSIBLE_DIR, env=_ansible_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out / "rig.yaml", out / "firewall.nft"
+
+
+def test_several_microscopes_render_a_valid_rig_yaml_and_a_firewall_per_controller(tmp_path):
+    keys = tmp_path / "keys"
+    for name in ("server", "scope-a", "scope-b"):
+        write_key_pair(keys, name)
+    variables = {
+        "deblur_appliance_rig_name": "box-01",
+        "deblur_appliance_output_dir": "/srv/out",
+        "deblur_appliance_curve_server_secret_key_file": str(keys / "server.key_secret"),
+        "deblur_appliance_calibration_file": "/etc/em/rig-calibration.json",
+        "deblur_appliance_monitoring_address": "192.0.2.50",
+        "deblur_appliance_microscopes": [
+            {"name": "scope-a", "controller_address": "192.0.2.10", "tile_port": 5555, "feedback_port": 5556,
+             "curve_controller_key_files": [str(keys / "scope-a.key")], "calibration_file": "/etc/em/scope-a.json"},
+            {"name": "scope-b", "controller_address": "2001:db8::11", "tile_port": 5565, "feedback_port": 5566,
+             "curve_controller_key_files": [str(keys / "scope-b.key")], "output_dir": "/data/scope-b"},
+        ],
+    }
+    rig_yaml, ruleset = _render_role_templates(tmp_path, variables)
+    config = load_rig_config(rig_yaml)
+    a, b = config.served_microscopes()
+    assert (a.name, a.tile_endpoint, a.feedback_endpoint) == ("scope-a", "tcp://0.0.0.0:5555", "tcp://0.0.0.0:5556")
+    assert (b.tile_endpoint, b.feedback_endpoint) == ("tcp://0.0.0.0:5565", "tcp://0.0.0.0:5566")
+    assert (a.output_directory, b.output_directory) == (Path("/srv/out/scope-a"), Path("/data/scope-b"))
+    # Its own calibration, else the rig's; its own controller key only.
+    assert (a.detector_calibration, b.detector_calibration) == (
+        Path("/etc/em/scope-a.json"), Path("/etc/em/rig-calibration.json"))
+    assert a.controller_public_keys == [load_key_pair(keys / "scope-a.key").public.decode()]
+    assert b.controller_public_keys == [load_key_pair(keys / "scope-b.key").public.decode()]
+    # The GPUs are shared: replicas as for one microscope (2 GPUs).
+    assert (config.deblur.num_replicas, config.ray.num_gpus) == (4, 2)
+    rules = [line.strip() for line in ruleset.read_text(encoding="utf-8").splitlines()
+             if line.startswith("        ") and "#" not in line]
+    opened = [rule for rule in rules if "saddr" in rule]
+    assert opened == [
+        "tcp dport { 5555, 5556 } ip saddr 192.0.2.10 accept",
+        "tcp dport { 5565, 5566 } ip6 saddr 2001:db8::11 accept",
+        "tcp dport 9464 ip saddr 192.0.2.50 accept",
+    ]
+    if _nft_can_check():
+        proc = subprocess.run(["nft", "--check", "--file", str(ruleset)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_one_microscope_renders_as_before(tmp_path):
+    keys = tmp_path / "keys"
+    for name in ("server", "controller"):
+        write_key_pair(keys, name)
+    rig_yaml, ruleset = _render_role_templates(tmp_path, {
+        "deblur_appliance_rig_name": "rig-1",
+        "deblur_appliance_controller_address": "192.0.2.10",
+        "deblur_appliance_curve_server_secret_key_file": str(keys / "server.key_secret"),
+        "deblur_appliance_curve_controller_key_files": [str(keys / "controller.key")],
+    })
+    raw = yaml.safe_load(rig_yaml.read_text(encoding="utf-8"))
+    assert "microscopes" not in raw and raw["ingest"]["tile_endpoint"] == "tcp://0.0.0.0:5555"
+    (only,) = load_rig_config(rig_yaml).served_microscopes()
+    assert (only.name, only.feedback_endpoint) == ("rig-1", "tcp://0.0.0.0:5556")
+    assert "tcp dport { 5555, 5556 } ip saddr 192.0.2.10 accept" in ruleset.read_text(encoding="utf-8")

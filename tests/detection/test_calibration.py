@@ -1,4 +1,4 @@
-"""Rig calibration: quadrature rule, labels, refusals naming the file, JSON files, running baseline."""
+"""Rig calibration: quadrature rule, labels, refusals naming the file, JSON files, pixel size."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from appliance.config import ConfigError, DetectorConfig
 from appliance.detection.calibration import (
     MIN_TILES,
     CalibrationError,
+    FocusReference,
     RigCalibration,
-    RunningBaseline,
     TileStats,
     added_blur_px,
     apply_calibration,
@@ -25,7 +25,9 @@ from appliance.detection.calibration import (
     load_calibration,
     load_configured_calibration,
     region_sigma_px,
+    rig_reference,
     save_calibration,
+    scale_to_pixel_size,
 )
 from appliance.detection.detector import BlurDetector, blur_score_from_sigma
 from appliance.messages import BlurAssessment
@@ -214,28 +216,35 @@ def test_load_refuses_bad_version_extra_key_and_other_model(tmp_path: Path) -> N
 # --- running baseline ------------------------------------------------------------------------------
 
 
-def test_running_baseline_tracks_each_beam_and_flags_drift() -> None:
-    rb = RunningBaseline(_calibration(baseline=1.5), window=50, min_tiles=10, drift_log_threshold=0.2)
-    rng = np.random.default_rng(3)
-    for _ in range(40):
-        rb.update(1, float(1.5 * np.exp(rng.normal(0, 0.05))))
-        rb.update(2, float(2.4 * np.exp(rng.normal(0, 0.05))))  # beam 2 went soft
-    assert rb.baseline_px(1) == pytest.approx(1.5, rel=0.05)
-    assert rb.baseline_px(3) is None
-    drifted = rb.drifted_beams()
-    assert list(drifted) == [2] and drifted[2] > 0.2
+def test_baseline_scales_with_pixel_size_because_the_in_focus_psf_is_fixed_in_nm() -> None:
+    cal = _calibration(baseline=1.5, region=1.2).model_copy(update={"pixel_size_nm": 4.0})
+    assert rig_reference(cal, 4.0) == FocusReference(1.5, 1.2)
+    assert rig_reference(cal, 8.0) == FocusReference(0.75, 0.6)  # coarser pixels: the same PSF in fewer px
+    assert rig_reference(cal, 2.0).baseline_sigma_px == pytest.approx(3.0)
+    # Unknown on either side: the baseline in px as calibrated (the behaviour before pixel sizes).
+    assert rig_reference(cal, None) == FocusReference(1.5, 1.2)
+    assert rig_reference(_calibration(baseline=1.5, region=1.2), 8.0) == FocusReference(1.5, 1.2)
+    assert scale_to_pixel_size(1.5, None, 8.0) == scale_to_pixel_size(1.5, 4.0, None) == 1.5
 
 
-def test_running_baseline_ignores_blurred_tiles_and_needs_min_tiles() -> None:
-    rb = RunningBaseline(_calibration(baseline=1.5), window=20, min_tiles=5)
-    assert not rb.update(0, 8.0)  # a blurred tile does not move the baseline
-    for _ in range(4):
-        assert rb.update(0, 1.5)
-    assert rb.drift(0) is None
-    rb.update(0, 1.5)
-    assert rb.drift(0) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="sigma_px=nan"):
-        rb.update(0, float("nan"))
+def test_a_scaled_reference_judges_a_tile_of_another_pixel_size() -> None:
+    cal = _calibration(baseline=1.5).model_copy(update={"pixel_size_nm": 4.0})
+    # A 2 nm tile of the same rig reads its in-focus PSF as 3 px: sharp against the scaled baseline...
+    scaled = apply_calibration(_assessment(3.0), rig_reference(cal, 2.0), CFG)
+    assert (scaled.label, scaled.sigma_px, scaled.baseline_sigma_px) == ("sharp", 0.0, 3.0)
+    assert "rig baseline 3.00 px" in scaled.reason
+    # ...while the unscaled baseline would call it ~2.6 px of added blur.
+    assert apply_calibration(_assessment(3.0), cal, CFG).label == "soft"
+
+
+def test_calibration_files_without_pixel_size_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "old.json"
+    raw = json.loads(_calibration().model_dump_json())
+    del raw["pixel_size_nm"]  # written before the field existed
+    path.write_text(json.dumps(raw))
+    assert load_calibration(path).pixel_size_nm is None
+    with pytest.raises(ValueError, match="pixel_size_nm"):
+        RigCalibration.model_validate({**raw, "pixel_size_nm": 0.0})
 
 
 def test_calibration_requires_created_time_and_counts() -> None:

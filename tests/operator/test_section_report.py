@@ -101,6 +101,11 @@ def test_report_page_has_counts_beams_and_linked_retakes(tmp_path: Path) -> None
     assert "<script" not in page  # self-contained and inert
     rows = {row[0]: row for row in beam_rows(tiles)}
     assert set(rows) == {"0", "1", "2"} and sum(int(row[1]) for row in rows.values()) == 60
+    assert {row[-1] for row in rows.values()} == {"n/a"}  # uncalibrated: no baseline
+    # Calibrated: the baseline the beam's last tile (by seq) was judged against.
+    judged = [replace(t, baseline_sigma_px=1.0 + t.seq / 100) for t in tiles]
+    last = max(t.seq for t in judged if t.beam == 1)
+    assert {row[0]: row for row in beam_rows(judged)}["1"][-1] == f"{1.0 + last / 100:.2f}"
 
 
 def test_report_of_an_empty_section_is_refused(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from appliance.config import (
     DetectorConfig,
     IngestConfig,
     MetricsConfig,
+    OnlineBaselineConfig,
     OutputConfig,
     RigConfig,
 )
@@ -27,7 +28,7 @@ from appliance.serving.pipeline import Appliance
 from appliance.stream.protocol import encode_end, encode_start
 from appliance.tile_io import read_tile
 from appliance.tools.reference_controller import ReferenceController, cycle_tiles, tile_frames
-from models.blur_synth import DATA_DIR
+from models.blur_synth import DATA_DIR, BlurParams, apply_blur, quantize, to_unit_float
 
 pytestmark = pytest.mark.system
 
@@ -203,7 +204,8 @@ def test_implausible_blur_share_suspends_restoring_and_raises_one_alarm(
         assert record.original_path is None
     with urllib.request.urlopen(endpoints.metrics, timeout=15) as response:
         metrics = {f.name: f.samples for f in text_string_to_metric_families(response.read().decode())}
-    assert [(s.labels, s.value) for s in metrics["em_appliance_alarms"]] == [({"kind": "implausible_blur_share"}, 1)]
+    alarms = {(s.labels["kind"], s.labels["microscope"]): s.value for s in metrics["em_appliance_alarms"]}
+    assert alarms == {("implausible_blur_share", "rig"): 1, ("focus_drift", "rig"): 0, ("focus_ok", "rig"): 0}
     assert [s.value for s in metrics["em_appliance_restore_suspended_tiles"] if s.name.endswith("_total")] == [7]
     assert [s.value for s in metrics["em_appliance_detector_calibrated"]] == [0]
     results = [m for m in feedback if m["type"] == "result" and m["section"] == "storm"]
@@ -212,7 +214,7 @@ def test_implausible_blur_share_suspends_restoring_and_raises_one_alarm(
     ] * 7
 
 
-def test_calibration_is_applied_by_the_detector_deployment_and_checked_at_start(
+def test_calibration_is_applied_in_the_running_appliance_and_checked_at_start(
     start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
 ) -> None:
     isbi = [read_tile(DATA_DIR / f"{i}.png") for i in range(6)]
@@ -236,3 +238,57 @@ def test_calibration_is_applied_by_the_detector_deployment_and_checked_at_start(
     refused = cfg.model_copy(update={"detector": DetectorConfig(calibration=other)})
     with pytest.raises(ConfigError, match=rf"detector\.calibration: {other}: made with detector 'blurnet-v0'"):
         Appliance(refused).start()
+
+
+def _crops(count: int, side: int = 256) -> list[np.ndarray]:
+    """`count` real in-focus ISBI crops (side x side uint8), two per image."""
+    images = [read_tile(DATA_DIR / f"{i}.png") for i in range((count + 1) // 2)]
+    return [image[o : o + side, o : o + side].copy() for image in images for o in (0, side)][:count]
+
+
+def test_a_beam_that_defocuses_raises_focus_drift_then_focus_ok_and_other_beams_are_unaffected(
+    start_appliance: Callable[..., object], tmp_path: Path
+) -> None:
+    crops = _crops(12)
+    measured = calibrate(crops[:6], [f"c{i}" for i in range(6)], BlurDetector.from_config(DetectorConfig()), 4.0)
+    path = tmp_path / "calibration.json"
+    save_calibration(measured, path)
+    online = OnlineBaselineConfig(window=4, min_tiles=3)
+    cfg = rig(tmp_path, max_in_flight=1)  # tiles judged in seq order
+    detector = DetectorConfig(calibration=path, online_baseline=online)
+    cfg = cfg.model_copy(update={"detector": detector, "deblur": DeblurConfig(backend="classical")})
+    appliance = start_appliance(cfg)
+    endpoints = appliance.endpoints  # type: ignore[attr-defined]
+    blurred = [quantize(apply_blur(to_unit_float(c), BlurParams("gaussian", 1.0))) for c in crops]
+    # Beam = seq % 2. 8 tiles in focus, then beam 1 defocuses for 12 tiles (6 of its own), then refocuses.
+    phases = [(8, False), (12, True), (12, False)]
+    tiles, seq = [], 0
+    for n, defocused in phases:
+        for _ in range(n):
+            pixels = blurred[seq % 12] if defocused and seq % 2 == 1 else crops[seq % 12]
+            tiles.append((f"t{seq:03d}", pixels))
+            seq += 1
+    with ReferenceController(endpoints.tile, endpoints.feedback) as controller:
+        report = controller.send_section("drift", iter(tiles), rate_hz=None, beams=2, timeout_s=180)
+        feedback = controller.feedback()
+    assert (report.done, report.lost) == (32, 0)
+    alarms = [m for m in feedback if m["type"] == "alarm"]
+    assert [(a["kind"], a["beam"]) for a in alarms] == [("focus_drift", 1), ("focus_ok", 1)], alarms
+    drift, ok = alarms
+    assert 8 <= drift["seq"] < 20 and drift["seq"] % 2 == 1  # raised by a defocused beam-1 tile
+    assert ok["seq"] >= 20 and ok["seq"] % 2 == 1
+    assert drift["reference_sigma_px"] == pytest.approx(measured.baseline_sigma_px, abs=1e-3)
+    assert drift["drift_log"] > drift["threshold"] == 0.25 and drift["calibrated"] is True
+    assert drift["baseline_sigma_px"] > drift["reference_sigma_px"] and drift["pixel_size_nm"] == 4.0
+    assert "beam 1" in drift["message"]
+    records = tile_records(Path(endpoints.output_dir))
+    beam0 = [r for r in records if r.beam == 0]
+    assert len(beam0) == 16 and {r.label for r in beam0} == {"sharp"}, [(r.sigma_px, r.reason) for r in beam0]
+    # Beam 0 is judged against its own running baseline, which never left the calibration's.
+    assert all(r.baseline_sigma_px is not None for r in beam0)
+    assert all("beam 0 baseline" in (r.reason or "") for r in beam0 if r.seq >= 6)
+    with urllib.request.urlopen(endpoints.metrics, timeout=15) as response:
+        metrics = {f.name: f.samples for f in text_string_to_metric_families(response.read().decode())}
+    counts = {s.labels["kind"]: s.value for s in metrics["em_appliance_alarms"] if s.name.endswith("_total")}
+    assert (counts["focus_drift"], counts["focus_ok"], counts["implausible_blur_share"]) == (1, 1, 0)
+    assert [(s.labels, s.value) for s in metrics["em_appliance_beam_focus_drift"]] == [({"beam": "1"}, 0)]

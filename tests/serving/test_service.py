@@ -91,7 +91,8 @@ def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
             re.MULTILINE,
         ), output
         assert "(raylet)" not in output and "killed by `ray.kill`" not in output, output
-        received = re.search(r"^em_appliance_tiles_received_total ([0-9.e+]+)$", scraped, re.MULTILINE)
+        tiles_received = r'^em_appliance_tiles_received_total\{microscope="test-rig"\} ([0-9.e+]+)$'
+        received = re.search(tiles_received, scraped, re.MULTILINE)
         assert received and 1 <= float(received.group(1)) <= 12, scraped
         # The controller was told `draining`; every tile got exactly one answer: finished (result) or,
         # still buffered when the stop came, refused `draining` (to resend after a restart); none dropped.

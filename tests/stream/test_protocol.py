@@ -152,6 +152,14 @@ def test_alarm_feedback_and_the_optional_restore_suspended_key_of_a_result() -> 
         share=0.64, threshold=0.5, min_tiles=50, calibrated=False, message="restoring suspended",
     )  # fmt: skip
     assert decode_feedback(encode_feedback("alarm", **alarm))["kind"] == "implausible_blur_share"
+    focus = dict(
+        kind="focus_drift", section="s", tile_id="t", seq=9, beam=None, baseline_sigma_px=2.1,
+        reference_sigma_px=1.5, drift_log=0.27, threshold=0.25, pixel_size_nm=4.0, calibrated=True, message="m",
+    )  # fmt: skip
+    for kind in ("focus_drift", "focus_ok"):
+        assert decode_feedback(encode_feedback("alarm", **{**focus, "kind": kind}))["beam"] is None
+    with pytest.raises(ValueError, match="alarm feedback needs keys"):
+        encode_feedback("alarm", **{k: v for k, v in focus.items() if k != "beam"})
     with pytest.raises(ValueError, match="alarm feedback needs keys"):
         encode_feedback("alarm", **{k: v for k, v in alarm.items() if k != "message"})
     result = dict(

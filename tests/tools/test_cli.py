@@ -104,10 +104,11 @@ def test_deblur_restores_soft_tiles_and_never_restores_retakes(tmp_path: Path) -
 def test_calibrate_writes_a_calibration_that_score_and_deblur_apply(tmp_path: Path) -> None:
     known_good = [DATA_DIR / f"{i}.png" for i in range(6)]
     calibration = tmp_path / "rig" / "calibration.json"
-    result = run_cli("calibrate", *map(str, known_good), "--out", str(calibration))
+    result = run_cli("calibrate", *map(str, known_good), "--out", str(calibration), "--pixel-size-nm", "4")
     assert result.returncode == 0, result.stderr
     saved = load_calibration(calibration)
     assert saved.tile_count == 6 and [t.name for t in saved.tiles] == [str(p) for p in known_good]
+    assert saved.pixel_size_nm == 4.0 and "pixel size 4 nm" in result.stdout
     assert f"detector.calibration: {calibration.resolve()}" in result.stdout
     soft = SAMPLE_DIR / "soft_gaussian_s1.5.png"
     scored = run_cli("score", str(soft), "--json", "--calibration", str(calibration))

@@ -1,0 +1,155 @@
+"""One microscope on the appliance: its sink, its ingest and their supervisor, on the shared deployments.
+
+Every microscope of a rig (RigConfig.served_microscopes) gets its own sink actor (output folder, QC
+record, index, feedback socket to its controller), its own ingest actor (tile socket, credits) and its
+own supervisor; all of them call the same detector and deblur deployments (the GPUs). Credits are per
+ingest, so a microscope whose controller stops reading holds back only its own tiles.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import zmq
+from ray.serve.handle import DeploymentHandle
+
+from appliance.config import MicroscopeConfig, RigConfig
+from appliance.detection.calibration import load_configured_calibration
+from appliance.detection.online_baseline import OnlineBaseline
+from appliance.operator.report_figures import Thresholds
+from appliance.serving.supervisor import Restart, Supervisor
+from appliance.stream.ingest import IngestActor
+from appliance.stream.sink import SinkActor
+
+log = logging.getLogger(__name__)
+
+# Supervised actors: Ray restarts a killed sink or ingest process (the Supervisor resumes it). Sink calls
+# are idempotent, so Ray also retries them on the restarted sink; ingest calls are not retried.
+SINK_OPTIONS = {"max_restarts": -1, "max_task_retries": -1}
+INGEST_OPTIONS = {"max_restarts": -1, "max_task_retries": 0}
+STATS_TIMEOUT_S = 10.0  # a restarting actor answers after its restart; the status line skips a beat
+
+
+def resolve_endpoint(endpoint: str) -> str:
+    """`tcp://host:*` -> `tcp://host:<a free port>` (other endpoints unchanged), resolved once by the driver
+    so that an actor Ray restarts binds the very port the controller already connects to."""
+    if not endpoint.endswith(":*"):
+        return endpoint
+    context = zmq.Context()
+    probe = context.socket(zmq.PULL)
+    probe.setsockopt(zmq.LINGER, 0)
+    try:
+        probe.bind(endpoint)
+        return probe.getsockopt_string(zmq.LAST_ENDPOINT)
+    finally:
+        probe.close()
+        context.term()
+
+
+@dataclass(frozen=True)
+class RunningEndpoints:
+    """Where one microscope's part of the running appliance listens (wildcard ports resolved) and writes."""
+
+    tile: str
+    feedback: str
+    output_dir: str
+    metrics: str | None = None  # http://host:port/metrics (one for the appliance), None when disabled
+    microscope: str = ""
+
+
+class MicroscopeRuntime:
+    """The sink, ingest and supervisor of one microscope. `start()`, then `drain(grace_s)`."""
+
+    def __init__(self, cfg: RigConfig, scope: MicroscopeConfig) -> None:
+        self.cfg = cfg
+        self.scope = scope
+        self.ingest: Any = None
+        self.sink: Any = None
+        self.supervisor: Supervisor | None = None
+        self.endpoints: RunningEndpoints | None = None
+
+    @property
+    def name(self) -> str:
+        return self.scope.name
+
+    @property
+    def calibrated(self) -> bool:
+        return self.cfg.detector_for(self.scope).calibration is not None
+
+    def start(self, detector: DeploymentHandle, deblur: DeploymentHandle, thresholds: Thresholds) -> RunningEndpoints:
+        """Start the sink (binds feedback), then the ingest (binds tiles) and the supervisor."""
+        ingest_cfg = self.cfg.ingest_for(self.scope)
+        ingest_cfg = ingest_cfg.model_copy(
+            update={
+                "tile_endpoint": resolve_endpoint(ingest_cfg.tile_endpoint),
+                "feedback_endpoint": resolve_endpoint(ingest_cfg.feedback_endpoint),
+            }
+        )
+        security = self.cfg.security_for(self.scope)
+        detector_cfg = self.cfg.detector_for(self.scope)
+        calibration = load_configured_calibration(detector_cfg)
+        self.sink = SinkActor.options(**SINK_OPTIONS).remote(  # type: ignore[attr-defined]
+            self.cfg.output_for(self.scope),
+            ingest_cfg.feedback_endpoint,
+            thresholds,
+            feedback_hwm=ingest_cfg.feedback_hwm,
+            security=security,
+        )
+        sink_info = ray.get(self.sink.endpoints.remote())
+        self.ingest = IngestActor.options(**INGEST_OPTIONS).remote(  # type: ignore[attr-defined]
+            ingest_cfg,
+            detector,
+            deblur,
+            self.sink,
+            calibrated=calibration is not None,
+            security=security,
+            focus=OnlineBaseline(detector_cfg, calibration),
+            microscope=self.name,
+        )
+        tile_endpoint = ray.get(self.ingest.start.remote())
+        self.supervisor = Supervisor({"sink": self.sink, "ingest": self.ingest})
+        self.supervisor.start()
+        feedback, output_dir = sink_info["feedback"], sink_info["output_dir"]
+        self.endpoints = RunningEndpoints(tile_endpoint, feedback, output_dir, microscope=self.name)
+        return self.endpoints
+
+    @property
+    def output_dir(self) -> Path:
+        assert self.endpoints is not None
+        return Path(self.endpoints.output_dir)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters of this microscope's ingest and sink."""
+        ingest, sink = ray.get([self.ingest.stats.remote(), self.sink.stats.remote()], timeout=STATS_TIMEOUT_S)
+        return {"ingest": ingest, "sink": sink}
+
+    def metrics_refs(self) -> list[ray.ObjectRef]:
+        """The ingest's and the sink's exposition texts (ObjectRefs, resolved together by the scrape)."""
+        return [self.ingest.metrics_text.remote(), self.sink.metrics_text.remote()]
+
+    def restarts(self) -> list[Restart]:
+        return list(self.supervisor.restarts) if self.supervisor is not None else []
+
+    def actor_pids(self) -> dict[str, int | None]:
+        return self.supervisor.pids() if self.supervisor is not None else {}
+
+    def last_report(self) -> str:
+        return str(ray.get(self.sink.last_report.remote()))
+
+    def stop_supervising(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
+
+    def send_draining(self, message: str) -> ray.ObjectRef | None:
+        return self.sink.send_draining.remote(message) if self.sink is not None else None
+
+    def drain_ingest(self, grace_s: float) -> ray.ObjectRef | None:
+        return self.ingest.drain.remote(grace_s) if self.ingest is not None else None
+
+    def close_sink(self) -> ray.ObjectRef | None:
+        return self.sink.close.remote() if self.sink is not None else None

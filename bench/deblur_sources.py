@@ -1,0 +1,312 @@
+"""Deblur per EM source: the model vs the blurred input and the true-PSF oracle, on other instruments.
+
+    nice -n 10 python bench/deblur_sources.py      # writes bench/results/deblur_sources.{json,md}
+
+Sources (bench/detector_sources.load_sources): every folder of ../shared/data/em-corpus (its `soft/`
+tiles are soft at the source, never sharp targets, and are not used) plus the isbi2012-train test split
+(images 26-29: the training instrument, held-out slices). The bundled CPU model was trained on the
+isbi2012-train train split only, so every em-corpus source is unseen by it: each row is a held-out-source
+measurement (stricter than leave-one-source-out). A model trained on the corpus (`--model
+appliance/weights/deblur_gpu.onnx`, v3) has seen every source: its corpus rows are in-sample.
+
+Per source, up to TILES_PER_SOURCE sharp tiles (evenly spaced over the source's tiles or crops), each
+centre-cropped to <= TILE_SIDE px to bound the runtime, and per tile:
+1. Blurred copies: gaussian, disk, astigmatic and tilted at sigma 1, 1.5, 2, 3 px, plus Gaussian noise at
+   the tile's own Immerkaer level, re-quantised to its dtype (detector_sources.render_with_rig_noise).
+2. PSNR (dB, peak = the dtype's full range, 255 or 65535) against the sharp tile as acquired of: the
+   blurred input; Wiener and Richardson-Lucy given the TRUE PSF with their parameter picked per tile
+   against the truth (deblur_eval.best_wiener / best_rl: an oracle no rig has); the model
+   (appliance.restoration.TileRestorer, given a blind assessment by default: `--estimate`). Tilted blur
+   has no single PSF: model vs input only there.
+3. In focus, sent to the model anyway (a false `soft`), read as deblur_eval's no-blur row: the sharp tile
+   plus the rig noise once more, input and model output scored against the sharp tile. The sharp tile
+   already carries its instrument's noise, and every PSNR here is against it, noise included: a model
+   that also removes some of the tile's own noise is scored as if it had changed the specimen. Also the
+   PSNR of the model's output on the tile as acquired against itself (`model_on_acquired`): how much it
+   changes a real in-focus tile (no quality judgement: there is no clean reference).
+
+Per source: mean gain of the model over the input and over the better oracle (the better mean of Wiener
+and RL per cell, as deblur_eval) per family over sigma 1-3 px, the worst cell, and the verdict of issue
+14's done-when line: in every cell the model gains over the input (> 0 dB) and is no more than
+ORACLE_MAX_DEFICIT_DB (0.5 dB) below the oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # models/ is not installed
+
+from appliance.config import DeblurConfig  # noqa: E402
+from appliance.restoration.restorer import TileRestorer  # noqa: E402
+from appliance.weights import DEBLUR_MODEL  # noqa: E402
+from bench.deblur_eval import (  # noqa: E402
+    ESTIMATES,
+    ORACLE_MAX_DEFICIT_DB,
+    Assessor,
+    best_rl,
+    best_wiener,
+    full_scale,
+    make_assessor,
+)
+from bench.detector_eval import blur_params  # noqa: E402
+from bench.detector_sources import (  # noqa: E402
+    CORPUS,
+    SIGMAS,
+    Source,
+    centre_crop,
+    load_sources,
+    print_table,
+    render_with_rig_noise,
+)
+from models.blur_synth import FAMILIES, psf_kernel, to_unit_float  # noqa: E402
+from models.deblur.metrics import psnr  # noqa: E402
+
+TILE_SIDE = 256
+TILES_PER_SOURCE = 6
+METHODS = ("input", "wiener", "rl", "model")
+RESULTS = REPO / "bench" / "results"
+
+
+def pick_tiles(source: Source, count: int, side: int) -> list[tuple[str, np.ndarray]]:
+    """Up to `count` of the source's sharp tiles, evenly spaced over them, centre-cropped to <= side px."""
+    n = len(source.tiles)
+    indices = sorted({int(round(i)) for i in np.linspace(0, n - 1, min(count, n))})
+    return [(source.tiles[i][0], centre_crop(source.tiles[i][1], side)) for i in indices]
+
+
+def score_tile(
+    restorer: TileRestorer, tile: np.ndarray, rng: np.random.Generator, assess: Assessor, sigmas: tuple[float, ...]
+) -> dict[str, dict[str, float]]:
+    """PSNR (dB on the tile's dtype range, vs the tile as acquired) per cell `family@sigma` and method, for
+    one sharp uint8/uint16 tile (H, W); plus the `in_focus` row (module docstring, point 3)."""
+    peak = full_scale(tile)
+    scores: dict[str, dict[str, float]] = {}
+    blurred, assessments = [], []
+    for family in FAMILIES:
+        for sigma in sigmas:
+            params = blur_params(family, sigma, rng)
+            image = render_with_rig_noise(tile, params, rng)
+            row = {"input": psnr(image, tile, peak)}
+            if family != "tilted":
+                psf = psf_kernel(params)
+                row["wiener"] = psnr(best_wiener(to_unit_float(image), psf, tile), tile, peak)
+                row["rl"] = psnr(best_rl(to_unit_float(image), psf, tile), tile, peak)
+            scores[f"{family}@{sigma:g}"] = row
+            blurred.append(image)
+            assessments.append(assess(image, params))
+    noisy = render_with_rig_noise(tile, None, rng)
+    restored = restorer.restore([*blurred, noisy, tile], [*assessments, assess(noisy, None), assess(tile, None)])
+    for key, output in zip(scores, restored[: len(blurred)], strict=True):
+        scores[key]["model"] = psnr(output, tile, peak)
+    scores["in_focus"] = {
+        "input": psnr(noisy, tile, peak),
+        "model": psnr(restored[-2], tile, peak),
+        "model_on_acquired": psnr(restored[-1], tile, peak),
+    }
+    return scores
+
+
+def cell_margins(cells: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per blurred cell: the model's gain over the input and over the better oracle mean (dB)."""
+    margins = {}
+    for key, cell in cells.items():
+        if key == "in_focus":
+            continue
+        row = {"over_input_db": cell["model"] - cell["input"]}
+        if "wiener" in cell:
+            row["over_oracle_db"] = cell["model"] - max(cell["wiener"], cell["rl"])
+        margins[key] = row
+    return margins
+
+
+def summarise(cells: dict[str, dict[str, float]]) -> dict:
+    """Per family mean gains over sigma (dB), the worst cells and the done-when verdict of one source."""
+    margins = cell_margins(cells)
+    by_family = {}
+    for family in FAMILIES:
+        rows = [m for k, m in margins.items() if k.startswith(f"{family}@")]
+        by_family[family] = {
+            name: float(np.mean([r[name] for r in rows]))
+            for name in ("over_input_db", "over_oracle_db")
+            if name in rows[0]
+        }
+    worst_input = min(margins, key=lambda k: margins[k]["over_input_db"])
+    with_oracle = [k for k in margins if "over_oracle_db" in margins[k]]
+    worst_oracle = min(with_oracle, key=lambda k: margins[k]["over_oracle_db"])
+    gains_everywhere = all(m["over_input_db"] > 0 for m in margins.values())
+    near_oracle = all(margins[k]["over_oracle_db"] >= -ORACLE_MAX_DEFICIT_DB for k in with_oracle)
+    in_focus = cells["in_focus"]
+    return {
+        "by_family": by_family,
+        "worst_over_input": {"cell": worst_input, "db": margins[worst_input]["over_input_db"]},
+        "worst_over_oracle": {"cell": worst_oracle, "db": margins[worst_oracle]["over_oracle_db"]},
+        "gain_over_input_every_cell": gains_everywhere,
+        "within_oracle_every_cell": near_oracle,
+        "meets_done_when": gains_everywhere and near_oracle,
+        "in_focus_gain_db": in_focus["model"] - in_focus["input"],
+        "margins": margins,
+    }
+
+
+def score_source(
+    restorer: TileRestorer,
+    tiles: list[tuple[str, np.ndarray]],
+    rng: np.random.Generator,
+    assess: Assessor,
+    sigmas: tuple[float, ...] = SIGMAS,
+) -> dict:
+    """Mean PSNR per cell and method over the tiles of one source, and its summary (`summarise`)."""
+    per_tile = [score_tile(restorer, tile, rng, assess, sigmas) for _, tile in tiles]
+    cells = {key: {m: float(np.mean([t[key][m] for t in per_tile])) for m in per_tile[0][key]} for key in per_tile[0]}
+    return {
+        "tiles": [name for name, _ in tiles],
+        "tile_shapes": [list(tile.shape) for _, tile in tiles],
+        "dtype": str(tiles[0][1].dtype),
+        "cells": cells,
+        "summary": summarise(cells),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def _db(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    rows = []
+    oracle_families = [f for f in FAMILIES if f != "tilted"]
+    for name, entry in result["sources"].items():
+        s = entry["summary"]
+        f = s["by_family"]
+        shape = "x".join(str(v) for v in entry["tile_shapes"][0])
+        rows.append(
+            [
+                name,
+                f"{len(entry['tiles'])} x {shape} {entry['dtype']}",
+                " / ".join(_db(f[fam]["over_input_db"]) for fam in FAMILIES),
+                " / ".join(_db(f[fam]["over_oracle_db"]) for fam in oracle_families),
+                f"{s['worst_over_input']['cell']} {_db(s['worst_over_input']['db'])}",
+                f"{s['worst_over_oracle']['cell']} {_db(s['worst_over_oracle']['db'])}",
+                f"{entry['cells']['in_focus']['input']:.2f} -> {entry['cells']['in_focus']['model']:.2f}",
+                "yes" if s["meets_done_when"] else "no",
+            ]
+        )
+    return rows
+
+
+HEADER = [
+    "source",
+    "tiles",
+    "gain over input, dB (gauss / disk / astig / tilted)",
+    "vs oracle, dB (gauss / disk / astig)",
+    "worst cell vs input",
+    "worst cell vs oracle",
+    "in focus + rig noise: input -> model, dB",
+    "meets done-when",
+]
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Deblur per source: model vs blurred input and true-PSF oracle",
+        "",
+        f"Command: `{result['command']}`; model `{result['model_version']}` ({result['held_out']}); "
+        f"{result['date']}; runtime {result['runtime_s']:.0f} s on {result['machine']}.",
+        f"Per source up to {result['tiles_per_source']} sharp tiles, centre crops <= {result['tile_side']} px; "
+        f"sigma {', '.join(f'{s:g}' for s in result['sigmas_px'])} px; rig noise at each tile's own level. "
+        "Gains are means over sigma of model PSNR minus input PSNR, and minus the better of oracle Wiener / RL "
+        "(true PSF, best parameter per tile). Done-when: every cell gains over the input and is no more than "
+        f"{ORACLE_MAX_DEFICIT_DB} dB below the oracle.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+    lines += [
+        "",
+        "Per cell, mean PSNR dB (input / Wiener / RL / model):",
+        "",
+        "| source | cell | input | Wiener | RL | model |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in result["sources"].items():
+        for key, cell in entry["cells"].items():
+            if key == "in_focus":
+                continue
+            values = [f"{cell[m]:.2f}" if m in cell else "-" for m in METHODS]
+            lines.append(f"| {name} | {key} | " + " | ".join(values) + " |")
+    lines += ["", "In focus, model output on the tile as acquired vs itself (how much it changes it), dB:", ""]
+    lines += [f"- {n}: {e['cells']['in_focus']['model_on_acquired']:.2f}" for n, e in result["sources"].items()]
+    lines += ["", "How each source was cut:", ""]
+    lines += [f"- {n}: {e['note']}; tiles used: {', '.join(e['tiles'])}" for n, e in result["sources"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--model", type=Path, default=DEBLUR_MODEL, help="ONNX model (sidecar .json beside)")
+    parser.add_argument("--estimate", choices=ESTIMATES, default="blind", help="what a PSF-aware model is given")
+    parser.add_argument("--tiles", type=int, default=TILES_PER_SOURCE, help="sharp tiles per source")
+    parser.add_argument("--side", type=int, default=TILE_SIDE, help="centre crop of each tile (px)")
+    parser.add_argument("--sources", nargs="*", help="only these sources (default all)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime CPU threads")
+    parser.add_argument("--seed", type=int, default=20261127)
+    parser.add_argument("--out", type=Path, default=RESULTS / "deblur_sources.json")
+    args = parser.parse_args()
+    start = time.monotonic()
+    cfg = DeblurConfig(backend="onnx", model_path=args.model, num_cpus_per_replica=float(args.threads))
+    restorer = TileRestorer.from_config(cfg)
+    assess = make_assessor(args.estimate)
+    rng = np.random.default_rng(args.seed)
+    bundled = args.model.resolve() == DEBLUR_MODEL.resolve()
+    sources = {}
+    for source in load_sources(args.corpus):
+        if args.sources and source.name not in args.sources:
+            continue
+        t0 = time.monotonic()
+        entry = score_source(restorer, pick_tiles(source, args.tiles, args.side), rng, assess)
+        sources[source.name] = {"note": source.note, **entry}
+        print(f"{source.name}: {len(entry['tiles'])} tiles, {time.monotonic() - t0:.0f} s", flush=True)
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "model_version": restorer.model_version,
+        "held_out": "trained on isbi2012-train train only: every em-corpus source held out"
+        if bundled
+        else "not the bundled model: check its training data (deblur_gpu v3 saw every em-corpus source)",
+        "estimate": args.estimate,
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared, load {os.getloadavg()[0]:.1f}, "
+        f"{args.threads} ONNX Runtime thread(s)",
+        "tiles_per_source": args.tiles,
+        "tile_side": args.side,
+        "sigmas_px": list(SIGMAS),
+        "families": list(FAMILIES),
+        "oracle_max_deficit_db": ORACLE_MAX_DEFICIT_DB,
+        "sources": sources,
+        "runtime_s": time.monotonic() - start,
+    }
+    print()
+    print_table(HEADER, table_rows(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    args.out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} ({result['runtime_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Several microscopes on one appliance: real Ray Serve (shared detector and deblur), two reference
+controllers on loopback, each microscope's own sockets, folder, QC record and metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from appliance.config import IngestConfig, MetricsConfig, MicroscopeConfig, RigConfig
+from appliance.qc_record import QC_FILENAME, QcTileRecord, read_qc_lines
+from appliance.stream.protocol import decode_feedback, encode_start
+from appliance.tile_io import read_tile
+from appliance.tools.reference_controller import ReferenceController, ReplayReport, cycle_tiles, tile_frames
+
+pytestmark = pytest.mark.system
+
+TILES_EACH = 8
+
+
+def two_microscopes(tmp_path: Path, **ingest: object) -> RigConfig:
+    scopes = [
+        MicroscopeConfig(
+            name=name,
+            tile_endpoint="tcp://127.0.0.1:*",
+            feedback_endpoint="tcp://127.0.0.1:*",
+            output_directory=tmp_path / "out" / name,
+        )
+        for name in ("scope-a", "scope-b")
+    ]
+    return RigConfig(
+        ingest=IngestConfig(**ingest),  # type: ignore[arg-type]
+        metrics=MetricsConfig(address="127.0.0.1:0"),
+        microscopes=scopes,
+    )
+
+
+def tile_records(output_dir: Path) -> list[QcTileRecord]:
+    return [r for r in read_qc_lines(output_dir / QC_FILENAME) if isinstance(r, QcTileRecord)]
+
+
+def test_two_controllers_stream_at_once_each_into_its_own_folder(
+    start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
+) -> None:
+    appliance = start_appliance(two_microscopes(tmp_path))
+    scopes = appliance.microscopes  # type: ignore[attr-defined]
+    assert list(scopes) == ["scope-a", "scope-b"]
+    reports: dict[str, ReplayReport] = {}
+    feedback: dict[str, list[dict[str, object]]] = {}
+
+    def stream(name: str) -> None:
+        endpoints = scopes[name]
+        tiles = ((f"{name}-{tile_id}", pixels) for tile_id, pixels in cycle_tiles(real_em_tiles, TILES_EACH))
+        with ReferenceController(endpoints.tile, endpoints.feedback) as controller:
+            reports[name] = controller.send_section(f"sec-{name}", tiles, rate_hz=None, timeout_s=180)
+            feedback[name] = controller.feedback()
+
+    threads = [threading.Thread(target=stream, args=(name,)) for name in scopes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert set(reports) == set(scopes), "a controller did not finish"
+
+    for name, endpoints in scopes.items():
+        report = reports[name]
+        assert (report.sent, report.done, report.lost, report.duplicated) == (TILES_EACH, TILES_EACH, 0, 0), name
+        # No cross-talk: each controller hears only of its own section and tiles.
+        assert {m.get("section") for m in feedback[name] if "section" in m} == {f"sec-{name}"}
+        assert all(str(m["tile_id"]).startswith(name) for m in feedback[name] if "tile_id" in m)
+        out = Path(endpoints.output_dir)
+        assert out == tmp_path / "out" / name
+        records = tile_records(out)
+        assert sorted(r.seq for r in records) == list(range(TILES_EACH))
+        assert {r.section for r in records} == {f"sec-{name}"}
+        assert [p.name for p in out.iterdir() if p.is_dir()] == [f"sec-{name}"]
+        for record in records:
+            assert read_tile(out / record.path).shape == (512, 512)
+
+    with urllib.request.urlopen(scopes["scope-a"].metrics, timeout=15) as response:
+        text = response.read().decode()
+    families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    done = families["em_appliance_tiles_done"]
+    for name in scopes:
+        assert sum(s.value for s in done if s.labels["microscope"] == name) == TILES_EACH
+    # The shared deployments are counted once, without a microscope.
+    assert [s.labels for s in families["em_appliance_replicas"]] == [
+        {"deployment": "BlurDetectorDeployment"},
+        {"deployment": "DeblurDeployment"},
+    ]
+    final = appliance.drain_and_stop()  # type: ignore[attr-defined]
+    assert final["scope-b/ingest"]["tiles_done"] == TILES_EACH
+
+
+def test_a_stalled_microscope_holds_back_only_its_own_tiles(
+    start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
+) -> None:
+    # scope-a's controller sends and never reads its feedback: its outbox fills (2 frames), its tiles wait,
+    # its credits run out. scope-b shares the detector and deblur and must get every answer meanwhile.
+    appliance = start_appliance(two_microscopes(tmp_path, feedback_hwm=2, max_in_flight=3))
+    scopes = appliance.microscopes  # type: ignore[attr-defined]
+    context = zmq.Context()
+    stalled = context.socket(zmq.PUSH)
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.setsockopt(zmq.SNDHWM, 1)
+    stalled.setsockopt(zmq.SNDTIMEO, 3000)  # the first send waits for the connection; a full pipe times out
+    stalled.connect(scopes["scope-a"].tile)
+    try:
+        stalled.send_multipart(encode_start("stalled"))
+        for seq, (tile_id, pixels) in enumerate(cycle_tiles(real_em_tiles, 8)):
+            try:
+                stalled.send_multipart(tile_frames("stalled", tile_id, seq, pixels))
+            except zmq.Again:
+                break  # scope-a is full: its credits are taken, its pipe is full
+        time.sleep(2.0)
+        assert appliance.stats("scope-a")["ingest"]["in_flight"] > 0  # type: ignore[attr-defined]
+        with ReferenceController(scopes["scope-b"].tile, scopes["scope-b"].feedback) as controller:
+            report = controller.send_section("flowing", cycle_tiles(real_em_tiles, TILES_EACH), rate_hz=None)
+        assert (report.done, report.lost, report.duplicated) == (TILES_EACH, 0, 0)
+        # scope-a is still held: nothing of it was dropped, it waits for its controller to read.
+        a_stats = appliance.stats("scope-a")  # type: ignore[attr-defined]
+        assert a_stats["ingest"]["in_flight"] > 0 and a_stats["ingest"]["tiles_done"] < 8
+        # Its controller reads again: every tile it got in is answered.
+        reader = context.socket(zmq.PULL)
+        reader.setsockopt(zmq.LINGER, 0)
+        reader.connect(scopes["scope-a"].feedback)
+        accepted = a_stats["ingest"]["received"] - 1  # less the start message
+        answered: set[str] = set()
+        deadline = time.monotonic() + 120
+        while len(answered) < accepted and time.monotonic() < deadline:
+            if reader.poll(500):
+                message = decode_feedback(reader.recv())
+                if message.get("type") == "result":
+                    answered.add(str(message["tile_id"]))
+        reader.close()
+        assert len(answered) >= accepted
+    finally:
+        stalled.close()
+        context.term()
