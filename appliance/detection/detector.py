@@ -288,7 +288,11 @@ class BlurDetector:
             )
         elif (label := label_for_sigma(est.sigma_px, cfg)) == "retake":
             r, c = est.worst_cell
-            where = f" ({est.local_shape} of {cfg.local_blur_share:.3g} of the tile)" if est.local_shape else ""
+            where = (
+                f" (blurred {est.local_shape}, read in {cfg.local_blur_window_share:.3g} of the tile)"
+                if est.local_shape
+                else ""
+            )
             if est.best_sigma_px <= cfg.max_restorable_sigma_px:
                 reason = (
                     f"partial blur: region row {r} col {c} of the {GRID}x{GRID} map{where} has blur sigma "
