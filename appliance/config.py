@@ -197,6 +197,45 @@ class DetectorConfig(ReplicaConfig):
     sharp_sigma_px: float = Field(
         0.8, gt=0.0, le=50.0, description="At or below this estimated blur a tile is `sharp`."
     )
+    patch_rows: int = Field(
+        32,
+        ge=8,
+        le=256,
+        description="Rows of the detector's sheared patch lattice (appliance/detection/patches.py); with "
+        "patches_per_row the patches per tile (default 32 x 4 = 128: two per cell of the 8x8 map, and a whole "
+        "row or column of patches inside any strip of 1/16 of a 2400 px tile). Cost scales with the count.",
+    )
+    patches_per_row: int = Field(4, ge=1, le=64, description="Patches per lattice row; patch_rows / it: a power of 2.")
+    local_blur_share: float = Field(
+        1.0 / 16.0,
+        gt=0.0,
+        le=1.0,
+        description="Smallest share of a tile whose blur beyond max_restorable_sigma_px makes it `retake`, wherever "
+        "it lies (strips of it as thick as this share of a side).",
+    )
+    local_blur_window_share: float = Field(
+        1.0 / 32.0,
+        gt=0.0,
+        le=1.0,
+        description="Share of the tile each local-blur window covers (appliance/detection/local_blur.py): smaller "
+        "than local_blur_share so several windows fit inside a blurred region wherever it lies.",
+    )
+    local_blur_min_contrast: float = Field(
+        1.5,
+        ge=1.0,
+        le=10.0,
+        description="A local-blur window counts only when its sigma is at least this many times the whole tile's "
+        "(log-mean, +0.5 px): it must stand out, so a uniformly blurred tile near max_restorable_sigma_px keeps "
+        "the label of its mean and worst region instead of the worst of thousands of small windows.",
+    )
+    local_blur_min_patches: float = Field(
+        6.0,
+        gt=0.0,
+        le=64.0,
+        description="Reliable patch-equivalents a local-blur window must hold to count (fewer: no verdict from it); "
+        "6 measured: 3 let the worst of thousands of thin windows flag 25 % of tilted tiles whose blurriest corner "
+        "is 2.5 px (restorable), 6 flags 3 % and still catches every 1/16 region at 4 px (model card).",
+    )
     calibration: Path | None = Field(
         None,
         description="Rig calibration (`python -m appliance calibrate`): blur is then measured from this rig's "
@@ -204,6 +243,25 @@ class DetectorConfig(ReplicaConfig):
         "model. None: the detector's own scale (that of its training data).",
     )
     online_baseline: OnlineBaselineConfig = OnlineBaselineConfig()
+
+    @model_validator(mode="after")
+    def _lattice_shears_evenly(self) -> DetectorConfig:
+        shifts = self.patch_rows // self.patches_per_row
+        if self.patch_rows % self.patches_per_row or shifts & (shifts - 1):
+            raise ValueError(
+                f"detector.patch_rows ({self.patch_rows}) / detector.patches_per_row ({self.patches_per_row}) must "
+                "be a whole power of two (e.g. 32 / 4), so the lattice's rows cover every column line once"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _window_fits_region(self) -> DetectorConfig:
+        if self.local_blur_window_share > self.local_blur_share:
+            raise ValueError(
+                f"detector.local_blur_window_share ({self.local_blur_window_share:g}) must not exceed "
+                f"detector.local_blur_share ({self.local_blur_share:g}): a window larger than the region misses it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> DetectorConfig:

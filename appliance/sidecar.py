@@ -5,7 +5,8 @@ misspelt field fails at start-up naming the file and the field. It carries every
 needs from training or calibration (nothing is pasted into the source by hand):
 
 - blur detector (`blur_detector.json`, learned; `classical_detector.json`, the classical backend):
-  patch size, the output encoding, the sigma calibration table and the PSF-shape constant `intrinsic_c2`;
+  patch size, the output encoding, the sigma calibration table, the PSF-shape constant `intrinsic_c2` and the
+  local-blur window scale `local_window_scale`;
 - deblur model (`deblur.json`, `deblur_gpu.json`): input/output names, size multiple, PSF planes.
 
 Not to be confused with a MODEL_CARD.md (the human-readable card in `models/*/`).
@@ -111,6 +112,13 @@ class DetectorSidecar(ModelSidecar):
     train_config: dict[str, Any] | None = Field(None, description="The training recipe (models/detector/config.yaml).")
     sigma_calibration: SigmaCalibration | None = Field(
         None, description="Raw sigma -> true sigma (px); None only while calibrate measures the raw backend."
+    )
+    local_window_scale: float | None = Field(
+        None,
+        gt=0,
+        description="Tile-level sigma over the patch log-mean sigma (both +0.5 px) of uniformly blurred val tiles "
+        "(median, true sigma 2-4 px): puts a local-blur window's patch mean on the label's scale "
+        "(appliance/detection/local_blur.py); fitted by models/detector/calibrate.py (None: 1).",
     )
     intrinsic_c2: float | None = Field(
         None,

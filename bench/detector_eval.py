@@ -1,6 +1,7 @@
 """Blur detector benchmark on the held-out test images: learned model vs classical baselines.
 
     nice -n 10 python bench/detector_eval.py            # writes bench/results/detector_eval.json
+    nice -n 10 python bench/detector_eval.py --speed-only   # part 4 for the model only, printed
 
 1. Detection: per blur family and strength, AUROC (blurred vs sharp) and accuracy of the learned model,
    the runtime's classical fallback (re-blur) and the classical focus metrics (variance of Laplacian,
@@ -160,7 +161,13 @@ def main() -> None:
     parser.add_argument("--realizations", type=int, default=2, help="noise/blur draws per tile")
     parser.add_argument("--speed-seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "detector_eval.json")
+    parser.add_argument("--speed-only", action="store_true", help="only part 4 (model, 1 thread), printed, no file")
     args = parser.parse_args()
+    if args.speed_only:
+        speed_model = BlurDetector.from_config(DetectorConfig(backend="onnx", model_path=args.model))
+        for batch in (1, 4):
+            print(f"batch {batch}:", json.dumps(bench_speed(speed_model, args.speed_seconds, batch)), flush=True)
+        return
 
     cfg = DetectorConfig()
     model = None

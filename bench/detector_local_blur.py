@@ -7,10 +7,12 @@ rest and leave the spot; it must be retaken. Tiles: 2400x2400 mosaics of the hel
 (5x5, each mosaic a different arrangement and flip), in focus, with one region blurred by a Gaussian PSF
 of sigma 4 or 6 px (beyond the restorable 3 px), feathered over 24 px (a bump, not a cut), then
 Poisson-Gaussian noise and 8-bit quantisation. Regions: squares of 1/64, 1/16 and 1/4 of the tile at
-the centre, on an edge and in a corner (aligned with the detector's 8x8 cells), one square of 1/16 off
-the cell grid, and strips of 1/16 (full width, 150 px tall). Target (issue 14): every
-region of at least 1/16 labelled `retake`, with the named region row/col inside the blurred area.
-Controls: the same mosaics in focus must be `sharp`; uniformly blurred at 1.5 px must be `soft`.
+the centre, on an edge and in a corner (aligned with the detector's 8x8 cells of 300 px); squares of
+1/16 (and one of 1/64) off the cell grid at several offsets; a 300x1200 rectangle; horizontal strips
+(full width, 150 px tall) and vertical strips (full height, 150 px wide) of 1/16, in the middle and at
+the tile's edges. Target (issue 14): every region of at least 1/16 labelled `retake`, with the named
+region row/col inside the blurred area; 1/64 need not be caught. Controls: the same mosaics in focus
+must be `sharp`; uniformly blurred at 1.5 px must be `soft`.
 """
 
 from __future__ import annotations
@@ -56,16 +58,23 @@ def mosaics(n: int) -> list[np.ndarray]:
 
 
 def region_boxes() -> dict[str, tuple[float, int, int, int, int]]:
-    """name -> (share of the tile, y0, x0, height, width)."""
+    """name -> (share of the tile, y0, x0, height, width); cells of the detector are 300 px."""
     boxes: dict[str, tuple[float, int, int, int, int]] = {}
     for share, side in ((1 / 64, 300), (1 / 16, 600), (1 / 4, 1200)):
         label = f"1/{round(1 / share)}"
         boxes[f"{label} centre"] = (share, (SIDE - side) // 2, (SIDE - side) // 2, side, side)
         boxes[f"{label} edge"] = (share, (SIDE - side) // 2, 0, side, side)
         boxes[f"{label} corner"] = (share, SIDE - side, SIDE - side, side, side)
-    boxes["1/16 off the cell grid"] = (1 / 16, 450, 1650, 600, 600)  # straddles 3 x 3 cells
-    boxes["1/16 strip top"] = (1 / 16, 0, 0, SIDE // 16, SIDE)
-    boxes["1/16 strip middle"] = (1 / 16, (SIDE - SIDE // 16) // 2 + 37, 0, SIDE // 16, SIDE)
+    # Off the cell grid: half a cell (straddles 3 x 3 cells), a quarter, odd offsets, on an edge.
+    for y0, x0 in ((450, 1650), (1050, 750), (75, 1125), (1237, 413), (1390, 0)):
+        boxes[f"1/16 off-grid at y {y0} x {x0}"] = (1 / 16, y0, x0, 600, 600)
+    boxes["1/64 off-grid at y 1037 x 1213"] = (1 / 64, 1037, 1213, 300, 300)
+    boxes["1/16 rectangle 300x1200 at y 1130 x 570"] = (1 / 16, 1130, 570, 300, 1200)
+    strip = SIDE // 16  # 150 px: 1/16 of the tile
+    for y0 in (0, 530, 1199, SIDE - strip):
+        boxes[f"1/16 horizontal strip at y {y0}"] = (1 / 16, y0, 0, strip, SIDE)
+    for x0 in (0, 1199, 1630, SIDE - strip):
+        boxes[f"1/16 vertical strip at x {x0}"] = (1 / 16, 0, x0, SIDE, strip)
     return boxes
 
 
@@ -154,7 +163,7 @@ def _line(row: dict) -> str:
     if "want" in row:
         return f"{row['region']:<32} {row['want']}: {100 * row['correct']:.0f} %  sigma read {row['sigma_read']}"
     return (
-        f"{row['region']:<20} sigma {row['sigma_px']:.0f}: retake {100 * row['retake']:.0f} %, region named "
+        f"{row['region']:<40} sigma {row['sigma_px']:.0f}: retake {100 * row['retake']:.0f} %, region named "
         f"{100 * row['retake_region_named']:.0f} %  labels {row['labels']} sigma read {row['sigma_read']}"
     )
 

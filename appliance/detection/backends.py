@@ -34,6 +34,7 @@ class PatchEstimates:
 class PatchBackend(Protocol):
     model_version: str
     intrinsic_c2: float | None  # the PSF-shape constant of the backend's sidecar (px^2); None = not calibrated
+    local_window_scale: float  # the sidecar's tile-over-patch-mean sigma ratio (1.0 where it has none)
 
     def estimate(self, patches: np.ndarray) -> PatchEstimates:
         """patches: float32 (N, PATCH, PATCH) scaled to [0, 1] by the tile's dtype range."""
@@ -89,6 +90,7 @@ class ClassicalBackend:
         sidecar = DetectorSidecar.load(sidecar_path)
         _check_patch(sidecar, sidecar_path)
         self.intrinsic_c2 = sidecar.intrinsic_c2
+        self.local_window_scale = sidecar.local_window_scale or 1.0
         if sidecar.sigma_calibration is None:
             raise SidecarError(f"{sidecar_path}: no sigma_calibration; {DetectorSidecar.rewrite_hint}")
         self._calibration = sidecar.sigma_calibration
@@ -116,6 +118,7 @@ class OnnxBackend:
         sidecar = sidecar if sidecar is not None else DetectorSidecar.load(sidecar_path)
         _check_patch(sidecar, sidecar_path)
         self.intrinsic_c2 = sidecar.intrinsic_c2
+        self.local_window_scale = sidecar.local_window_scale or 1.0
         if sidecar.log_offset is None:
             raise SidecarError(f"{sidecar_path}: no log_offset; {DetectorSidecar.rewrite_hint}")
         self._log_offset = sidecar.log_offset

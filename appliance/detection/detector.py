@@ -1,15 +1,19 @@
 """Runtime blur detector: per tile a blur score, a label, a PSF estimate and a coarse region map.
 
 A tile is judged from patches sampled at native resolution (never downscaled: focus lives in the finest
-detail): the tile is split into a GRID x GRID grid of cells and PATCH x PATCH patches are cut from each
-cell. A backend estimates, for every patch, the blur sigma (px) and a reliability weight (blank resin
-or noise-only patches say little about focus). The same aggregation then turns patch estimates into the
-tile's verdict, so backends are interchangeable:
+detail): PATCH x PATCH patches on a sheared lattice (patches.py, detector.patch_rows x patches_per_row),
+each belonging to one cell of a GRID x GRID grid. A backend estimates, for every patch, the blur sigma
+(px) and a reliability weight (blank resin or noise-only patches say little about focus). The same
+aggregation then turns patch estimates into the tile's verdict, so backends are interchangeable:
 
 - region map: reliability-weighted mean of log-sigma per cell, smoothed over 3x3 cells;
 - PSF shape: anisotropy and major-axis angle from the blurred patches' structure tensors (psf_shape.py);
-- tile sigma (major axis): the worse of the whole-tile mean and the worst reliable region (catches a
-  tilted section), times sqrt(anisotropy) (backends read an elliptical PSF's geometric-mean sigma);
+- tile sigma (major axis): the worst of the whole-tile mean, the worst reliable region (catches a tilted
+  section) and the blurriest 2x2 block of cells, times sqrt(anisotropy) (backends read an elliptical
+  PSF's geometric-mean sigma);
+- localized blur: the blurriest small window (detector.local_blur_window_share of the tile: square, 1:4
+  band or strip, anywhere), read from the patches inside it (local_blur.py), sets the sigma when it is
+  beyond repair;
 - label: fewer than tissue.MIN_TISSUE_CELLS cells holding tissue (tissue.py) -> empty; else, judged on its
   tissue cells only, sigma <= sharp_sigma_px -> sharp; <= max_restorable_sigma_px -> soft; else retake
   (with reason); too little reliable structure -> retake ("not judgeable").
@@ -30,6 +34,7 @@ import numpy as np
 
 from appliance.config import DetectorConfig
 from appliance.detection.backends import ClassicalBackend, OnnxBackend, PatchBackend, PatchEstimates
+from appliance.detection.local_blur import worst_window
 from appliance.detection.patches import GRID, extract_patches
 from appliance.detection.psf_shape import psf_shape, structure_tensors
 from appliance.detection.tissue import MIN_TISSUE_CELLS, tissue_cells
@@ -42,6 +47,7 @@ from appliance.weights import BLUR_DETECTOR_MODEL, CLASSICAL_DETECTOR_SIDECAR
 # Below this share of reliable patches (in patch-equivalents) a tile cannot be judged.
 MIN_RELIABLE_FRACTION = 0.05
 LOG_SIGMA_OFFSET_PX = 0.5  # sigma is averaged as log(sigma + offset) so 0 px is finite
+SHAPE_MIN_SIGMA_PX = 1.0  # only patches blurrier than this show the PSF's shape (sharper: the content's)
 
 
 def label_for_sigma(sigma_px: float, cfg: DetectorConfig) -> TileLabel:
@@ -98,6 +104,21 @@ class _TileEstimate:
     anisotropy: float
     angle_deg: float
     tissue_cells: int = GRID * GRID
+    local_shape: str = ""  # the shape of the local-blur window that set sigma_px ("" = none did)
+
+
+@dataclass(frozen=True)
+class LocalBlurRule:
+    """What the local-blur scan needs besides the patch estimates (local_blur.py); from DetectorConfig."""
+
+    tile_shape: tuple[int, int]
+    lattice: tuple[int, int]  # (patch_rows, patches_per_row)
+    share: float
+    window_share: float
+    min_patches: float
+    min_contrast: float  # window (sigma + LOG_SIGMA_OFFSET_PX) over the whole tile's: a local spot stands out
+    window_scale: float  # the backend sidecar's local_window_scale: patch-mean reading -> the label's scale
+    beyond_sigma_px: float  # only a window blurrier than this (max_restorable_sigma_px) may raise the verdict
 
 
 def aggregate(
@@ -107,12 +128,16 @@ def aggregate(
     min_weight: float,
     c2: float,
     tissue: np.ndarray | None = None,
+    local: LocalBlurRule | None = None,
 ) -> _TileEstimate:
     """Combine one tile's patch estimates into region map, sigma and PSF shape.
 
-    cells: each patch's cell index (N,); tensors: psf_shape.structure_tensors of the patches (N, 3);
+    cells: each patch's cell index (N,); tensors: psf_shape.structure_tensors of the patches (N, 3), needed
+    only where est.sigma_px > SHAPE_MIN_SIGMA_PX (rows of the others are ignored);
     c2: the PSF-shape constant of the backend's sidecar (px^2); tissue: (GRID, GRID) bool, cells holding
     tissue (tissue.py; None = all): only those are judged, bare resin beside tissue says nothing of focus.
+    local: the local-blur scan (None = off): the blurriest window of local.share of the tile, from the
+    patches inside it, raises the verdict when it is beyond repair (only then: it never makes sharp soft).
     Backends read an elliptical PSF as its geometric-mean sigma; the reported sigma is the major axis.
     """
     logs = np.log(est.sigma_px + LOG_SIGMA_OFFSET_PX)
@@ -138,9 +163,30 @@ def aggregate(
     spot = _worst_2x2(cell_w, cell_wl, min_weight)
     if spot is not None and spot[0] > worst_sigma:
         worst_sigma, worst = spot
+    local_shape = ""
+    if local is not None:
+        window = worst_window(
+            logs,
+            w,
+            cells,
+            local.tile_shape,
+            local.lattice,
+            local.share,
+            local.window_share,
+            local.min_patches * min_weight,
+            LOG_SIGMA_OFFSET_PX,
+        )
+        if window is not None:
+            read = window.sigma_px + LOG_SIGMA_OFFSET_PX
+            stands_out = read >= local.min_contrast * math.exp(global_log)
+            scaled = read * local.window_scale - LOG_SIGMA_OFFSET_PX
+            if stands_out and scaled > max(worst_sigma, local.beyond_sigma_px):
+                worst_sigma, worst, local_shape = scaled, window.cell, window.shape
     # Shape only from clearly blurred patches: a sharp patch's gradients show content, not the PSF.
-    blurred = w * (est.sigma_px > 1.0) * (np.abs(tensors).sum(axis=1) > 0)
-    if blurred.sum() >= 3.0 * min_weight:
+    blurred = w * (est.sigma_px > SHAPE_MIN_SIGMA_PX) * (np.abs(tensors).sum(axis=1) > 0)
+    # 3 patch-equivalents per GRID * GRID patches, the density the rule was set at: a denser lattice must
+    # not let a few oriented edges (a fold's band) read as an elongated PSF.
+    if blurred.sum() >= 3.0 * min_weight * len(w) / (GRID * GRID):
         anisotropy, angle = psf_shape(tensors, blurred, global_sigma, c2)
     else:  # too few blurred patches with structure to read a PSF shape from
         anisotropy, angle = 1.0, 0.0
@@ -154,16 +200,16 @@ def aggregate(
         anisotropy=anisotropy,
         angle_deg=angle,
         tissue_cells=GRID * GRID if tissue is None else int(tissue.sum()),
+        local_shape=local_shape,
     )
 
 
 class BlurDetector:
     """Judges tiles: blur score, label (sharp / soft / retake), PSF estimate and region map."""
 
-    def __init__(self, backend: PatchBackend, cfg: DetectorConfig, per_cell: int = 1) -> None:
+    def __init__(self, backend: PatchBackend, cfg: DetectorConfig) -> None:
         self.backend = backend
         self.cfg = cfg
-        self.per_cell = per_cell
         self.model_version: str = backend.model_version
         # A patch with this weight counts as one fully reliable patch-equivalent.
         self._unit_weight = 1.0 if isinstance(backend, ClassicalBackend) else _ONNX_UNIT_WEIGHT
@@ -198,19 +244,33 @@ class BlurDetector:
             check_tile_pixels(tile, name)
         if not tiles:
             return []
-        cut = [extract_patches(np.asarray(t), self.per_cell) for t in tiles]
+        lattice = (self.cfg.patch_rows, self.cfg.patches_per_row)
+        cut = [extract_patches(np.asarray(t), *lattice) for t in tiles]
         all_patches = np.concatenate([p for p, _ in cut])
         estimates = self.backend.estimate(all_patches)
         noise = patch_noise_sigma(all_patches)
-        tensors = structure_tensors(all_patches, noise)
+        # Structure tensors only where aggregate() reads a PSF shape: sharp patches (most of them) skip it.
+        tensors = np.zeros((len(all_patches), 3))
+        shaped = estimates.sigma_px > SHAPE_MIN_SIGMA_PX
+        if shaped.any():
+            tensors[shaped] = structure_tensors(all_patches[shaped], noise[shaped])
         results, start = [], 0
         for tile, (patches, cells) in zip(tiles, cut, strict=True):
             stop = start + len(patches)
             part = PatchEstimates(*(getattr(estimates, f)[start:stop] for f in PatchEstimates.__dataclass_fields__))
             tissue = tissue_cells(np.asarray(tile), float(np.median(noise[start:stop])))
-            results.append(
-                self._verdict(aggregate(part, cells, tensors[start:stop], self._unit_weight, self._c2, tissue))
+            local = LocalBlurRule(
+                tile_shape=np.shape(tile),
+                lattice=lattice,
+                share=self.cfg.local_blur_share,
+                window_share=self.cfg.local_blur_window_share,
+                min_patches=self.cfg.local_blur_min_patches,
+                min_contrast=self.cfg.local_blur_min_contrast,
+                window_scale=self.backend.local_window_scale,
+                beyond_sigma_px=self.cfg.max_restorable_sigma_px,
             )
+            estimate = aggregate(part, cells, tensors[start:stop], self._unit_weight, self._c2, tissue, local)
+            results.append(self._verdict(estimate))
             start = stop
         return results
 
@@ -228,9 +288,14 @@ class BlurDetector:
             )
         elif (label := label_for_sigma(est.sigma_px, cfg)) == "retake":
             r, c = est.worst_cell
+            where = (
+                f" (blurred {est.local_shape}, read in {cfg.local_blur_window_share:.3g} of the tile)"
+                if est.local_shape
+                else ""
+            )
             if est.best_sigma_px <= cfg.max_restorable_sigma_px:
                 reason = (
-                    f"partial blur: region row {r} col {c} of the {GRID}x{GRID} map has blur sigma "
+                    f"partial blur: region row {r} col {c} of the {GRID}x{GRID} map{where} has blur sigma "
                     f"~{est.sigma_px:.1f} px (restorable up to {cfg.max_restorable_sigma_px:g} px) while "
                     f"the best region has ~{est.best_sigma_px:.1f} px: tilted or non-flat section?"
                 )

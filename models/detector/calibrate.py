@@ -2,17 +2,24 @@
 
     python -m models.detector.calibrate            # run by train.py after export
 
-Two constants, both written into appliance/weights/blur_detector.json (`appliance.sidecar.DetectorSidecar`):
+Three constants, all written into appliance/weights/blur_detector.json (`appliance.sidecar.DetectorSidecar`):
 - `sigma_calibration`: the network's tile-level sigma is biased (it over-reads disk blur and under-reads
   the major axis of astigmatic blur); the soft/retake boundary needs sigma in true px. For each true sigma
   on a grid, the median tile estimate over the val images (8 flips/rotations, gaussian + disk) is
   measured with calibration off; the runtime maps every patch estimate through that monotone table.
 - `intrinsic_c2`: the PSF-shape constant of appliance/detection/psf_shape.py, the candidate with the
   smallest median astigmatism error on val astigmatic tiles.
+- `local_window_scale`: the table above is fitted to the tile-level reading (the worst of the whole-tile
+  mean and the worst region, so it takes up the worst region's upward bias); a local-blur window reads a
+  plain patch mean. The median ratio tile reading / whole-tile patch log-mean (+0.5 px) on uniformly
+  blurred val tiles (gaussian + disk, true sigma 2-4 px) puts a window on the label's scale.
+
+    python -m models.detector.calibrate --only local_window_scale   # that constant alone
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -20,7 +27,8 @@ import numpy as np
 
 from appliance.config import DetectorConfig
 from appliance.detection.backends import OnnxBackend
-from appliance.detection.detector import BlurDetector
+from appliance.detection.detector import LOG_SIGMA_OFFSET_PX, BlurDetector
+from appliance.detection.patches import extract_patches
 from appliance.sidecar import DetectorSidecar, SigmaCalibration
 from appliance.weights import BLUR_DETECTOR_MODEL
 from models.blur_synth import BlurParams, dihedral_tiles, sample_blur, synthesize
@@ -84,6 +92,29 @@ def calibrate(model_path: Path = BLUR_DETECTOR_MODEL, seed: int = 7) -> SigmaCal
     return table
 
 
+def fit_local_window_scale(model_path: Path = BLUR_DETECTOR_MODEL, seed: int = 9) -> float:
+    """Median (tile sigma + 0.5) / exp(patch log-mean) on uniformly blurred val tiles; written to the sidecar."""
+    sidecar_path = model_path.with_suffix(".json")
+    sidecar = DetectorSidecar.load(sidecar_path).model_copy(update={"local_window_scale": None})
+    detector = _detector(model_path, sidecar)
+    cfg, rng, ratios = DetectorConfig(), np.random.default_rng(seed), []
+    for sigma in (2.0, 3.0, 4.0):
+        for family in FAMILIES:
+            for tile in dihedral_tiles("val"):
+                drawn = sample_blur(rng, family, sigma_range=(sigma, sigma))
+                rendered = synthesize(tile, BlurParams(family, sigma, drawn.anisotropy, drawn.angle_deg), rng)
+                patches, _ = extract_patches(rendered, cfg.patch_rows, cfg.patches_per_row)
+                est = detector.backend.estimate(patches)
+                logs = np.log(est.sigma_px + LOG_SIGMA_OFFSET_PX)
+                patch_mean = math.exp(float((est.weight * logs).sum() / max(float(est.weight.sum()), 1e-300)))
+                tile_read = detector.assess([rendered])[0].sigma_px + LOG_SIGMA_OFFSET_PX
+                ratios.append(tile_read / patch_mean)
+    scale = round(float(np.median(ratios)), 4)
+    sidecar.model_copy(update={"local_window_scale": scale}).write(sidecar_path)
+    print(f"local_window_scale (val split, {len(ratios)} tiles): {scale} written to {sidecar_path}")
+    return scale
+
+
 def calibrate_all(model_path: Path = BLUR_DETECTOR_MODEL) -> None:
     """The sigma table, then c^2 (the order the bundled sidecar was made in), both written to the sidecar."""
     calibrate(model_path)
@@ -91,7 +122,13 @@ def calibrate_all(model_path: Path = BLUR_DETECTOR_MODEL) -> None:
     sidecar_path = model_path.with_suffix(".json")
     DetectorSidecar.load(sidecar_path).model_copy(update={"intrinsic_c2": c2}).write(sidecar_path)
     print(f"intrinsic_c2 (val split): {c2} written to {sidecar_path}")
+    fit_local_window_scale(model_path)
 
 
 if __name__ == "__main__":
-    calibrate_all()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["local_window_scale"], help="fit that constant alone")
+    if parser.parse_args().only == "local_window_scale":
+        fit_local_window_scale()
+    else:
+        calibrate_all()

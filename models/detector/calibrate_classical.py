@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from appliance.config import DetectorConfig
 from appliance.detection.backends import reblur_sigma
 from appliance.detection.patches import PATCH, extract_patches
 from appliance.sidecar import DetectorSidecar, SigmaCalibration
@@ -22,6 +23,7 @@ from models.blur_synth import BlurParams, load_image, load_split, synthesize
 
 SIGMAS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 MODEL_VERSION = "classical-reblur-v1"
+_LATTICE = DetectorConfig()  # the runtime's default patch lattice
 MIN_RISE = 0.05  # px of raw sigma between rows: below it the estimate has stopped following the blur
 MIN_USABLE_SHARE = 0.5  # share of patches with usable edges
 
@@ -36,7 +38,7 @@ def measure() -> list[tuple[float, float, float]]:
         raws, usable = [], []
         for image in images:
             params = BlurParams("gaussian", sigma) if sigma > 0 else None
-            patches, _ = extract_patches(synthesize(image, params, rng))
+            patches, _ = extract_patches(synthesize(image, params, rng), _LATTICE.patch_rows, _LATTICE.patches_per_row)
             for patch in patches:
                 raw, weight = reblur_sigma(patch)
                 usable.append(weight > 0)

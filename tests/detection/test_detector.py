@@ -150,9 +150,11 @@ def test_bad_input_raises_tile_error_naming_the_tile(classical: BlurDetector, pi
 
 def test_patches_are_native_resolution(test_images: list[np.ndarray]) -> None:
     big = np.tile(test_images[0], (5, 5))[:2400, :2400]
-    patches, cells = extract_patches(big)
-    assert patches.shape == (GRID * GRID, 64, 64) and cells.max() == GRID * GRID - 1
-    y0 = int(round(2400 / GRID / 2 - 32))
+    cfg = DetectorConfig()
+    patches, cells = extract_patches(big, cfg.patch_rows, cfg.patches_per_row)
+    assert patches.shape == (cfg.patch_rows * cfg.patches_per_row, 64, 64)
+    assert np.all(np.bincount(cells, minlength=GRID * GRID) == 2)  # two patches in every cell
+    y0 = int(round(2400 / cfg.patch_rows / 2 - 32))  # first row, first column line
     np.testing.assert_allclose(patches[0], big[y0 : y0 + 64, y0 : y0 + 64] / 255.0, atol=1e-6)
 
 

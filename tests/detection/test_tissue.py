@@ -35,7 +35,7 @@ def _acquire(image: np.ndarray, rng: np.random.Generator, params: BlurParams | N
 
 
 def _ratio(tile: np.ndarray) -> np.ndarray:
-    patches, _ = extract_patches(tile)
+    patches, _ = extract_patches(tile, DetectorConfig().patch_rows, DetectorConfig().patches_per_row)
     return tissue_ratio(tile, float(np.median(patch_noise_sigma(patches))))
 
 
