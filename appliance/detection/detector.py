@@ -32,7 +32,7 @@ from appliance.config import DetectorConfig
 from appliance.detection.backends import ClassicalBackend, OnnxBackend, PatchBackend, PatchEstimates
 from appliance.detection.patches import GRID, extract_patches
 from appliance.detection.psf_shape import psf_shape, structure_tensors
-from appliance.detection.tissue import MIN_TISSUE_CELLS, tissue_cells
+from appliance.detection.tissue import MIN_TISSUE_CELLS, patch_tissue, tissue_cells
 from appliance.messages import BlurAssessment, TileLabel, blur_score_from_sigma
 from appliance.noise import patch_noise_sigma
 from appliance.sidecar import DetectorSidecar, SidecarError
@@ -203,11 +203,12 @@ class BlurDetector:
         estimates = self.backend.estimate(all_patches)
         noise = patch_noise_sigma(all_patches)
         tensors = structure_tensors(all_patches, noise)
+        has_tissue = patch_tissue(all_patches, noise)
         results, start = [], 0
         for tile, (patches, cells) in zip(tiles, cut, strict=True):
             stop = start + len(patches)
             part = PatchEstimates(*(getattr(estimates, f)[start:stop] for f in PatchEstimates.__dataclass_fields__))
-            tissue = tissue_cells(np.asarray(tile), float(np.median(noise[start:stop])))
+            tissue = tissue_cells(np.asarray(tile), float(np.median(noise[start:stop])), has_tissue[start:stop], cells)
             results.append(
                 self._verdict(aggregate(part, cells, tensors[start:stop], self._unit_weight, self._c2, tissue))
             )
