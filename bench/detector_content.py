@@ -29,82 +29,26 @@ sys.path.insert(0, str(REPO))  # models/ is not installed
 from appliance.config import DetectorConfig  # noqa: E402
 from appliance.detection.detector import BlurDetector  # noqa: E402
 from appliance.messages import TILE_LABELS  # noqa: E402
+from models import content_synth  # noqa: E402
 from models.blur_synth import BlurParams, dihedral_tiles, quantize, synthesize, to_unit_float  # noqa: E402
 
-SIDE = 512
-_YY, _XX = np.mgrid[:SIDE, :SIDE].astype(np.float32)
 Content = Callable[[np.ndarray], np.ndarray]
 
-
-def _band(distance: np.ndarray, half_width: float) -> np.ndarray:
-    return np.abs(distance) < half_width
-
-
-def _fold(f: np.ndarray) -> np.ndarray:
-    out = f.copy()
-    band = _band(_YY - 0.4 * _XX - 200.0, 25.0)
-    out[band] *= 0.35  # two section layers overlap: darker, both in focus
-    return out
-
-
-def _crack(f: np.ndarray) -> np.ndarray:
-    out = f.copy()
-    out[_band(_XX + 0.2 * _YY - 260.0, 6.0)] = 0.95  # bare support film: bright, sharp-edged
-    return out
-
-
-def _dirt(f: np.ndarray) -> np.ndarray:
-    out = f.copy()
-    out[(_YY - 180.0) ** 2 + (_XX - 300.0) ** 2 < 40.0**2] = 0.03
-    return out
-
-
-def _section_edge(f: np.ndarray) -> np.ndarray:
-    out = f.copy()
-    out[:, 160:] = float(np.median(f))
-    return out
-
-
-def _chatter(f: np.ndarray) -> np.ndarray:
-    return np.clip(f * (1.0 + 0.25 * np.sin(2.0 * np.pi * _YY / 24.0)), 0.0, 1.0)
-
-
-def _low_contrast(f: np.ndarray) -> np.ndarray:
-    return 0.45 + 0.2 * (f - f.mean())
-
-
-def _inverted(f: np.ndarray) -> np.ndarray:
-    return 1.0 - f
-
-
-def _charging(f: np.ndarray) -> np.ndarray:
-    return np.clip(f * (0.5 + 0.8 * _XX / SIDE), 0.0, 1.0)
-
-
-def _seam(f: np.ndarray) -> np.ndarray:
-    out = f.copy()
-    out[:, SIDE // 2 :] = np.clip(out[:, SIDE // 2 :] * 1.3 + 0.05, 0.0, 1.0)
-    return out
-
-
-def _resin(level: float, shading: float = 0.0) -> Content:
-    return lambda f: np.full_like(f, level) + shading * (_XX / SIDE - 0.5)
-
-
+# Fixed geometry on a 512 px tile (models/content_synth.py renders each kind; training draws it at random).
 KINDS: dict[str, tuple[Content, str]] = {
     "plain": (lambda f: f, "sharp"),
-    "fold": (_fold, "sharp"),
-    "crack": (_crack, "sharp"),
-    "dirt particle": (_dirt, "sharp"),
-    "section edge (70 % resin)": (_section_edge, "sharp"),
-    "knife chatter": (_chatter, "sharp"),
-    "low contrast (x0.2)": (_low_contrast, "sharp"),
-    "inverted contrast": (_inverted, "sharp"),
-    "charging gradient": (_charging, "sharp"),
-    "stitching seam": (_seam, "sharp"),
-    "bare resin, flat": (_resin(0.6), "empty"),
-    "bare resin, shaded": (_resin(0.55, 0.4), "empty"),
-    "bare resin, dark": (_resin(0.08), "empty"),
+    "fold": (lambda f: content_synth.fold(f, 111.8, 43.1, 23.2, 0.35), "sharp"),
+    "crack": (lambda f: content_synth.crack(f, 11.3, -46.3, 5.9), "sharp"),
+    "dirt particle": (lambda f: content_synth.dirt(f, 180.0, 300.0, 40.0), "sharp"),
+    "section edge (70 % resin)": (lambda f: content_synth.section_edge(f, 0.0, -96.0), "sharp"),
+    "knife chatter": (lambda f: content_synth.chatter(f, 24.0, 0.25), "sharp"),
+    "low contrast (x0.2)": (lambda f: content_synth.low_contrast(f, 0.2), "sharp"),
+    "inverted contrast": (content_synth.inverted, "sharp"),
+    "charging gradient": (lambda f: content_synth.charging(f, 0.0), "sharp"),
+    "stitching seam": (lambda f: content_synth.seam(f, True, 0.5), "sharp"),
+    "bare resin, flat": (lambda f: content_synth.resin(f, 0.6), "empty"),
+    "bare resin, shaded": (lambda f: content_synth.resin(f, 0.55, 0.4), "empty"),
+    "bare resin, dark": (lambda f: content_synth.resin(f, 0.08), "empty"),
 }
 
 

@@ -1,6 +1,8 @@
 """Blur detector per EM source, uncalibrated and calibrated with 5 known-good tiles of that source.
 
     nice -n 5 python bench/detector_sources.py      # writes bench/results/detector_sources.{json,md}
+    nice -n 5 python bench/detector_sources.py --loso models/detector/runs/loso \
+        --out bench/results/detector_sources_loso.json   # each source tested by the fold that never saw it
 
 Sources: every folder of ../shared/data/em-corpus (its `soft/` tiles reported apart: real soft tiles,
 never sharp targets) plus the isbi2012-train test split (images 26-29). Per source:
@@ -64,6 +66,7 @@ from models.blur_synth import (  # noqa: E402
     quantize,
     to_unit_float,
 )
+from models.detector.loso import fold_model  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "data" / "em-corpus"
 SIGMAS = (1.0, 1.5, 2.0, 3.0)
@@ -462,14 +465,29 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "detector_sources.json")
     parser.add_argument("--seed", type=int, default=20261126)
+    models = parser.add_mutually_exclusive_group()
+    models.add_argument("--model", type=Path, help="ONNX detector to test (default: the bundled one)")
+    models.add_argument(
+        "--loso",
+        type=Path,
+        help="leave-one-source-out: test each source with <LOSO>/<source>/weights/ "
+        "(models/detector/loso.py), the fold that never saw it",
+    )
     args = parser.parse_args()
     start = time.monotonic()
-    cfg = DetectorConfig()
-    detector = BlurDetector.from_config(cfg)
+    cfg = DetectorConfig(model_path=args.model)
     rng = np.random.default_rng(args.seed)
     sources = {}
+    versions = {}
     for source in load_sources(args.corpus):
         t0 = time.monotonic()
+        if args.loso is not None:
+            path = fold_model(args.loso, source.name)
+            if not path.is_file():
+                raise SystemExit(f"{path}: no fold model for {source.name}; run python -m models.detector.loso")
+            cfg = DetectorConfig(model_path=path)
+        detector = BlurDetector.from_config(cfg)
+        versions[source.name] = detector.model_version
         rendered = render_and_assess(source, detector, rng)
         draws = [
             calibrated_draw(rendered, source, pick, detector, cfg) for pick in calibration_draws(len(source.tiles), rng)
@@ -490,7 +508,8 @@ def main() -> None:
         print(f"{source.name}: {source.note}; {time.monotonic() - t0:.0f} s", flush=True)
     result = {
         "command": " ".join(["python", *sys.argv]),
-        "model_version": detector.model_version,
+        "model_version": f"leave-one-source-out folds in {args.loso}" if args.loso else detector.model_version,
+        "model_versions": versions,
         "config": cfg.model_dump(mode="json"),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs (shared)",
         "sigmas_px": SIGMAS,

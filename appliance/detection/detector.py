@@ -37,7 +37,7 @@ from appliance.detection.backends import ClassicalBackend, OnnxBackend, PatchBac
 from appliance.detection.local_blur import worst_window
 from appliance.detection.patches import GRID, extract_patches
 from appliance.detection.psf_shape import psf_shape, structure_tensors
-from appliance.detection.tissue import MIN_TISSUE_CELLS, tissue_cells
+from appliance.detection.tissue import MIN_TISSUE_CELLS, patch_tissue, tissue_cells
 from appliance.messages import BlurAssessment, TileLabel, blur_score_from_sigma
 from appliance.noise import patch_noise_sigma
 from appliance.sidecar import DetectorSidecar, SidecarError
@@ -254,11 +254,12 @@ class BlurDetector:
         shaped = estimates.sigma_px > SHAPE_MIN_SIGMA_PX
         if shaped.any():
             tensors[shaped] = structure_tensors(all_patches[shaped], noise[shaped])
+        has_tissue = patch_tissue(all_patches, noise)
         results, start = [], 0
         for tile, (patches, cells) in zip(tiles, cut, strict=True):
             stop = start + len(patches)
             part = PatchEstimates(*(getattr(estimates, f)[start:stop] for f in PatchEstimates.__dataclass_fields__))
-            tissue = tissue_cells(np.asarray(tile), float(np.median(noise[start:stop])))
+            tissue = tissue_cells(np.asarray(tile), float(np.median(noise[start:stop])), has_tissue[start:stop], cells)
             local = LocalBlurRule(
                 tile_shape=np.shape(tile),
                 lattice=lattice,

@@ -27,6 +27,8 @@ from models.blur_synth import (
     tilted_sigma_map,
     to_unit_float,
 )
+from models.content_synth import random_content
+from models.detector.corpus import ISBI_SOURCE, RealRenderConfig, RealTile, corpus_sources, render_real, same_source
 from models.detector.recipe import PatchDataConfig
 
 
@@ -64,17 +66,8 @@ def _augment_content(image: np.ndarray, rng: np.random.Generator, cfg: PatchData
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def render_patches(sharp: np.ndarray, rng: np.random.Generator, cfg: PatchDataConfig) -> PatchSet:
-    """One rendering of one sharp uint8 image -> cfg.patches_per_image labelled patches."""
-    content = _augment_content(to_unit_float(sharp), rng, cfg)
-    params: BlurParams | None = None
-    if rng.random() >= cfg.p_sharp:
-        params = sample_blur(rng, sigma_range=tuple(cfg.sigma_range))
-    dtype = np.uint16 if rng.random() < cfg.p_uint16 else np.uint8
-    tile = synthesize(quantize(content, np.uint16), params, rng, noise=True, dtype=dtype)
-    if tile.dtype == np.uint8:
-        tile = tile.astype(np.uint16) * 257  # one scale for storage; the net sees [0, 1] either way
-    n = cfg.patches_per_image
+def cut_patches(tile: np.ndarray, params: BlurParams | None, n: int, rng: np.random.Generator) -> PatchSet:
+    """n random PATCH x PATCH patches of a uint16-scale tile, labelled with the blur at each patch centre."""
     h, w = tile.shape
     ys = rng.integers(0, h - PATCH + 1, n)
     xs = rng.integers(0, w - PATCH + 1, n)
@@ -94,25 +87,77 @@ def render_patches(sharp: np.ndarray, rng: np.random.Generator, cfg: PatchDataCo
     return PatchSet(patches, sigma, aniso, angle, astig)
 
 
-def build_patch_set(split: str, renderings: int, seed: int, cfg: PatchDataConfig) -> PatchSet:
-    """`renderings` renderings spread over the split's images, each seeded by (seed, index)."""
-    images = [load_image(p) for p in load_split(split)]  # type: ignore[arg-type]
+def render_patches(sharp: np.ndarray, rng: np.random.Generator, cfg: PatchDataConfig) -> PatchSet:
+    """One rendering of one sharp ISBI image (synthetic noise) -> cfg.patches_per_image labelled patches."""
+    content = _augment_content(to_unit_float(sharp), rng, cfg)
+    if cfg.p_content and rng.random() < cfg.p_content:
+        content = random_content(content, rng)
+    params: BlurParams | None = None
+    if rng.random() >= cfg.p_sharp:
+        params = sample_blur(rng, sigma_range=tuple(cfg.sigma_range))
+    dtype = np.uint16 if rng.random() < cfg.p_uint16 else np.uint8
+    tile = synthesize(quantize(content, np.uint16), params, rng, noise=True, dtype=dtype)
+    if tile.dtype == np.uint8:
+        tile = tile.astype(np.uint16) * 257  # one scale for storage; the net sees [0, 1] either way
+    return cut_patches(tile, params, cfg.patches_per_image, rng)
+
+
+def render_real_patches(tile: RealTile, rng: np.random.Generator, cfg: PatchDataConfig) -> PatchSet:
+    """One rendering of a real em-corpus tile (its own noise, models/detector/corpus.py) -> labelled patches."""
+    assert cfg.corpus is not None
+    c = cfg.corpus
+    render_cfg = RealRenderConfig(
+        crop_px=c.crop_px,
+        scale_range=(c.scale_range[0], c.scale_range[1]),
+        p_scale=c.p_scale,
+        contrast_range=(c.contrast_range[0], c.contrast_range[1]),
+        p_content=cfg.p_content,
+        p_sharp=cfg.p_sharp,
+        sigma_range=(cfg.sigma_range[0], cfg.sigma_range[1]),
+        noise_gain_range=(c.noise_gain_range[0], c.noise_gain_range[1]),
+    )
+    rendered, params = render_real(tile, rng, render_cfg)
+    return cut_patches(rendered, params, cfg.patches_per_image, rng)
+
+
+def build_patch_set(
+    split: str, renderings: int, seed: int, cfg: PatchDataConfig, holdout: str | None = None
+) -> PatchSet:
+    """`renderings` renderings, each seeded by (seed, index), never of the `holdout` source.
+
+    ISBI renderings cycle over the split's images; with a `corpus` section, a share of renderings comes
+    from real em-corpus tiles instead (source uniform, then tile uniform: a one-image source weighs as
+    much as a 21-tile one). The em-corpus has no val split of its own: val renderings of it are other
+    crops of the same training tiles (they choose the epoch, they never test).
+    """
+    use_isbi = holdout is None or not same_source(holdout, ISBI_SOURCE)
+    images = [load_image(p) for p in load_split(split)] if use_isbi else []  # type: ignore[arg-type]
+    sources = corpus_sources(holdout=holdout) if cfg.corpus is not None else []
+    if not images and not sources:
+        raise ValueError("build_patch_set: nothing to render (ISBI held out and no corpus section)")
     parts = []
     for i in range(renderings):
         rng = np.random.default_rng([seed, i])
-        parts.append(render_patches(images[i % len(images)], rng, cfg))
+        share = cfg.corpus.share if cfg.corpus is not None and images else 1.0
+        if sources and rng.random() < share:
+            source = sources[int(rng.integers(len(sources)))]
+            parts.append(render_real_patches(source.tiles[int(rng.integers(len(source.tiles)))], rng, cfg))
+        else:
+            parts.append(render_patches(images[i % len(images)], rng, cfg))
     return PatchSet(*(np.concatenate([getattr(p, f) for p in parts]) for f in PatchSet.__dataclass_fields__))
 
 
-def cached_patch_set(split: str, renderings: int, seed: int, cfg: PatchDataConfig, cache_dir: Path) -> PatchSet:
+def cached_patch_set(
+    split: str, renderings: int, seed: int, cfg: PatchDataConfig, cache_dir: Path, holdout: str | None = None
+) -> PatchSet:
     """build_patch_set, cached as .npz in cache_dir (rebuilding takes minutes on 2 cores)."""
     digest = hashlib.sha1(repr(sorted(cfg.model_dump().items())).encode()).hexdigest()[:10]
-    key = f"{split}-{renderings}-{seed}-{digest}.npz"
+    key = f"{split}-{renderings}-{seed}-{digest}-{holdout or 'all'}.npz"
     path = cache_dir / key
     if path.is_file():
         with np.load(path) as z:
             return PatchSet(*(z[f] for f in PatchSet.__dataclass_fields__))
-    data = build_patch_set(split, renderings, seed, cfg)
+    data = build_patch_set(split, renderings, seed, cfg, holdout)
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.savez(path, **{f: getattr(data, f) for f in PatchSet.__dataclass_fields__})
     return data

@@ -50,7 +50,7 @@ def export(checkpoint: Path, out_dir: Path = WEIGHTS_DIR) -> Path:
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:8]
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     sidecar = DetectorSidecar(
-        model_version=f"blurnet-v1-{digest}",
+        model_version=f"blurnet-{'v2' if state['config'].get('data', {}).get('corpus') else 'v1'}-{digest}",
         patch=PATCH,
         input=f"patches float32 (N, 1, {PATCH}, {PATCH}) in [0, 1] (pixel / dtype max)",
         outputs=list(OUTPUTS),

@@ -21,6 +21,17 @@ class _Strict(BaseModel):
 Range = list[float]  # [low, high]; a list, as in the YAML (the patch cache is keyed by these values)
 
 
+class CorpusRenderConfig(_Strict):
+    """`data.corpus:` renderings of real em-corpus tiles with their own noise (models/detector/corpus.py)."""
+
+    share: float = Field(ge=0, le=1, description="Share of renderings from the corpus when ISBI is also trained on.")
+    crop_px: int = Field(ge=64, description="Side of the random crop rendered (after any downscale).")
+    p_scale: float = Field(ge=0, le=1, description="Share of renderings area-downscaled (another pixel size).")
+    scale_range: Range = Field(min_length=2, max_length=2, description="Downscale factor.")
+    contrast_range: Range = Field(min_length=2, max_length=2, description="Log-uniform contrast scale.")
+    noise_gain_range: Range = Field(min_length=2, max_length=2, description="Log-uniform gain on the rig's noise.")
+
+
 class PatchDataConfig(_Strict):
     """`data:` how training patches are rendered from the train split (models/detector/data.py)."""
 
@@ -33,6 +44,8 @@ class PatchDataConfig(_Strict):
     contrast_range: Range = Field(min_length=2, max_length=2, description="Log-uniform contrast scale.")
     scale_range: Range = Field(min_length=2, max_length=2, description="Downscale before blur.")
     p_uint16: float = Field(ge=0, le=1)
+    p_content: float = Field(0.0, ge=0, le=1, description="Share of renderings given non-blur content (fold...).")
+    corpus: CorpusRenderConfig | None = Field(None, description="Real em-corpus renderings; None: ISBI only.")
 
 
 class BlurNetConfig(_Strict):

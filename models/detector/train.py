@@ -82,18 +82,21 @@ def evaluate(model: BlurNet, x: torch.Tensor, t: dict[str, torch.Tensor], weight
     }
 
 
-def train(config_path: Path) -> Path:
+def train(
+    config_path: Path, holdout: str | None = None, out_dir: Path | None = None, max_minutes: float | None = None
+) -> Path:
+    """Train per the recipe, never on `holdout` (a source name); stop after max_minutes of epochs if given."""
     recipe = load_detector_recipe(config_path)
     seed, tcfg, dcfg = recipe.seed, recipe.train, recipe.data
     torch.manual_seed(seed)
     torch.set_num_threads(tcfg.threads)
-    out_dir = Path(recipe.out_dir)
+    out_dir = Path(out_dir or recipe.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = out_dir.parent / "cache"
+    cache = Path(recipe.out_dir).parent / "cache"
 
     t0 = time.time()
-    train_set = cached_patch_set("train", dcfg.train_renderings, seed, dcfg, cache)
-    val_set = cached_patch_set("val", dcfg.val_images, seed + 1, dcfg, cache)
+    train_set = cached_patch_set("train", dcfg.train_renderings, seed, dcfg, cache, holdout)
+    val_set = cached_patch_set("val", dcfg.val_images, seed + 1, dcfg, cache, holdout)
     print(f"data: {len(train_set.sigma)} train / {len(val_set.sigma)} val patches in {time.time() - t0:.0f}s")
     x_train = torch.from_numpy(train_set.as_unit_float()[:, None])
     x_val = torch.from_numpy(val_set.as_unit_float()[:, None])
@@ -107,7 +110,11 @@ def train(config_path: Path) -> Path:
     gen = torch.Generator().manual_seed(seed)
     weights = {k: float(getattr(tcfg, k)) for k in ("mse_weight", "aniso_weight", "angle_weight")}
     log, best = [], math.inf
+    t_train0 = time.time()
     for epoch in range(epochs):
+        if max_minutes is not None and epoch > 0 and time.time() - t_train0 > 60 * max_minutes:
+            print(f"stopping after {epoch} epochs: the {max_minutes} min cap", flush=True)
+            break
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
         running, t_epoch = 0.0, time.time()
@@ -130,7 +137,8 @@ def train(config_path: Path) -> Path:
         if val["loss"] < best:
             best = val["loss"]
             torch.save(
-                {"state_dict": model.state_dict(), "config": recipe.as_dict(), "epoch": epoch}, out_dir / "best.pt"
+                {"state_dict": model.state_dict(), "config": recipe.as_dict(), "epoch": epoch, "holdout": holdout},
+                out_dir / "best.pt",
             )
     (out_dir / "log.json").write_text(json.dumps(log, indent=2))
     return out_dir / "best.pt"
@@ -140,13 +148,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("models/detector/config.yaml"))
     parser.add_argument("--no-export", action="store_true", help="train only")
+    parser.add_argument("--holdout", help="leave this source out (em-corpus folder name or isbi2012-train)")
+    parser.add_argument("--out-dir", type=Path, help="run folder (default: the recipe's out_dir)")
+    parser.add_argument("--export-dir", type=Path, help="write the ONNX + sidecar here, not appliance/weights/")
+    parser.add_argument("--max-minutes", type=float, help="stop starting epochs after this many minutes")
     args = parser.parse_args()
-    checkpoint = train(args.config)
+    if args.holdout and not args.export_dir and not args.no_export:
+        parser.error("--holdout needs --export-dir: a fold's model must not replace the bundled one")
+    checkpoint = train(args.config, args.holdout, args.out_dir, args.max_minutes)
     if not args.no_export:
+        from appliance.weights import WEIGHTS_DIR
         from models.detector.calibrate import calibrate_all
         from models.detector.export import export
 
-        calibrate_all(export(checkpoint))
+        use_corpus = load_detector_recipe(args.config).data.corpus is not None
+        calibrate_all(export(checkpoint, args.export_dir or WEIGHTS_DIR), use_corpus, args.holdout)
 
 
 if __name__ == "__main__":

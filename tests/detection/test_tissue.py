@@ -8,13 +8,13 @@ import pytest
 from appliance.config import DeblurConfig, DetectorConfig
 from appliance.detection.detector import GRID, BlurDetector
 from appliance.detection.patches import extract_patches
-from appliance.detection.tissue import MIN_TISSUE_CELLS, TISSUE_RATIO, tissue_ratio
+from appliance.detection.tissue import MIN_TISSUE_CELLS, TISSUE_RATIO, patch_tissue, tissue_ratio
 from appliance.messages import BlurAssessment
 from appliance.noise import patch_noise_sigma
 from appliance.restoration.restorer import TileRestorer
 from appliance.stream.blur_share import BlurShareGuard
 from appliance.tile_io import TileError
-from models.blur_synth import BlurParams, load_image, load_split, quantize, synthesize, to_unit_float
+from models.blur_synth import BlurParams, apply_blur, load_image, load_split, quantize, synthesize, to_unit_float
 
 pytestmark = pytest.mark.fast
 
@@ -106,3 +106,23 @@ def test_the_restorer_refuses_an_empty_tile() -> None:
     empty = BlurAssessment(blur_score=0.0, label="empty", sigma_px=0.0)
     with pytest.raises(TileError, match="empty"):
         restorer.restore([tile], [empty])
+
+
+def test_patch_test_reads_white_noise_as_no_tissue_even_when_signal_dependent() -> None:
+    rng = np.random.default_rng(3)
+    # Poisson-like noise whose strength follows the level: each patch is its own noise reference.
+    levels = np.linspace(0.1, 0.9, 32, dtype=np.float32)[:, None, None]
+    patches = levels + rng.normal(0, 1, (32, 64, 64)).astype(np.float32) * 0.05 * np.sqrt(levels)
+    assert not patch_tissue(patches, patch_noise_sigma(patches)).any()
+
+
+def test_noisy_small_tissue_blurred_at_3px_is_tissue_not_empty(detector: BlurDetector, tissue) -> None:
+    """A 160 px crop of low-SNR tissue (noise as strong as the structure): the block test alone saw no
+    tissue once it was blurred; the per-patch test keeps it, so the tile is judged (retake/soft), not empty."""
+    rng = np.random.default_rng(4)
+    faint = 0.5 + 0.08 * (tissue[0][:160, :160] - tissue[0][:160, :160].mean())
+    blurred = apply_blur(faint, BlurParams("gaussian", 3.0))
+    tile = quantize(blurred + rng.normal(0, 0.02, blurred.shape).astype(np.float32), np.uint8)
+    (verdict,) = detector.assess([tile])
+    assert verdict.label != "empty"
+    assert _ratio(tile).max() < TISSUE_RATIO * 2  # the block means alone barely see it

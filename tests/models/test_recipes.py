@@ -148,6 +148,8 @@ FROZEN_DETECTOR = {
         "contrast_range": [0.03, 1.0],
         "scale_range": [0.6, 1.0],
         "p_uint16": 0.3,
+        "p_content": 0.0,  # added with the em-corpus recipe; 0 and None draw nothing: v1 renders as before
+        "corpus": None,
     },
     "model": {"widths": [8, 16, 32, 48, 64]},
     "train": {
