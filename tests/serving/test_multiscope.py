@@ -139,8 +139,22 @@ def test_a_stalled_microscope_holds_back_only_its_own_tiles(
                 message = decode_feedback(reader.recv())
                 if message.get("type") == "result":
                     answered.add(str(message["tile_id"]))
-        reader.close()
         assert len(answered) >= accepted
+        # Stop while scope-a's controller still reads: the drain tells every controller `draining`, and a
+        # controller that never reads again holds that message (and the stop) by design (backpressure).
+        stop_reading = threading.Event()
+
+        def keep_reading() -> None:
+            while not stop_reading.is_set():
+                if reader.poll(200):
+                    reader.recv()
+
+        drainer = threading.Thread(target=keep_reading, daemon=True)
+        drainer.start()
+        appliance.drain_and_stop()  # type: ignore[attr-defined]
+        stop_reading.set()
+        drainer.join(timeout=5)
+        reader.close()
     finally:
         stalled.close()
         context.term()
