@@ -62,9 +62,7 @@ from models.blur_synth import (  # noqa: E402
     FAMILIES,
     SPLITS,
     BlurParams,
-    apply_blur,
-    quantize,
-    to_unit_float,
+    blur_with_noise,
 )
 from models.detector.loso import fold_model  # noqa: E402
 
@@ -151,9 +149,7 @@ def blur_with_rig_noise(tile: np.ndarray, family: str, sigma: float, rng: np.ran
 def render_with_rig_noise(tile: np.ndarray, params: BlurParams | None, rng: np.random.Generator) -> np.ndarray:
     """A sharp uint8/uint16 tile blurred by `params` (None: not blurred), plus Gaussian noise at the tile's
     own (Immerkaer) level, re-quantised to its dtype: the rig's noise on top of the tile's own."""
-    image = to_unit_float(tile) if params is None else apply_blur(to_unit_float(tile), params)
-    image = image + rng.normal(0.0, noise_level(tile), size=image.shape).astype(np.float32)
-    return quantize(image, tile.dtype)
+    return blur_with_noise(tile, params, noise_level(tile), rng)
 
 
 @dataclass

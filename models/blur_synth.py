@@ -177,6 +177,16 @@ def quantize(image: np.ndarray, dtype: type[np.integer] | np.dtype = np.uint8) -
     return np.clip(np.rint(np.asarray(image, dtype=np.float64) * full), 0, full).astype(dtype)
 
 
+def blur_with_noise(
+    tile: np.ndarray, params: BlurParams | None, noise_sigma: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A uint8/uint16 tile blurred by `params` (None: not blurred), plus Gaussian noise of std noise_sigma
+    (fraction of full scale), re-quantised to its own dtype: a rig's noise on top of a real tile."""
+    image = to_unit_float(tile) if params is None else apply_blur(to_unit_float(tile), params)
+    image = image + rng.normal(0.0, noise_sigma, size=image.shape).astype(np.float32)
+    return quantize(image, tile.dtype)
+
+
 def sample_blur(
     rng: np.random.Generator, family: str | None = None, sigma_range: tuple[float, float] = (0.5, 6.0)
 ) -> BlurParams:

@@ -33,7 +33,7 @@ from appliance.detection.detector import LOG_SIGMA_OFFSET_PX, BlurDetector
 from appliance.detection.patches import extract_patches
 from appliance.sidecar import DetectorSidecar, SigmaCalibration
 from appliance.weights import BLUR_DETECTOR_MODEL
-from models.blur_synth import BlurParams, apply_blur, dihedral_tiles, quantize, sample_blur, synthesize, to_unit_float
+from models.blur_synth import BlurParams, blur_with_noise, dihedral_tiles, sample_blur, synthesize
 from models.detector.corpus import ISBI_SOURCE, corpus_sources, same_source
 
 GRID_SIGMA = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -58,10 +58,7 @@ class TableTile:
     def render(self, params: BlurParams | None, rng: np.random.Generator) -> np.ndarray:
         if self.noise is None:
             return synthesize(self.pixels, params, rng)
-        if params is None:
-            return self.pixels
-        image = apply_blur(to_unit_float(self.pixels), params)
-        return quantize(image + rng.normal(0.0, self.noise, image.shape).astype(np.float32), self.pixels.dtype)
+        return self.pixels if params is None else blur_with_noise(self.pixels, params, self.noise, rng)
 
 
 def table_tiles(use_corpus: bool, holdout: str | None = None) -> list[TableTile]:
