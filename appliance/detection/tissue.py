@@ -27,6 +27,8 @@ low-frequency part.
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
@@ -40,10 +42,18 @@ PATCH_BLOCK_RATIO = 2.0  # the same on 4x4 block means over noise variance / 16:
 MIN_TISSUE_CELLS = 4  # of GRID * GRID: fewer -> no tissue to judge (1/16 of the tile)
 
 _SIDE = GRID * BLOCKS
-_YY, _XX = np.mgrid[:BLOCKS, :BLOCKS].reshape(2, -1).astype(np.float64)
-_PLANE = np.stack([np.ones_like(_YY), _YY, _XX], axis=1)  # (BLOCKS^2, 3)
-# Residual after a least-squares plane fit: r = (I - A A+) v.
-_RESIDUAL = np.eye(BLOCKS * BLOCKS) - _PLANE @ np.linalg.pinv(_PLANE)
+
+
+@functools.cache
+def _plane_fit(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Design matrix A (side^2, 3) of a plane over a side x side grid and its pseudo-inverse A+ (made once)."""
+    yy, xx = np.mgrid[:side, :side].reshape(2, -1).astype(np.float64)
+    design = np.stack([np.ones_like(yy), yy, xx], axis=1)
+    return design, np.linalg.pinv(design)
+
+
+# Residual after a least-squares plane fit over a cell's block means: r = (I - A A+) v.
+_RESIDUAL = np.eye(BLOCKS * BLOCKS) - _plane_fit(BLOCKS)[0] @ _plane_fit(BLOCKS)[1]
 
 
 def tissue_ratio(tile: np.ndarray, noise_sigma: float) -> np.ndarray:
@@ -68,11 +78,9 @@ def tissue_ratio(tile: np.ndarray, noise_sigma: float) -> np.ndarray:
 
 def _plane_removed_var(stack: np.ndarray) -> np.ndarray:
     """Variance per image of a stack (N, S, S) after a least-squares plane fit (shading removed)."""
-    n, side = stack.shape[0], stack.shape[1]
-    yy, xx = np.mgrid[:side, :side].reshape(2, -1).astype(np.float64)
-    design = np.stack([np.ones_like(yy), yy, xx], axis=1)
-    flat = stack.reshape(n, -1).astype(np.float64)
-    return (flat - (flat @ np.linalg.pinv(design).T) @ design.T).var(axis=1)
+    design, pinv = _plane_fit(stack.shape[1])
+    flat = stack.reshape(stack.shape[0], -1).astype(np.float64)
+    return (flat - (flat @ pinv.T) @ design.T).var(axis=1)
 
 
 def patch_tissue(patches: np.ndarray, noise: np.ndarray) -> np.ndarray:
