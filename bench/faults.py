@@ -389,15 +389,52 @@ def drill_rig(output_dir: Path, size: int, **ingest: Any) -> RigConfig:
 # ---- the drills (an Appliance started in this process; sigterm runs `python -m appliance serve`) ----
 
 
-def run_kill_drill(appliance: Any, fault: str, tiles: list[tuple[str, np.ndarray]], section: str) -> Tally:
+BUSY_WAIT_S = 20.0  # how long to look for a moment when the replica is computing before killing it anyway
+
+
+def running_threads(pid: int) -> int:
+    """Threads of `pid` that are running or runnable now (state R in /proc): a replica computing a call."""
+    count = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # the thread ended between the listing and the read
+            continue
+        count += fields[0] == "R"
+    return count
+
+
+def kill_inside_a_call(pid: int | None) -> None:
+    """SIGKILL the replica `pid` while it computes (a thread running in two samples 2 ms apart: a detector
+    call takes ~30 ms, Ray's own threads run for microseconds), so calls surely die inside it. A plain
+    SIGKILL of a fast replica can land between calls, and then the retry path is never exercised (CI saw
+    0 retries twice). After BUSY_WAIT_S without such a moment it kills anyway (the caller's check fails)."""
+    assert pid is not None, "no process to kill"
+    deadline = time.monotonic() + BUSY_WAIT_S
+    was_running = False
+    while time.monotonic() < deadline:
+        running = running_threads(pid) > 0
+        if running and was_running:
+            break
+        was_running = running
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+
+
+def run_kill_drill(
+    appliance: Any, fault: str, tiles: list[tuple[str, np.ndarray]], section: str, *, mid_call: bool = False
+) -> Tally:
     """Stream `tiles`; once a quarter are answered, SIGKILL the `fault` process (detector, deblur, sink,
-    ingest; "none" for the baseline); wait until every tile is answered."""
+    ingest; "none" for the baseline); wait until every tile is answered. `mid_call` (replicas only): kill
+    at a moment the replica computes (recovery then counts from when that moment was first sought)."""
 
     def kill() -> None:
         if fault == "none":  # the baseline: the same moment marked, nothing killed
             return
         if fault in ("sink", "ingest"):
             sigkill(appliance.actor_pids()[fault])
+        elif mid_call:
+            kill_inside_a_call(replica_pid(REPLICA_TITLES[fault]))
         else:
             sigkill(replica_pid(REPLICA_TITLES[fault]))
 

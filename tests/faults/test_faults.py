@@ -57,22 +57,27 @@ def assert_clean(result: Tally, sent: int) -> None:
     assert result.recovered
 
 
+KILL_ATTEMPTS = 3
+
+
 @pytest.mark.parametrize("fault", ["detector", "deblur"])
 def test_a_killed_replica_loses_no_tile_and_leaves_none_unassessed(
     drill_appliance: Callable[..., Appliance], fault: str
 ) -> None:
     appliance = drill_appliance()
-    pid_before = replica_pid(REPLICA_TITLES[fault])
-    # The detector drill streams in-focus tiles only: none waits in the (slow, CPU) deblur holding the
-    # credits, so detector calls are in flight when the replica dies (under load a mix let them all drain).
-    drill_tiles = [t for t in tiles(240) if "sharp" in t[0]][:60] if fault == "detector" else tiles(60)
-    result = run_kill_drill(appliance, fault, drill_tiles, "s1")
-    assert_clean(result, 60)
-    assert result.recovery_s is not None  # the kill happened mid-stream
-    assert replica_pid(REPLICA_TITLES[fault]) != pid_before  # Serve replaced the killed replica
-    assert result.resent == 0  # no tile went unanswered long enough for the controller to resend it
-    if fault == "detector":  # every tile passes the detector: calls were inside it when it died
-        assert appliance.stats()["ingest"]["replica_retries"] > 0
+    # The kill aims at a moment the replica computes, but ONNX Runtime's threads spin a little after a call,
+    # so it can still land between calls (CI saw 0 retries twice with a plain kill): each miss is a clean
+    # drill of its own, and the drill is repeated until one kill caught calls inside the replica.
+    for attempt in range(1, KILL_ATTEMPTS + 1):
+        pid_before = replica_pid(REPLICA_TITLES[fault])
+        result = run_kill_drill(appliance, fault, tiles(60), f"s{attempt}", mid_call=True)
+        assert_clean(result, 60)
+        assert result.recovery_s is not None  # the kill happened mid-stream
+        assert replica_pid(REPLICA_TITLES[fault]) != pid_before  # Serve replaced the killed replica
+        assert result.resent == 0  # no tile went unanswered long enough for the controller to resend it
+        if appliance.stats()["ingest"]["replica_retries"] > 0:
+            break
+    assert appliance.stats()["ingest"]["replica_retries"] > 0  # calls were inside the replica when it died
 
 
 @pytest.mark.parametrize("which", ["sink", "ingest"])
