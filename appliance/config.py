@@ -54,6 +54,16 @@ class IngestConfig(_Strict):
         "buffered message with error `draining` so none is dropped silently (it ends sooner once the socket "
         "has been quiet for a quarter of this).",
     )
+    drain_timeout_s: float = Field(
+        45.0,
+        gt=0.0,
+        le=3600.0,
+        description="On stop: the longest wait for the accepted tiles to be recorded. Past it, tiles held for a "
+        "controller that does not read its feedback are recorded anyway (answers it never takes are lost with "
+        "the socket; it resends those tiles after the restart and gets `repeat` answers); tiles still "
+        "unrecorded after a second such wait are abandoned (`unanswered_at_stop`) and resent by their "
+        "controller. Keep drain_grace_s + 2 x this below systemd's TimeoutStopSec (120 s by default).",
+    )
     max_tile_bytes: int = Field(
         256 * 1024 * 1024, ge=1024, description="Largest accepted pixel frame; larger frames are refused."
     )

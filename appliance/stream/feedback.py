@@ -55,6 +55,7 @@ class FeedbackChannel:
         self._outbox: deque[bytes] = deque()
         self.max_pending_seen = 0
         self.waited_s = 0.0  # time writers were held by a full outbox (controller not reading)
+        self._released = False
 
     def send(self, frame: bytes) -> None:
         """Queue one frame and push out as many queued frames as the socket takes now (never drops)."""
@@ -73,23 +74,37 @@ class FeedbackChannel:
         return len(self._outbox)
 
     async def wait_for_room(self) -> float:
-        """Wait until the outbox is below `max_pending` (the controller reads again); return seconds waited."""
-        if self.flush() < self.max_pending:
+        """Wait until the outbox is below `max_pending` (the controller reads again); return seconds waited.
+
+        After `release_held()` it never waits: the outbox may then grow past `max_pending`.
+        """
+        if self.flush() < self.max_pending or self._released:
             return 0.0
         log.warning("feedback outbox full (%d frames): controller not reading; holding tiles", self.max_pending)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        while self.flush() >= self.max_pending:
+        while self.flush() >= self.max_pending and not self._released:
             await asyncio.sleep(WAIT_POLL_S)
         waited = loop.time() - t0
         self.waited_s += waited
-        log.warning("feedback outbox drained after %.1f s: controller reading again", waited)
+        if not self._released:
+            log.warning("feedback outbox drained after %.1f s: controller reading again", waited)
         return waited
+
+    def release_held(self) -> None:
+        """A stop that cannot wait for a controller any longer: held callers go on, and none waits again.
+
+        The tiles are then recorded and their answers queue past `max_pending`; what the controller never
+        takes is lost with the socket at close, and the controller, having no answer, resends those tiles
+        after the restart (answered `repeat: true` from the record)."""
+        self._released = True
 
     @property
     def pending(self) -> int:
         return len(self._outbox)
 
-    def close(self) -> None:
-        self.flush()
+    def close(self) -> int:
+        """Close the socket (LINGER bounds it); returns the frames the controller never took, now lost."""
+        left = self.flush()
         self._socket.close()
+        return left

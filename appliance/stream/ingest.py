@@ -139,6 +139,7 @@ class IngestActor:
             "sink_retries": 0,
             "repeats": 0,
             "refused_draining": 0,
+            "unanswered_at_stop": 0,
         }
         self._metrics = IngestMetrics(cfg.max_in_flight)
 
@@ -162,11 +163,37 @@ class IngestActor:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         await self._refuse_buffered(grace_s)
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if not await self._tasks_done_within(self._cfg.drain_timeout_s):
+            # A controller not reading its feedback holds its tiles in the sink: record them now instead.
+            log.error("stop: %d tiles still in flight after %.0f s", len(self._tasks), self._cfg.drain_timeout_s)
+            try:  # once: supervision has stopped, so a dead sink is not restarted any more
+                await self._sink.release_held_feedback.remote()
+            except Exception as exc:
+                log.error("stop: the sink could not release the held tiles: %r", exc)
+            if not await self._tasks_done_within(self._cfg.drain_timeout_s):
+                self._stats["unanswered_at_stop"] = len(self._tasks)
+                log.error(
+                    "stop: %d tiles still unanswered after another %.0f s are abandoned; their controller "
+                    "resends them after the restart",
+                    len(self._tasks),
+                    self._cfg.drain_timeout_s,
+                )
+                for task in list(self._tasks):
+                    task.cancel()
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self._socket.close()
         self._context.term()
         return dict(self._stats)
+
+    async def _tasks_done_within(self, timeout_s: float) -> bool:
+        """Wait for every tile task (also those started meanwhile) for up to `timeout_s`; True if all ended."""
+        deadline = time.monotonic() + timeout_s
+        while self._tasks:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                return False
+            await asyncio.wait(list(self._tasks), timeout=left_s)
+        return True
 
     def stats(self) -> dict[str, int]:
         return dict(self._stats)

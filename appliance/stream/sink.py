@@ -213,6 +213,17 @@ class SinkActor:
         log.warning("draining: %s", message)
         self._send(encode_feedback("draining", message=message))
 
+    def release_held_feedback(self) -> None:
+        """The stop cannot wait for a controller that does not read: record the held tiles now (ingest.drain)."""
+        if self._feedback.pending >= self._feedback.max_pending:
+            log.error(
+                "stopping: the controller has not read its feedback (%d frames waiting); the tiles held for it are "
+                "recorded now, and answers it never takes are lost with the socket: it resends those tiles after "
+                "the restart and gets `repeat` answers",
+                self._feedback.pending,
+            )
+        self._feedback.release_held()
+
     def send_restarted(self, which: str) -> None:
         """Supervision restarted `which` ("ingest" | "sink"): the controller resends every unanswered tile now."""
         message = f"the {which} was restarted after a failure; resend every tile without an answer"
@@ -290,7 +301,9 @@ class SinkActor:
         if self._flusher is not None:
             self._flusher.cancel()
         stats = self.stats()
-        self._feedback.close()
+        stats["feedback_undelivered_at_stop"] = undelivered = self._feedback.close()
+        if undelivered:
+            log.error("stopped with %d answers the controller never took: it resends those tiles", undelivered)
         self._context.term()
         self._qc.close()
         self._index.close()

@@ -7,14 +7,20 @@ The drills themselves are bench/faults.py's (the same code measures them at Mult
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 
+from appliance.qc_record import QC_FILENAME, QcTileRecord, read_qc_lines
 from appliance.serving.pipeline import Appliance
+from appliance.stream.protocol import encode_start
+from appliance.tools.reference_controller import ReferenceController, tile_frames
 from bench.faults import (
     REPLICA_TITLES,
     Tally,
@@ -43,7 +49,8 @@ def drill_appliance(ray_cluster: None, tmp_path: Path) -> Iterator[Callable[...,
 
     yield _start
     for appliance in started:
-        appliance.drain_and_stop()
+        if appliance.endpoints is not None:  # not stopped by the test itself
+            appliance.drain_and_stop()
 
 
 def tiles(count: int) -> list[tuple[str, np.ndarray]]:
@@ -115,3 +122,56 @@ def test_1000_malformed_messages_mixed_with_tiles_each_get_one_error(
     assert_clean(result, 60)
     assert result.malformed_refused == result.malformed_sent == 1000
     assert result.resent == 0
+
+
+def test_a_stop_records_the_tiles_held_for_a_controller_that_never_reads_and_none_is_lost(
+    drill_appliance: Callable[..., Appliance],
+) -> None:
+    # A controller sends and never reads its feedback: its outbox fills, its tiles are held (backpressure).
+    # A stop must not wait for it forever: after drain_timeout_s the held tiles are recorded anyway.
+    appliance = drill_appliance(feedback_hwm=2, drain_timeout_s=2.0)
+    endpoints = appliance.endpoints
+    stream = tiles(20)
+    context = zmq.Context()
+    pusher = context.socket(zmq.PUSH)
+    pusher.setsockopt(zmq.LINGER, 0)
+    pusher.setsockopt(zmq.SNDHWM, 1)
+    pusher.setsockopt(zmq.SNDTIMEO, 3000)  # the first send waits for the connection; a full pipe times out
+    pusher.connect(endpoints.tile)
+    try:
+        pusher.send_multipart(encode_start("s1"))
+        for seq, (tile_id, pixels) in enumerate(stream):
+            try:
+                pusher.send_multipart(tile_frames("s1", tile_id, seq, pixels))
+            except zmq.Again:
+                break  # the appliance holds all it can: credits taken, pipe full
+        deadline = time.monotonic() + 60
+        while appliance.stats()["sink"]["feedback_pending"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert appliance.stats()["ingest"]["in_flight"] > 0  # tiles are held for the silent controller
+
+        finals: list[dict[str, dict[str, int]]] = []
+        stopper = threading.Thread(target=lambda: finals.append(appliance.drain_and_stop()), daemon=True)
+        stopper.start()
+        stopper.join(timeout=180)
+        assert not stopper.is_alive(), "the stop waited for a controller that never reads"
+    finally:
+        pusher.close()
+        context.term()
+    final = finals[0]
+    accepted = final["ingest"]["received"] - 1 - final["ingest"]["refused_draining"]  # less the start
+    assert accepted > 0 and final["ingest"]["unanswered_at_stop"] == 0
+    assert final["sink"]["feedback_undelivered_at_stop"] > 0  # answers the controller never took
+    records = [r for r in read_qc_lines(Path(endpoints.output_dir) / QC_FILENAME) if isinstance(r, QcTileRecord)]
+    assert sorted(r.seq for r in records) == list(range(accepted))  # every accepted tile is on disk
+
+    # After the restart the controller, which has no answer at all, resends the whole section: the recorded
+    # tiles are answered `repeat` from the record (not written again), the rest fresh. Nothing is lost.
+    restarted = drill_appliance()
+    assert Path(restarted.endpoints.output_dir) == Path(endpoints.output_dir)
+    with ReferenceController(restarted.endpoints.tile, restarted.endpoints.feedback) as controller:
+        report = controller.send_section("s1", iter(stream), rate_hz=None, timeout_s=180)
+    assert (report.sent, report.done, report.lost, report.duplicated) == (20, 20, 0, 0)
+    assert report.repeats == accepted
+    records = [r for r in read_qc_lines(Path(endpoints.output_dir) / QC_FILENAME) if isinstance(r, QcTileRecord)]
+    assert sorted(r.seq for r in records) == list(range(20))  # each tile recorded once

@@ -140,8 +140,8 @@ def test_a_stalled_microscope_holds_back_only_its_own_tiles(
                 if message.get("type") == "result":
                     answered.add(str(message["tile_id"]))
         assert len(answered) >= accepted
-        # Stop while scope-a's controller still reads: the drain tells every controller `draining`, and a
-        # controller that never reads again holds that message (and the stop) by design (backpressure).
+        # Stop while scope-a's controller still reads, so it takes its `draining` too (a stop with a controller
+        # that never reads again is tests/faults' drill: it waits ingest.drain_timeout_s, then records the tiles).
         stop_reading = threading.Event()
 
         def keep_reading() -> None:
