@@ -1,6 +1,8 @@
 """The blur detector's training recipe, typed: models/detector/config.yaml, validated before training.
 
-Unknown keys are refused naming the field; BlurNet is built from the typed `model:` section.
+Unknown keys are refused naming the field; BlurNet is built from the typed `model:` section. A recipe
+may be a parent plus overrides (`extends: corpus.yaml`, resolved as the deblur recipes do), and may
+start from an exported detector (`init_from_onnx`, models/detector/warm_start.py) instead of random weights.
 """
 
 from __future__ import annotations
@@ -8,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from models.deblur.recipe import recipe_dict  # a RecipeError is a ValueError naming the file
 from models.detector.network import BlurNet
 
 
@@ -75,16 +77,19 @@ class DetectorRecipe(_Strict):
     data: PatchDataConfig
     model: BlurNetConfig
     train: DetectorTrainConfig
+    init_from_onnx: str | None = Field(
+        None, description="Exported detector (repo-relative .onnx) to fine-tune from; None: random init."
+    )
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain dict of the recipe, as recorded in the checkpoint and the sidecar."""
-        return self.model_dump(mode="json")
+        """Plain dict of the recipe, as recorded in the checkpoint and the sidecar (no init key when None)."""
+        return self.model_dump(mode="json", exclude={"init_from_onnx"} if self.init_from_onnx is None else None)
 
 
 def load_detector_recipe(path: Path) -> DetectorRecipe:
-    """Read and validate a detector recipe; ValueError naming the file and every bad field."""
+    """Read (`extends` resolved) and validate a detector recipe; ValueError naming the file and every bad field."""
     try:
-        return DetectorRecipe.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+        return DetectorRecipe.model_validate(recipe_dict(path))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in exc.errors())
         raise ValueError(f"{path}: invalid recipe: {problems}") from exc

@@ -5,7 +5,8 @@
 Writes <out_dir>/best.pt (lowest val loss) and <out_dir>/log.json, then calls export.py, which writes
 appliance/weights/blur_detector.onnx + .json, and calibrate.py, which adds the val-split sigma table.
 Only the train split is trained on; val picks the epoch and calibrates sigma;
-the test split is left to bench/detector_eval.py.
+the test split is left to bench/detector_eval.py. With `init_from_onnx` in the recipe
+(models/detector/corpus_finetune.yaml) training starts from that exported detector's weights.
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.blur_synth import REPO_ROOT
 from models.detector.data import PatchSet, cached_patch_set
 from models.detector.network import LOG_OFFSET, BlurNet
 from models.detector.recipe import build_blurnet, load_detector_recipe
+from models.detector.warm_start import warm_start
+
+WARM_STATS_PATCHES = 2048  # training patches that set a warm start's batch-norm statistics
+WARM_CHECK_PATCHES = 64  # real val patches on which the loaded network must reproduce the ONNX
 
 
 def targets(data: PatchSet) -> dict[str, torch.Tensor]:
@@ -103,6 +109,10 @@ def train(
     t_train, t_val = targets(train_set), targets(val_set)
 
     model = build_blurnet(recipe.model)
+    if recipe.init_from_onnx is not None:
+        onnx_path = REPO_ROOT / recipe.init_from_onnx
+        worst = warm_start(model, onnx_path, x_train[:WARM_STATS_PATCHES], x_val[:WARM_CHECK_PATCHES])
+        print(f"warm start: {onnx_path} (torch vs ONNX on {WARM_CHECK_PATCHES} val patches: {worst:.1e})")
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     epochs, bs = tcfg.epochs, tcfg.batch_size
     steps = epochs * math.ceil(len(x_train) / bs)
