@@ -8,7 +8,7 @@ start from an exported detector (`init_from_onnx`, models/detector/warm_start.py
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -56,8 +56,11 @@ class BlurNetConfig(_Strict):
     widths: tuple[int, ...] = Field(min_length=2, description="Channels of the full-resolution and stride-2 stages.")
 
 
+ValMetric = Literal["loss", "mean_abs_err_log_sigma", "median_abs_err_log_sigma"]  # train.evaluate's keys
+
+
 class DetectorTrainConfig(_Strict):
-    """`train:` epochs, AdamW + one-cycle schedule, loss weights."""
+    """`train:` epochs, AdamW + one-cycle schedule, loss weights, which val number picks the epoch."""
 
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -67,6 +70,11 @@ class DetectorTrainConfig(_Strict):
     aniso_weight: float = Field(ge=0, description="Log-anisotropy MSE, weighted by blur strength.")
     angle_weight: float = Field(ge=0, description="(cos 2θ, sin 2θ) MSE on astigmatic patches.")
     threads: int = Field(ge=1)
+    select_by: ValMetric = Field(
+        "loss",
+        description="Val number whose lowest epoch is kept: the training loss (its variance-head NLL rewards a "
+        "confident head), or the |log sigma| error the blur score is read from.",
+    )
 
 
 class DetectorRecipe(_Strict):

@@ -2,7 +2,8 @@
 
     nice -n 10 python -m models.detector.train --config models/detector/config.yaml
 
-Writes <out_dir>/best.pt (lowest val loss) and <out_dir>/log.json, then calls export.py, which writes
+Writes <out_dir>/best.pt (the epoch with the lowest val `select_by`) and <out_dir>/log.json, then calls
+export.py, which writes
 appliance/weights/blur_detector.onnx + .json, and calibrate.py, which adds the val-split sigma table.
 Only the train split is trained on; val picks the epoch and calibrates sigma;
 the test split is left to bench/detector_eval.py. With `init_from_onnx` in the recipe
@@ -144,8 +145,8 @@ def train(
         entry = {"epoch": epoch, "train_loss": running / (step + 1), "seconds": time.time() - t_epoch, **val}
         log.append(entry)
         print(json.dumps(entry), flush=True)
-        if val["loss"] < best:
-            best = val["loss"]
+        if val[tcfg.select_by] < best:  # val never holds the held-out source
+            best = val[tcfg.select_by]
             torch.save(
                 {"state_dict": model.state_dict(), "config": recipe.as_dict(), "epoch": epoch, "holdout": holdout},
                 out_dir / "best.pt",

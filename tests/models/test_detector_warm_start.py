@@ -90,3 +90,26 @@ def test_the_finetune_recipe_is_the_corpus_recipe_plus_its_overrides() -> None:
     assert (warm.seed, warm.data, warm.model) == (scratch.seed, scratch.data, scratch.model)  # same renderings
     assert (warm.train.epochs, warm.train.lr, scratch.init_from_onnx) == (3, 0.001, None)
     assert "init_from_onnx" not in scratch.as_dict() and warm.as_dict()["init_from_onnx"] == warm.init_from_onnx
+
+
+@pytest.mark.parametrize(
+    ("name", "changed"),
+    [
+        ("corpus_finetune_selerr.yaml", {"select_by": "mean_abs_err_log_sigma"}),
+        ("corpus_finetune_lowlr.yaml", {"select_by": "mean_abs_err_log_sigma", "lr": 0.0003}),
+    ],
+)
+def test_a_finetune_variant_changes_only_its_named_train_fields(name: str, changed: dict) -> None:
+    base, variant = (load_detector_recipe(DETECTOR / n) for n in ("corpus_finetune.yaml", name))
+    assert base.train.select_by == "loss"
+    assert {k: getattr(variant.train, k) for k in changed} == changed
+    assert variant.train.model_copy(update={k: getattr(base.train, k) for k in changed}) == base.train
+    same = ("data", "model", "seed", "init_from_onnx")
+    assert [getattr(variant, k) for k in same] == [getattr(base, k) for k in same]  # same renderings, same init
+
+
+def test_an_unknown_selection_metric_is_refused_naming_the_field(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(f"extends: {DETECTOR / 'corpus_finetune.yaml'}\ntrain:\n  select_by: val_auroc\n")
+    with pytest.raises(ValueError, match=r"typo.yaml: invalid recipe: train.select_by: Input should be 'loss'"):
+        load_detector_recipe(typo)

@@ -161,6 +161,7 @@ FROZEN_DETECTOR = {
         "aniso_weight": 3.0,
         "angle_weight": 2.0,
         "threads": 2,
+        "select_by": "loss",  # added with the fine-tune variants; v1 kept the lowest val loss
     },
 }
 
