@@ -23,7 +23,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -387,6 +388,31 @@ def drill_rig(output_dir: Path, size: int, **ingest: Any) -> RigConfig:
 
 
 # ---- the drills (an Appliance started in this process; sigterm runs `python -m appliance serve`) ----
+
+
+@contextmanager
+def silent_controller(tile_endpoint: str, section: str, tiles: Iterable[tuple[str, np.ndarray]]) -> Iterator[int]:
+    """A controller that never reads its feedback: sends `start`, then tiles until the appliance holds all it
+    can (the send times out: credits taken, pipe full); yields how many tiles went in, keeps them sent."""
+    context = zmq.Context()
+    pusher = context.socket(zmq.PUSH)
+    pusher.setsockopt(zmq.LINGER, 0)
+    pusher.setsockopt(zmq.SNDHWM, 1)
+    pusher.setsockopt(zmq.SNDTIMEO, 3000)  # the first send waits for the connection; a full pipe times out
+    pusher.connect(tile_endpoint)
+    try:
+        pusher.send_multipart(encode_start(section))
+        sent = 0
+        for seq, (tile_id, pixels) in enumerate(tiles):
+            try:
+                pusher.send_multipart(tile_frames(section, tile_id, seq, pixels))
+            except zmq.Again:
+                break
+            sent += 1
+        yield sent
+    finally:
+        pusher.close()
+        context.term()
 
 
 BUSY_WAIT_S = 20.0  # how long to look for a moment when the replica is computing before killing it anyway

@@ -15,12 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zmq
 
 from appliance.qc_record import QC_FILENAME, QcTileRecord, read_qc_lines
 from appliance.serving.pipeline import Appliance
-from appliance.stream.protocol import encode_start
-from appliance.tools.reference_controller import ReferenceController, tile_frames
+from appliance.tools.reference_controller import ReferenceController
 from bench.faults import (
     REPLICA_TITLES,
     Tally,
@@ -30,6 +28,7 @@ from bench.faults import (
     run_kill_drill,
     run_malformed_drill,
     run_stalled_reader_drill,
+    silent_controller,
 )
 
 pytestmark = pytest.mark.system
@@ -132,19 +131,7 @@ def test_a_stop_records_the_tiles_held_for_a_controller_that_never_reads_and_non
     appliance = drill_appliance(feedback_hwm=2, drain_timeout_s=2.0)
     endpoints = appliance.endpoints
     stream = tiles(20)
-    context = zmq.Context()
-    pusher = context.socket(zmq.PUSH)
-    pusher.setsockopt(zmq.LINGER, 0)
-    pusher.setsockopt(zmq.SNDHWM, 1)
-    pusher.setsockopt(zmq.SNDTIMEO, 3000)  # the first send waits for the connection; a full pipe times out
-    pusher.connect(endpoints.tile)
-    try:
-        pusher.send_multipart(encode_start("s1"))
-        for seq, (tile_id, pixels) in enumerate(stream):
-            try:
-                pusher.send_multipart(tile_frames("s1", tile_id, seq, pixels))
-            except zmq.Again:
-                break  # the appliance holds all it can: credits taken, pipe full
+    with silent_controller(endpoints.tile, "s1", stream):
         deadline = time.monotonic() + 60
         while appliance.stats()["sink"]["feedback_pending"] < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -155,9 +142,6 @@ def test_a_stop_records_the_tiles_held_for_a_controller_that_never_reads_and_non
         stopper.start()
         stopper.join(timeout=180)
         assert not stopper.is_alive(), "the stop waited for a controller that never reads"
-    finally:
-        pusher.close()
-        context.term()
     final = finals[0]
     accepted = final["ingest"]["received"] - 1 - final["ingest"]["refused_draining"]  # less the start
     assert accepted > 0 and final["ingest"]["unanswered_at_stop"] == 0

@@ -16,9 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.config import IngestConfig, MetricsConfig, MicroscopeConfig, RigConfig
 from appliance.qc_record import QC_FILENAME, QcTileRecord, read_qc_lines
-from appliance.stream.protocol import decode_feedback, encode_start
+from appliance.stream.protocol import decode_feedback
 from appliance.tile_io import read_tile
-from appliance.tools.reference_controller import ReferenceController, ReplayReport, cycle_tiles, tile_frames
+from appliance.tools.reference_controller import ReferenceController, ReplayReport, cycle_tiles
+from bench.faults import silent_controller
 
 pytestmark = pytest.mark.system
 
@@ -107,54 +108,44 @@ def test_a_stalled_microscope_holds_back_only_its_own_tiles(
     appliance = start_appliance(two_microscopes(tmp_path, feedback_hwm=2, max_in_flight=3))
     scopes = appliance.microscopes  # type: ignore[attr-defined]
     context = zmq.Context()
-    stalled = context.socket(zmq.PUSH)
-    stalled.setsockopt(zmq.LINGER, 0)
-    stalled.setsockopt(zmq.SNDHWM, 1)
-    stalled.setsockopt(zmq.SNDTIMEO, 3000)  # the first send waits for the connection; a full pipe times out
-    stalled.connect(scopes["scope-a"].tile)
     try:
-        stalled.send_multipart(encode_start("stalled"))
-        for seq, (tile_id, pixels) in enumerate(cycle_tiles(real_em_tiles, 8)):
-            try:
-                stalled.send_multipart(tile_frames("stalled", tile_id, seq, pixels))
-            except zmq.Again:
-                break  # scope-a is full: its credits are taken, its pipe is full
-        time.sleep(2.0)
-        assert appliance.stats("scope-a")["ingest"]["in_flight"] > 0  # type: ignore[attr-defined]
-        with ReferenceController(scopes["scope-b"].tile, scopes["scope-b"].feedback) as controller:
-            report = controller.send_section("flowing", cycle_tiles(real_em_tiles, TILES_EACH), rate_hz=None)
-        assert (report.done, report.lost, report.duplicated) == (TILES_EACH, 0, 0)
-        # scope-a is still held: nothing of it was dropped, it waits for its controller to read.
-        a_stats = appliance.stats("scope-a")  # type: ignore[attr-defined]
-        assert a_stats["ingest"]["in_flight"] > 0 and a_stats["ingest"]["tiles_done"] < 8
-        # Its controller reads again: every tile it got in is answered.
-        reader = context.socket(zmq.PULL)
-        reader.setsockopt(zmq.LINGER, 0)
-        reader.connect(scopes["scope-a"].feedback)
-        accepted = a_stats["ingest"]["received"] - 1  # less the start message
-        answered: set[str] = set()
-        deadline = time.monotonic() + 120
-        while len(answered) < accepted and time.monotonic() < deadline:
-            if reader.poll(500):
-                message = decode_feedback(reader.recv())
-                if message.get("type") == "result":
-                    answered.add(str(message["tile_id"]))
-        assert len(answered) >= accepted
-        # Stop while scope-a's controller still reads, so it takes its `draining` too (a stop with a controller
-        # that never reads again is tests/faults' drill: it waits ingest.drain_timeout_s, then records the tiles).
-        stop_reading = threading.Event()
+        # scope-a is full once its send times out: its credits are taken, its pipe is full.
+        with silent_controller(scopes["scope-a"].tile, "stalled", cycle_tiles(real_em_tiles, 8)):
+            time.sleep(2.0)
+            assert appliance.stats("scope-a")["ingest"]["in_flight"] > 0  # type: ignore[attr-defined]
+            with ReferenceController(scopes["scope-b"].tile, scopes["scope-b"].feedback) as controller:
+                report = controller.send_section("flowing", cycle_tiles(real_em_tiles, TILES_EACH), rate_hz=None)
+            assert (report.done, report.lost, report.duplicated) == (TILES_EACH, 0, 0)
+            # scope-a is still held: nothing of it was dropped, it waits for its controller to read.
+            a_stats = appliance.stats("scope-a")  # type: ignore[attr-defined]
+            assert a_stats["ingest"]["in_flight"] > 0 and a_stats["ingest"]["tiles_done"] < 8
+            # Its controller reads again: every tile it got in is answered.
+            reader = context.socket(zmq.PULL)
+            reader.setsockopt(zmq.LINGER, 0)
+            reader.connect(scopes["scope-a"].feedback)
+            accepted = a_stats["ingest"]["received"] - 1  # less the start message
+            answered: set[str] = set()
+            deadline = time.monotonic() + 120
+            while len(answered) < accepted and time.monotonic() < deadline:
+                if reader.poll(500):
+                    message = decode_feedback(reader.recv())
+                    if message.get("type") == "result":
+                        answered.add(str(message["tile_id"]))
+            assert len(answered) >= accepted
+            # Stop while scope-a's controller still reads, so it takes its `draining` too (a stop with a controller
+            # that never reads again is tests/faults' drill: it waits ingest.drain_timeout_s, then records the tiles).
+            stop_reading = threading.Event()
 
-        def keep_reading() -> None:
-            while not stop_reading.is_set():
-                if reader.poll(200):
-                    reader.recv()
+            def keep_reading() -> None:
+                while not stop_reading.is_set():
+                    if reader.poll(200):
+                        reader.recv()
 
-        drainer = threading.Thread(target=keep_reading, daemon=True)
-        drainer.start()
-        appliance.drain_and_stop()  # type: ignore[attr-defined]
-        stop_reading.set()
-        drainer.join(timeout=5)
-        reader.close()
+            drainer = threading.Thread(target=keep_reading, daemon=True)
+            drainer.start()
+            appliance.drain_and_stop()  # type: ignore[attr-defined]
+            stop_reading.set()
+            drainer.join(timeout=5)
+            reader.close()
     finally:
-        stalled.close()
-        context.term()
+        context.destroy(linger=0)  # the reader too, also when an assertion failed
