@@ -53,7 +53,7 @@ def _plane_fit(side: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Residual after a least-squares plane fit over a cell's block means: r = (I - A A+) v.
-_RESIDUAL = np.eye(BLOCKS * BLOCKS) - _plane_fit(BLOCKS)[0] @ _plane_fit(BLOCKS)[1]
+_RESIDUAL = np.eye(BLOCKS * BLOCKS) - np.matmul(*_plane_fit(BLOCKS))
 
 
 def tissue_ratio(tile: np.ndarray, noise_sigma: float) -> np.ndarray:
