@@ -50,6 +50,8 @@ class BlurAssessment:
     model_version: which detector produced this (recorded in the QC record).
     baseline_sigma_px: the in-focus baseline (px at this tile's pixel size) a calibrated verdict was measured
         from: the rig's, or the tile's beam's own (docs/calibration.md); None for an uncalibrated verdict.
+    spectral_sigma_px: blur added to the rig's in-focus power spectrum (px, major axis), read when the detector
+        holds a rig calibration with a spectral reference (appliance.detection.spectral); None otherwise.
     """
 
     blur_score: float
@@ -61,12 +63,14 @@ class BlurAssessment:
     reason: str = ""
     model_version: str = ""
     baseline_sigma_px: float | None = None
+    spectral_sigma_px: float | None = None
 
     def to_record(self) -> dict[str, Any]:
-        """Plain dict for JSON/msgpack (QC record, CLI output); baseline_sigma_px only when calibrated."""
+        """Plain dict for JSON/msgpack (QC record, CLI output); the calibrated fields only when set."""
         record = asdict(self)
-        if record["baseline_sigma_px"] is None:
-            del record["baseline_sigma_px"]
+        for key in ("baseline_sigma_px", "spectral_sigma_px"):
+            if record[key] is None:
+                del record[key]
         return record
 
 

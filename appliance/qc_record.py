@@ -66,6 +66,11 @@ class QcTileRecord(_Line):
         description="Calibrated verdicts only (else absent): the in-focus baseline (px at this tile's pixel size) "
         "sigma_px was measured from, the rig's or the beam's own (docs/calibration.md).",
     )
+    spectral_sigma_px: float | None = Field(
+        None,
+        description="With a spectral rig calibration only (else absent): blur added to the rig's in-focus power "
+        "spectrum, px (docs/calibration.md).",
+    )
     deblur_version: str | None = None
     error: str | None = None
     timings_s: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, total_s included.")

@@ -17,6 +17,13 @@ from the median is kept because it also gives an unbiased added-blur estimate. W
 the detector's spread of in-focus readings within a source (AUROC 0.78-0.86 at sigma 1-3 px on the
 SEM/TEM sources), which no per-rig offset can remove.
 
+Spectral reference (file version 2): the known-good tiles also give the rig's in-focus power spectrum
+(appliance.detection.spectral). A detector holding it reads each tile's blur added to that spectrum
+(`spectral_sigma_px`), and apply_calibration takes that reading as the tile's sigma instead of the
+quadrature rule: it does not depend on the learned model's view of an unseen instrument
+(bench/detector_sources.py, "spectral" columns). Tiles narrower than spectral.WINDOW_PX, or tiles whose
+pixel size differs from the calibration's, keep the quadrature rule. Version-1 files load as before.
+
 Pixel size: the rig's in-focus PSF is fixed in nm, so a calibration that records its tiles' pixel size
 (`pixel_size_nm`) is scaled to each tile's: baseline_px(tile) = baseline_px * cal_nm / tile_nm
 (`rig_reference`). Its online counterpart, the per-beam running baseline and focus-drift alarm, is
@@ -38,12 +45,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.config import ConfigError, DetectorConfig
+from appliance.detection import spectral
 from appliance.detection.detector import LOG_SIGMA_OFFSET_PX, BlurDetector, label_for_sigma
 from appliance.messages import BlurAssessment, blur_score_from_sigma, sigma_from_blur_score
 from appliance.noise import MAD_TO_SD, patch_noise_sigma
 from appliance.tile_io import TileError, check_tile_pixels
 
-CALIBRATION_VERSION: Literal[1] = 1
+CALIBRATION_VERSION: Literal[2] = 2
 MIN_TILES = 5
 # A known-good tile reading this much more (in log(sigma + 0.5)) than the median of the others, and at
 # least OUTLIER_ADDED_PX of added blur, is a blurred tile among the sharp ones.
@@ -53,8 +61,9 @@ OUTLIER_ADDED_PX = 1.0
 MIXED_LOG_GAP = 0.6
 # Noise levels (Immerkaer) differing by more than this factor: not one detector setting.
 MIXED_NOISE_RATIO = 10.0
-# Which mapping apply_calibration uses; chosen by bench/detector_sources.py (see the module docstring).
-MAPPING: Literal["quadrature"] = "quadrature"
+# The spectral reading is used only on tiles whose pixel size is within this fraction of the calibration's
+# (its reference spectrum is in cycles/px of the calibration tiles).
+SPECTRAL_PIXEL_SIZE_TOLERANCE = 0.05
 
 
 class CalibrationError(ValueError):
@@ -80,10 +89,49 @@ class TileStats(_Strict):
     skewness: float = Field(description="Grey-level skewness: < 0 dark features on light (TEM-like).")
 
 
+class SpectralReference(_Strict):
+    """The rig's in-focus log signal power per polar frequency bin (appliance.detection.spectral)."""
+
+    window_px: int = Field(description="Window side the spectra were taken on, px.")
+    radial_bins: int
+    angular_bins: int
+    f_min: float = Field(description="Lowest frequency binned, cycles/px.")
+    f_max: float = Field(description="Highest frequency binned, cycles/px.")
+    log_power: list[float] = Field(description="Median over the known-good tiles of log(power - noise) per bin.")
+    usable: list[bool] = Field(description="Bins where most known-good tiles have signal above their noise.")
+
+    def model_post_init(self, __context: object) -> None:
+        bins = self.radial_bins * self.angular_bins
+        if len(self.log_power) != bins or len(self.usable) != bins:
+            raise ValueError(f"spectral reference: {bins} bins but {len(self.log_power)} values, {len(self.usable)} flags")
+
+    @classmethod
+    def from_tiles(cls, tiles: Sequence[spectral.WindowSpectra]) -> SpectralReference:
+        """The reference of the known-good tiles' window spectra, in the running layout."""
+        log_power, usable = spectral.reference_log_power(tiles)
+        return cls(
+            window_px=spectral.WINDOW_PX,
+            radial_bins=spectral.RADIAL_BINS,
+            angular_bins=spectral.ANGULAR_BINS,
+            f_min=spectral.F_MIN,
+            f_max=spectral.F_MAX,
+            log_power=[round(float(v), 6) for v in log_power],
+            usable=[bool(u) for u in usable],
+        )
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(log power, usable) for BlurDetector.use_spectral_reference; CalibrationError for another layout."""
+        layout = (self.window_px, self.radial_bins, self.angular_bins, self.f_min, self.f_max)
+        running = (spectral.WINDOW_PX, spectral.RADIAL_BINS, spectral.ANGULAR_BINS, spectral.F_MIN, spectral.F_MAX)
+        if layout != running:
+            raise CalibrationError(f"spectral reference binned as {layout}, this appliance bins {running}; recalibrate")
+        return np.array(self.log_power, dtype=np.float64), np.array(self.usable, dtype=bool)
+
+
 class RigCalibration(_Strict):
     """A rig's in-focus reference for the blur detector (JSON on disk, see save_calibration)."""
 
-    version: Literal[1] = Field(CALIBRATION_VERSION, description="File format version.")
+    version: Literal[1, 2] = Field(CALIBRATION_VERSION, description="File format version (1: no spectral reference).")
     model_version: str = Field(min_length=1, description="Detector model the baseline was measured with.")
     created_utc: datetime
     tile_count: int = Field(ge=MIN_TILES, description="Known-good tiles it was learned from.")
@@ -98,8 +146,13 @@ class RigCalibration(_Strict):
         description="Sign of the grey-level skewness agreed by most tiles (informational)."
     )
     dtype: Literal["uint8", "uint16"]
-    mapping: Literal["quadrature"] = Field(
-        MAPPING, description="How a tile sigma is turned into blur added to the baseline."
+    mapping: Literal["quadrature", "spectral"] = Field(
+        "quadrature",
+        description="How a tile's added blur is read: `spectral` against the reference spectrum where the tile "
+        "has a spectral reading (else quadrature), `quadrature` from the baseline sigma.",
+    )
+    spectral: SpectralReference | None = Field(
+        None, description="The rig's in-focus power spectrum; None in version-1 files and for tiles < 128 px."
     )
     pixel_size_nm: float | None = Field(
         None,
@@ -221,11 +274,14 @@ def _polarity(stats: Sequence[TileStats]) -> Literal["dark_on_light", "light_on_
 
 
 def calibration_from_stats(
-    stats: Sequence[TileStats], model_version: str, pixel_size_nm: float | None = None
+    stats: Sequence[TileStats],
+    model_version: str,
+    pixel_size_nm: float | None = None,
+    reference: SpectralReference | None = None,
 ) -> RigCalibration:
     """Check the known-good tiles' statistics and summarise them into a RigCalibration.
 
-    pixel_size_nm: the tiles' pixel size when known (recorded, see rig_reference).
+    pixel_size_nm: the tiles' pixel size when known (recorded, see rig_reference); reference: their spectrum.
     """
     if len(stats) < MIN_TILES:
         raise CalibrationError(
@@ -245,6 +301,8 @@ def calibration_from_stats(
         contrast_polarity=_polarity(stats),
         dtype=stats[0].dtype,
         pixel_size_nm=pixel_size_nm,
+        mapping="quadrature" if reference is None else "spectral",
+        spectral=reference,
     )
 
 
@@ -271,7 +329,15 @@ def calibrate(
         if a.label == "empty" or a.reason.startswith("not judgeable"):
             raise CalibrationError(f"{name}: {a.reason}; pick tiles with tissue in them")
     stats = [tile_stats(np.asarray(t), n, a) for t, n, a in zip(tiles, names, assessments, strict=True)]
-    return calibration_from_stats(stats, detector.model_version, pixel_size_nm)
+    return calibration_from_stats(stats, detector.model_version, pixel_size_nm, spectral_reference(tiles))
+
+
+def spectral_reference(tiles: Sequence[np.ndarray]) -> SpectralReference | None:
+    """The known-good tiles' in-focus spectrum; None when one is narrower than spectral.WINDOW_PX."""
+    spectra = [spectral.window_spectra(np.asarray(t)) for t in tiles]
+    if any(s is None for s in spectra):
+        return None
+    return SpectralReference.from_tiles([s for s in spectra if s is not None])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,11 +356,14 @@ class FocusReference:
     """The in-focus blur a tile is measured from: px at that tile's pixel size.
 
     source: what it is, in the verdict's reason ("rig baseline", "beam 3 baseline").
+    spectral: whether a tile's spectral reading (spectral_sigma_px) is its added blur: the calibration has a
+    spectral reference and the tile's pixel size is the calibration's (or either is unknown).
     """
 
     baseline_sigma_px: float
     region_baseline_sigma_px: float
     source: str = "rig baseline"
+    spectral: bool = False
 
 
 def scale_to_pixel_size(sigma_px: float, from_pixel_nm: float | None, to_pixel_nm: float | None) -> float:
@@ -311,9 +380,11 @@ def rig_reference(calibration: RigCalibration, pixel_size_nm: float | None = Non
     unchanged when either pixel size is unknown.
     """
     cal_nm = calibration.pixel_size_nm
+    same_scale = cal_nm is None or pixel_size_nm is None or abs(pixel_size_nm / cal_nm - 1) <= SPECTRAL_PIXEL_SIZE_TOLERANCE
     return FocusReference(
         scale_to_pixel_size(calibration.baseline_sigma_px, cal_nm, pixel_size_nm),
         scale_to_pixel_size(calibration.region_baseline_sigma_px, cal_nm, pixel_size_nm),
+        spectral=calibration.spectral is not None and same_scale,
     )
 
 
@@ -338,13 +409,20 @@ def apply_calibration(
     if isinstance(reference, RigCalibration):
         reference = rig_reference(reference)
     baseline = reference.baseline_sigma_px
-    sigma = float(added_blur_px(assessment.sigma_px, baseline))
     regions = added_blur_px(region_sigma_px(assessment), reference.region_baseline_sigma_px)
+    if reference.spectral and assessment.spectral_sigma_px is not None:
+        sigma = assessment.spectral_sigma_px
+        note = (
+            f"calibrated: added blur {sigma:.2f} px against the rig's in-focus spectrum "
+            f"({assessment.sigma_px:.2f} px read by the model, {reference.source} {baseline:.2f} px)"
+        )
+    else:
+        sigma = float(added_blur_px(assessment.sigma_px, baseline))
+        note = (
+            f"calibrated: {assessment.sigma_px:.2f} px read, {reference.source} {baseline:.2f} px "
+            f"(quadrature), added blur {sigma:.2f} px"
+        )
     label = label_for_sigma(sigma, cfg)
-    note = (
-        f"calibrated: {assessment.sigma_px:.2f} px read, {reference.source} {baseline:.2f} px "
-        f"(quadrature), added blur {sigma:.2f} px"
-    )
     reason = note
     if label == "retake" and assessment.label == "retake" and assessment.reason:
         reason = f"{assessment.reason}; {note}"  # e.g. partial blur: the region wording still holds

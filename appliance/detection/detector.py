@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from appliance.detection.backends import ClassicalBackend, OnnxBackend, PatchBac
 from appliance.detection.local_blur import worst_window
 from appliance.detection.patches import GRID, extract_patches
 from appliance.detection.psf_shape import psf_shape, structure_tensors
+from appliance.detection.spectral import SpectralReferenceArrays, read_added_blur, window_spectra
 from appliance.detection.tissue import MIN_TISSUE_CELLS, patch_tissue, tissue_cells
 from appliance.messages import BlurAssessment, TileLabel, blur_score_from_sigma
 from appliance.noise import patch_noise_sigma
@@ -235,11 +236,21 @@ class BlurDetector:
         sidecar = CLASSICAL_DETECTOR_SIDECAR if model_path is None else model_path.with_suffix(".json")
         return DetectorSidecar.load(sidecar).model_version
 
-    def assess(self, tiles: Sequence[np.ndarray], names: Sequence[str] | None = None) -> list[BlurAssessment]:
-        """Judge a batch of 2-D uint8/uint16 tiles (any size >= 32 px); raises TileError on bad input."""
+    def assess(
+        self,
+        tiles: Sequence[np.ndarray],
+        names: Sequence[str] | None = None,
+        spectral_references: Sequence[SpectralReferenceArrays | None] | None = None,
+    ) -> list[BlurAssessment]:
+        """Judge a batch of 2-D uint8/uint16 tiles (any size >= 32 px); raises TileError on bad input.
+
+        spectral_references: per tile, its rig's in-focus spectrum (RigCalibration.spectral.arrays()) or None;
+        a judged tile with one also gets spectral_sigma_px, the blur added to that spectrum.
+        """
         names = list(names) if names is not None else [f"tile[{i}]" for i in range(len(tiles))]
-        if len(names) != len(tiles):
-            raise ValueError(f"assess: {len(tiles)} tiles but {len(names)} names")
+        references = list(spectral_references) if spectral_references is not None else [None] * len(tiles)
+        if not len(names) == len(references) == len(tiles):
+            raise ValueError(f"assess: {len(tiles)} tiles but {len(names)} names, {len(references)} references")
         for tile, name in zip(tiles, names, strict=True):
             check_tile_pixels(tile, name)
         if not tiles:
@@ -256,7 +267,7 @@ class BlurDetector:
             tensors[shaped] = structure_tensors(all_patches[shaped], noise[shaped])
         has_tissue = patch_tissue(all_patches, noise)
         results, start = [], 0
-        for tile, (patches, cells) in zip(tiles, cut, strict=True):
+        for tile, (patches, cells), reference in zip(tiles, cut, references, strict=True):
             stop = start + len(patches)
             part = PatchEstimates(*(getattr(estimates, f)[start:stop] for f in PatchEstimates.__dataclass_fields__))
             tissue = tissue_cells(np.asarray(tile), float(np.median(noise[start:stop])), has_tissue[start:stop], cells)
@@ -271,7 +282,7 @@ class BlurDetector:
                 beyond_sigma_px=self.cfg.max_restorable_sigma_px,
             )
             estimate = aggregate(part, cells, tensors[start:stop], self._unit_weight, self._c2, tissue, local)
-            results.append(self._verdict(estimate))
+            results.append(with_spectral_reading(self._verdict(estimate), np.asarray(tile), reference))
             start = stop
         return results
 
@@ -332,6 +343,19 @@ class BlurDetector:
             ),
             model_version=self.model_version,
         )
+
+
+def with_spectral_reading(
+    verdict: BlurAssessment, tile: np.ndarray, reference: SpectralReferenceArrays | None
+) -> BlurAssessment:
+    """The verdict with spectral_sigma_px when there is a reference and the tile is judged and large enough."""
+    if reference is None or verdict.label == "empty" or verdict.reason.startswith("not judgeable"):
+        return verdict
+    spectra = window_spectra(tile)
+    reading = None if spectra is None else read_added_blur(spectra, *reference)
+    if reading is None:
+        return verdict
+    return replace(verdict, spectral_sigma_px=round(reading.sigma_px, 3))
 
 
 def _learned_model_path(cfg: DetectorConfig) -> Path | None:

@@ -204,4 +204,4 @@ class OnlineBaseline:
         own = clamp_baseline_px(baseline_px, rig.baseline_sigma_px, self.cfg.online_baseline.drift_log_threshold)
         ratio = own / rig.baseline_sigma_px if rig.baseline_sigma_px > 0 else 1.0
         name = NO_BEAM if beam is None else str(beam)
-        return FocusReference(own, rig.region_baseline_sigma_px * ratio, f"beam {name} baseline")
+        return FocusReference(own, rig.region_baseline_sigma_px * ratio, f"beam {name} baseline", rig.spectral)

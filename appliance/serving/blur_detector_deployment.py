@@ -7,6 +7,7 @@ from ray import serve
 
 from appliance.config import DetectorConfig
 from appliance.detection.detector import BlurDetector
+from appliance.detection.spectral import SpectralReferenceArrays
 from appliance.messages import BlurAssessment
 
 
@@ -16,7 +17,8 @@ class BlurDetectorDeployment:
 
     Its verdicts are the model's own (uncalibrated): replicas are stateless, and the rig calibration and
     each beam's running baseline are applied by the ingest (appliance.detection.online_baseline), which
-    sees every verdict in order.
+    sees every verdict in order. A calibrated microscope's ingest sends its rig's in-focus spectrum with
+    each tile, so replicas shared by several microscopes read each tile against its own rig.
     """
 
     def __init__(self, cfg: DetectorConfig) -> None:
@@ -25,12 +27,17 @@ class BlurDetectorDeployment:
         self.assess_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch
-    async def assess_batch(self, tiles: list[np.ndarray]) -> list[BlurAssessment]:
-        return self._detector.assess(tiles)
+    async def assess_batch(
+        self, tiles: list[np.ndarray], references: list[SpectralReferenceArrays | None]
+    ) -> list[BlurAssessment]:
+        return self._detector.assess(tiles, spectral_references=references)
 
-    async def __call__(self, tile: np.ndarray) -> BlurAssessment:
-        """tile: (H, W) uint8/uint16, usually passed as an ObjectRef that Ray resolves zero-copy."""
-        return await self.assess_batch(tile)
+    async def __call__(
+        self, tile: np.ndarray, spectral_reference: SpectralReferenceArrays | None = None
+    ) -> BlurAssessment:
+        """tile: (H, W) uint8/uint16, usually passed as an ObjectRef that Ray resolves zero-copy;
+        spectral_reference: the tile's rig's in-focus spectrum (RigCalibration.spectral.arrays()) or None."""
+        return await self.assess_batch(tile, spectral_reference)
 
     def model_version(self) -> str:
         return self._detector.model_version

@@ -107,6 +107,9 @@ class IngestActor:
     ) -> None:
         self._cfg = cfg
         self._focus = focus
+        # The rig's in-focus spectrum travels with each tile to the (shared, stateless) detector replicas.
+        spectral = None if focus is None or focus.calibration is None else focus.calibration.spectral
+        self._spectral_reference = None if spectral is None else spectral.arrays()
         self._calibrated = calibrated
         self._microscope = microscope
         self._limits = StreamLimits(max_tile_bytes=cfg.max_tile_bytes, max_tile_side=cfg.max_tile_side)
@@ -374,7 +377,9 @@ class IngestActor:
         restored_ref: ray.ObjectRef | None = None
         try:
             t0 = time.perf_counter()
-            assessment: BlurAssessment = await self._call(self._detector, lambda: self._detector.remote(pixels_ref))
+            assessment: BlurAssessment = await self._call(
+                self._detector, lambda: self._detector.remote(pixels_ref, self._spectral_reference)
+            )
             if self._focus is not None:
                 verdict = self._focus.observe(header.beam, header.pixel_size_nm, assessment)
                 assessment, outcome.focus_alarm = verdict.assessment, verdict.alarm

@@ -49,7 +49,9 @@ class OfflineDetector:
 
     def assess(self, pixels: np.ndarray, name: str) -> BlurAssessment:
         """One tile's verdict (calibrated when a calibration is loaded); raises TileError on bad pixels."""
-        return apply_to_all(self.detector.assess([pixels], names=[name]), self.calibration, self.cfg)[0]
+        spectral = None if self.calibration is None or self.calibration.spectral is None else self.calibration.spectral
+        verdicts = self.detector.assess([pixels], [name], [None if spectral is None else spectral.arrays()])
+        return apply_to_all(verdicts, self.calibration, self.cfg)[0]
 
     def calibration_fields(self) -> dict[str, Any]:
         """`calibrated` and the rig's `baseline_sigma_px` for a calibrated record; nothing otherwise."""

@@ -1,0 +1,197 @@
+"""Blur added to a rig's in-focus look, read from the power spectrum against the rig's own (numpy).
+
+The learned detector reads blur from the content of 64 px patches; on an instrument it never saw, its
+reading of an in-focus tile depends on that instrument's noise, pixel size and texture, and no offset
+removes the tile-to-tile spread (models/detector/MODEL_CARD.md, "Per EM source"). A rig calibration
+holds 5-20 known-good tiles of the rig, and with them the rig's in-focus power spectrum. Defocus
+multiplies a tile's spectrum by |H(f)|^2 of the PSF; for a Gaussian PSF of covariance S (px^2),
+log|H(f)|^2 = -4 pi^2 f'Sf, and for any PSF that is its leading term (f in cycles/px). So
+
+    log(P_tile(f) - N) - log(P_rig(f)) = c - 4 pi^2 (a fx^2 + 2 b fx fy + e fy^2)
+
+where N is the tile's (white) noise power and c absorbs contrast and the tissue fraction. A weighted
+least-squares fit over the frequency bins where the tile's signal stands above its noise gives S, the
+blur *added* to the rig's: sigma_px = sqrt of S's largest eigenvalue (the major axis, as BlurParams
+defines it), the anisotropy and angle from its eigenvectors. Nothing is learned from other instruments:
+the rig's own tiles are the reference.
+
+Windows: up to MAX_WINDOWS_PER_SIDE^2 Hann-windowed WINDOW_PX squares spread evenly over the tile, the
+periodogram binned in polar bins (RADIAL_BINS x ANGULAR_BINS, F_MIN..F_MAX cycles/px). The whole tile
+is the mean of its windows; each quadrant (tiles with >= 2 windows per side) is the mean of its own, and
+the reading is the largest of the whole and the quadrants, so blur that grows across the tile (a tilted
+section) is read where it is worst.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from appliance.noise import patch_noise_sigma
+
+WINDOW_PX = 128
+MAX_WINDOWS_PER_SIDE = 6
+RADIAL_BINS = 16
+ANGULAR_BINS = 8
+BINS = RADIAL_BINS * ANGULAR_BINS
+F_MIN, F_MAX = 0.02, 0.5  # cycles/px: below F_MIN lie gain shading and charging, not focus
+SNR_MIN = 2.0  # a bin is used where power >= SNR_MIN x the noise power, in the tile and in the reference
+MIN_BINS = 6  # fewer usable bins than this: no reading (too little structure above the noise)
+_FOUR_PI2 = 4.0 * math.pi**2
+
+# A rig's in-focus spectrum as the detector takes it: (log signal power, usable) per bin, shapes (BINS,).
+SpectralReferenceArrays = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class WindowSpectra:
+    """Binned power spectra of a tile's windows.
+
+    power: (n_windows, BINS) mean periodogram per polar bin (unit grey^2, Hann-normalised, so white noise
+    of std s reads s^2). noise: (n_windows,) the window's Immerkaer noise power s^2. quadrant: (n_windows,)
+    0-3 (row-major) or -1 when the tile is too small for quadrants.
+    """
+
+    power: np.ndarray
+    noise: np.ndarray
+    quadrant: np.ndarray
+
+
+@dataclass(frozen=True)
+class SpectralReading:
+    """Blur added to the rig's in-focus look (px): the worst of the whole tile and its quadrants.
+
+    sigma_px: major-axis sigma; anisotropy: major / minor (1 when the minor is ~0 or isotropic);
+    angle_deg: major axis from +x towards +y in [0, 180); where: "tile" or "quadrant r,c".
+    """
+
+    sigma_px: float
+    anisotropy: float
+    angle_deg: float
+    where: str
+
+
+@cache
+def _bin_geometry() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bin index of every rfft2 coefficient of a WINDOW_PX window, bin counts, mean fx^2, fy^2, fx fy, Hann."""
+    fy = np.fft.fftfreq(WINDOW_PX)[:, None]
+    fx = np.fft.rfftfreq(WINDOW_PX)[None, :]
+    fy, fx = np.broadcast_arrays(fy, fx)
+    radius = np.hypot(fx, fy)
+    angle = np.mod(np.arctan2(fy, fx), np.pi)
+    r = np.floor((radius - F_MIN) / (F_MAX - F_MIN) * RADIAL_BINS).astype(np.int64)
+    a = np.minimum((angle / np.pi * ANGULAR_BINS).astype(np.int64), ANGULAR_BINS - 1)
+    index = np.where((r >= 0) & (r < RADIAL_BINS), r * ANGULAR_BINS + a, BINS).ravel()
+    count = np.bincount(index, minlength=BINS + 1)[:BINS].astype(np.float64)
+
+    def mean_of(values: np.ndarray) -> np.ndarray:
+        return np.bincount(index, values.ravel(), BINS + 1)[:BINS] / np.maximum(count, 1)
+
+    hann = np.outer(np.hanning(WINDOW_PX), np.hanning(WINDOW_PX)).astype(np.float32)
+    return index, count, mean_of(fx * fx), mean_of(fy * fy), mean_of(fx * fy), hann
+
+
+def _starts(length: int) -> np.ndarray:
+    """Evenly spread window origins along one axis (at most MAX_WINDOWS_PER_SIDE, non-overlapping if room)."""
+    n = min(MAX_WINDOWS_PER_SIDE, length // WINDOW_PX)
+    return np.linspace(0, length - WINDOW_PX, n).round().astype(int)
+
+
+def window_spectra(tile: np.ndarray) -> WindowSpectra | None:
+    """Binned spectra of a 2-D uint8/uint16 tile's windows; None when a side is below WINDOW_PX."""
+    tile = np.asarray(tile)
+    h, w = tile.shape
+    if min(h, w) < WINDOW_PX:
+        return None
+    unit = tile.astype(np.float32) / float(np.iinfo(tile.dtype).max)
+    ys, xs = _starts(h), _starts(w)
+    windows = np.stack([unit[y : y + WINDOW_PX, x : x + WINDOW_PX] for y in ys for x in xs])
+    noise = patch_noise_sigma(windows).astype(np.float64) ** 2
+    index, count, *_, hann = _bin_geometry()
+    centred = (windows - windows.mean(axis=(1, 2), keepdims=True)) * hann
+    periodogram = np.abs(np.fft.rfft2(centred)) ** 2 / float((hann.astype(np.float64) ** 2).sum())
+    # rfft2 keeps fx >= 0 only; columns 1..N/2-1 stand for their mirror too, which has the same power
+    # and the same bin, so the per-bin mean is unchanged.
+    offsets = (np.arange(len(windows)) * (BINS + 1))[:, None]
+    flat = (index[None, :] + offsets).ravel()
+    power = np.bincount(flat, periodogram.reshape(len(windows), -1).ravel(), len(windows) * (BINS + 1))
+    power = power.reshape(len(windows), BINS + 1)[:, :BINS] / np.maximum(count, 1)
+    if len(ys) >= 2 and len(xs) >= 2:
+        quadrant = np.array([2 * int(y >= (h - WINDOW_PX) / 2) + int(x >= (w - WINDOW_PX) / 2) for y in ys for x in xs])
+    else:
+        quadrant = np.full(len(windows), -1)
+    return WindowSpectra(power, noise, quadrant)
+
+
+def _signal_log_power(power: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """log(power - noise) per bin and where it is usable (power >= SNR_MIN x noise, a bin with pixels)."""
+    _, count, *_ = _bin_geometry()
+    usable = (power >= SNR_MIN * noise) & (count > 0) & (power > 0)
+    return np.log(np.where(usable, power - noise, 1.0)), usable
+
+
+def reference_log_power(tiles: Sequence[WindowSpectra]) -> tuple[np.ndarray, np.ndarray]:
+    """The rig's in-focus log signal power per bin: median over known-good tiles; (BINS,) values, usable mask.
+
+    A bin is usable when more than half the tiles have signal above their noise there.
+    """
+    logs = np.full((len(tiles), BINS), np.nan)
+    for i, spectra in enumerate(tiles):
+        log_power, usable = _signal_log_power(spectra.power.mean(axis=0), float(spectra.noise.mean()))
+        logs[i, usable] = log_power[usable]
+    usable = np.isfinite(logs).sum(axis=0) * 2 > len(tiles)
+    median = np.zeros(BINS)
+    if usable.any():
+        median[usable] = np.nanmedian(logs[:, usable], axis=0)
+    return median, usable
+
+
+def fit_added_blur(
+    power: np.ndarray, noise: float, windows: int, reference: np.ndarray, reference_usable: np.ndarray
+) -> tuple[float, float, float] | None:
+    """(sigma_px, anisotropy, angle_deg) of the PSF added to the reference; None with < MIN_BINS usable bins.
+
+    power: (BINS,) mean periodogram of `windows` windows; noise: their mean noise power.
+    """
+    _, count, fx2, fy2, fxy, _ = _bin_geometry()
+    log_power, usable = _signal_log_power(power, noise)
+    use = usable & reference_usable
+    if use.sum() < MIN_BINS:
+        return None
+    # log of a mean of `count x windows` periodogram values: variance ~ 1/n, inflated where noise was removed.
+    weight = np.sqrt(count[use] * windows) * (power[use] - noise) / power[use]
+    design = np.stack([np.ones(use.sum()), -_FOUR_PI2 * fx2[use], -_FOUR_PI2 * fy2[use], -2 * _FOUR_PI2 * fxy[use]], 1)
+    target = log_power[use] - reference[use]
+    _, a, e, b = np.linalg.lstsq(design * weight[:, None], target * weight, rcond=None)[0]
+    values, vectors = np.linalg.eigh(np.array([[a, b], [b, e]]))
+    major = math.sqrt(max(values[1], 0.0))
+    minor = math.sqrt(max(values[0], 0.0))
+    anisotropy = major / minor if minor > 1e-3 * max(major, 1e-9) else 1.0
+    angle = math.degrees(math.atan2(vectors[1, 1], vectors[0, 1])) % 180.0
+    return major, anisotropy, angle
+
+
+def read_added_blur(spectra: WindowSpectra, reference: np.ndarray, reference_usable: np.ndarray) -> SpectralReading | None:
+    """The worst reading of the whole tile and its quadrants; None when the whole tile has no usable bins."""
+    groups = [("tile", np.ones(len(spectra.power), bool))]
+    groups += [(f"quadrant {q // 2},{q % 2}", spectra.quadrant == q) for q in range(4) if (spectra.quadrant == q).any()]
+    best: SpectralReading | None = None
+    for where, members in groups:
+        fit = fit_added_blur(
+            spectra.power[members].mean(axis=0),
+            float(spectra.noise[members].mean()),
+            int(members.sum()),
+            reference,
+            reference_usable,
+        )
+        if fit is None:
+            if where == "tile":
+                return None
+            continue
+        if best is None or fit[0] > best.sigma_px:
+            best = SpectralReading(fit[0], fit[1], fit[2], where)
+    return best
