@@ -17,8 +17,8 @@ em-corpus source (bench.detector_sources.load_sources, which cuts small sources 
 with their own noise (bare resin gets Gaussian noise at the tile's own level). "Sharp" on another rig is
 relative to that rig, so the wanted outcome is that the content does not change the verdict: per kind and
 source, the share of tiles labelled as the same plain tile, uncalibrated and calibrated (calibrate on 5
-plain tiles of the source, apply_calibration on the others), plus the share `sharp` calibrated; bare
-resin: the share `empty`.
+plain tiles of the source; each tile read against their in-focus spectrum, then apply_calibration, as the
+running appliance does), plus the share `sharp` calibrated; bare resin: the share `empty`.
 """
 
 from __future__ import annotations
@@ -134,14 +134,21 @@ def source_content(
     rest = [t for i, (_, t) in enumerate(source.tiles) if i not in pick]
     try:
         cal = calibrate([source.tiles[i][1] for i in pick], names, detector)
-        calibration = {"tiles": names, "baseline_sigma_px": cal.baseline_sigma_px}
+        calibration = {"tiles": names, "baseline_sigma_px": cal.baseline_sigma_px, "spectral": cal.spectral is not None}
     except CalibrationError as exc:
         cal, calibration = None, {"tiles": names, "refused": str(exc)}
-    plain = detector.assess(rest)
+    # With the calibration's spectral reference each judged tile also carries its spectral reading, which
+    # apply_calibration takes (the runtime's rule); the uncalibrated labels are the model's own either way.
+    reference = None if cal is None or cal.spectral is None else cal.spectral.arrays()
+
+    def judge(tiles: list[np.ndarray]) -> list[BlurAssessment]:
+        return detector.assess(tiles, spectral_references=[reference] * len(tiles))
+
+    plain = judge(rest)
     plain_cal = [apply_calibration(a, cal, cfg) for a in plain] if cal else None
     rows = {}
     for kind in kinds:
-        raw = plain if kind == "plain" else detector.assess([draw_content(t, kind, rng) for t in rest])
+        raw = plain if kind == "plain" else judge([draw_content(t, kind, rng) for t in rest])
         want = KINDS[kind][1]
         row = {"want": want, "uncalibrated": {"unchanged": _unchanged(raw, plain), want: _share(raw, want)}}
         if cal is not None:

@@ -22,8 +22,11 @@ never sharp targets) plus the isbi2012-train test split (images 26-29). Per sour
 Metrics: sharp called non-sharp (%), blurred (sigma >= 1 px, every family) called sharp (%), AUROC of
 sigma sharp vs blurred, median sigma of the sharp tiles, median relative sigma error per family at
 sigma 1-3 px (uncalibrated: sigma read vs true; calibrated: blur added to the baseline vs true).
-Calibration is monotone in sigma within a source, so it cannot change the AUROC; the calibrated AUROC
-is computed on the raw sigma of the evaluation tiles of each draw (the clamp at 0 would only add ties).
+Calibrated = the runtime's rule: the calibration holds the 5 tiles' in-focus power spectrum, each tile's
+blur added to it is read (appliance.detection.spectral) and apply_calibration takes that reading; the
+calibrated AUROC is that of the calibrated sigma (the spectral reading is not a function of the model's
+sigma). The rule before it (quadrature from the model's baseline) is scored on the same draws
+(`quadrature`).
 The mapping investigation scores candidate rules on the same draws (`rule_thresholds`): quadrature
 subtraction of the median baseline (the runtime rule), quadrature from an upper in-focus baseline, and a
 margin in log-sigma above the baseline. Every rule is a threshold on the raw tile sigma.
@@ -51,9 +54,11 @@ from appliance.detection.calibration import (  # noqa: E402
     RigCalibration,
     apply_calibration,
     calibrate,
+    is_judged,
     noise_level,
 )
-from appliance.detection.detector import BlurDetector  # noqa: E402
+from appliance.detection.detector import BlurDetector, verdict_with_reading  # noqa: E402
+from appliance.detection.spectral import WindowSpectra, window_spectra  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
 from appliance.tile_io import read_tile  # noqa: E402
 from bench.detector_eval import auroc, blur_params  # noqa: E402
@@ -154,24 +159,39 @@ def render_with_rig_noise(tile: np.ndarray, params: BlurParams | None, rng: np.r
 
 @dataclass
 class Rendered:
-    """Assessments of one source: sharp[i], blurred[i][(family, sigma)] for sharp tile i, soft[j]."""
+    """Assessments of one source: sharp[i], blurred[i][(family, sigma)] for sharp tile i, soft[j]; *_spectra:
+    each rendered tile's window spectra, so that each calibration draw reads them against its own reference."""
 
     sharp: list[BlurAssessment]
     blurred: list[dict[tuple[str, float], BlurAssessment]]
     soft: list[BlurAssessment]
+    sharp_spectra: list[WindowSpectra | None]
+    blurred_spectra: list[dict[tuple[str, float], WindowSpectra | None]]
+    soft_spectra: list[WindowSpectra | None]
 
 
 def render_and_assess(source: Source, detector: BlurDetector, rng: np.random.Generator) -> Rendered:
     """Run the detector on the source's sharp tiles, their blurred copies and its soft tiles."""
     tiles = [t for _, t in source.tiles]
     sharp = detector.assess(tiles)
-    blurred = []
+    blurred, blurred_spectra = [], []
     for tile in tiles:
         keys = [(f, s) for f in FAMILIES for s in SIGMAS]
         batch = [blur_with_rig_noise(tile, f, s, rng) for f, s in keys]
         blurred.append(dict(zip(keys, detector.assess(batch), strict=True)))
-    soft = detector.assess([t for _, t in source.soft]) if source.soft else []
-    return Rendered(sharp, blurred, soft)
+        blurred_spectra.append({k: window_spectra(t) for k, t in zip(keys, batch, strict=True)})
+    soft_tiles = [t for _, t in source.soft]
+    soft = detector.assess(soft_tiles) if soft_tiles else []
+    spectra = [window_spectra(t) for t in tiles]
+    return Rendered(sharp, blurred, soft, spectra, blurred_spectra, [window_spectra(t) for t in soft_tiles])
+
+
+def calibrated(assessment: BlurAssessment, spectra: WindowSpectra | None, cal: RigCalibration, cfg: DetectorConfig):
+    """The runtime's calibrated verdict: the spectral reading against cal's reference (when it has one), then
+    apply_calibration, as the ingest does with the reading its detector replica took."""
+    if cal.spectral is not None and is_judged(assessment):
+        assessment = verdict_with_reading(assessment, spectra, cal.spectral.arrays())
+    return apply_calibration(assessment, cal, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,11 +207,11 @@ def raw_sigmas(rendered: Rendered, source: Source) -> dict:
     }
 
 
-def _rel_errors(rendered: Rendered, idx: list[int], sigma_of) -> dict[str, float]:
-    """Median |sigma_est - sigma_true| / sigma_true per family over sigma 1-3 px."""
+def _rel_errors(blurred: list[dict[tuple[str, float], BlurAssessment]], sigma_of) -> dict[str, float]:
+    """Median |sigma_est - sigma_true| / sigma_true per family over sigma 1-3 px (blurred: per tile, by key)."""
     out = {}
     for family in FAMILIES:
-        errs = [abs(sigma_of(rendered.blurred[i][(family, s)]) - s) / s for i in idx for s in SIGMAS]
+        errs = [abs(sigma_of(d[(family, s)]) - s) / s for d in blurred for s in SIGMAS]
         out[family] = float(np.median(errs))
     return out
 
@@ -205,7 +225,6 @@ def score_labels(sharp: list[BlurAssessment], blurred: list[BlurAssessment]) -> 
 
 
 def uncalibrated_metrics(rendered: Rendered) -> dict:
-    idx = list(range(len(rendered.sharp)))
     blurred = [a for d in rendered.blurred for a in d.values()]
     raw = np.array([a.sigma_px for a in rendered.sharp])
     out = score_labels(rendered.sharp, blurred)
@@ -214,7 +233,7 @@ def uncalibrated_metrics(rendered: Rendered) -> dict:
         str(s): auroc(raw, np.array([d[(f, s)].sigma_px for d in rendered.blurred for f in FAMILIES])) for s in SIGMAS
     }
     out["sharp_sigma_median_px"] = float(np.median(raw))
-    out["rel_err_1_3px"] = _rel_errors(rendered, idx, lambda a: a.sigma_px)
+    out["rel_err_1_3px"] = _rel_errors(rendered.blurred, lambda a: a.sigma_px)
     if rendered.soft:
         out["soft_called_sharp"] = float(np.mean([a.label == "sharp" for a in rendered.soft]))
     return out
@@ -248,15 +267,31 @@ def calibrated_draw(
     except CalibrationError as exc:
         return {"calibration_tiles": names, "refused": str(exc)}
     rest = [i for i in range(len(source.tiles)) if i not in chosen]
-    sharp = [apply_calibration(rendered.sharp[i], cal, cfg) for i in rest]
-    blurred_raw = [a for i in rest for a in rendered.blurred[i].values()]
-    blurred = [apply_calibration(a, cal, cfg) for a in blurred_raw]
+    sharp = [calibrated(rendered.sharp[i], rendered.sharp_spectra[i], cal, cfg) for i in rest]
+    by_tile = []
+    for i in rest:
+        spectra = rendered.blurred_spectra[i]
+        by_tile.append({k: calibrated(a, spectra[k], cal, cfg) for k, a in rendered.blurred[i].items()})
+    blurred = [a for d in by_tile for a in d.values()]
     out = score_labels(sharp, blurred)
-    raw_sharp = np.array([rendered.sharp[i].sigma_px for i in rest])
-    raw_blurred = np.array([a.sigma_px for a in blurred_raw])
-    out["auroc"] = auroc(raw_sharp, raw_blurred)
+    # The spectral reading is not a function of the model's sigma: the AUROC is that of the calibrated sigma.
+    out["auroc"] = auroc(np.array([a.sigma_px for a in sharp]), np.array([a.sigma_px for a in blurred]))
+    out["blurred_called_sharp_by_family"] = {
+        f: float(np.mean([d[(f, s)].label == "sharp" for d in by_tile for s in SIGMAS])) for f in FAMILIES
+    }
     out["sharp_sigma_median_px"] = float(np.median([a.sigma_px for a in sharp]))
-    out["rel_err_1_3px"] = _rel_errors(rendered, rest, lambda a: apply_calibration(a, cal, cfg).sigma_px)
+    out["rel_err_1_3px"] = _rel_errors(by_tile, lambda a: a.sigma_px)
+    # The rule before the spectral reference (quadrature from the model's baseline), on the same draw.
+    quad_sharp = [apply_calibration(rendered.sharp[i], cal, cfg) for i in rest]
+    quad_blurred = [apply_calibration(a, cal, cfg) for i in rest for a in rendered.blurred[i].values()]
+    out["quadrature"] = {
+        **score_labels(quad_sharp, quad_blurred),
+        "rel_err_1_3px": _rel_errors(
+            [rendered.blurred[i] for i in rest], lambda a: apply_calibration(a, cal, cfg).sigma_px
+        ),
+    }
+    raw_sharp = np.array([rendered.sharp[i].sigma_px for i in rest])
+    raw_blurred = np.array([a.sigma_px for i in rest for a in rendered.blurred[i].values()])
     out["rules"] = {
         rule: {
             "sharp_called_nonsharp": float(np.mean(raw_sharp > t)),
@@ -266,9 +301,15 @@ def calibrated_draw(
     }
     if rendered.soft:
         out["soft_called_sharp"] = float(
-            np.mean([apply_calibration(a, cal, cfg).label == "sharp" for a in rendered.soft])
+            np.mean(
+                [
+                    calibrated(a, spectra, cal, cfg).label == "sharp"
+                    for a, spectra in zip(rendered.soft, rendered.soft_spectra, strict=True)
+                ]
+            )
         )
     out.update(
+        spectral_reference=cal.spectral is not None,
         calibration_tiles=names,
         baseline_sigma_px=cal.baseline_sigma_px,
         spread_log_sigma=cal.spread_log_sigma,
@@ -300,6 +341,14 @@ def summarise(draws: list[dict]) -> dict:
     out["worst_sharp_called_nonsharp"] = max(d["sharp_called_nonsharp"] for d in ok)
     out["worst_blurred_called_sharp"] = max(d["blurred_called_sharp"] for d in ok)
     out["rel_err_1_3px"] = {f: float(np.mean([d["rel_err_1_3px"][f] for d in ok])) for f in FAMILIES}
+    out["blurred_called_sharp_by_family"] = {
+        f: float(np.mean([d["blurred_called_sharp_by_family"][f] for d in ok])) for f in FAMILIES
+    }
+    out["quadrature"] = {
+        "sharp_called_nonsharp": float(np.mean([d["quadrature"]["sharp_called_nonsharp"] for d in ok])),
+        "blurred_called_sharp": float(np.mean([d["quadrature"]["blurred_called_sharp"] for d in ok])),
+        "rel_err_1_3px": {f: float(np.mean([d["quadrature"]["rel_err_1_3px"][f] for d in ok])) for f in FAMILIES},
+    }
     out["rules"] = {
         rule: {k: float(np.mean([d["rules"][rule][k] for d in ok])) for k in rates}
         for rule, rates in ok[0]["rules"].items()
@@ -412,6 +461,24 @@ def markdown(result: dict) -> str:
     for name, entry in result["sources"].items():
         by = entry["uncalibrated"]["auroc_by_sigma"]
         lines.append(f"| {name} | " + " | ".join(f"{by[str(s)]:.3f}" for s in SIGMAS) + " |")
+    lines += [
+        "",
+        "Calibrated blurred->sharp per family (sigma 1-3 px), and the previous rule (quadrature from the model's "
+        "baseline) on the same draws: sharp->non-sharp / blurred->sharp / Gaussian error:",
+        "",
+        "| source | " + " | ".join(FAMILIES) + " | quadrature |",
+        "|---|" + "---|" * (len(FAMILIES) + 1),
+    ]
+    for name, entry in result["sources"].items():
+        c = entry["calibrated"]
+        if not c.get("accepted_draws"):
+            lines.append(f"| {name} | " + " | ".join(["refused"] * (len(FAMILIES) + 1)) + " |")
+            continue
+        q = c["quadrature"]
+        rates = (q["sharp_called_nonsharp"], q["blurred_called_sharp"], q["rel_err_1_3px"]["gaussian"])
+        quad = " / ".join(_pct(v) for v in rates)
+        fams = [_pct(c["blurred_called_sharp_by_family"][f]) for f in FAMILIES]
+        lines.append(f"| {name} | " + " | ".join(fams) + f" | {quad} |")
     rules = [n for n, e in result["sources"].items() if e["calibrated"].get("rules")]
     if rules:
         names = list(result["sources"][rules[0]]["calibrated"]["rules"])

@@ -61,6 +61,11 @@ OUTLIER_ADDED_PX = 1.0
 MIXED_LOG_GAP = 0.6
 # Noise levels (Immerkaer) differing by more than this factor: not one detector setting.
 MIXED_NOISE_RATIO = 10.0
+# With a spectral reference, each known-good tile is read against the others' spectrum (leave one out). In
+# focus, 20 random 5-tile draws of each of 7 real sources read at most 1.0 px added and 0.8 px sharper;
+# a tile blurred by 1.5 px read 0.95-1.6 px (probe of 2026-11-26, docs/calibration.md).
+SPECTRAL_OUTLIER_PX = 1.2
+SPECTRAL_SHARPER_PX = 1.0
 # The spectral reading is used only on tiles whose pixel size is within this fraction of the calibration's
 # (its reference spectrum is in cycles/px of the calibration tiles).
 SPECTRAL_PIXEL_SIZE_TOLERANCE = 0.05
@@ -87,6 +92,12 @@ class TileStats(_Strict):
     mean_level: float = Field(ge=0.0, le=1.0, description="Mean grey, fraction of the dtype range.")
     contrast: float = Field(ge=0.0, description="Grey-level standard deviation, fraction of the dtype range.")
     skewness: float = Field(description="Grey-level skewness: < 0 dark features on light (TEM-like).")
+    spectral_added_px: float | None = Field(
+        None, description="Blur added to the other known-good tiles' spectrum (leave one out), px; None without one."
+    )
+    spectral_isotropic_px: float | None = Field(
+        None, description="Its isotropic equivalent, negative when this tile is sharper than the others, px."
+    )
 
 
 class SpectralReference(_Strict):
@@ -103,7 +114,7 @@ class SpectralReference(_Strict):
     def model_post_init(self, __context: object) -> None:
         bins = self.radial_bins * self.angular_bins
         if len(self.log_power) != bins or len(self.usable) != bins:
-            raise ValueError(f"spectral reference: {bins} bins but {len(self.log_power)} values, {len(self.usable)} flags")
+            raise ValueError(f"spectral reference: {bins} bins, {len(self.log_power)} values, {len(self.usable)} flags")
 
     @classmethod
     def from_tiles(cls, tiles: Sequence[spectral.WindowSpectra]) -> SpectralReference:
@@ -182,8 +193,11 @@ def region_sigma_px(assessment: BlurAssessment) -> np.ndarray:
     return sigma_from_blur_score(np.clip(np.asarray(assessment.region_scores, dtype=np.float64), 0.0, 1.0 - 1e-9))
 
 
-def tile_stats(tile: np.ndarray, name: str, assessment: BlurAssessment) -> TileStats:
-    """Statistics of one known-good tile (H, W) uint8/uint16 and its uncalibrated assessment."""
+def tile_stats(
+    tile: np.ndarray, name: str, assessment: BlurAssessment, reading: spectral.SpectralReading | None = None
+) -> TileStats:
+    """Statistics of one known-good tile (H, W) uint8/uint16, its uncalibrated assessment and its spectral
+    reading against the other known-good tiles (None without a spectral reference)."""
     unit = tile.astype(np.float64) / float(np.iinfo(tile.dtype).max)
     sd = float(unit.std())
     skew = float(((unit - unit.mean()) ** 3).mean() / sd**3) if sd > 0 else 0.0
@@ -198,6 +212,8 @@ def tile_stats(tile: np.ndarray, name: str, assessment: BlurAssessment) -> TileS
         mean_level=float(unit.mean()),
         contrast=sd,
         skewness=skew,
+        spectral_added_px=None if reading is None else round(reading.sigma_px, 4),
+        spectral_isotropic_px=None if reading is None else round(reading.isotropic_px, 4),
     )
 
 
@@ -241,6 +257,9 @@ def _check_one_rig(stats: Sequence[TileStats]) -> None:
             f"{noise[hi] / max(noise[lo], 1e-6):.0f}x that of {stats[lo].name} ({noise[lo]:.4f}); "
             "calibrate each rig (and detector setting) separately"
         )
+    if all(s.spectral_added_px is not None and s.spectral_isotropic_px is not None for s in stats):
+        _check_spectra_agree(stats)
+        return
     logs = _log_sigma(np.array([s.sigma_px for s in stats]))
     order = np.argsort(logs)
     gaps = np.diff(logs[order])
@@ -261,6 +280,23 @@ def _check_one_rig(stats: Sequence[TileStats]) -> None:
             raise CalibrationError(
                 f"{s.name}: reads blur sigma {s.sigma_px:.2f} px against {reference:.2f} px for the other "
                 f"known-good tiles (~{added:.1f} px of added blur): it looks out of focus; leave it out"
+            )
+
+
+def _check_spectra_agree(stats: Sequence[TileStats]) -> None:
+    """With a spectral reference, the learned model's reading is not trusted on an unseen instrument: each tile
+    is read against the others' spectrum instead. Raise CalibrationError for a blurred or a much sharper tile."""
+    for s in stats:
+        assert s.spectral_added_px is not None and s.spectral_isotropic_px is not None
+        if s.spectral_added_px > SPECTRAL_OUTLIER_PX:
+            raise CalibrationError(
+                f"{s.name}: reads ~{s.spectral_added_px:.1f} px of blur added to the other known-good tiles' "
+                "power spectrum: it looks out of focus; leave it out"
+            )
+        if s.spectral_isotropic_px < -SPECTRAL_SHARPER_PX:
+            raise CalibrationError(
+                f"mixed instruments or focus states: {s.name} is ~{-s.spectral_isotropic_px:.1f} px sharper than "
+                "the other known-good tiles (power spectrum); give tiles of one rig, all in focus"
             )
 
 
@@ -328,16 +364,29 @@ def calibrate(
     for a, name in zip(assessments, names, strict=True):
         if a.label == "empty" or a.reason.startswith("not judgeable"):
             raise CalibrationError(f"{name}: {a.reason}; pick tiles with tissue in them")
-    stats = [tile_stats(np.asarray(t), n, a) for t, n, a in zip(tiles, names, assessments, strict=True)]
-    return calibration_from_stats(stats, detector.model_version, pixel_size_nm, spectral_reference(tiles))
-
-
-def spectral_reference(tiles: Sequence[np.ndarray]) -> SpectralReference | None:
-    """The known-good tiles' in-focus spectrum; None when one is narrower than spectral.WINDOW_PX."""
     spectra = [spectral.window_spectra(np.asarray(t)) for t in tiles]
+    readings = leave_one_out_readings(spectra)
+    reference = None if readings is None else SpectralReference.from_tiles([s for s in spectra if s is not None])
+    read: list[spectral.SpectralReading | None] = list(readings) if readings else [None] * len(tiles)
+    stats = [tile_stats(np.asarray(t), n, a, r) for t, n, a, r in zip(tiles, names, assessments, read, strict=True)]
+    return calibration_from_stats(stats, detector.model_version, pixel_size_nm, reference)
+
+
+def leave_one_out_readings(
+    spectra: Sequence[spectral.WindowSpectra | None],
+) -> list[spectral.SpectralReading] | None:
+    """Each known-good tile read against the others' spectrum; None (no spectral reference for this rig) when
+    a tile is narrower than spectral.WINDOW_PX or has too little structure above its noise to be read."""
     if any(s is None for s in spectra):
         return None
-    return SpectralReference.from_tiles([s for s in spectra if s is not None])
+    tiles = [s for s in spectra if s is not None]
+    readings = []
+    for i, own in enumerate(tiles):
+        reading = spectral.read_added_blur(own, *spectral.reference_log_power(tiles[:i] + tiles[i + 1 :]))
+        if reading is None:
+            return None
+        readings.append(reading)
+    return readings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,7 +429,8 @@ def rig_reference(calibration: RigCalibration, pixel_size_nm: float | None = Non
     unchanged when either pixel size is unknown.
     """
     cal_nm = calibration.pixel_size_nm
-    same_scale = cal_nm is None or pixel_size_nm is None or abs(pixel_size_nm / cal_nm - 1) <= SPECTRAL_PIXEL_SIZE_TOLERANCE
+    known = cal_nm is not None and pixel_size_nm is not None
+    same_scale = not known or abs(pixel_size_nm / cal_nm - 1) <= SPECTRAL_PIXEL_SIZE_TOLERANCE  # type: ignore[operator]
     return FocusReference(
         scale_to_pixel_size(calibration.baseline_sigma_px, cal_nm, pixel_size_nm),
         scale_to_pixel_size(calibration.region_baseline_sigma_px, cal_nm, pixel_size_nm),

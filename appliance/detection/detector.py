@@ -37,7 +37,7 @@ from appliance.detection.backends import ClassicalBackend, OnnxBackend, PatchBac
 from appliance.detection.local_blur import worst_window
 from appliance.detection.patches import GRID, extract_patches
 from appliance.detection.psf_shape import psf_shape, structure_tensors
-from appliance.detection.spectral import SpectralReferenceArrays, read_added_blur, window_spectra
+from appliance.detection.spectral import SpectralReferenceArrays, WindowSpectra, read_added_blur, window_spectra
 from appliance.detection.tissue import MIN_TISSUE_CELLS, patch_tissue, tissue_cells
 from appliance.messages import BlurAssessment, TileLabel, blur_score_from_sigma
 from appliance.noise import patch_noise_sigma
@@ -351,7 +351,13 @@ def with_spectral_reading(
     """The verdict with spectral_sigma_px when there is a reference and the tile is judged and large enough."""
     if reference is None or verdict.label == "empty" or verdict.reason.startswith("not judgeable"):
         return verdict
-    spectra = window_spectra(tile)
+    return verdict_with_reading(verdict, window_spectra(tile), reference)
+
+
+def verdict_with_reading(
+    verdict: BlurAssessment, spectra: WindowSpectra | None, reference: SpectralReferenceArrays
+) -> BlurAssessment:
+    """The verdict with spectral_sigma_px read from the tile's window spectra (unchanged when unreadable)."""
     reading = None if spectra is None else read_added_blur(spectra, *reference)
     if reading is None:
         return verdict

@@ -66,13 +66,16 @@ class SpectralReading:
     """Blur added to the rig's in-focus look (px): the worst of the whole tile and its quadrants.
 
     sigma_px: major-axis sigma; anisotropy: major / minor (1 when the minor is ~0 or isotropic);
-    angle_deg: major axis from +x towards +y in [0, 180); where: "tile" or "quadrant r,c".
+    angle_deg: major axis from +x towards +y in [0, 180); where: "tile" or "quadrant r,c";
+    isotropic_px: the whole tile's isotropic equivalent, sign(t) sqrt(|t|) with t the mean of the two axes'
+    variances: negative when the tile is *sharper* than the reference (calibration's consistency check).
     """
 
     sigma_px: float
     anisotropy: float
     angle_deg: float
     where: str
+    isotropic_px: float
 
 
 @cache
@@ -152,8 +155,9 @@ def reference_log_power(tiles: Sequence[WindowSpectra]) -> tuple[np.ndarray, np.
 
 def fit_added_blur(
     power: np.ndarray, noise: float, windows: int, reference: np.ndarray, reference_usable: np.ndarray
-) -> tuple[float, float, float] | None:
-    """(sigma_px, anisotropy, angle_deg) of the PSF added to the reference; None with < MIN_BINS usable bins.
+) -> tuple[float, float, float, float] | None:
+    """(sigma_px, anisotropy, angle_deg, isotropic_px) of the PSF added to the reference (SpectralReading);
+    None with fewer than MIN_BINS usable bins.
 
     power: (BINS,) mean periodogram of `windows` windows; noise: their mean noise power.
     """
@@ -172,14 +176,18 @@ def fit_added_blur(
     minor = math.sqrt(max(values[0], 0.0))
     anisotropy = major / minor if minor > 1e-3 * max(major, 1e-9) else 1.0
     angle = math.degrees(math.atan2(vectors[1, 1], vectors[0, 1])) % 180.0
-    return major, anisotropy, angle
+    mean = (values[0] + values[1]) / 2
+    return major, anisotropy, angle, math.copysign(math.sqrt(abs(mean)), mean)
 
 
-def read_added_blur(spectra: WindowSpectra, reference: np.ndarray, reference_usable: np.ndarray) -> SpectralReading | None:
+def read_added_blur(
+    spectra: WindowSpectra, reference: np.ndarray, reference_usable: np.ndarray
+) -> SpectralReading | None:
     """The worst reading of the whole tile and its quadrants; None when the whole tile has no usable bins."""
     groups = [("tile", np.ones(len(spectra.power), bool))]
     groups += [(f"quadrant {q // 2},{q % 2}", spectra.quadrant == q) for q in range(4) if (spectra.quadrant == q).any()]
     best: SpectralReading | None = None
+    isotropic = 0.0
     for where, members in groups:
         fit = fit_added_blur(
             spectra.power[members].mean(axis=0),
@@ -192,6 +200,8 @@ def read_added_blur(spectra: WindowSpectra, reference: np.ndarray, reference_usa
             if where == "tile":
                 return None
             continue
+        if where == "tile":
+            isotropic = fit[3]
         if best is None or fit[0] > best.sigma_px:
-            best = SpectralReading(fit[0], fit[1], fit[2], where)
+            best = SpectralReading(fit[0], fit[1], fit[2], where, isotropic)
     return best

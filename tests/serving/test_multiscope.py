@@ -14,12 +14,15 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.config import IngestConfig, MetricsConfig, MicroscopeConfig, RigConfig
+from appliance.config import DetectorConfig, IngestConfig, MetricsConfig, MicroscopeConfig, RigConfig
+from appliance.detection.calibration import calibrate, save_calibration
+from appliance.detection.detector import BlurDetector
 from appliance.qc_record import QC_FILENAME, QcTileRecord, read_qc_lines
 from appliance.stream.protocol import decode_feedback
 from appliance.tile_io import read_tile
 from appliance.tools.reference_controller import ReferenceController, ReplayReport, cycle_tiles
 from bench.faults import silent_controller
+from models.blur_synth import DATA_DIR
 
 pytestmark = pytest.mark.system
 
@@ -98,6 +101,44 @@ def test_two_controllers_stream_at_once_each_into_its_own_folder(
     ]
     final = appliance.drain_and_stop()  # type: ignore[attr-defined]
     assert final["scope-b/ingest"]["tiles_done"] == TILES_EACH
+
+
+def test_shared_detector_replicas_read_each_tile_against_its_own_microscopes_spectrum(
+    start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
+) -> None:
+    # scope-a is calibrated on its in-focus tiles (ISBI, as the samples), scope-b is not; both send the same
+    # soft samples through the one detector deployment at once.
+    isbi = [read_tile(DATA_DIR / f"{i}.png") for i in range(5)]
+    calibration = calibrate(isbi, [f"{i}.png" for i in range(5)], BlurDetector.from_config(DetectorConfig()))
+    assert calibration.spectral is not None
+    path = tmp_path / "scope-a.json"
+    save_calibration(calibration, path)
+    cfg = two_microscopes(tmp_path)
+    scopes_cfg = [cfg.microscopes[0].model_copy(update={"detector_calibration": path}), cfg.microscopes[1]]
+    appliance = start_appliance(cfg.model_copy(update={"microscopes": scopes_cfg}))
+    scopes = appliance.microscopes  # type: ignore[attr-defined]
+    soft = [(name, pixels) for name, pixels in real_em_tiles if name.startswith("soft")]
+    reports: dict[str, ReplayReport] = {}
+
+    def stream(name: str) -> None:
+        endpoints = scopes[name]
+        with ReferenceController(endpoints.tile, endpoints.feedback) as controller:
+            reports[name] = controller.send_section(f"sec-{name}", cycle_tiles(soft, 4), rate_hz=None, timeout_s=180)
+
+    threads = [threading.Thread(target=stream, args=(name,)) for name in scopes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert all((reports[n].done, reports[n].lost) == (4, 0) for n in scopes), reports
+    calibrated = tile_records(Path(scopes["scope-a"].output_dir))
+    plain = tile_records(Path(scopes["scope-b"].output_dir))
+    assert len(calibrated) == len(plain) == 4
+    for record in calibrated:
+        assert record.spectral_sigma_px is not None and record.spectral_sigma_px > 0.8, record
+        assert record.sigma_px == record.spectral_sigma_px and "in-focus spectrum" in (record.reason or "")
+        assert record.label in ("soft", "retake")
+    assert all(r.spectral_sigma_px is None and r.baseline_sigma_px is None for r in plain)
 
 
 def test_a_stalled_microscope_holds_back_only_its_own_tiles(

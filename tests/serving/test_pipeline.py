@@ -219,9 +219,11 @@ def test_calibration_is_applied_in_the_running_appliance_and_checked_at_start(
 ) -> None:
     isbi = [read_tile(DATA_DIR / f"{i}.png") for i in range(6)]
     measured = calibrate(isbi, [f"{i}.png" for i in range(6)], BlurDetector.from_config(DetectorConfig()))
-    # A rig whose own in-focus blur is 2.5 px: the 1.5-2 px soft samples are in focus on it.
+    # A rig whose own in-focus blur is 2.5 px: the 1.5-2 px soft samples are in focus on it. Its calibration
+    # has no spectral reference (as a version-1 file, or tiles < 128 px): the quadrature rule judges.
     path = tmp_path / "calibration.json"
-    save_calibration(measured.model_copy(update={"baseline_sigma_px": 2.5, "region_baseline_sigma_px": 2.5}), path)
+    rig_2_5 = {"baseline_sigma_px": 2.5, "region_baseline_sigma_px": 2.5, "spectral": None, "mapping": "quadrature"}
+    save_calibration(measured.model_copy(update=rig_2_5), path)
     cfg = rig(tmp_path)
     cfg = cfg.model_copy(update={"detector": DetectorConfig(calibration=path)})
     appliance = start_appliance(cfg)

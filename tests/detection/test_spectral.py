@@ -1,0 +1,166 @@
+"""Spectral reading of blur added to a rig's in-focus spectrum, and the calibration that carries it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.config import DetectorConfig
+from appliance.detection import spectral
+from appliance.detection.calibration import (
+    CalibrationError,
+    FocusReference,
+    RigCalibration,
+    apply_calibration,
+    calibrate,
+    load_calibration,
+    noise_level,
+    rig_reference,
+    save_calibration,
+)
+from appliance.detection.detector import BlurDetector
+from appliance.detection.online_baseline import OnlineBaseline
+from appliance.tile_io import read_tile
+from models.blur_synth import DATA_DIR, BlurParams, blur_with_noise
+
+pytestmark = pytest.mark.fast
+
+CFG = DetectorConfig()
+
+
+@pytest.fixture(scope="module")
+def rig() -> list[np.ndarray]:
+    """Five real in-focus ISBI 2012 tiles (512x512 uint8): one rig's known-good tiles."""
+    return [read_tile(DATA_DIR / f"{i}.png") for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def held_out() -> np.ndarray:
+    """An in-focus tile of the same rig that the reference never saw (ISBI test slice 27)."""
+    return read_tile(DATA_DIR / "27.png")
+
+
+@pytest.fixture(scope="module")
+def reference(rig: list[np.ndarray]) -> spectral.SpectralReferenceArrays:
+    spectra = [spectral.window_spectra(t) for t in rig]
+    assert all(s is not None for s in spectra)
+    return spectral.reference_log_power([s for s in spectra if s is not None])
+
+
+@pytest.fixture(scope="module")
+def detector() -> BlurDetector:
+    return BlurDetector.from_config(CFG)
+
+
+def _acquire(tile: np.ndarray, params: BlurParams | None, seed: int = 0) -> np.ndarray:
+    """The tile blurred by params (None: as it is), with noise at its own level again, as a rig would see it."""
+    return blur_with_noise(tile, params, noise_level(tile), np.random.default_rng(seed))
+
+
+def _read(tile: np.ndarray, reference: spectral.SpectralReferenceArrays) -> spectral.SpectralReading:
+    spectra = spectral.window_spectra(tile)
+    assert spectra is not None
+    reading = spectral.read_added_blur(spectra, *reference)
+    assert reading is not None
+    return reading
+
+
+def test_an_in_focus_tile_of_the_rig_reads_no_added_blur(held_out, reference) -> None:
+    assert _read(_acquire(held_out, None), reference).sigma_px < 0.8  # the `sharp` threshold
+
+
+@pytest.mark.parametrize("sigma_px", [1.0, 2.0, 3.0])
+def test_gaussian_blur_is_read_as_the_sigma_added(held_out, reference, sigma_px: float) -> None:
+    reading = _read(_acquire(held_out, BlurParams("gaussian", sigma_px)), reference)
+    assert reading.sigma_px == pytest.approx(sigma_px, rel=0.2)
+
+
+def test_astigmatism_reads_the_major_axis_and_its_angle(held_out, reference) -> None:
+    params = BlurParams("astigmatic", 2.5, anisotropy=2.5, angle_deg=30.0)
+    reading = _read(_acquire(held_out, params), reference)
+    assert reading.sigma_px == pytest.approx(2.5, rel=0.2)
+    assert reading.anisotropy > 1.5
+    assert min(abs(reading.angle_deg - 30.0), 180 - abs(reading.angle_deg - 30.0)) < 15
+
+
+def test_blur_growing_across_the_tile_is_read_where_it_is_worst(held_out, reference) -> None:
+    tilted = _acquire(held_out, BlurParams("tilted", 3.0, angle_deg=0.0))  # sharp left, 3 px right
+    reading = _read(tilted, reference)
+    assert reading.where.startswith("quadrant") and reading.where.endswith(",1")
+    assert reading.sigma_px > 1.2
+
+
+def test_contrast_does_not_read_as_blur(held_out, reference) -> None:
+    """The fit's intercept takes contrast: a low-contrast acquisition of an in-focus field is still in focus."""
+    faint = (128 + (held_out.astype(np.float32) - 128) * 0.3).round().astype(np.uint8)
+    assert _read(_acquire(faint, None), reference).sigma_px < 0.8
+
+
+def test_too_small_or_featureless_tiles_give_no_reading(reference) -> None:
+    assert spectral.window_spectra(np.full((100, 400), 7, np.uint8)) is None
+    flat = np.random.default_rng(0).normal(128, 3, (256, 256)).round().astype(np.uint8)
+    spectra = spectral.window_spectra(flat)
+    assert spectra is not None and spectral.read_added_blur(spectra, *reference) is None
+
+
+# --- the calibration carries the reference; the detector reads; apply_calibration takes the reading -------
+
+
+def test_calibrate_records_the_reference_and_the_detector_reads_against_it(rig, held_out, detector, tmp_path) -> None:
+    cal = calibrate(rig, [f"{i}.png" for i in range(5)], detector, pixel_size_nm=4.0)
+    assert cal.version == 2 and cal.mapping == "spectral" and cal.spectral is not None
+    path = tmp_path / "calibration.json"
+    save_calibration(cal, path)
+    loaded = load_calibration(path, detector.model_version)
+    assert loaded.spectral == cal.spectral
+    reference = loaded.spectral.arrays()  # type: ignore[union-attr]
+
+    blurred = _acquire(held_out, BlurParams("gaussian", 2.0))
+    plain, read = detector.assess([blurred, blurred], spectral_references=[None, reference])
+    assert plain.spectral_sigma_px is None
+    assert read.spectral_sigma_px == pytest.approx(2.0, rel=0.2)
+    assert "spectral_sigma_px" in read.to_record() and "spectral_sigma_px" not in plain.to_record()
+
+    verdict = apply_calibration(read, rig_reference(loaded, 4.0), CFG)
+    assert verdict.sigma_px == read.spectral_sigma_px and verdict.label == "soft"
+    assert "in-focus spectrum" in verdict.reason
+    # Another pixel size: the reference spectrum is in the calibration's cycles/px, so quadrature is used.
+    other = apply_calibration(read, rig_reference(loaded, 8.0), CFG)
+    assert "quadrature" in other.reason and not rig_reference(loaded, 8.0).spectral
+    assert rig_reference(loaded, 4.1).spectral  # within 5 %
+
+
+def test_a_beam_reference_keeps_the_spectral_reading(rig, held_out, detector) -> None:
+    cal = calibrate(rig, [f"{i}.png" for i in range(5)], detector)
+    beams = OnlineBaseline(CFG, cal)
+    assert beams.label_reference(3, 0.4, 4.0).spectral
+    assert not FocusReference(0.4, 0.4).spectral
+
+
+def test_empty_tiles_get_no_spectral_reading(reference, detector) -> None:
+    resin = np.random.default_rng(1).normal(120, 4, (512, 512)).round().astype(np.uint8)
+    (verdict,) = detector.assess([resin], spectral_references=[reference])
+    assert verdict.label == "empty" and verdict.spectral_sigma_px is None
+
+
+def test_small_calibration_tiles_fall_back_to_quadrature(rig, detector) -> None:
+    crops = [t[:100, :100] for t in rig]
+    cal = calibrate(crops, [f"{i}.png" for i in range(5)], detector)
+    assert cal.spectral is None and cal.mapping == "quadrature"
+
+
+def test_version_1_files_load_and_another_bin_layout_is_refused(rig, detector, tmp_path: Path) -> None:
+    cal = calibrate(rig, [f"{i}.png" for i in range(5)], detector)
+    raw = json.loads(cal.model_dump_json())
+    old = {k: v for k, v in raw.items() if k != "spectral"} | {"version": 1, "mapping": "quadrature"}
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    assert load_calibration(path).spectral is None
+    assert not rig_reference(load_calibration(path)).spectral
+
+    other = RigCalibration.model_validate(raw | {"spectral": raw["spectral"] | {"window_px": 64}})
+    with pytest.raises(CalibrationError, match="recalibrate"):
+        other.spectral.arrays()  # type: ignore[union-attr]
