@@ -257,9 +257,6 @@ def _check_one_rig(stats: Sequence[TileStats]) -> None:
             f"{noise[hi] / max(noise[lo], 1e-6):.0f}x that of {stats[lo].name} ({noise[lo]:.4f}); "
             "calibrate each rig (and detector setting) separately"
         )
-    if all(s.spectral_added_px is not None and s.spectral_isotropic_px is not None for s in stats):
-        _check_spectra_agree(stats)
-        return
     logs = _log_sigma(np.array([s.sigma_px for s in stats]))
     order = np.argsort(logs)
     gaps = np.diff(logs[order])
@@ -271,15 +268,24 @@ def _check_one_rig(stats: Sequence[TileStats]) -> None:
             f"mixed instruments or focus states: the tiles fall into two groups, sharper {low} and softer "
             f"{high}; give tiles of one rig, all in focus"
         )
+    spectral_checks = all(s.spectral_added_px is not None and s.spectral_isotropic_px is not None for s in stats)
+    if spectral_checks:
+        _check_spectra_agree(stats)
     for i, s in enumerate(stats):
         others = np.delete(logs, i)
         margin = max(OUTLIER_LOG_MARGIN, 4.0 * robust_spread(others))
         reference = float(np.exp(np.median(others)) - LOG_SIGMA_OFFSET_PX)
         added = math.sqrt(max(s.sigma_px**2 - reference**2, 0.0))
         if logs[i] - np.median(others) > margin and added > OUTLIER_ADDED_PX:
+            read = f"{s.name}: the model reads blur sigma {s.sigma_px:.2f} px against {reference:.2f} px for the other"
+            if spectral_checks:
+                # Its spectrum agrees with the others' (checked above): not blur, another instrument or unlike content.
+                raise CalibrationError(
+                    f"{read} known-good tiles, while its power spectrum agrees with theirs: a tile of another "
+                    "instrument, or content unlike the others; use tiles of one rig with typical content"
+                )
             raise CalibrationError(
-                f"{s.name}: reads blur sigma {s.sigma_px:.2f} px against {reference:.2f} px for the other "
-                f"known-good tiles (~{added:.1f} px of added blur): it looks out of focus; leave it out"
+                f"{read} known-good tiles (~{added:.1f} px of added blur): it looks out of focus; leave it out"
             )
 
 

@@ -24,6 +24,7 @@ from appliance.detection.calibration import (
 from appliance.detection.detector import BlurDetector
 from appliance.detection.online_baseline import OnlineBaseline
 from appliance.tile_io import read_tile
+from bench.detector_sources import CORPUS, centre_crop
 from models.blur_synth import DATA_DIR, BlurParams, blur_with_noise
 
 pytestmark = pytest.mark.fast
@@ -164,3 +165,18 @@ def test_version_1_files_load_and_another_bin_layout_is_refused(rig, detector, t
     other = RigCalibration.model_validate(raw | {"spectral": raw["spectral"] | {"window_px": 64}})
     with pytest.raises(CalibrationError, match="recalibrate"):
         other.spectral.arrays()  # type: ignore[union-attr]
+
+
+def test_a_tile_of_another_instrument_among_the_rigs_is_named(rig, detector) -> None:
+    corpus = CORPUS / "axondeepseg_sem_rat_spinalcord"
+    foreign = centre_crop(read_tile(sorted(p for p in corpus.glob("*.png") if p.name != "contact.png")[0]))
+    names = [f"{i}.png" for i in range(4)] + ["rat_sem.png"]
+    with pytest.raises(CalibrationError, match=r"^rat_sem\.png: .*power spectrum agrees.*another instrument"):
+        calibrate([*rig[:4], foreign], names, detector)
+
+
+def test_tiles_in_two_focus_states_are_refused_by_their_spectra(rig, detector) -> None:
+    soft = [_acquire(t, BlurParams("gaussian", 2.0), seed=i) for i, t in enumerate(rig[:4])]
+    names = [f"soft{i}.png" for i in range(4)] + ["sharp.png"]
+    with pytest.raises(CalibrationError, match=r"focus states: sharp\.png is ~\d\.\d px sharper"):
+        calibrate([*soft, rig[4]], names, detector)
