@@ -1,7 +1,8 @@
 """Blur detector benchmark on the held-out test images: learned model vs classical baselines.
 
     nice -n 10 python bench/detector_eval.py            # writes bench/results/detector_eval.json
-    nice -n 10 python bench/detector_eval.py --speed-only   # part 4 for the model only, printed
+    nice -n 10 python bench/detector_eval.py --speed-only   # part 4 for the model only (and with a spectral
+                                                            # calibration's reading), printed
 
 1. Detection: per blur family and strength, AUROC (blurred vs sharp) and accuracy of the learned model,
    the runtime's classical fallback (re-blur) and the classical focus metrics (variance of Laplacian,
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO))  # models/ is not installed
 
 from appliance.config import DetectorConfig  # noqa: E402
 from appliance.detection.detector import BLUR_DETECTOR_MODEL, BlurDetector  # noqa: E402
+from appliance.detection.spectral import SpectralReferenceArrays, reference_log_power, window_spectra  # noqa: E402
 from bench.focus_metrics import BASELINES  # noqa: E402
 from models.blur_synth import (  # noqa: E402
     FAMILIES,
@@ -125,8 +127,17 @@ def content_tiles(rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
     }
 
 
-def bench_speed(detector: BlurDetector, seconds: float, batch: int) -> dict[str, float]:
-    """tiles/s of assess() on 2400x2400 uint8 and 1700x1700 uint16 tiles (mosaics of test images)."""
+def rig_spectrum() -> SpectralReferenceArrays:
+    """An in-focus spectral reference (ISBI train images 0-4), as a spectral rig calibration holds one."""
+    spectra = [window_spectra(load_image(p)) for p in load_split("train")[:5]]
+    return reference_log_power([s for s in spectra if s is not None])
+
+
+def bench_speed(
+    detector: BlurDetector, seconds: float, batch: int, reference: SpectralReferenceArrays | None = None
+) -> dict[str, float]:
+    """tiles/s of assess() on 2400x2400 uint8 and 1700x1700 uint16 tiles (mosaics of test images); with
+    `reference`, each tile is also read against that in-focus spectrum (a calibrated rig's replica)."""
     images = [load_image(p) for p in load_split("test")]
     mosaic = np.block([[images[(r + c) % 4] for c in range(5)] for r in range(5)])
     tiles = {
@@ -135,10 +146,11 @@ def bench_speed(detector: BlurDetector, seconds: float, batch: int) -> dict[str,
     }
     result = {}
     for name, tile in tiles.items():
-        detector.assess([tile] * batch)  # warm-up (session, allocations)
+        references = [reference] * batch
+        detector.assess([tile] * batch, spectral_references=references)  # warm-up (session, allocations)
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            detector.assess([tile] * batch)
+            detector.assess([tile] * batch, spectral_references=references)
             n += batch
         result[name] = n / (time.perf_counter() - start)
         result[f"{name}_mb"] = tile.nbytes / 1e6
@@ -165,8 +177,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.speed_only:
         speed_model = BlurDetector.from_config(DetectorConfig(backend="onnx", model_path=args.model))
+        spectrum = rig_spectrum()
         for batch in (1, 4):
             print(f"batch {batch}:", json.dumps(bench_speed(speed_model, args.speed_seconds, batch)), flush=True)
+            spectral_speed = bench_speed(speed_model, args.speed_seconds, batch, spectrum)
+            print(f"batch {batch}, spectral calibration:", json.dumps(spectral_speed), flush=True)
         return
 
     cfg = DetectorConfig()
@@ -235,6 +250,7 @@ def main() -> None:
     if model:
         speed["model_batch1"] = bench_speed(model, args.speed_seconds, 1)
         speed["model_batch4"] = bench_speed(model, args.speed_seconds, 4)
+        speed["model_batch1_spectral"] = bench_speed(model, args.speed_seconds, 1, rig_spectrum())
         speed["model_providers"] = model.backend.providers  # type: ignore[attr-defined]
     speed["classical_reblur_batch1"] = bench_speed(classical, args.speed_seconds / 2, 1)
     for name, metric in BASELINES.items():

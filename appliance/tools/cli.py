@@ -208,6 +208,11 @@ def calibrate(
         f"{calibration.contrast_polarity}, {calibration.dtype}, pixel size "
         + ("unknown" if calibration.pixel_size_nm is None else f"{calibration.pixel_size_nm:g} nm")
     )
+    if calibration.spectral is None:
+        typer.echo("no spectral reference (tiles < 128 px or too little structure above the noise): quadrature rule")
+    else:
+        usable = sum(calibration.spectral.usable)
+        typer.echo(f"spectral reference: the rig's in-focus power spectrum ({usable} usable frequency bins)")
     typer.echo(f"written {out}; use it: detector.calibration: {out.resolve()} in rig.yaml, or --calibration {out}")
 
 
