@@ -100,6 +100,14 @@ class TileStats(_Strict):
     )
 
 
+_LAYOUT_FIELDS = ("window_px", "radial_bins", "angular_bins", "f_min", "f_max")
+
+
+def _running_layout() -> tuple[int, int, int, float, float]:
+    """How this appliance bins spectra, in _LAYOUT_FIELDS order: a reference binned otherwise is refused."""
+    return spectral.WINDOW_PX, spectral.RADIAL_BINS, spectral.ANGULAR_BINS, spectral.F_MIN, spectral.F_MAX
+
+
 class SpectralReference(_Strict):
     """The rig's in-focus log signal power per polar frequency bin (appliance.detection.spectral)."""
 
@@ -120,20 +128,12 @@ class SpectralReference(_Strict):
     def from_tiles(cls, tiles: Sequence[spectral.WindowSpectra]) -> SpectralReference:
         """The reference of the known-good tiles' window spectra, in the running layout."""
         log_power, usable = spectral.reference_log_power(tiles)
-        return cls(
-            window_px=spectral.WINDOW_PX,
-            radial_bins=spectral.RADIAL_BINS,
-            angular_bins=spectral.ANGULAR_BINS,
-            f_min=spectral.F_MIN,
-            f_max=spectral.F_MAX,
-            log_power=[round(float(v), 6) for v in log_power],
-            usable=[bool(u) for u in usable],
-        )
+        layout = dict(zip(_LAYOUT_FIELDS, _running_layout(), strict=True))
+        return cls(**layout, log_power=[round(float(v), 6) for v in log_power], usable=[bool(u) for u in usable])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(log power, usable) for BlurDetector.use_spectral_reference; CalibrationError for another layout."""
-        layout = (self.window_px, self.radial_bins, self.angular_bins, self.f_min, self.f_max)
-        running = (spectral.WINDOW_PX, spectral.RADIAL_BINS, spectral.ANGULAR_BINS, spectral.F_MIN, spectral.F_MAX)
+        layout, running = tuple(getattr(self, f) for f in _LAYOUT_FIELDS), _running_layout()
         if layout != running:
             raise CalibrationError(f"spectral reference binned as {layout}, this appliance bins {running}; recalibrate")
         return np.array(self.log_power, dtype=np.float64), np.array(self.usable, dtype=bool)
