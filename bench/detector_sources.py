@@ -54,10 +54,9 @@ from appliance.detection.calibration import (  # noqa: E402
     RigCalibration,
     apply_calibration,
     calibrate,
-    is_judged,
     noise_level,
 )
-from appliance.detection.detector import BlurDetector, verdict_with_reading  # noqa: E402
+from appliance.detection.detector import BlurDetector, is_judged, verdict_with_reading  # noqa: E402
 from appliance.detection.spectral import WindowSpectra, window_spectra  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
 from appliance.tile_io import read_tile  # noqa: E402
@@ -452,8 +451,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "AUROC of the tile sigma, sharp vs blurred, per blur strength (all families; uncalibrated, "
-        "which calibration cannot change):",
+        "AUROC of the model's tile sigma, sharp vs blurred, per blur strength (all families; uncalibrated, "
+        "the model alone):",
         "",
         "| source | " + " | ".join(f"{s} px" for s in SIGMAS) + " |",
         "|---|" + "---|" * len(SIGMAS),

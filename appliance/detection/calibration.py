@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.config import ConfigError, DetectorConfig
 from appliance.detection import spectral
-from appliance.detection.detector import LOG_SIGMA_OFFSET_PX, BlurDetector, label_for_sigma
+from appliance.detection.detector import LOG_SIGMA_OFFSET_PX, BlurDetector, is_judged, label_for_sigma
 from appliance.messages import BlurAssessment, blur_score_from_sigma, sigma_from_blur_score
 from appliance.noise import MAD_TO_SD, patch_noise_sigma
 from appliance.tile_io import TileError, check_tile_pixels
@@ -442,11 +442,6 @@ def rig_reference(calibration: RigCalibration, pixel_size_nm: float | None = Non
         scale_to_pixel_size(calibration.region_baseline_sigma_px, cal_nm, pixel_size_nm),
         spectral=calibration.spectral is not None and same_scale,
     )
-
-
-def is_judged(assessment: BlurAssessment) -> bool:
-    """Whether the verdict carries a focus reading to calibrate (not `empty`, not "not judgeable")."""
-    return assessment.label != "empty" and not assessment.reason.startswith("not judgeable")
 
 
 def apply_calibration(

@@ -282,7 +282,10 @@ class BlurDetector:
                 beyond_sigma_px=self.cfg.max_restorable_sigma_px,
             )
             estimate = aggregate(part, cells, tensors[start:stop], self._unit_weight, self._c2, tissue, local)
-            results.append(with_spectral_reading(self._verdict(estimate), np.asarray(tile), reference))
+            verdict = self._verdict(estimate)
+            if reference is not None and is_judged(verdict):
+                verdict = verdict_with_reading(verdict, window_spectra(np.asarray(tile)), reference)
+            results.append(verdict)
             start = stop
         return results
 
@@ -345,13 +348,9 @@ class BlurDetector:
         )
 
 
-def with_spectral_reading(
-    verdict: BlurAssessment, tile: np.ndarray, reference: SpectralReferenceArrays | None
-) -> BlurAssessment:
-    """The verdict with spectral_sigma_px when there is a reference and the tile is judged and large enough."""
-    if reference is None or verdict.label == "empty" or verdict.reason.startswith("not judgeable"):
-        return verdict
-    return verdict_with_reading(verdict, window_spectra(tile), reference)
+def is_judged(verdict: BlurAssessment) -> bool:
+    """Whether a verdict carries a focus reading (not `empty`, not "not judgeable")."""
+    return verdict.label != "empty" and not verdict.reason.startswith("not judgeable")
 
 
 def verdict_with_reading(

@@ -38,10 +38,9 @@ from appliance.detection.calibration import (
     FocusReference,
     RigCalibration,
     apply_calibration,
-    is_judged,
     rig_reference,
 )
-from appliance.detection.detector import LOG_SIGMA_OFFSET_PX
+from appliance.detection.detector import LOG_SIGMA_OFFSET_PX, is_judged
 from appliance.messages import FOCUS_DRIFT, FOCUS_OK, NO_BEAM, BlurAssessment, FocusAlarmKind, FocusDriftAlarm
 
 # A drifting beam is back in focus once its drift is within this fraction of the threshold.
