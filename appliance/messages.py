@@ -52,6 +52,8 @@ class BlurAssessment:
         from: the rig's, or the tile's beam's own (docs/calibration.md); None for an uncalibrated verdict.
     spectral_sigma_px: blur added to the rig's in-focus power spectrum (px, major axis), read when the detector
         holds a rig calibration with a spectral reference (appliance.detection.spectral); None otherwise.
+    spectral_spot_sigma_px: for a partial-blur retake read with a spectral reference, the largest single-window
+        reading around the region it names (px): what confirms the spot against the rig's spectrum.
     """
 
     blur_score: float
@@ -64,11 +66,12 @@ class BlurAssessment:
     model_version: str = ""
     baseline_sigma_px: float | None = None
     spectral_sigma_px: float | None = None
+    spectral_spot_sigma_px: float | None = None
 
     def to_record(self) -> dict[str, Any]:
         """Plain dict for JSON/msgpack (QC record, CLI output); the calibrated fields only when set."""
         record = asdict(self)
-        for key in ("baseline_sigma_px", "spectral_sigma_px"):
+        for key in ("baseline_sigma_px", "spectral_sigma_px", "spectral_spot_sigma_px"):
             if record[key] is None:
                 del record[key]
         return record

@@ -71,6 +71,11 @@ class QcTileRecord(_Line):
         description="With a spectral rig calibration only (else absent): blur added to the rig's in-focus power "
         "spectrum, px (docs/calibration.md).",
     )
+    spectral_spot_sigma_px: float | None = Field(
+        None,
+        description="A partial-blur retake read with a spectral calibration only: the largest reading around the "
+        "region it names, px (docs/calibration.md).",
+    )
     deblur_version: str | None = None
     error: str | None = None
     timings_s: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, total_s included.")

@@ -13,6 +13,9 @@ the centre, on an edge and in a corner (aligned with the detector's 8x8 cells of
 the tile's edges. Target (issue 14): every region of at least 1/16 labelled `retake`, with the named
 region row/col inside the blurred area; 1/64 need not be caught. Controls: the same mosaics in focus
 must be `sharp`; uniformly blurred at 1.5 px must be `soft`.
+
+`--calibrated` (writes detector_local_blur_calibrated.json): the same tiles judged as a rig calibrated on 5
+in-focus ISBI train tiles (spectral reference, appliance.detection.calibration), as the ingest does.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # models/ is not installed
 
 from appliance.config import DetectorConfig  # noqa: E402
+from appliance.detection.calibration import apply_to_all, calibrate  # noqa: E402
 from appliance.detection.detector import GRID, BlurDetector  # noqa: E402
+from appliance.messages import BlurAssessment  # noqa: E402
 from models.blur_synth import (  # noqa: E402
     BlurParams,
     add_sem_noise,
@@ -105,14 +110,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mosaics", type=int, default=4)
     parser.add_argument("--backend", choices=["onnx", "classical"], default="onnx")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "detector_local_blur.json")
+    parser.add_argument("--out", type=Path, help="default bench/results/detector_local_blur[_calibrated].json")
+    parser.add_argument("--calibrated", action="store_true", help="judge as a calibrated rig (module docstring)")
     args = parser.parse_args()
-    detector = BlurDetector.from_config(DetectorConfig(backend=args.backend))
+    name = "detector_local_blur_calibrated.json" if args.calibrated else "detector_local_blur.json"
+    args.out = args.out or REPO / "bench" / "results" / name
+    cfg = DetectorConfig(backend=args.backend)
+    detector = BlurDetector.from_config(cfg)
     rng = np.random.default_rng(20261126)
+    calibration = None
+    if args.calibrated:
+        known_good = [acquire(to_unit_float(load_image(p)), rng) for p in load_split("train")[:5]]
+        calibration = calibrate(known_good, [p.name for p in load_split("train")[:5]], detector)
+    reference = None if calibration is None or calibration.spectral is None else calibration.spectral.arrays()
+
+    def judge(tiles: list[np.ndarray]) -> list[BlurAssessment]:
+        verdicts = detector.assess(tiles, spectral_references=[reference] * len(tiles))
+        return apply_to_all(verdicts, calibration, cfg)
+
     bases = mosaics(args.mosaics)
     rows = []
-    sharp = detector.assess([acquire(b, rng) for b in bases])
-    soft = detector.assess([acquire(apply_blur(b, BlurParams("gaussian", 1.5)), rng) for b in bases])
+    sharp = judge([acquire(b, rng) for b in bases])
+    soft = judge([acquire(apply_blur(b, BlurParams("gaussian", 1.5)), rng) for b in bases])
     rows.append(_control("in focus (control)", "sharp", sharp))
     rows.append(_control("uniform sigma 1.5 px (control)", "soft", soft))
     for sigma in (4.0, 6.0):
@@ -120,7 +139,7 @@ def main() -> None:
         for name, (share, *box) in region_boxes().items():
             mask = feathered_mask(tuple(box))  # type: ignore[arg-type]
             tiles = [acquire(mask * bl + (1.0 - mask) * b, rng) for b, bl in zip(bases, blurred, strict=True)]
-            verdicts = detector.assess(tiles)
+            verdicts = judge(tiles)
             retake = [v.label == "retake" for v in verdicts]
             named = [v.label == "retake" and named_cell_inside(v.reason, tuple(box)) for v in verdicts]  # type: ignore[arg-type]
             rows.append(
@@ -137,7 +156,12 @@ def main() -> None:
                 }
             )
             print(_line(rows[-1]), flush=True)
-    result = {"command": " ".join(["python", *sys.argv]), "model_version": detector.model_version, "rows": rows}
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "model_version": detector.model_version,
+        "calibrated": calibration is not None,
+        "rows": rows,
+    }
     print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

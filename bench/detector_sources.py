@@ -56,7 +56,7 @@ from appliance.detection.calibration import (  # noqa: E402
     calibrate,
     noise_level,
 )
-from appliance.detection.detector import BlurDetector, is_judged, verdict_with_reading  # noqa: E402
+from appliance.detection.detector import PARTIAL_BLUR, BlurDetector, is_judged, verdict_with_reading  # noqa: E402
 from appliance.detection.spectral import WindowSpectra, window_spectra  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
 from appliance.tile_io import read_tile  # noqa: E402
@@ -159,7 +159,9 @@ def render_with_rig_noise(tile: np.ndarray, params: BlurParams | None, rng: np.r
 @dataclass
 class Rendered:
     """Assessments of one source: sharp[i], blurred[i][(family, sigma)] for sharp tile i, soft[j]; *_spectra:
-    each rendered tile's window spectra, so that each calibration draw reads them against its own reference."""
+    each rendered tile's window spectra, so that each calibration draw reads them against its own reference;
+    spots: the pixels of the tiles the model calls partial blur beyond repair, by id() of their assessment (the
+    detector reads the spot's spectrum against each draw's reference)."""
 
     sharp: list[BlurAssessment]
     blurred: list[dict[tuple[str, float], BlurAssessment]]
@@ -167,29 +169,51 @@ class Rendered:
     sharp_spectra: list[WindowSpectra | None]
     blurred_spectra: list[dict[tuple[str, float], WindowSpectra | None]]
     soft_spectra: list[WindowSpectra | None]
+    spots: dict[int, np.ndarray]
 
 
 def render_and_assess(source: Source, detector: BlurDetector, rng: np.random.Generator) -> Rendered:
     """Run the detector on the source's sharp tiles, their blurred copies and its soft tiles."""
+    spots: dict[int, np.ndarray] = {}
+
+    def judge(tiles: list[np.ndarray]) -> list[BlurAssessment]:
+        verdicts = detector.assess(tiles)
+        spots.update({id(v): t for v, t in zip(verdicts, tiles, strict=True) if v.reason.startswith(PARTIAL_BLUR)})
+        return verdicts
+
     tiles = [t for _, t in source.tiles]
-    sharp = detector.assess(tiles)
+    sharp = judge(tiles)
     blurred, blurred_spectra = [], []
     for tile in tiles:
         keys = [(f, s) for f in FAMILIES for s in SIGMAS]
         batch = [blur_with_rig_noise(tile, f, s, rng) for f, s in keys]
-        blurred.append(dict(zip(keys, detector.assess(batch), strict=True)))
+        blurred.append(dict(zip(keys, judge(batch), strict=True)))
         blurred_spectra.append({k: window_spectra(t) for k, t in zip(keys, batch, strict=True)})
     soft_tiles = [t for _, t in source.soft]
-    soft = detector.assess(soft_tiles) if soft_tiles else []
+    soft = judge(soft_tiles) if soft_tiles else []
     spectra = [window_spectra(t) for t in tiles]
-    return Rendered(sharp, blurred, soft, spectra, blurred_spectra, [window_spectra(t) for t in soft_tiles])
+    soft_spectra = [window_spectra(t) for t in soft_tiles]
+    return Rendered(sharp, blurred, soft, spectra, blurred_spectra, soft_spectra, spots)
 
 
-def calibrated(assessment: BlurAssessment, spectra: WindowSpectra | None, cal: RigCalibration, cfg: DetectorConfig):
-    """The runtime's calibrated verdict: the spectral reading against cal's reference (when it has one), then
-    apply_calibration, as the ingest does with the reading its detector replica took."""
+def calibrated(
+    assessment: BlurAssessment,
+    spectra: WindowSpectra | None,
+    cal: RigCalibration,
+    cfg: DetectorConfig,
+    rendered: Rendered,
+    detector: BlurDetector,
+) -> BlurAssessment:
+    """The runtime's calibrated verdict: the spectral reading against cal's reference (when it has one; for a
+    partial-blur retake the detector's own reading, spot included), then apply_calibration, as the ingest does
+    with the reading its detector replica took."""
     if cal.spectral is not None and is_judged(assessment):
-        assessment = verdict_with_reading(assessment, spectra, cal.spectral.arrays())
+        reference = cal.spectral.arrays()
+        spot = rendered.spots.get(id(assessment))
+        if spot is not None:
+            (assessment,) = detector.assess([spot], spectral_references=[reference])
+        else:
+            assessment = verdict_with_reading(assessment, spectra, reference)
     return apply_calibration(assessment, cal, cfg)
 
 
@@ -266,11 +290,13 @@ def calibrated_draw(
     except CalibrationError as exc:
         return {"calibration_tiles": names, "refused": str(exc)}
     rest = [i for i in range(len(source.tiles)) if i not in chosen]
-    sharp = [calibrated(rendered.sharp[i], rendered.sharp_spectra[i], cal, cfg) for i in rest]
+    sharp = [calibrated(rendered.sharp[i], rendered.sharp_spectra[i], cal, cfg, rendered, detector) for i in rest]
     by_tile = []
     for i in rest:
         spectra = rendered.blurred_spectra[i]
-        by_tile.append({k: calibrated(a, spectra[k], cal, cfg) for k, a in rendered.blurred[i].items()})
+        by_tile.append(
+            {k: calibrated(a, spectra[k], cal, cfg, rendered, detector) for k, a in rendered.blurred[i].items()}
+        )
     blurred = [a for d in by_tile for a in d.values()]
     out = score_labels(sharp, blurred)
     # The spectral reading is not a function of the model's sigma: the AUROC is that of the calibrated sigma.
@@ -302,7 +328,7 @@ def calibrated_draw(
         out["soft_called_sharp"] = float(
             np.mean(
                 [
-                    calibrated(a, spectra, cal, cfg).label == "sharp"
+                    calibrated(a, spectra, cal, cfg, rendered, detector).label == "sharp"
                     for a, spectra in zip(rendered.soft, rendered.soft_spectra, strict=True)
                 ]
             )

@@ -46,7 +46,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.config import ConfigError, DetectorConfig
 from appliance.detection import spectral
-from appliance.detection.detector import LOG_SIGMA_OFFSET_PX, BlurDetector, is_judged, label_for_sigma
+from appliance.detection.detector import (
+    LOG_SIGMA_OFFSET_PX,
+    PARTIAL_BLUR,
+    BlurDetector,
+    is_judged,
+    label_for_sigma,
+)
 from appliance.messages import BlurAssessment, blur_score_from_sigma, sigma_from_blur_score
 from appliance.noise import MAD_TO_SD, patch_noise_sigma
 from appliance.tile_io import TileError, check_tile_pixels
@@ -474,6 +480,10 @@ def apply_calibration(
             f"(quadrature), added blur {sigma:.2f} px"
         )
     label = label_for_sigma(sigma, cfg)
+    if label != "retake" and _local_blur_beyond_repair(assessment, baseline, reference.spectral, cfg):
+        # The spectrum reads the tile and its quadrants; a 1/16 spot beyond repair is the model's to find (its
+        # local windows), confirmed by the windows' own spectra around it (folds and charging fool the model).
+        label = "retake"
     reason = note
     if label == "retake" and assessment.label == "retake" and assessment.reason:
         reason = f"{assessment.reason}; {note}"  # e.g. partial blur: the region wording still holds
@@ -491,6 +501,18 @@ def apply_calibration(
         reason=reason,
         baseline_sigma_px=round(baseline, 3),
     )
+
+
+def _local_blur_beyond_repair(
+    assessment: BlurAssessment, baseline_px: float, spectral: bool, cfg: DetectorConfig
+) -> bool:
+    """The model's own retake for blur beyond repair in part of the tile, still beyond repair above the baseline
+    and, with a spectral reference, around the region it names (no reading there: as blurred as can be)."""
+    limit = cfg.max_restorable_sigma_px
+    partial = assessment.label == "retake" and assessment.reason.startswith(PARTIAL_BLUR)
+    spot = assessment.spectral_spot_sigma_px
+    confirmed = not spectral or spot is None or spot > limit
+    return partial and confirmed and float(added_blur_px(assessment.sigma_px, baseline_px)) > limit
 
 
 def apply_to_all(

@@ -37,7 +37,13 @@ from appliance.detection.backends import ClassicalBackend, OnnxBackend, PatchBac
 from appliance.detection.local_blur import worst_window
 from appliance.detection.patches import GRID, extract_patches
 from appliance.detection.psf_shape import psf_shape, structure_tensors
-from appliance.detection.spectral import SpectralReferenceArrays, WindowSpectra, read_added_blur, window_spectra
+from appliance.detection.spectral import (
+    SpectralReferenceArrays,
+    WindowSpectra,
+    read_added_blur,
+    read_around,
+    window_spectra,
+)
 from appliance.detection.tissue import MIN_TISSUE_CELLS, patch_tissue, tissue_cells
 from appliance.messages import BlurAssessment, TileLabel, blur_score_from_sigma
 from appliance.noise import patch_noise_sigma
@@ -285,6 +291,10 @@ class BlurDetector:
             verdict = self._verdict(estimate)
             if reference is not None and is_judged(verdict):
                 verdict = verdict_with_reading(verdict, window_spectra(np.asarray(tile)), reference)
+                if verdict.label == "retake" and verdict.reason.startswith(PARTIAL_BLUR):
+                    verdict = replace(
+                        verdict, spectral_spot_sigma_px=_spot_reading(np.asarray(tile), estimate.worst_cell, reference)
+                    )
             results.append(verdict)
             start = stop
         return results
@@ -310,7 +320,7 @@ class BlurDetector:
             )
             if est.best_sigma_px <= cfg.max_restorable_sigma_px:
                 reason = (
-                    f"partial blur: region row {r} col {c} of the {GRID}x{GRID} map{where} has blur sigma "
+                    f"{PARTIAL_BLUR}: region row {r} col {c} of the {GRID}x{GRID} map{where} has blur sigma "
                     f"~{est.sigma_px:.1f} px (restorable up to {cfg.max_restorable_sigma_px:g} px) while "
                     f"the best region has ~{est.best_sigma_px:.1f} px: tilted or non-flat section?"
                 )
@@ -353,6 +363,14 @@ def is_judged(verdict: BlurAssessment) -> bool:
     return verdict.label != "empty" and not verdict.reason.startswith("not judgeable")
 
 
+def _spot_reading(tile: np.ndarray, cell: tuple[int, int], reference: SpectralReferenceArrays) -> float | None:
+    """The largest spectral reading within a cell of the named region cell (row, col) of the GRID x GRID map."""
+    h, w = tile.shape
+    centre = ((cell[0] + 0.5) * h / GRID, (cell[1] + 0.5) * w / GRID)
+    reading = read_around(tile, centre, 1.5 * max(h, w) / GRID, reference)
+    return None if reading is None else round(reading, 3)
+
+
 def verdict_with_reading(
     verdict: BlurAssessment, spectra: WindowSpectra | None, reference: SpectralReferenceArrays
 ) -> BlurAssessment:
@@ -377,6 +395,9 @@ def _learned_model_path(cfg: DetectorConfig) -> Path | None:
         )
     return model_path
 
+
+# How a retake for blur beyond repair in part of the tile (a region or a local window) starts its reason.
+PARTIAL_BLUR = "partial blur"
 
 # The learned model's weight is 1/variance of log-sigma; a patch whose log-sigma is known to +-0.3
 # (about +-35 % in sigma) counts as one reliable patch.

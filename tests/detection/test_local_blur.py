@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from appliance.config import DetectorConfig
+from appliance.detection.calibration import apply_calibration, calibrate
 from appliance.detection.detector import BlurDetector
 from appliance.detection.patches import PATCH, patch_lattice
 from models.blur_synth import BlurParams, add_sem_noise, apply_blur, load_image, load_split, quantize, to_unit_float
@@ -81,6 +82,24 @@ def test_one_sixteenth_anywhere_on_a_multisem_tile_is_retake_named_inside(
     assert y0 < (row + 1) * cell and row * cell < y0 + h and x0 < (col + 1) * cell and col * cell < x0 + w, (
         verdict.reason
     )
+
+
+def test_a_calibrated_rig_keeps_the_spot_retake_its_spectrum_confirms(mosaic: np.ndarray) -> None:
+    """With a spectral calibration the tile reads from its spectrum, which a 1/16 spot barely moves; the model's
+    spot claim stands because the windows around it read beyond repair against the rig's spectrum too."""
+    detector = BlurDetector.from_config(DetectorConfig())
+    known_good = [
+        quantize(add_sem_noise(to_unit_float(load_image(p)), np.random.default_rng(i), 300.0, 0.005), np.uint8)
+        for i, p in enumerate(load_split("train")[:5])
+    ]
+    calibration = calibrate(known_good, [f"k{i}" for i in range(5)], detector)
+    assert calibration.spectral is not None
+    tile = _with_blurred_box(mosaic, (450, 1650, 600, 600), 6.0, 11)
+    (raw,) = detector.assess([tile], spectral_references=[calibration.spectral.arrays()])
+    assert raw.spectral_spot_sigma_px is not None and raw.spectral_spot_sigma_px > 3.0, raw
+    assert raw.spectral_sigma_px is not None and raw.spectral_sigma_px < 3.0  # the tile reading alone would miss it
+    verdict = apply_calibration(raw, calibration, DetectorConfig())
+    assert verdict.label == "retake" and verdict.reason.startswith("partial blur: region row"), verdict.reason
 
 
 def test_an_in_focus_multisem_tile_and_a_small_spot_stay_sharp(mosaic: np.ndarray) -> None:

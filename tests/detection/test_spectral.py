@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from appliance.detection.calibration import (
 )
 from appliance.detection.detector import BlurDetector
 from appliance.detection.online_baseline import OnlineBaseline
+from appliance.messages import BlurAssessment
 from appliance.tile_io import read_tile
 from bench.detector_sources import CORPUS, centre_crop
 from models.blur_synth import DATA_DIR, BlurParams, blur_with_noise
@@ -180,3 +182,19 @@ def test_tiles_in_two_focus_states_are_refused_by_their_spectra(rig, detector) -
     names = [f"soft{i}.png" for i in range(4)] + ["sharp.png"]
     with pytest.raises(CalibrationError, match=r"focus states: sharp\.png is ~\d\.\d px sharper"):
         calibrate([*soft, rig[4]], names, detector)
+
+
+def test_the_models_spot_retake_stands_only_where_the_spot_reads_beyond_repair_in_its_spectrum() -> None:
+    """The spectrum reads the tile and its quadrants; a 1/16 spot beyond repair is the model's local windows', and
+    the windows' own spectra around the spot confirm it (folds and charging make the model claim spots)."""
+    reference = FocusReference(0.5, 0.5, spectral=True)
+    regions = [[0.2] * 8 for _ in range(8)]
+    spot = BlurAssessment(
+        0.9, "retake", 6.0, region_scores=regions, reason="partial blur: region row 4 col 4 ...", spectral_sigma_px=0.5
+    )
+    confirmed = apply_calibration(replace(spot, spectral_spot_sigma_px=5.2), reference, CFG)
+    assert confirmed.label == "retake" and confirmed.reason.startswith("partial blur: region row 4 col 4")
+    assert apply_calibration(replace(spot, spectral_spot_sigma_px=0.9), reference, CFG).label == "sharp"
+    # A whole tile the model over-reads (another instrument) is judged by its spectrum.
+    over_read = replace(spot, reason="blur sigma ~6.0 px exceeds the restorable limit 3 px: refocus")
+    assert apply_calibration(over_read, reference, CFG).label == "sharp"
