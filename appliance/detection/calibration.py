@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -120,9 +120,11 @@ class SpectralReference(_Strict):
     window_px: int = Field(description="Window side the spectra were taken on, px.")
     radial_bins: int
     angular_bins: int
-    f_min: float = Field(description="Lowest frequency binned, cycles/px.")
-    f_max: float = Field(description="Highest frequency binned, cycles/px.")
-    log_power: list[float] = Field(description="Median over the known-good tiles of log(power - noise) per bin.")
+    f_min: float = Field(allow_inf_nan=False, description="Lowest frequency binned, cycles/px.")
+    f_max: float = Field(allow_inf_nan=False, description="Highest frequency binned, cycles/px.")
+    log_power: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        description="Median over the known-good tiles of log(power - noise) per bin."
+    )
     usable: list[bool] = Field(description="Bins where most known-good tiles have signal above their noise.")
 
     def model_post_init(self, __context: object) -> None:

@@ -198,3 +198,13 @@ def test_the_models_spot_retake_stands_only_where_the_spot_reads_beyond_repair_i
     # A whole tile the model over-reads (another instrument) is judged by its spectrum.
     over_read = replace(spot, reason="blur sigma ~6.0 px exceeds the restorable limit 3 px: refocus")
     assert apply_calibration(over_read, reference, CFG).label == "sharp"
+
+
+def test_a_spectral_reference_with_non_finite_values_is_refused_naming_the_file(rig, detector, tmp_path) -> None:
+    cal = calibrate(rig, [f"{i}.png" for i in range(5)], detector)
+    raw = json.loads(cal.model_dump_json())
+    raw["spectral"]["log_power"][3] = float("nan")
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(raw))  # json writes NaN, as a hand-edited or corrupted file could hold
+    with pytest.raises(CalibrationError, match=r"(?s)nan\.json: not a valid rig calibration.*log_power.*finite"):
+        load_calibration(path)
