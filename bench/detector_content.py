@@ -139,7 +139,7 @@ def source_content(
         cal, calibration = None, {"tiles": names, "refused": str(exc)}
     # With the calibration's spectral reference each judged tile also carries its spectral reading, which
     # apply_calibration takes (the runtime's rule); the uncalibrated labels are the model's own either way.
-    reference = None if cal is None or cal.spectral is None else cal.spectral.arrays()
+    reference = None if cal is None else cal.spectral_arrays()
 
     def judge(tiles: list[np.ndarray]) -> list[BlurAssessment]:
         return detector.assess(tiles, spectral_references=[reference] * len(tiles))

@@ -122,7 +122,7 @@ def main() -> None:
     if args.calibrated:
         known_good = [acquire(to_unit_float(load_image(p)), rng) for p in load_split("train")[:5]]
         calibration = calibrate(known_good, [p.name for p in load_split("train")[:5]], detector)
-    reference = None if calibration is None or calibration.spectral is None else calibration.spectral.arrays()
+    reference = None if calibration is None else calibration.spectral_arrays()
 
     def judge(tiles: list[np.ndarray]) -> list[BlurAssessment]:
         verdicts = detector.assess(tiles, spectral_references=[reference] * len(tiles))

@@ -57,7 +57,7 @@ from appliance.detection.calibration import (  # noqa: E402
     noise_level,
 )
 from appliance.detection.detector import PARTIAL_BLUR, BlurDetector, is_judged, verdict_with_reading  # noqa: E402
-from appliance.detection.spectral import WindowSpectra, window_spectra  # noqa: E402
+from appliance.detection.spectral import SpectralReferenceArrays, WindowSpectra, window_spectra  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
 from appliance.tile_io import read_tile  # noqa: E402
 from bench.detector_eval import auroc, blur_params  # noqa: E402
@@ -196,25 +196,29 @@ def render_and_assess(source: Source, detector: BlurDetector, rng: np.random.Gen
     return Rendered(sharp, blurred, soft, spectra, blurred_spectra, soft_spectra, spots)
 
 
-def calibrated(
-    assessment: BlurAssessment,
-    spectra: WindowSpectra | None,
-    cal: RigCalibration,
-    cfg: DetectorConfig,
-    rendered: Rendered,
-    detector: BlurDetector,
-) -> BlurAssessment:
-    """The runtime's calibrated verdict: the spectral reading against cal's reference (when it has one; for a
-    partial-blur retake the detector's own reading, spot included), then apply_calibration, as the ingest does
-    with the reading its detector replica took."""
-    if cal.spectral is not None and is_judged(assessment):
-        reference = cal.spectral.arrays()
-        spot = rendered.spots.get(id(assessment))
-        if spot is not None:
-            (assessment,) = detector.assess([spot], spectral_references=[reference])
-        else:
-            assessment = verdict_with_reading(assessment, spectra, reference)
-    return apply_calibration(assessment, cal, cfg)
+@dataclass(frozen=True)
+class CalibratedJudge:
+    """The runtime's calibrated verdicts for one calibration draw: each tile read against the draw's spectral
+    reference (computed once here), then apply_calibration, as the ingest does with its replica's reading."""
+
+    cal: RigCalibration
+    cfg: DetectorConfig
+    rendered: Rendered
+    detector: BlurDetector
+    reference: SpectralReferenceArrays | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reference", self.cal.spectral_arrays())
+
+    def __call__(self, assessment: BlurAssessment, spectra: WindowSpectra | None) -> BlurAssessment:
+        """For a partial-blur retake the detector reads the tile again, its spot included."""
+        if self.reference is not None and is_judged(assessment):
+            spot = self.rendered.spots.get(id(assessment))
+            if spot is not None:
+                (assessment,) = self.detector.assess([spot], spectral_references=[self.reference])
+            else:
+                assessment = verdict_with_reading(assessment, spectra, self.reference)
+        return apply_calibration(assessment, self.cal, self.cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,13 +294,12 @@ def calibrated_draw(
     except CalibrationError as exc:
         return {"calibration_tiles": names, "refused": str(exc)}
     rest = [i for i in range(len(source.tiles)) if i not in chosen]
-    sharp = [calibrated(rendered.sharp[i], rendered.sharp_spectra[i], cal, cfg, rendered, detector) for i in rest]
+    calibrated = CalibratedJudge(cal, cfg, rendered, detector)
+    sharp = [calibrated(rendered.sharp[i], rendered.sharp_spectra[i]) for i in rest]
     by_tile = []
     for i in rest:
         spectra = rendered.blurred_spectra[i]
-        by_tile.append(
-            {k: calibrated(a, spectra[k], cal, cfg, rendered, detector) for k, a in rendered.blurred[i].items()}
-        )
+        by_tile.append({k: calibrated(a, spectra[k]) for k, a in rendered.blurred[i].items()})
     blurred = [a for d in by_tile for a in d.values()]
     out = score_labels(sharp, blurred)
     # The spectral reading is not a function of the model's sigma: the AUROC is that of the calibrated sigma.
@@ -328,7 +331,7 @@ def calibrated_draw(
         out["soft_called_sharp"] = float(
             np.mean(
                 [
-                    calibrated(a, spectra, cal, cfg, rendered, detector).label == "sharp"
+                    calibrated(a, spectra).label == "sharp"
                     for a, spectra in zip(rendered.soft, rendered.soft_spectra, strict=True)
                 ]
             )

@@ -53,6 +53,7 @@ from appliance.detection.detector import (
     is_judged,
     label_for_sigma,
 )
+from appliance.detection.spectral import SpectralReferenceArrays
 from appliance.messages import BlurAssessment, blur_score_from_sigma, sigma_from_blur_score
 from appliance.noise import MAD_TO_SD, patch_noise_sigma
 from appliance.tile_io import TileError, check_tile_pixels
@@ -140,7 +141,7 @@ class SpectralReference(_Strict):
         return cls(**layout, log_power=[round(float(v), 6) for v in log_power], usable=[bool(u) for u in usable])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(log power, usable) for BlurDetector.use_spectral_reference; CalibrationError for another layout."""
+        """(log power, usable) for BlurDetector.assess(spectral_references=...); CalibrationError for another layout."""
         layout, running = tuple(getattr(self, f) for f in _LAYOUT_FIELDS), _running_layout()
         if layout != running:
             raise CalibrationError(f"spectral reference binned as {layout}, this appliance bins {running}; recalibrate")
@@ -180,6 +181,10 @@ class RigCalibration(_Strict):
         description="Pixel size of the known-good tiles (nm); the baseline is scaled to each tile's pixel size. "
         "None (unknown, also files written before it existed): the baseline is used in px as it is.",
     )
+
+    def spectral_arrays(self) -> SpectralReferenceArrays | None:
+        """The rig's in-focus spectrum as BlurDetector.assess takes it, or None without one (quadrature rule)."""
+        return None if self.spectral is None else self.spectral.arrays()
 
     def model_post_init(self, __context: object) -> None:
         if len(self.tiles) != self.tile_count:
@@ -376,7 +381,7 @@ def calibrate(
     _check_pixels(tiles, names)
     assessments = detector.assess([np.asarray(t) for t in tiles], list(names))
     for a, name in zip(assessments, names, strict=True):
-        if a.label == "empty" or a.reason.startswith("not judgeable"):
+        if not is_judged(a):
             raise CalibrationError(f"{name}: {a.reason}; pick tiles with tissue in them")
     spectra = [spectral.window_spectra(np.asarray(t)) for t in tiles]
     readings = leave_one_out_readings(spectra)

@@ -262,27 +262,23 @@ def read_added_blur(
     spectra: WindowSpectra, reference: np.ndarray, reference_usable: np.ndarray
 ) -> SpectralReading | None:
     """The worst reading of the whole tile and its quadrants; None when the whole tile has no usable bins."""
-    groups = [("tile", np.ones(len(spectra.power), bool))]
-    groups += [(f"quadrant {q // 2},{q % 2}", spectra.quadrant == q) for q in range(4) if (spectra.quadrant == q).any()]
-    lowest = _lowest_bin_signal(spectra, groups[0][1])
-    best: SpectralReading | None = None
-    isotropic = 0.0
-    for where, members in groups:
-        fit = fit_added_blur(
-            spectra.power[members].mean(axis=0),
-            float(spectra.noise[members].mean()),
-            int(members.sum()),
-            reference,
-            reference_usable,
-        )
-        if fit is None:
-            if where == "tile":
-                return None
+
+    def fit(members: np.ndarray) -> tuple[float, float, float, float] | None:
+        power, noise = spectra.power[members].mean(axis=0), float(spectra.noise[members].mean())
+        return fit_added_blur(power, noise, int(members.sum()), reference, reference_usable)
+
+    whole = np.ones(len(spectra.power), bool)
+    tile = fit(whole)
+    if tile is None:
+        return None
+    isotropic = tile[3]
+    best = SpectralReading(tile[0], tile[1], tile[2], "tile", isotropic)
+    lowest = _lowest_bin_signal(spectra, whole)
+    for q in range(4):
+        members = spectra.quadrant == q
+        if not members.any() or _lowest_bin_signal(spectra, members) < QUADRANT_MIN_SIGNAL_SHARE * lowest:
             continue
-        if where != "tile" and _lowest_bin_signal(spectra, members) < QUADRANT_MIN_SIGNAL_SHARE * lowest:
-            continue
-        if where == "tile":
-            isotropic = fit[3]
-        if best is None or fit[0] > best.sigma_px:
-            best = SpectralReading(fit[0], fit[1], fit[2], where, isotropic)
+        quadrant = fit(members)
+        if quadrant is not None and quadrant[0] > best.sigma_px:
+            best = SpectralReading(quadrant[0], quadrant[1], quadrant[2], f"quadrant {q // 2},{q % 2}", isotropic)
     return best

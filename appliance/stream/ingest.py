@@ -108,8 +108,8 @@ class IngestActor:
         self._cfg = cfg
         self._focus = focus
         # The rig's in-focus spectrum travels with each tile to the (shared, stateless) detector replicas.
-        spectral = None if focus is None or focus.calibration is None else focus.calibration.spectral
-        self._spectral_reference = None if spectral is None else spectral.arrays()
+        calibration = None if focus is None else focus.calibration
+        self._spectral_reference = None if calibration is None else calibration.spectral_arrays()
         self._calibrated = calibrated
         self._microscope = microscope
         self._limits = StreamLimits(max_tile_bytes=cfg.max_tile_bytes, max_tile_side=cfg.max_tile_side)

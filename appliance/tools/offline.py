@@ -49,8 +49,8 @@ class OfflineDetector:
 
     def assess(self, pixels: np.ndarray, name: str) -> BlurAssessment:
         """One tile's verdict (calibrated when a calibration is loaded); raises TileError on bad pixels."""
-        spectral = None if self.calibration is None or self.calibration.spectral is None else self.calibration.spectral
-        verdicts = self.detector.assess([pixels], [name], [None if spectral is None else spectral.arrays()])
+        reference = None if self.calibration is None else self.calibration.spectral_arrays()
+        verdicts = self.detector.assess([pixels], [name], [reference])
         return apply_to_all(verdicts, self.calibration, self.cfg)[0]
 
     def calibration_fields(self) -> dict[str, Any]:
