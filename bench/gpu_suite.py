@@ -7,15 +7,17 @@ Examples:
 In one process and one Ray cluster, on real-EM mosaics of MultiSEM size (bench/replay.py's pool):
 1. environment (GPU, driver, versions, CPUs);
 2. the bare detector loop (no Ray, no ZeroMQ) at batch 1 and the replica's batch;
-3. the bare deblur loop on soft tiles, per backend variant (torch fp16 / bf16, compact vs int32
-   host<->device transfers, batch 1 vs 4), each compared with the fp32 ONNX Runtime CPU output of the
-   same tile in DN (the CPU rig's result);
+3. the bare deblur loop on soft tiles, per backend variant (torch fp16 batch 1 and 4, bf16, fp16 with
+   cuDNN's autotuner), each compared with the fp32 ONNX Runtime CPU output of the same tile in DN (the
+   CPU rig's result);
 4. the pipeline (ingest -> Serve detector/deblur -> sink, replicas as in the rig config): sharp tiles at
-   25.4/s, sharp flat out, 1/16 soft + 1/16 retake flat out and at 25.4/s; lost/duplicated, latency
-   send -> durable, and pipeline/bare in the same run;
+   25.4/s, sharp flat out, 1/16 soft + 1/16 retake flat out and at 25.4/s, soft tiles only flat out;
+   lost/duplicated, latency send -> durable, and pipeline/bare in the same run;
 5. several microscopes on the same appliance (shared detector/deblur): 2, then 4 controllers streaming
    sharp tiles at 25.4/s each at once (MULTISCOPE_ROWS), total and per-microscope throughput and latency.
-   The appliance serves 4 microscopes throughout; rows 4. use the first, the others idle.
+   The appliance serves 4 microscopes throughout; rows 4. use the first, the others idle;
+6. on a GPU, last (their compile time must not cost the rows above): fp16 with torch.compile, default
+   mode and max-autotune-no-cudagraphs; the first call's time includes the compile.
 Writes `suite.json` and `suite.md` (the table) into --out; tiles go to a scratch directory that is
 deleted afterwards. Each phase checks the budget and records what it skipped.
 """
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -144,52 +147,81 @@ def dn_agreement(candidate: np.ndarray, reference: np.ndarray) -> dict[str, floa
     }
 
 
-def deblur_variants(device: str) -> list[tuple[str, dict[str, Any]]]:
-    """(name, TorchDeblur keyword arguments) to time; the first is the appliance's path on this device."""
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the deblur network: TorchDeblur keyword arguments, batch sizes to time, and
+    cuDNN's autotuner (a process-wide switch, set for this variant only)."""
+
+    name: str
+    kwargs: dict[str, Any]
+    batches: tuple[int, ...] = (1,)
+    cudnn_benchmark: bool = False
+
+
+def deblur_variants(device: str) -> list[Variant]:
+    """Variants timed before the pipeline; the first is the appliance's path on this device.
+    (The int32-transfer variant was measured against compact transfers on 2026-11-26 and is no longer timed.)"""
     import torch
 
     if device != "cuda":
-        return [("torch-cpu-float32", {"dtype": torch.float32})]
+        return [Variant("torch-cpu-float32", {"dtype": torch.float32})]
     variants = [
-        ("torch-cuda-float16", {"dtype": torch.float16}),
-        ("torch-cuda-float16 int32 transfers (before)", {"dtype": torch.float16, "compact_transfers": False}),
+        Variant("torch-cuda-float16", {"dtype": torch.float16}, (1, 4)),
+        Variant("torch-cuda-float16 cudnn.benchmark", {"dtype": torch.float16}, cudnn_benchmark=True),
     ]
     if torch.cuda.is_bf16_supported():
-        variants.insert(1, ("torch-cuda-bfloat16", {"dtype": torch.bfloat16}))
+        variants.insert(1, Variant("torch-cuda-bfloat16", {"dtype": torch.bfloat16}))
     return variants
 
 
-def compiled_variant() -> list[tuple[str, dict[str, Any]]]:
-    """fp16 with torch.compile: timed after the pipeline rows, so its compile time cannot cost them."""
+def compiled_variants() -> list[Variant]:
+    """fp16 with torch.compile, timed after the pipeline rows so that compile time cannot cost them; the
+    autotuned mode (longest to compile) last."""
     import torch
 
-    return [("torch-cuda-float16 torch.compile", {"dtype": torch.float16, "compile_network": True})]
+    fp16 = {"dtype": torch.float16, "compile_network": True}
+    return [
+        Variant("torch-cuda-float16 torch.compile", fp16, cudnn_benchmark=True),
+        Variant(
+            "torch-cuda-float16 torch.compile max-autotune-no-cudagraphs",
+            {**fp16, "compile_mode": "max-autotune-no-cudagraphs"},
+            cudnn_benchmark=True,
+        ),
+    ]
 
 
 def time_variant(
-    kwargs: dict[str, Any], tiles: list[np.ndarray], reference: np.ndarray, margin: int, device: str, max_s: float
+    variant: Variant, tiles: list[np.ndarray], reference: np.ndarray, margin: int, device: str, max_s: float
 ) -> dict[str, Any]:
-    """One TorchDeblur variant: first-call time, DN agreement with `reference` (tile 0), tiles/s at batch 1 (4)."""
+    """One variant: first-call time (a compile included), DN agreement with `reference` (tile 0), tiles/s per batch."""
+    import torch
+
     from appliance.restoration.restorer import load_sidecar
     from appliance.restoration.torch_backend import TorchDeblur
     from appliance.weights import DEBLUR_MODEL
 
-    engine = TorchDeblur(DEBLUR_MODEL.with_suffix(".pt2"), load_sidecar(DEBLUR_MODEL).size_multiple, device, **kwargs)
-    warm = time.perf_counter()
-    (first,) = engine.restore_tiles(tiles[:1], margin)
-    entry: dict[str, Any] = {
-        "first_call_s": round(time.perf_counter() - warm, 2),
-        "vs_onnx_cpu_fp32": dn_agreement(first, reference),
-    }
-    for batch in (1, 4) if device == "cuda" else (1,):
-        cursor = iter(range(10**9))
+    torch.backends.cudnn.benchmark = variant.cudnn_benchmark
+    try:
+        engine = TorchDeblur(
+            DEBLUR_MODEL.with_suffix(".pt2"), load_sidecar(DEBLUR_MODEL).size_multiple, device, **variant.kwargs
+        )
+        warm = time.perf_counter()
+        (first,) = engine.restore_tiles(tiles[:1], margin)
+        entry: dict[str, Any] = {
+            "first_call_s": round(time.perf_counter() - warm, 2),
+            "vs_onnx_cpu_fp32": dn_agreement(first, reference),
+        }
+        for batch in variant.batches:
+            cursor = iter(range(10**9))
 
-        def call(batch: int = batch, cursor: Any = cursor) -> int:
-            start = next(cursor) * batch
-            return len(engine.restore_tiles([tiles[(start + i) % len(tiles)] for i in range(batch)], margin))
+            def call(batch: int = batch, cursor: Any = cursor) -> int:
+                start = next(cursor) * batch
+                return len(engine.restore_tiles([tiles[(start + i) % len(tiles)] for i in range(batch)], margin))
 
-        entry[f"batch_{batch}"] = rate(call, 2, max_s / 2)
-    return entry
+            entry[f"batch_{batch}"] = rate(call, 2, max_s / len(variant.batches))
+        return entry
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 def onnx_cpu_reference(tiles: list[np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -207,32 +239,37 @@ def time_variants(
     cfg: RigConfig,
     tiles: list[np.ndarray],
     reference: np.ndarray,
-    variants: list[tuple[str, dict[str, Any]]],
+    variants: list[Variant],
     budget: Budget,
     max_s: float,
-) -> dict[str, dict[str, Any]]:
-    """Restored tiles/s per backend variant and its agreement with `reference` in DN (or why it is missing)."""
+    timed: dict[str, dict[str, Any]],
+    save: Callable[[], None],
+) -> None:
+    """Restored tiles/s per backend variant and its agreement with `reference` in DN (or why it is missing),
+    into `timed`; `save` after each (a run cut short keeps what it measured)."""
     device = "cuda" if cfg.deblur.num_gpus_per_replica > 0 else "cpu"
-    timed: dict[str, dict[str, Any]] = {}
-    for name, kwargs in variants:
+    for variant in variants:
         if budget.left_s() < max_s + 30:
-            timed[name] = {"skipped": "time budget"}
+            timed[variant.name] = {"skipped": "time budget"}
             continue
         try:
-            timed[name] = time_variant(kwargs, tiles, reference, cfg.deblur.patch_overlap, device, max_s)
+            timed[variant.name] = time_variant(variant, tiles, reference, cfg.deblur.patch_overlap, device, max_s)
         except Exception as exc:  # one broken variant must not cost the rest of the run
-            timed[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    return timed
+            timed[variant.name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(f"[{budget.left_s():.0f} s left] {variant.name}: {timed[variant.name]}", flush=True)
+        save()
 
 
 def pipeline_rows(
     cfg: RigConfig,
     sharp_pool: list[tuple[str, np.ndarray]],
     mix_pool: list[tuple[str, np.ndarray]],
+    soft_pool: list[tuple[str, np.ndarray]],
     scale: float,
     budget: Budget,
 ) -> list[dict[str, Any]]:
-    """One appliance, four sections: sharp at 25.4/s, sharp flat out, mix flat out, mix at 25.4/s."""
+    """One appliance, five sections: sharp at 25.4/s, sharp flat out, mix flat out, mix at 25.4/s, and soft
+    tiles only flat out (the deblur replicas' rate through the whole pipeline)."""
     from appliance.serving.pipeline import Appliance
     from appliance.tools.reference_controller import cycle_tiles, run_replay
 
@@ -241,6 +278,9 @@ def pipeline_rows(
         ("sharp tiles, flat out", sharp_pool, 400, None),
         ("1/16 soft + 1/16 retake, flat out", mix_pool, 400, None),
         ("1/16 soft + 1/16 retake at 25.4/s", mix_pool, 300, MULTISEM_TILES_PER_S),
+        # Under ingest.implausible_blur_min_tiles (50 by default): a longer all-soft section would trip the
+        # safety rule, which stops restoring, and the row would no longer measure the deblur replicas.
+        ("soft tiles only, flat out", soft_pool, 48, None),
     ]
     rows: list[dict[str, Any]] = []
     appliance = Appliance(with_microscopes(cfg, max(MULTISCOPE_ROWS)))
@@ -248,6 +288,8 @@ def pipeline_rows(
     try:
         for index, (title, pool, tiles, rate_hz) in enumerate(plan):
             count = max(16, int(tiles * scale))
+            if pool is soft_pool:
+                count = min(count, cfg.ingest.implausible_blur_min_tiles - 1)
             # Flat out, 2026-11-26's H200 run left these rows out at 43 s left: 20 tiles/s was too pessimistic.
             expected_s = count / (rate_hz or 40.0) + 15
             if budget.left_s() < expected_s:
@@ -323,7 +365,7 @@ def markdown(result: dict[str, Any]) -> str:
                     lines.append(
                         f"| bare deblur, {name}, {key.replace('_', ' ')} | {entry[key]['tiles_per_s']} | "
                         f"vs fp32 CPU: max {agree['max_dn']} DN, {100 * agree['share_over_1_dn']:.3f} % "
-                        f"of pixels > 1 DN |"
+                        f"of pixels > 1 DN; first call {entry['first_call_s']} s |"
                     )
             if "batch_1" not in entry:
                 lines.append(f"| bare deblur, {name} | - | {entry.get('skipped') or entry.get('error')} |")
@@ -394,6 +436,7 @@ def main(
     try:
         sharp_pool = multisem_tiles(16, side, "uint8", 0, 0)
         mix_pool = multisem_tiles(16, side, "uint8", 16, 16)
+        soft_pool = multisem_tiles(8, side, "uint8", 1, 0)  # every tile soft (Gaussian 1.5 px)
         result["tile"] = f"{side}x{side} uint8 ({sharp_pool[0][1].nbytes / 1e6:.2f} MB)"
         print(f"[{budget.left_s():.0f} s left] bare detector", flush=True)
         result["bare_detector"] = bare_detector(cfg, [p for _, p in sharp_pool + mix_pool], max_s=10)
@@ -402,19 +445,18 @@ def main(
         soft = soft_tiles([p for _, p in sharp_pool], 8)
         deblur_s = 8 if device == "cuda" else 30
         reference, reference_speed = onnx_cpu_reference(soft)
-        result["bare_deblur"] = {
-            "onnx_cpu_reference": reference_speed,
-            "variants": time_variants(cfg, soft, reference, deblur_variants(device), budget, deblur_s),
-            "auto_choice": TileRestorer.from_config(cfg.deblur).backend,
-        }
+        variants: dict[str, dict[str, Any]] = {}
+        result["bare_deblur"] = {"onnx_cpu_reference": reference_speed, "variants": variants}
+        time_variants(cfg, soft, reference, deblur_variants(device), budget, deblur_s, variants, save)
+        result["bare_deblur"]["auto_choice"] = TileRestorer.from_config(cfg.deblur).backend
         save()
         print(f"[{budget.left_s():.0f} s left] pipeline", flush=True)
-        result["pipeline"] = pipeline_rows(cfg, sharp_pool, mix_pool, scale, budget)
+        result["pipeline"] = pipeline_rows(cfg, sharp_pool, mix_pool, soft_pool, scale, budget)
         save()
         if device == "cuda":  # last: its compile time must not cost the pipeline rows
             print(f"[{budget.left_s():.0f} s left] torch.compile variant", flush=True)
-            compiled = time_variants(cfg, soft, reference, compiled_variant(), Budget(budget.left_s() - 60), deblur_s)
-            result["bare_deblur"]["variants"].update(compiled)
+            compile_budget = Budget(budget.left_s() - 60)
+            time_variants(cfg, soft, reference, compiled_variants(), compile_budget, deblur_s, variants, save)
     finally:
         save()
         shutil.rmtree(scratch, ignore_errors=True)

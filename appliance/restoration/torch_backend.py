@@ -38,6 +38,7 @@ class TorchDeblur:
         compact_transfers: bool = True,
         compile_network: bool = False,
         psf_planes: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         if not program_path.is_file():
             raise FileNotFoundError(
@@ -55,8 +56,12 @@ class TorchDeblur:
         # buffers; False keeps the int32 round trip (4 B/px each way), measured against it in
         # bench/gpu_suite.py.
         self._compact = compact_transfers
-        if compile_network:  # fuses the norm/gate element-wise ops; costs a compile per new tile shape
-            self._module = torch.compile(self._module, dynamic=False)
+        # Fuses the norm/gate element-wise ops; costs a compile per new input shape, so a compiled network
+        # takes one tile per call (a batch of another size would compile again). compile_mode: torch.compile's
+        # mode (None = its default).
+        self._compiled = compile_network
+        if compile_network:
+            self._module = torch.compile(self._module, dynamic=False, mode=compile_mode)
 
     def _network(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.dtype)
@@ -88,6 +93,8 @@ class TorchDeblur:
         dtype = tiles[0].dtype
         full = float(np.iinfo(dtype).max)
         per_call = max(1, MAX_PIXELS_PER_CALL // ((height + 2 * margin) * (width + 2 * margin)))
+        if self._compiled:
+            per_call = 1
         restored: list[np.ndarray] = []
         for first in range(0, len(tiles), per_call):
             stack = np.stack(tiles[first : first + per_call])
