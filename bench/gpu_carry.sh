@@ -35,5 +35,7 @@ strip "$site/ray/_raylet.so" "$site/ray/core/src/ray/gcs/gcs_server" "$site/ray/
 mkdir -p "$carry"
 tar -C "$site" -cf - . | xz -T0 -9e >"$carry/site.tar.xz"
 cp -r ../shared/data/isbi2012-train "$carry/"
-python3 -m models.deblur.pack_data --out "$carry/em_train.npz"
+# The packing needs the project's packages (opencv, tifffile): its virtual environment where there is one.
+python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+"$python" -m models.deblur.pack_data --out "$carry/em_train.npz"
 du -sh "$carry"/*

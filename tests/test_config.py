@@ -90,6 +90,19 @@ def test_replicas_beyond_the_gpus_are_refused_naming_the_fields(tmp_path: Path) 
     assert load_rig_config(config).deblur.num_replicas == 2
 
 
+def test_a_warm_up_shape_must_be_a_tile_and_torch_compile_a_known_mode(tmp_path: Path) -> None:
+    config = tmp_path / "rig.yaml"
+    config.write_text("deblur:\n  warmup_tile_shape: [2400, 8]\n")
+    with pytest.raises(ConfigError, match=r"warmup_tile_shape \[2400, 8\]: each side must be 16-32768 px"):
+        load_rig_config(config)
+    config.write_text("deblur:\n  torch_compile: fast\n")
+    with pytest.raises(ConfigError, match=r"torch_compile"):
+        load_rig_config(config)
+    config.write_text("deblur:\n  torch_compile: default\n  warmup_tile_shape: [2400, 2048]\n")
+    deblur = load_rig_config(config).deblur
+    assert (deblur.torch_compile, deblur.warmup_tile_shape) == ("default", (2400, 2048))
+
+
 def test_every_yaml_in_the_repository_parses() -> None:
     tracked = [p for p in REPO_ROOT.rglob("*.y*ml") if ".venv" not in p.parts and "runs" not in p.parts]
     assert tracked

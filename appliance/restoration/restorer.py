@@ -133,7 +133,7 @@ class TileRestorer:
             card = load_sidecar(DEBLUR_GPU_MODEL)
             engine = _fastest_gpu_engine(DEBLUR_GPU_MODEL, card, cfg.inference_threads)
             if engine is not None:
-                return cls._learned(cfg, card, engine)
+                return cls._learned(cfg, card, _with_compile(cfg, DEBLUR_GPU_MODEL, card, engine))
             log.warning(
                 "%s: no GPU backend builds it and agrees with ONNX Runtime CPU on this machine; serving the "
                 "CPU default %s instead",
@@ -149,7 +149,8 @@ class TileRestorer:
                 "(`python -m models.deblur.export`) or set deblur.backend: classical"
             )
         card = load_sidecar(model_path)
-        return cls._learned(cfg, card, _choose_learned_backend(cfg, model_path, card))
+        engine = _with_compile(cfg, model_path, card, _choose_learned_backend(cfg, model_path, card))
+        return cls._learned(cfg, card, engine)
 
     @classmethod
     def _learned(cls, cfg: DeblurConfig, card: DeblurSidecar, engine: _Engine) -> TileRestorer:
@@ -162,6 +163,14 @@ class TileRestorer:
             engine.restore_whole,
             card.psf_aware,
         )
+
+    def warm_up(self, shape: tuple[int, int]) -> float:
+        """Restore one synthetic uint8 tile of `shape` (height, width) and discard it, so that model set-up and a
+        torch.compile for this shape happen now, not on a section's first soft tile; the seconds it took."""
+        started = time.perf_counter()
+        ramp = (np.add.outer(np.arange(shape[0]), np.arange(shape[1])) % 256).astype(np.uint8)
+        self.restore([ramp], [BlurAssessment(blur_score=0.5, label="soft", sigma_px=1.5)], ["warm-up tile"])
+        return time.perf_counter() - started
 
     def restore(
         self,
@@ -260,6 +269,17 @@ class _Engine:
     name: str
     run_patches: BatchFn
     restore_whole: WholeTilesFn | None = None
+    torch_dtype: object | None = None  # a torch engine's dtype (it can be rebuilt compiled); None otherwise
+
+
+def _with_compile(cfg: DeblurConfig, model_path: Path, card: DeblurSidecar, engine: _Engine) -> _Engine:
+    """`engine` rebuilt with its network fused by torch.compile when `cfg.torch_compile` asks and it is a torch
+    engine. Only the chosen engine is compiled (`auto` times the candidates uncompiled: compiling each would
+    cost a compile per candidate and probe shape); its output was measured within 1 DN of the uncompiled
+    one (bench/gpu_suite.py)."""
+    if cfg.torch_compile == "off" or engine.torch_dtype is None:
+        return engine
+    return _torch_engine(model_path, card, engine.torch_dtype, cfg.torch_compile)
 
 
 def _choose_learned_backend(cfg: DeblurConfig, model_path: Path, card: DeblurSidecar) -> _Engine:
@@ -350,20 +370,25 @@ def _onnx_runner(model_path: Path, card: DeblurSidecar, providers: list[str], th
     return run
 
 
-def _torch_engine(model_path: Path, card: DeblurSidecar, dtype: object | None) -> _Engine:
-    """torch.export program next to the .onnx file: on CUDA in `dtype` (default fp16), else fp32 CPU."""
+def _torch_engine(model_path: Path, card: DeblurSidecar, dtype: object | None, compile_mode: str = "off") -> _Engine:
+    """torch.export program next to the .onnx file: on CUDA in `dtype` (default fp16), else fp32 CPU;
+    compile_mode: DeblurConfig.torch_compile."""
     import torch
 
     from appliance.restoration.torch_backend import TorchDeblur
 
-    if torch.cuda.is_available():
-        dtype = dtype if dtype is not None else torch.float16
-        deblur = TorchDeblur(
-            model_path.with_suffix(".pt2"), card.size_multiple, "cuda", dtype, psf_planes=card.psf_aware
-        )
-        name = "torch-cuda-" + str(dtype).removeprefix("torch.")
-        return _Engine(name, deblur.run_patches, deblur.restore_tiles)
+    on_cuda = torch.cuda.is_available()
+    dtype = (dtype if dtype is not None else torch.float16) if on_cuda else torch.float32
     deblur = TorchDeblur(
-        model_path.with_suffix(".pt2"), card.size_multiple, "cpu", torch.float32, psf_planes=card.psf_aware
+        model_path.with_suffix(".pt2"),
+        card.size_multiple,
+        "cuda" if on_cuda else "cpu",
+        dtype,
+        psf_planes=card.psf_aware,
+        compile_network=compile_mode != "off",
+        compile_mode=None if compile_mode in ("off", "default") else compile_mode,
     )
-    return _Engine("torch-cpu", deblur.run_patches)
+    name = ("torch-cuda-" + str(dtype).removeprefix("torch.") if on_cuda else "torch-cpu") + (
+        "" if compile_mode == "off" else "-compiled"
+    )
+    return _Engine(name, deblur.run_patches, deblur.restore_tiles if on_cuda else None, dtype)

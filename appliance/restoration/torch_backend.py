@@ -72,8 +72,10 @@ class TorchDeblur:
     @torch.inference_mode()
     def run_patches(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, C, H, W) on the model scale (C = 1, or 1 + planes) -> (N, 1, H, W); the `run_tiled`
-        batch function."""
+        batch function (a compiled network takes its patches one at a time)."""
         inputs = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        if self._compiled:
+            return torch.cat([self._network(inputs[i : i + 1]) for i in range(len(inputs))]).cpu().numpy()
         return self._network(inputs).cpu().numpy()
 
     @torch.inference_mode()

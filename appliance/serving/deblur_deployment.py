@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -12,6 +13,8 @@ from appliance.config import DeblurConfig
 from appliance.messages import BlurAssessment, RestoredTile
 from appliance.restoration.restorer import TileRestorer
 
+log = logging.getLogger(__name__)
+
 
 @serve.deployment  # name = class name (Ray Serve convention)
 class DeblurDeployment:
@@ -20,6 +23,21 @@ class DeblurDeployment:
     def __init__(self, cfg: DeblurConfig) -> None:
         self._restorer = TileRestorer.from_config(cfg)
         self._replica = serve.get_replica_context().replica_id.unique_id
+        if cfg.warmup_tile_shape is not None:  # before the replica reports ready: no tile waits for it
+            try:
+                seconds = self._restorer.warm_up(cfg.warmup_tile_shape)
+            except Exception as exc:  # at start, loudly: not on a section's first soft tile
+                raise RuntimeError(
+                    f"deblur replica warm-up on a {list(cfg.warmup_tile_shape)} tile failed "
+                    f"(backend {self._restorer.backend}, deblur.torch_compile: {cfg.torch_compile}): {exc}"
+                ) from exc
+            log.info(
+                "deblur replica %s (%s) warmed up on a %s tile in %.1f s",
+                self._replica,
+                self._restorer.backend,
+                "x".join(map(str, cfg.warmup_tile_shape)),
+                seconds,
+            )
         self.restore_batch.set_max_batch_size(cfg.max_batch_size)
         self.restore_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 

@@ -467,6 +467,8 @@ def test_several_microscopes_render_a_valid_rig_yaml_and_a_firewall_per_controll
         "deblur_appliance_curve_server_secret_key_file": str(keys / "server.key_secret"),
         "deblur_appliance_calibration_file": "/etc/em/rig-calibration.json",
         "deblur_appliance_monitoring_address": "192.0.2.50",
+        "deblur_appliance_deblur_torch_compile": "default",
+        "deblur_appliance_tile_shape": [2400, 2048],
         "deblur_appliance_microscopes": [
             {"name": "scope-a", "controller_address": "192.0.2.10", "tile_port": 5555, "feedback_port": 5556,
              "curve_controller_key_files": [str(keys / "scope-a.key")], "calibration_file": "/etc/em/scope-a.json"},
@@ -487,6 +489,8 @@ def test_several_microscopes_render_a_valid_rig_yaml_and_a_firewall_per_controll
     assert b.controller_public_keys == [load_key_pair(keys / "scope-b.key").public.decode()]
     # The GPUs are shared: replicas as for one microscope (2 GPUs).
     assert (config.deblur.num_replicas, config.ray.num_gpus) == (4, 2)
+    # The fused deblur network, warmed up at start on the rig's tile shape.
+    assert (config.deblur.torch_compile, config.deblur.warmup_tile_shape) == ("default", (2400, 2048))
     rules = [line.strip() for line in ruleset.read_text(encoding="utf-8").splitlines()
              if line.startswith("        ") and "#" not in line]
     opened = [rule for rule in rules if "saddr" in rule]
@@ -514,4 +518,6 @@ def test_one_microscope_renders_as_before(tmp_path):
     assert "microscopes" not in raw and raw["ingest"]["tile_endpoint"] == "tcp://0.0.0.0:5555"
     (only,) = load_rig_config(rig_yaml).served_microscopes()
     assert (only.name, only.feedback_endpoint) == ("rig-1", "tcp://0.0.0.0:5556")
+    deblur = load_rig_config(rig_yaml).deblur
+    assert (deblur.torch_compile, deblur.warmup_tile_shape) == ("off", None)  # the role's defaults
     assert "tcp dport { 5555, 5556 } ip saddr 192.0.2.10 accept" in ruleset.read_text(encoding="utf-8")

@@ -188,3 +188,24 @@ def test_compact_transfers_give_the_same_pixels_as_the_int32_round_trip(
     (a,), (b,) = compact.restore_tiles([tile], margin=16), wide.restore_tiles([tile], margin=16)
     assert a.dtype == b.dtype == tile.dtype and a.shape == tile.shape
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.system
+def test_compiled_network_warmed_up_restores_the_same_tile_without_compiling_again(sharp: np.ndarray) -> None:
+    torch = pytest.importorskip("torch")
+    from torch._dynamo.utils import counters
+
+    geometry = {"patch_size": 144, "patch_overlap": 16}  # small patches: a quick compile on the CPU
+    compiled = TileRestorer.from_config(DeblurConfig(backend="torch", torch_compile="default", **geometry))
+    assert compiled.backend == "torch-cpu-compiled"
+    tile = blurred_tile(sharp[:160, :144], np.uint8, seed=9)
+    assert compiled.warm_up(tile.shape) > 0
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    (out,) = compiled.restore([tile], [soft()])
+    # The warm-up compiled every shape this tile needs: a section's first soft tile does not wait for a compile.
+    assert counters["stats"]["unique_graphs"] == graphs_after_warm_up
+    assert graphs_after_warm_up > 0
+    (reference,) = TileRestorer.from_config(DeblurConfig(backend="onnx", **geometry)).restore([tile], [soft()])
+    assert out.dtype == tile.dtype and out.shape == tile.shape
+    assert np.abs(reference.astype(np.int64) - out).max() <= 1
+    torch._dynamo.reset()

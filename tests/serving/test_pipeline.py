@@ -85,7 +85,9 @@ def test_fast_controller_is_slowed_not_dropped(
     cfg = rig(tmp_path, max_in_flight=3, receive_hwm=1)
     # Serve queues so short that Serve itself rejects calls: the ingest must retry them.
     tight = dict(num_replicas=1, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=1)
-    cfg = cfg.model_copy(update={"detector": DetectorConfig(**tight), "deblur": DeblurConfig(**tight)})
+    # The deblur replica also warms up on a tile of the section's shape before it reports ready.
+    deblur = DeblurConfig(**tight, warmup_tile_shape=(512, 512))
+    cfg = cfg.model_copy(update={"detector": DetectorConfig(**tight), "deblur": deblur})
     appliance = start_appliance(cfg)
     endpoints = appliance.endpoints  # type: ignore[attr-defined]
     with ReferenceController(endpoints.tile, endpoints.feedback, send_hwm=1) as controller:
