@@ -24,6 +24,7 @@ deleted afterwards. Each phase checks the budget and records what it skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -270,7 +271,6 @@ def pipeline_rows(
 ) -> list[dict[str, Any]]:
     """One appliance, five sections: sharp at 25.4/s, sharp flat out, mix flat out, mix at 25.4/s, and soft
     tiles only flat out (the deblur replicas' rate through the whole pipeline)."""
-    from appliance.serving.pipeline import Appliance
     from appliance.tools.reference_controller import cycle_tiles, run_replay
 
     plan = [
@@ -283,8 +283,7 @@ def pipeline_rows(
         ("soft tiles only, flat out", soft_pool, 48, None),
     ]
     rows: list[dict[str, Any]] = []
-    appliance = Appliance(with_microscopes(cfg, max(MULTISCOPE_ROWS)))
-    appliance.start()
+    appliance = started_appliance(cfg, rows)
     try:
         for index, (title, pool, tiles, rate_hz) in enumerate(plan):
             count = max(16, int(tiles * scale))
@@ -302,6 +301,29 @@ def pipeline_rows(
     finally:
         appliance.drain_and_stop()
     return rows
+
+
+def started_appliance(cfg: RigConfig, rows: list[dict[str, Any]]) -> Any:
+    """The appliance of `cfg` (serving max(MULTISCOPE_ROWS) microscopes), started. If it does not start with a
+    compiled deblur network, the error becomes a row and it starts uncompiled: a GPU run must not lose its
+    pipeline rows to a compile."""
+    from appliance.serving.pipeline import Appliance
+
+    appliance = Appliance(with_microscopes(cfg, max(MULTISCOPE_ROWS)))
+    try:
+        appliance.start()
+        return appliance
+    except Exception as exc:
+        if cfg.deblur.torch_compile == "off":
+            raise
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        rows.append({"row": f"appliance start, deblur.torch_compile {cfg.deblur.torch_compile}", "error": error})
+        with contextlib.suppress(Exception):
+            appliance.drain_and_stop()
+    uncompiled = cfg.deblur.model_copy(update={"torch_compile": "off"})
+    appliance = Appliance(with_microscopes(cfg.model_copy(update={"deblur": uncompiled}), max(MULTISCOPE_ROWS)))
+    appliance.start()
+    return appliance
 
 
 def multiscope_rows(
@@ -381,6 +403,8 @@ def markdown(result: dict[str, Any]) -> str:
             )
         elif "skipped" in row:
             lines.append(f"| pipeline: {row['row']} | - | {row['skipped']} |")
+        elif "error" in row:
+            lines.append(f"| pipeline: {row['row']} | - | {row['error']} |")
     for name, value in result.get("ratios", {}).items():
         lines.append(f"| {name} | {value:.2f} | |")
     return "\n".join(lines) + "\n"
