@@ -2,7 +2,8 @@
 
     nice -n 10 python bench/detector_eval.py            # writes bench/results/detector_eval.json
     nice -n 10 python bench/detector_eval.py --speed-only   # part 4 for the model only (and with a spectral
-                                                            # calibration's reading), printed
+                                                            # calibration's reading), printed;
+                                                            # --threads 2: a replica with 2 CPUs
 
 1. Detection: per blur family and strength, AUROC (blurred vs sharp) and accuracy of the learned model,
    the runtime's classical fallback (re-blur) and the classical focus metrics (variance of Laplacian,
@@ -195,9 +196,14 @@ def main() -> None:
     parser.add_argument("--speed-seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "detector_eval.json")
     parser.add_argument("--speed-only", action="store_true", help="only part 4 (model, 1 thread), printed, no file")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="--speed-only: the replica's CPUs (detector.num_cpus_per_replica)"
+    )
     args = parser.parse_args()
     if args.speed_only:
-        speed_model = BlurDetector.from_config(DetectorConfig(backend="onnx", model_path=args.model))
+        replica = DetectorConfig(backend="onnx", model_path=args.model, num_cpus_per_replica=float(args.threads))
+        speed_model = BlurDetector.from_config(replica)
+        print(f"{replica.inference_threads} ONNX Runtime thread(s)", flush=True)
         spectrum = rig_spectrum()
         for batch in (1, 4):
             print(f"batch {batch}:", json.dumps(bench_speed(speed_model, args.speed_seconds, batch)), flush=True)
