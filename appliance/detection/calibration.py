@@ -189,6 +189,12 @@ class RigCalibration(_Strict):
     def model_post_init(self, __context: object) -> None:
         if len(self.tiles) != self.tile_count:
             raise ValueError(f"tile_count {self.tile_count} but {len(self.tiles)} tile stats")
+        # `mapping` is written from `spectral` (a file states both); a hand-edited file could contradict itself.
+        if (self.mapping == "spectral") != (self.spectral is not None):
+            has = "a spectral reference" if self.spectral is not None else "no spectral reference"
+            raise ValueError(f"mapping {self.mapping!r} with {has}: `spectral` mapping needs one, `quadrature` none")
+        if self.version == 1 and self.spectral is not None:
+            raise ValueError("version 1 holds no spectral reference; a file with one is version 2")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -208,3 +208,21 @@ def test_a_spectral_reference_with_non_finite_values_is_refused_naming_the_file(
     path.write_text(json.dumps(raw))  # json writes NaN, as a hand-edited or corrupted file could hold
     with pytest.raises(CalibrationError, match=r"(?s)nan\.json: not a valid rig calibration.*log_power.*finite"):
         load_calibration(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"mapping": "quadrature"}, r"mapping 'quadrature' with a spectral reference"),
+        ({"spectral": None}, r"mapping 'spectral' with no spectral reference"),
+        ({"version": 1}, r"version 1 holds no spectral reference"),
+    ],
+)
+def test_a_calibration_file_that_contradicts_itself_is_refused_naming_the_file(
+    rig, detector, tmp_path, edit: dict, message: str
+) -> None:
+    cal = calibrate(rig, [f"{i}.png" for i in range(5)], detector)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps({**json.loads(cal.model_dump_json()), **edit}))
+    with pytest.raises(CalibrationError, match=rf"(?s)edited\.json: not a valid rig calibration.*{message}"):
+        load_calibration(path)
