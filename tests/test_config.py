@@ -75,14 +75,20 @@ def test_gpu_shares_fit_at_most_one_per_gpu(shares: list[float], gpus: int, fits
     assert gpu_shares_fit(shares, gpus) is fits
 
 
+def assert_refused(config: Path, text: str, match: str) -> None:
+    """Writing `text` as the rig config at `config` makes loading it fail with a message matching `match`."""
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_rig_config(config)
+
+
 def test_replicas_beyond_the_gpus_are_refused_naming_the_fields(tmp_path: Path) -> None:
     config = tmp_path / "rig.yaml"
-    config.write_text("deblur:\n  num_replicas: 3\n  num_gpus_per_replica: 0.75\nray:\n  num_gpus: 2\n")
-    with pytest.raises(ConfigError, match=r"deblur.num_replicas x deblur.num_gpus_per_replica .*ray.num_gpus"):
-        load_rig_config(config)
-    config.write_text("deblur:\n  num_gpus_per_replica: 1.5\n")
-    with pytest.raises(ConfigError, match=r"deblur: .*num_gpus_per_replica \(1.5\) must be at most 1"):
-        load_rig_config(config)
+    text = "deblur:\n  num_replicas: 3\n  num_gpus_per_replica: 0.75\nray:\n  num_gpus: 2\n"
+    assert_refused(config, text, r"deblur.num_replicas x deblur.num_gpus_per_replica .*ray.num_gpus")
+    assert_refused(
+        config, "deblur:\n  num_gpus_per_replica: 1.5\n", r"deblur: .*num_gpus_per_replica \(1.5\) must be at most 1"
+    )
     config.write_text(
         "detector:\n  num_replicas: 4\n  num_gpus_per_replica: 0.25\n"
         "deblur:\n  num_replicas: 2\n  num_gpus_per_replica: 0.5\nray:\n  num_gpus: 2\n"
@@ -92,12 +98,12 @@ def test_replicas_beyond_the_gpus_are_refused_naming_the_fields(tmp_path: Path) 
 
 def test_a_warm_up_shape_must_be_a_tile_and_torch_compile_a_known_mode(tmp_path: Path) -> None:
     config = tmp_path / "rig.yaml"
-    config.write_text("deblur:\n  warmup_tile_shape: [2400, 8]\n")
-    with pytest.raises(ConfigError, match=r"warmup_tile_shape \[2400, 8\]: each side must be 16-32768 px"):
-        load_rig_config(config)
-    config.write_text("deblur:\n  torch_compile: fast\n")
-    with pytest.raises(ConfigError, match=r"torch_compile"):
-        load_rig_config(config)
+    assert_refused(
+        config,
+        "deblur:\n  warmup_tile_shape: [2400, 8]\n",
+        r"warmup_tile_shape \[2400, 8\]: each side must be 16-32768",
+    )
+    assert_refused(config, "deblur:\n  torch_compile: fast\n", r"torch_compile")
     config.write_text("deblur:\n  torch_compile: default\n  warmup_tile_shape: [2400, 2048]\n")
     deblur = load_rig_config(config).deblur
     assert (deblur.torch_compile, deblur.warmup_tile_shape) == ("default", (2400, 2048))
