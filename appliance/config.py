@@ -324,7 +324,7 @@ class DeblurConfig(ReplicaConfig):
     )
     warmup_tile_shape: tuple[int, int] | None = Field(
         None,
-        description="[height, width] (px) of this rig's tiles: each replica restores one blank tile of this "
+        description="[height, width] (px) of this rig's tiles: each replica restores one synthetic tile of this "
         "shape before it takes tiles, so model loading, cuDNN set-up and a torch_compile happen at start "
         "rather than on a section's first soft tile. null: no warm-up.",
     )
