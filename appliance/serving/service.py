@@ -38,6 +38,13 @@ def serve_until_signal(
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, _on_signal) for sig in signals}
     appliance = Appliance(cfg, ray_logs_to_terminal=verbose)
+    if cfg.deblur.warmup_tile_shape is not None:  # a compile at start can take minutes: say why it waits
+        height, width = cfg.deblur.warmup_tile_shape
+        print(
+            f"deblur replicas warm up on a {height}x{width} tile before the appliance is ready (deblur.torch_compile: "
+            f"{cfg.deblur.torch_compile}; a compile took ~20 s on an H100, ~3 min with max-autotune)",
+            flush=True,
+        )
     try:
         appliance.start()
         # ray.init installs its own fatal-signal handlers in this process: take SIGTERM/SIGINT back.

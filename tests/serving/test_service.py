@@ -32,7 +32,8 @@ def _serve(config: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def _wait_ready(process: subprocess.Popen[str], timeout_s: float = 120) -> tuple[str, str, str]:
+def _wait_ready(process: subprocess.Popen[str], timeout_s: float = 120) -> tuple[str, str, str, list[str]]:
+    """(tile endpoint, feedback endpoint, metrics URL, the lines printed before `ready`)."""
     deadline = time.monotonic() + timeout_s
     assert process.stdout is not None
     lines = []
@@ -41,7 +42,7 @@ def _wait_ready(process: subprocess.Popen[str], timeout_s: float = 120) -> tuple
         lines.append(line)
         match = re.search(r"ready: tiles (\S+), feedback (\S+), output \S+, metrics (\S+)", line)
         if match:
-            return match.group(1), match.group(2), match.group(3)
+            return match.group(1), match.group(2), match.group(3), lines[:-1]
         if process.poll() is not None:
             break
     raise AssertionError("appliance did not become ready:\n" + "".join(lines))
@@ -61,6 +62,7 @@ def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
                     "max_in_flight": 8,
                 },
                 "output": {"directory": str(tmp_path / "out")},
+                "deblur": {"warmup_tile_shape": [512, 512]},
                 "ray": {"num_cpus": 2},
                 "metrics": {"address": "127.0.0.1:0"},
             }
@@ -68,7 +70,9 @@ def test_sigterm_drains_in_flight_tiles_and_exits_cleanly(
     )
     process = _serve(config, "--status-every", "0.5")
     try:
-        tile_endpoint, feedback_endpoint, metrics_url = _wait_ready(process)
+        tile_endpoint, feedback_endpoint, metrics_url, before_ready = _wait_ready(process)
+        # The operator is told why the start waits: the deblur replicas warm up first.
+        assert any(line.startswith("deblur replicas warm up on a 512x512 tile") for line in before_ready), before_ready
         with ReferenceController(tile_endpoint, feedback_endpoint) as controller:
             for seq, (tile_id, pixels) in enumerate(cycle_tiles(real_em_tiles, 12)):
                 controller.send_raw(tile_frames("term", tile_id, seq, pixels))
