@@ -1,0 +1,156 @@
+"""The spectral reading alone (no model), per EM source: how far its blur estimate is from the truth, and why.
+
+    nice -n 5 python bench/spectral_reader.py      # writes bench/results/spectral_reader.{json,md}, ~40 s
+
+`bench/detector_sources.py` scores the runtime's verdicts (model and spectral reading together, ~105 s);
+this bench isolates the reading (appliance.detection.spectral) so its error can be taken apart in seconds.
+Same sources, crops, blur families, sigmas (1-3 px) and rig-noise rendering as detector_sources.py, its own
+seed. Per source and calibration draw (5 in-focus tiles, detector_sources.calibration_draws): the rig's
+reference is reference_log_power of the 5 tiles, as `calibrate` builds it but without the model's
+consistency checks (so a draw `calibrate` would refuse, such as every 16-bit SEM demo draw, is read here
+too); every other tile and its blurred copies are read against it with read_added_blur.
+
+Per source and family (sigma 1-3 px, every draw):
+- blurred called sharp: reading <= detector.sharp_sigma_px (sharp tiles called non-sharp: reading above it);
+- read / true: the median ratio of the reading (the major axis, worst of the tile and its quadrants: what the
+  detector reports) to the true sigma, and the same for the whole tile's isotropic part (the mean of the two
+  axes' variances, SpectralReading.isotropic_px); with their interquartile ranges;
+- median relative error of the reading (the model card's "blur estimate" line).
+The isotropic column tells a bias in the reading's size from one in its shape: for an isotropic blur
+(gaussian, disk) noise in the fitted anisotropy can only lengthen the major axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from appliance.config import DetectorConfig  # noqa: E402
+from appliance.detection.spectral import read_added_blur, reference_log_power, window_spectra  # noqa: E402
+from bench.detector_sources import (  # noqa: E402
+    CORPUS,
+    SIGMAS,
+    blur_with_rig_noise,
+    calibration_draws,
+    load_sources,
+    print_table,
+)
+from models.blur_synth import FAMILIES  # noqa: E402
+
+
+def _quartiles(values: list[float]) -> dict[str, float]:
+    q1, median, q3 = np.percentile(values, [25, 50, 75]) if values else (np.nan,) * 3
+    return {"median": float(median), "iqr": float(q3 - q1)}
+
+
+def read_source(tiles: list[np.ndarray], rng: np.random.Generator, sharp_px: float) -> dict:
+    """Every draw's readings of one source's tiles and blurred copies, summarised per family."""
+    spectra = [window_spectra(t) for t in tiles]
+    blurred = [
+        {(f, s): window_spectra(blur_with_rig_noise(t, f, s, rng)) for f in FAMILIES for s in SIGMAS} for t in tiles
+    ]
+    sharp_called: list[bool] = []
+    rows: dict[str, dict[str, list]] = {f: {"called": [], "ratio": [], "iso": [], "err": []} for f in FAMILIES}
+    draws = calibration_draws(len(tiles), rng)
+    for chosen in draws:
+        members = [spectra[i] for i in chosen]
+        if any(m is None for m in members):
+            continue
+        reference = reference_log_power([m for m in members if m is not None])
+        for i in (i for i in range(len(tiles)) if i not in chosen):
+            own = spectra[i]
+            reading = None if own is None else read_added_blur(own, *reference)
+            sharp_called.append(reading is not None and reading.sigma_px > sharp_px)
+            for (family, sigma), tile_spectra in blurred[i].items():
+                reading = None if tile_spectra is None else read_added_blur(tile_spectra, *reference)
+                read = 0.0 if reading is None else reading.sigma_px  # no reading: nothing above the noise
+                row = rows[family]
+                row["called"].append(read <= sharp_px)
+                row["ratio"].append(read / sigma)
+                row["iso"].append(max(0.0, 0.0 if reading is None else reading.isotropic_px) / sigma)
+                row["err"].append(abs(read - sigma) / sigma)
+    return {
+        "draws": len(draws),
+        "sharp_called_nonsharp": float(np.mean(sharp_called)) if sharp_called else None,
+        "blurred_called_sharp": float(np.mean([c for r in rows.values() for c in r["called"]])),
+        "families": {
+            f: {
+                "blurred_called_sharp": float(np.mean(r["called"])),
+                "read_over_true": _quartiles(r["ratio"]),
+                "isotropic_over_true": _quartiles(r["iso"]),
+                "median_rel_err": float(np.median(r["err"])),
+            }
+            for f, r in rows.items()
+        },
+    }
+
+
+HEADER = ["source", "sharp->non-sharp", "blurred->sharp", *(f"{f}: ->sharp / read÷true (iso) / err" for f in FAMILIES)]
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for name, entry in result["sources"].items():
+        cells = [name, f"{entry['sharp_called_nonsharp']:.0%}", f"{entry['blurred_called_sharp']:.0%}"]
+        for family in FAMILIES:
+            f = entry["families"][family]
+            cells.append(
+                f"{f['blurred_called_sharp']:.0%} / {f['read_over_true']['median']:.2f} "
+                f"({f['isotropic_over_true']['median']:.2f}) / {f['median_rel_err']:.0%}"
+            )
+        rows.append(cells)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"`{result['command']}` ({result['machine']}, {result['runtime_s']:.0f} s)",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "spectral_reader.json")
+    parser.add_argument("--seed", type=int, default=20261126)
+    args = parser.parse_args()
+    start = time.monotonic()
+    sharp_px = DetectorConfig().sharp_sigma_px
+    rng = np.random.default_rng(args.seed)
+    sources = {}
+    for source in load_sources(args.corpus):
+        sources[source.name] = {"note": source.note, **read_source([t for _, t in source.tiles], rng, sharp_px)}
+        print(f"{source.name}: {source.note}", flush=True)
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs (shared)",
+        "sharp_sigma_px": sharp_px,
+        "sigmas_px": SIGMAS,
+        "sources": sources,
+        "runtime_s": time.monotonic() - start,
+    }
+    print()
+    print_table(HEADER, table_rows(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} ({result['runtime_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
