@@ -63,12 +63,9 @@ def tissue_ratio(tile: np.ndarray, noise_sigma: float) -> np.ndarray:
     median of appliance.noise.patch_noise_sigma over its patches.
     """
     height, width = tile.shape
-    # Whole blocks only: an integer scale keeps INTER_AREA fast (~6 ms for 2400 x 2400 on one core).
     block_h, block_w = max(height // _SIDE, 1), max(width // _SIDE, 1)
     crop = tile[: block_h * _SIDE, : block_w * _SIDE] if height >= _SIDE and width >= _SIDE else tile
-    # float32 in: a uint8 resize would round the block means to whole DN, below which noise averages.
-    scaled = crop.astype(np.float32) * np.float32(1.0 / np.iinfo(tile.dtype).max)
-    blocks = cv2.resize(scaled, (_SIDE, _SIDE), interpolation=cv2.INTER_AREA).astype(np.float64)
+    blocks = _block_means(crop) / float(np.iinfo(tile.dtype).max)
     cells = blocks.reshape(GRID, BLOCKS, GRID, BLOCKS).transpose(0, 2, 1, 3).reshape(GRID, GRID, -1)
     spread = (cells @ _RESIDUAL.T).std(axis=2)
     # Pixels in one block: noise averages down by its square root (never below one pixel per block).
@@ -76,11 +73,37 @@ def tissue_ratio(tile: np.ndarray, noise_sigma: float) -> np.ndarray:
     return spread / max(block_noise, 1e-9)
 
 
+def _block_means(crop: np.ndarray) -> np.ndarray:
+    """(_SIDE, _SIDE) float64 block means of a uint8/uint16 image, in its DN.
+
+    uint8 in whole blocks (sides a multiple of _SIDE, < 2^23 px so int32 sums cannot overflow): exact sums
+    from one integral image, ~1.1 ms for a 2400 x 2400 tile on one core against ~6 ms for INTER_AREA at that
+    scale. Otherwise INTER_AREA on float32 (~1.5 ms for 1700 x 1700 uint16; a smaller image is interpolated
+    up), never on the integers: a uint8 resize would round the means to whole DN, below which noise averages.
+    """
+    height, width = crop.shape
+    whole = height >= _SIDE and width >= _SIDE and not (height % _SIDE or width % _SIDE)
+    if crop.dtype != np.uint8 or not whole or crop.size >= 2**23:
+        return cv2.resize(crop.astype(np.float32), (_SIDE, _SIDE), interpolation=cv2.INTER_AREA).astype(np.float64)
+    integral = cv2.integral(crop, sdepth=cv2.CV_32S)
+    corners = integral[np.ix_(np.arange(0, height + 1, height // _SIDE), np.arange(0, width + 1, width // _SIDE))]
+    sums = np.diff(np.diff(corners.astype(np.float64), axis=0), axis=1)
+    return sums / ((height // _SIDE) * (width // _SIDE))
+
+
 def _plane_removed_var(stack: np.ndarray) -> np.ndarray:
-    """Variance per image of a stack (N, S, S) after a least-squares plane fit (shading removed)."""
-    design, pinv = _plane_fit(stack.shape[1])
-    flat = stack.reshape(stack.shape[0], -1).astype(np.float64)
-    return (flat - (flat @ pinv.T) @ design.T).var(axis=1)
+    """Variance per image of a stack (N, S, S) after a least-squares plane fit (shading removed).
+
+    On a square grid the centred row and column coordinates are orthogonal to each other and to the mean,
+    so the plane takes from the variance exactly the two slopes' shares: sums along rows and columns,
+    no fitted plane per image (~4x faster on a detector batch, the same value to float64 rounding).
+    """
+    side = stack.shape[1]
+    ramp = np.arange(side) - (side - 1) / 2.0
+    total = stack.reshape(stack.shape[0], -1).var(axis=1, dtype=np.float64)
+    along_y = stack.sum(axis=2, dtype=np.float64) @ ramp
+    along_x = stack.sum(axis=1, dtype=np.float64) @ ramp
+    return total - (along_y**2 + along_x**2) / (side**3 * float(ramp @ ramp))
 
 
 def patch_tissue(patches: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -92,9 +115,11 @@ def patch_tissue(patches: np.ndarray, noise: np.ndarray) -> np.ndarray:
     noise_var = np.maximum(np.asarray(noise, np.float64) ** 2, 1e-12)
     fine = _plane_removed_var(patches) / noise_var
     k = side // PATCH_BLOCK
-    blocks = (
-        patches[:, : k * PATCH_BLOCK, : k * PATCH_BLOCK].reshape(n, k, PATCH_BLOCK, k, PATCH_BLOCK).mean(axis=(2, 4))
-    )
+    # Block means of every patch at once: the patches stacked into one image, INTER_AREA at an integer scale
+    # whose blocks never straddle two patches (~15x faster than numpy's strided mean, the same values).
+    stacked = np.ascontiguousarray(patches[:, : k * PATCH_BLOCK, : k * PATCH_BLOCK], np.float32)
+    blocks = cv2.resize(stacked.reshape(n * k * PATCH_BLOCK, k * PATCH_BLOCK), (k, n * k), interpolation=cv2.INTER_AREA)
+    blocks = blocks.reshape(n, k, k)
     coarse = _plane_removed_var(blocks) / (noise_var / PATCH_BLOCK**2)
     return (fine > PATCH_VAR_RATIO) | (coarse > PATCH_BLOCK_RATIO)
 
