@@ -8,9 +8,16 @@ import pytest
 from appliance.config import DeblurConfig, DetectorConfig
 from appliance.detection.detector import GRID, BlurDetector
 from appliance.detection.patches import extract_patches
-from appliance.detection.tissue import MIN_TISSUE_CELLS, TISSUE_RATIO, patch_tissue, tissue_ratio
+from appliance.detection.tissue import (
+    MIN_TISSUE_CELLS,
+    TISSUE_RATIO,
+    _block_means,
+    _plane_removed_var,
+    patch_tissue,
+    tissue_ratio,
+)
 from appliance.messages import BlurAssessment
-from appliance.noise import patch_noise_sigma
+from appliance.noise import IMMERKAER_MASK, patch_noise_sigma
 from appliance.restoration.restorer import TileRestorer
 from appliance.stream.blur_share import BlurShareGuard
 from appliance.tile_io import TileError
@@ -126,3 +133,43 @@ def test_noisy_small_tissue_blurred_at_3px_is_tissue_not_empty(detector: BlurDet
     (verdict,) = detector.assess([tile])
     assert verdict.label != "empty"
     assert _ratio(tile).max() < TISSUE_RATIO * 2  # the block means alone barely see it
+
+
+def _plane_residual_var(stack: np.ndarray) -> np.ndarray:
+    """The definition: variance of what a least-squares plane leaves, per image (numpy lstsq)."""
+    side = stack.shape[1]
+    yy, xx = np.mgrid[:side, :side].reshape(2, -1).astype(np.float64)
+    design = np.stack([np.ones_like(yy), yy, xx], axis=1)
+    flat = stack.reshape(len(stack), -1).astype(np.float64).T
+    coef = np.linalg.lstsq(design, flat, rcond=None)[0]
+    return (flat - design @ coef).var(axis=0)
+
+
+def test_fast_tissue_arithmetic_equals_its_definitions(tissue: list[np.ndarray]) -> None:
+    """The detector's tissue test runs on every tile: its shortcuts must give the plain computations' values."""
+    rng = np.random.default_rng(0)
+    image = tissue[0]
+    stack = np.stack([image[y : y + 64, x : x + 64] for y in (0, 100, 300) for x in (0, 200, 448)])
+    shaded = stack + np.linspace(0, 0.3, 64, dtype=np.float32)[None, :, None]  # a plane the test must remove
+    for s in (stack, shaded, stack[:, :16, :16]):
+        np.testing.assert_allclose(_plane_removed_var(s), _plane_residual_var(s), rtol=1e-9)
+    # Block means: exact sums of uint8 blocks (integral image) and INTER_AREA for uint16, both = numpy's means.
+    tile8 = rng.integers(0, 256, (640, 1280), dtype=np.uint8)
+    tile16 = rng.integers(0, 65536, (320, 192), dtype=np.uint16)
+    for tile in (tile8, tile16):
+        by, bx = tile.shape[0] // 64, tile.shape[1] // 64
+        want = tile.reshape(64, by, 64, bx).astype(np.float64).mean(axis=(1, 3))
+        np.testing.assert_allclose(_block_means(tile), want, rtol=1e-6)
+
+
+def test_patch_noise_filter_equals_a_direct_valid_correlation() -> None:
+    rng = np.random.default_rng(1)
+    stack = rng.random((5, 20, 24), dtype=np.float32)
+    residual = np.stack(
+        [
+            [[float((p[i : i + 3, j : j + 3] * IMMERKAER_MASK).sum()) for j in range(22)] for i in range(18)]
+            for p in stack
+        ]
+    )
+    want = np.abs(residual).mean(axis=(1, 2)) * np.sqrt(np.pi / 2) / 6.0
+    np.testing.assert_allclose(patch_noise_sigma(stack), want, rtol=1e-5)
