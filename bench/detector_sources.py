@@ -551,6 +551,16 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
+def report(result: dict, header: list[str], rows: list[list[str]], markdown_text: str, out: Path) -> None:
+    """Print the table, write the JSON result to `out` and its markdown beside it (.md)."""
+    print()
+    print_table(header, rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown_text)
+    print(f"\nwrote {out} and {out.with_suffix('.md')} ({result['runtime_s']:.0f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=CORPUS)
@@ -610,12 +620,7 @@ def main() -> None:
         "sources": sources,
         "runtime_s": time.monotonic() - start,
     }
-    print()
-    print_table(HEADER, table_rows(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} ({result['runtime_s']:.0f} s)")
+    report(result, HEADER, table_rows(result), markdown(result), args.out)
 
 
 if __name__ == "__main__":

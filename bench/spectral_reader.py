@@ -23,7 +23,6 @@ The isotropic column tells a bias in the reading's size from one in its shape: f
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -43,7 +42,7 @@ from bench.detector_sources import (  # noqa: E402
     blur_with_rig_noise,
     calibration_draws,
     load_sources,
-    print_table,
+    report,
 )
 from models.blur_synth import FAMILIES  # noqa: E402
 
@@ -144,12 +143,7 @@ def main() -> None:
         "sources": sources,
         "runtime_s": time.monotonic() - start,
     }
-    print()
-    print_table(HEADER, table_rows(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} ({result['runtime_s']:.0f} s)")
+    report(result, HEADER, table_rows(result), markdown(result), args.out)
 
 
 if __name__ == "__main__":
