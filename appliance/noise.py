@@ -30,6 +30,8 @@ def correlate_valid(stack: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarra
     """
     stack = np.ascontiguousarray(stack, np.float32)
     count, height, width = stack.shape
+    if len(taps) > stack.shape[axis]:
+        raise ValueError(f"correlate_valid: {len(taps)} taps along an axis of {stack.shape[axis]} px")
     kernel = np.asarray(taps, np.float32).reshape((1, -1) if axis == 2 else (-1, 1))
     out = cv2.filter2D(stack.reshape(count * height, width), cv2.CV_32F, kernel, anchor=(0, 0)).reshape(stack.shape)
     valid = len(taps) - 1

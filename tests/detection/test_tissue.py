@@ -173,3 +173,8 @@ def test_patch_noise_filter_equals_a_direct_valid_correlation() -> None:
     )
     want = np.abs(residual).mean(axis=(1, 2)) * np.sqrt(np.pi / 2) / 6.0
     np.testing.assert_allclose(patch_noise_sigma(stack), want, rtol=1e-5)
+
+
+def test_patch_noise_filter_refuses_patches_shorter_than_its_taps() -> None:
+    with pytest.raises(ValueError, match="3 taps along an axis of 2 px"):
+        patch_noise_sigma(np.zeros((1, 2, 8), np.float32))
