@@ -27,8 +27,6 @@ low-frequency part.
 
 from __future__ import annotations
 
-import functools
-
 import cv2
 import numpy as np
 
@@ -44,18 +42,6 @@ MIN_TISSUE_CELLS = 4  # of GRID * GRID: fewer -> no tissue to judge (1/16 of the
 _SIDE = GRID * BLOCKS
 
 
-@functools.cache
-def _plane_fit(side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Design matrix A (side^2, 3) of a plane over a side x side grid and its pseudo-inverse A+ (made once)."""
-    yy, xx = np.mgrid[:side, :side].reshape(2, -1).astype(np.float64)
-    design = np.stack([np.ones_like(yy), yy, xx], axis=1)
-    return design, np.linalg.pinv(design)
-
-
-# Residual after a least-squares plane fit over a cell's block means: r = (I - A A+) v.
-_RESIDUAL = np.eye(BLOCKS * BLOCKS) - np.matmul(*_plane_fit(BLOCKS))
-
-
 def tissue_ratio(tile: np.ndarray, noise_sigma: float) -> np.ndarray:
     """Per cell (GRID, GRID): spread of plane-removed block means over the noise of one block mean.
 
@@ -66,8 +52,9 @@ def tissue_ratio(tile: np.ndarray, noise_sigma: float) -> np.ndarray:
     block_h, block_w = max(height // _SIDE, 1), max(width // _SIDE, 1)
     crop = tile[: block_h * _SIDE, : block_w * _SIDE] if height >= _SIDE and width >= _SIDE else tile
     blocks = _block_means(crop) / float(np.iinfo(tile.dtype).max)
-    cells = blocks.reshape(GRID, BLOCKS, GRID, BLOCKS).transpose(0, 2, 1, 3).reshape(GRID, GRID, -1)
-    spread = (cells @ _RESIDUAL.T).std(axis=2)
+    cells = blocks.reshape(GRID, BLOCKS, GRID, BLOCKS).transpose(0, 2, 1, 3).reshape(GRID * GRID, BLOCKS, BLOCKS)
+    # max(0): a cell that is exactly a plane can read a rounding error below zero.
+    spread = np.sqrt(np.maximum(_plane_removed_var(cells), 0.0)).reshape(GRID, GRID)
     # Pixels in one block: noise averages down by its square root (never below one pixel per block).
     block_noise = noise_sigma / np.sqrt(max(crop.shape[0] / _SIDE, 1.0) * max(crop.shape[1] / _SIDE, 1.0))
     return spread / max(block_noise, 1e-9)
