@@ -1,6 +1,11 @@
 """Deblur per EM source: the model vs the blurred input and the true-PSF oracle, on other instruments.
 
     nice -n 10 python bench/deblur_sources.py      # writes bench/results/deblur_sources.{json,md}
+    python bench/deblur_sources.py --loso models/deblur/loso   # -> deblur_sources_loso.{json,md}
+
+`--loso DIR`: leave-one-source-out (issue 14): each source is restored by DIR/loso-<source>.onnx, the fold
+that `models.deblur.loso` trained without it (exported with `models.deblur.export --name loso-<source>`).
+The seed and the order of sources fix the blur and noise draws, so every model sees the same inputs.
 
 Sources (bench/detector_sources.load_sources): every folder of ../shared/data/em-corpus (its `soft/`
 tiles are soft at the source, never sharp targets, and are not used) plus the isbi2012-train test split
@@ -71,11 +76,18 @@ from bench.detector_sources import (  # noqa: E402
 )
 from models.blur_synth import FAMILIES, psf_kernel, to_unit_float  # noqa: E402
 from models.deblur.metrics import psnr  # noqa: E402
+from models.deblur.pack_data import ISBI_SOURCE  # noqa: E402
 
 TILE_SIDE = 256
 TILES_PER_SOURCE = 6
 METHODS = ("input", "wiener", "rl", "model")
 RESULTS = REPO / "bench" / "results"
+
+
+def packed_source_name(bench_source: str) -> str:
+    """The packed training file's name for a bench source (models.deblur.pack_data): the ISBI test split's
+    instrument is `isbi2012` there; the em-corpus folders keep their names."""
+    return ISBI_SOURCE if bench_source.startswith(ISBI_SOURCE) else bench_source
 
 
 def pick_tiles(source: Source, count: int, side: int) -> list[tuple[str, np.ndarray]]:
@@ -265,28 +277,55 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=TILE_SIDE, help="centre crop of each tile (px)")
     parser.add_argument("--sources", nargs="*", help="only these sources (default all)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime CPU threads")
+    parser.add_argument(
+        "--loso",
+        type=Path,
+        default=None,
+        help="leave-one-source-out: a folder of loso-<source>.onnx (models.deblur.loso, exported); each "
+        "source is restored by the model trained without it (overrides --model)",
+    )
     parser.add_argument("--seed", type=int, default=20261127)
-    parser.add_argument("--out", type=Path, default=RESULTS / "deblur_sources.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default bench/results/deblur_sources.json (_loso with --loso)"
+    )
     args = parser.parse_args()
+    if args.out is None:
+        args.out = RESULTS / ("deblur_sources_loso.json" if args.loso is not None else "deblur_sources.json")
     start = time.monotonic()
-    cfg = DeblurConfig(backend="onnx", model_path=args.model, num_cpus_per_replica=float(args.threads))
-    restorer = TileRestorer.from_config(cfg)
     assess = make_assessor(args.estimate)
+    # One seed, sources in a fixed order: the blur and noise draws (and so the input and oracle columns)
+    # are the same whichever model runs, so two runs' model columns compare cell by cell.
     rng = np.random.default_rng(args.seed)
-    bundled = args.model.resolve() == DEBLUR_MODEL.resolve()
+    bundled = args.loso is None and args.model.resolve() == DEBLUR_MODEL.resolve()
+    restorers: dict[Path, TileRestorer] = {}
+
+    def restorer_for(model_path: Path) -> TileRestorer:
+        if model_path not in restorers:
+            if not model_path.is_file():
+                raise SystemExit(f"{model_path}: no such model (export the fold: python -m models.deblur.export)")
+            cfg = DeblurConfig(backend="onnx", model_path=model_path, num_cpus_per_replica=float(args.threads))
+            restorers[model_path] = TileRestorer.from_config(cfg)
+        return restorers[model_path]
+
     sources = {}
     for source in load_sources(args.corpus):
         if args.sources and source.name not in args.sources:
             continue
         t0 = time.monotonic()
+        model_path = args.model if args.loso is None else args.loso / f"loso-{packed_source_name(source.name)}.onnx"
+        restorer = restorer_for(model_path)
         entry = score_source(restorer, pick_tiles(source, args.tiles, args.side), rng, assess)
-        sources[source.name] = {"note": source.note, **entry}
+        sources[source.name] = {"note": source.note, "model_version": restorer.model_version, **entry}
         print(f"{source.name}: {len(entry['tiles'])} tiles, {time.monotonic() - t0:.0f} s", flush=True)
     result = {
         "command": " ".join(["python", *sys.argv]),
-        "model_version": restorer.model_version,
+        "model_version": f"per source, leave-one-source-out ({args.loso})"
+        if args.loso is not None
+        else restorer_for(args.model).model_version,
         "held_out": "trained on isbi2012-train train only: every em-corpus source held out"
         if bundled
+        else "leave-one-source-out: each source restored by the fold trained without it"
+        if args.loso is not None
         else "not the bundled model: check its training data (deblur_gpu v3 saw every em-corpus source)",
         "estimate": args.estimate,
         "date": date.today().isoformat(),

@@ -10,6 +10,12 @@
 # ../shared/data); packed training data: $CARRY_DIR/em_train.npz (models/deblur/pack_data.py).
 # `bash bench/gpu_carry.sh` builds all three.
 #
+# LOSO_BUDGET_S=N (seconds) then runs the leave-one-source-out deblur training of issue 14
+# (models/deblur/loso.py, recipe models/deblur/loso.yaml; LOSO_ARGS adds options, e.g. round 2:
+# "--config models/deblur/loso_deep.yaml --init-dir .gpu/loso-v4 --seen-by-parent"); its weights come
+# back as OUT_DIR/loso/*.tar.
+# SUITE_BUDGET_S=0 skips the suite.
+#
 # The suite includes rows with 2 and 4 microscopes on one appliance (sharp tiles at 25.4/s each).
 # DEVICE=cpu SUITE_ARGS="--side 512 --scale 0.06" runs the same steps on a CPU machine (a rehearsal).
 set -u
@@ -40,9 +46,22 @@ python3 -c 'import torch; torch.export.load("appliance/weights/deblur.pt2")' 2>/
 echo "setup done, $(left) s left"
 
 suite_s=${SUITE_BUDGET_S:-230}
-# shellcheck disable=SC2086  # SUITE_ARGS is a list of options
-timeout $((suite_s + 45)) python3 bench/gpu_suite.py --device "$device" --out "$out" --budget-s "$suite_s" ${SUITE_ARGS:-}
-echo "suite exit $?, $(left) s left"
+if [ "$suite_s" -gt 0 ]; then
+  # shellcheck disable=SC2086  # SUITE_ARGS is a list of options
+  timeout $((suite_s + 45)) python3 bench/gpu_suite.py --device "$device" --out "$out" --budget-s "$suite_s" ${SUITE_ARGS:-}
+  echo "suite exit $?, $(left) s left"
+fi
+
+loso_s=${LOSO_BUDGET_S:-0}
+if [ "$loso_s" -gt 0 ] && [ -f "$carry/em_train.npz" ]; then
+  # Runs train under /tmp: at most 8 files come back, so only the tars, the summary and the logs go to OUT.
+  # shellcheck disable=SC2086  # LOSO_ARGS is a list of options (e.g. --config ... --init-dir ...)
+  timeout $((loso_s + 90)) python3 -m models.deblur.loso --device "$device" --data "$carry/em_train.npz" \
+    --out-dir /tmp/loso --budget-s "$loso_s" --workers "${LOSO_WORKERS:-5}" ${LOSO_ARGS:-}
+  echo "loso exit $?, $(left) s left"
+  mkdir -p "$out/loso" && cp /tmp/loso/*.tar /tmp/loso/loso.json "$out/loso/" 2>/dev/null
+  tar -C /tmp/loso -czf "$out/loso/logs.tar.gz" --exclude='*.pt' --exclude='*.tar' .
+fi
 
 train_config=${TRAIN_CONFIG:-models/deblur/gpu.yaml}
 if [ -f "$train_config" ] && [ -f "$carry/em_train.npz" ]; then

@@ -9,9 +9,12 @@ different PSF to every sample. Same families and ranges as `models.blur_synth`:
 - ``tilted``: a training crop is a piece of a tilted section, so its sigma ramps linearly from a
   random lower value to sigma_px in a random direction; rendered, like blur_synth, by blending
   TILTED_LEVELS uniformly blurred copies (fewer levels than blur_synth's 12: sigma error < 10 %);
-- Poisson-Gaussian noise after blur (photons per unit log-uniform 30-1000, read sigma 0-0.01), then
-  quantisation to 8 or 16 bit; the intensity window is then taken from the blurred patch exactly as
-  `appliance.restoration.intensity` takes it from a tile.
+- Poisson-Gaussian noise after blur (photons per unit log-uniform, by default 30-1000, read sigma
+  0-0.01), or, for a share of samples (`own_noise_fraction`), Gaussian noise at the crop's own Immerkaer
+  level x 0.7-1.4 (a real tile already carries its rig's noise; a soft retake of it would carry as
+  much again: how bench/deblur_sources.py renders other instruments), then quantisation to 8 or 16 bit;
+  the intensity window is then taken from the blurred patch exactly as `appliance.restoration.intensity`
+  takes it from a tile.
 The PSF planes carry a detector-like estimate of the true blur (`perturbed_estimate`), not the truth.
 Per-sample random draws use a numpy Generator (a few scalars per sample); pixel noise a torch Generator
 on the device.
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from appliance.noise import IMMERKAER_L2_NORM, IMMERKAER_MASK
 from appliance.restoration.intensity import HIGH_PERCENTILE, LOW_PERCENTILE, SUBSAMPLE
 from appliance.restoration.psf_planes_torch import psf_planes_batch
 from models.blur_synth import ANISOTROPY_RANGE, FAMILIES, PHOTONS_RANGE, READ_SIGMA_RANGE
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 SUPERSAMPLE = 5
 TILTED_LEVELS = 6
 REGION_GRID = 4  # region cells per patch side (the runtime's 8x8 map over a whole tile, at patch scale)
+OWN_NOISE_GAIN = (0.7, 1.4)  # own-noise samples: the crop's Immerkaer level times this (uniform)
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,14 @@ class SynthConfig:
     wrong_estimate_fraction: float
     estimate_bias_px: tuple[float, float]
     estimate_gain_log_sd: float
+    photons_range: tuple[float, float] = PHOTONS_RANGE
+    own_noise_fraction: float = 0.0
+    psf_planes: bool = True  # False: inputs are the pixels only (a blind model)
 
     @classmethod
-    def from_data(cls, data: DataConfig, patch: int | None = None) -> SynthConfig:
-        """From the recipe's `data:` section; `patch` overrides its patch side (the validation patches)."""
+    def from_data(cls, data: DataConfig, patch: int | None = None, psf_planes: bool = True) -> SynthConfig:
+        """From the recipe's `data:` section; `patch` overrides its patch side (the validation patches);
+        psf_planes is the model's (`model.psf_planes`)."""
         return cls(
             patch=patch if patch is not None else data.patch,
             margin=data.margin,
@@ -73,6 +82,9 @@ class SynthConfig:
             wrong_estimate_fraction=data.wrong_estimate_fraction,
             estimate_bias_px=data.estimate_bias_px,
             estimate_gain_log_sd=data.estimate_gain_log_sd,
+            photons_range=data.photons_range or PHOTONS_RANGE,
+            own_noise_fraction=data.own_noise_fraction,
+            psf_planes=psf_planes,
         )
 
     @property
@@ -93,6 +105,7 @@ class BlurDraw:
     full_scale: np.ndarray  # 255 or 65535
     photons: np.ndarray  # 0 = noise-free
     read_sigma: np.ndarray
+    own_noise_gain: np.ndarray  # > 0: Gaussian noise at the crop's own level times this, instead of photons
 
 
 def draw_blur(rng: np.random.Generator, cfg: SynthConfig, batch: int) -> BlurDraw:
@@ -107,7 +120,8 @@ def draw_blur(rng: np.random.Generator, cfg: SynthConfig, batch: int) -> BlurDra
     anisotropy = np.where(astig, rng.uniform(*ANISOTROPY_RANGE, batch), 1.0)
     angle = np.where(astig, rng.uniform(0.0, 180.0, batch), np.where(tilted, rng.uniform(0.0, 360.0, batch), 0.0))
     noisy = rng.random(batch) >= cfg.noise_free_fraction
-    photons = np.exp(rng.uniform(math.log(PHOTONS_RANGE[0]), math.log(PHOTONS_RANGE[1]), batch))
+    photons = np.exp(rng.uniform(math.log(cfg.photons_range[0]), math.log(cfg.photons_range[1]), batch))
+    own = noisy & (rng.random(batch) < cfg.own_noise_fraction)
     return BlurDraw(
         family=family,
         sigma_px=sigma,
@@ -115,8 +129,9 @@ def draw_blur(rng: np.random.Generator, cfg: SynthConfig, batch: int) -> BlurDra
         angle_deg=angle,
         tilt_low_px=np.where(tilted, rng.uniform(0.0, 1.0, batch) * sigma, 0.0),
         full_scale=np.where(rng.random(batch) < cfg.uint16_fraction, 65535.0, 255.0),
-        photons=np.where(noisy, photons, 0.0),
+        photons=np.where(noisy & ~own, photons, 0.0),
         read_sigma=rng.uniform(*READ_SIGMA_RANGE, batch),
+        own_noise_gain=np.where(own, rng.uniform(*OWN_NOISE_GAIN, batch), 0.0),
     )
 
 
@@ -195,8 +210,21 @@ def blur_batch(crops: torch.Tensor, draw: BlurDraw, half: int) -> torch.Tensor:
     return out
 
 
-def add_noise_and_quantise(images: torch.Tensor, draw: BlurDraw, generator: torch.Generator | None) -> torch.Tensor:
-    """Poisson-Gaussian noise (photons 0: none) then rounding to the sample's 8/16-bit grid, in [0, 1]."""
+def noise_sigma(images: torch.Tensor) -> torch.Tensor:
+    """Immerkaer noise std of each float32 (B, 1, H, W) image, (B,): `appliance.noise.patch_noise_sigma`."""
+    mask = torch.as_tensor(IMMERKAER_MASK, dtype=torch.float32, device=images.device)[None, None]
+    residual = F.conv2d(images, mask)  # valid part only, as patch_noise_sigma
+    return residual.abs().mean(dim=(1, 2, 3)) * math.sqrt(math.pi / 2) / IMMERKAER_L2_NORM
+
+
+def add_noise_and_quantise(
+    images: torch.Tensor,
+    draw: BlurDraw,
+    generator: torch.Generator | None,
+    own_sigma: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Poisson-Gaussian noise (photons 0: none), or for own-noise samples Gaussian noise of std
+    own_noise_gain x own_sigma (B,), then rounding to the sample's 8/16-bit grid, in [0, 1]."""
     device = images.device
     photons = torch.as_tensor(draw.photons, dtype=torch.float32, device=device)[:, None, None, None]
     read = torch.as_tensor(draw.read_sigma, dtype=torch.float32, device=device)[:, None, None, None]
@@ -206,6 +234,11 @@ def add_noise_and_quantise(images: torch.Tensor, draw: BlurDraw, generator: torc
     gauss = torch.randn(images.shape, generator=generator, device=device, dtype=torch.float32)
     noisy = counts / photons.clamp_min(1.0) + gauss * read
     degraded = torch.where(photons > 0, noisy, clean)
+    gain = torch.as_tensor(draw.own_noise_gain, dtype=torch.float32, device=device)
+    if own_sigma is not None and bool((gain > 0).any()):
+        own = torch.randn(images.shape, generator=generator, device=device, dtype=torch.float32)
+        std = (gain * own_sigma)[:, None, None, None]
+        degraded = torch.where(std > 0, clean + own * std, degraded)
     return torch.round(degraded.clamp(0.0, 1.0) * full) / full
 
 
@@ -318,16 +351,21 @@ class DeviceImages:
 def make_batch(
     images: DeviceImages, rng: np.random.Generator, generator: torch.Generator | None, cfg: SynthConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs float32 (B, 1 + planes, P, P), sharp float32 (B, 1, P, P)) on the model scale, on the device."""
+    """(inputs float32 (B, 1 + planes, P, P), sharp float32 (B, 1, P, P)) on the model scale, on the device;
+    a blind model's config (psf_planes False) gives the pixels only (B, 1, P, P)."""
     m, p = cfg.margin, cfg.patch
     crops = images.crops(rng, cfg.batch, p + 2 * m)
     draw = draw_blur(rng, cfg, cfg.batch)
     blurred = blur_batch(crops, draw, cfg.kernel_half)[:, :, m : m + p, m : m + p]
     full = torch.as_tensor(draw.full_scale, dtype=torch.float32, device=crops.device)
-    blurred = add_noise_and_quantise(blurred, draw, generator)
+    # The crop's own noise, measured on the sharp crop as the bench measures a tile (structure included).
+    own_sigma = noise_sigma(crops[:, :, m : m + p, m : m + p]) if cfg.own_noise_fraction > 0 else None
+    blurred = add_noise_and_quantise(blurred, draw, generator, own_sigma)
     low, high = intensity_windows(blurred, full)
     scale = high - low
     sharp = (crops[:, :, m : m + p, m : m + p] - low) / scale
+    if not cfg.psf_planes:
+        return (blurred - low) / scale, sharp
     estimate = perturbed_estimate(rng, draw, cfg)
 
     def tensor(values: np.ndarray) -> torch.Tensor:

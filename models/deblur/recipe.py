@@ -64,6 +64,19 @@ class DataConfig(_Strict):
     wrong_estimate_fraction: float = Field(0.05, ge=0, le=1, description="PSF-aware: a random sigma.")
     estimate_bias_px: tuple[float, float] = Field((0.0, 0.8), description="PSF-aware: detector's sigma bias.")
     estimate_gain_log_sd: float = Field(0.12, ge=0, description="PSF-aware: detector's sigma gain spread.")
+    photons_range: tuple[float, float] | None = Field(
+        None, description="Packed: Poisson photons per unit, log-uniform; None = models.blur_synth.PHOTONS_RANGE."
+    )
+    own_noise_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Packed: share of noisy samples whose noise is Gaussian at the crop's own (Immerkaer) "
+        "level x 0.7-1.4 instead of Poisson-Gaussian: the rig's noise on top of a real tile's own.",
+    )
+    exclude_sources: tuple[str, ...] = Field(
+        (), description="Packed: sources left out of training and validation (a leave-one-source-out fold)."
+    )
     val_patches: int = Field(ge=1, description="Fixed validation set from the val split (never test).")
     val_patch: int = Field(ge=8)
     val_seed: int | None = Field(None, description="Validation draw; None = seed + 1.")
@@ -73,6 +86,8 @@ class DataConfig(_Strict):
     def _ranges(self) -> DataConfig:
         if not 0.0 < self.sigma_range[0] <= self.sigma_range[1]:
             raise ValueError(f"sigma_range {self.sigma_range} must satisfy 0 < low <= high")
+        if self.photons_range is not None and not 0.0 < self.photons_range[0] <= self.photons_range[1]:
+            raise ValueError(f"photons_range {self.photons_range} must satisfy 0 < low <= high")
         return self
 
 
@@ -93,10 +108,22 @@ class TrainConfig(_Strict):
 
 
 class InitFrom(_Strict):
-    """`init_from:` a fine-tuning stage starts from its parent run's checkpoint (trained first if missing)."""
+    """`init_from:` a fine-tuning stage starts from its parent run's checkpoint (trained first if missing),
+    from the weights of an exported program (`program:`, e.g. the bundled appliance/weights/deblur.pt2) or
+    from a run's checkpoint file (`file:`, e.g. a fold's best.pt brought back from a GPU machine)."""
 
-    config: str = Field(description="The parent recipe, relative to the repository root.")
+    config: str | None = Field(None, description="The parent recipe, relative to the repository root.")
     checkpoint: Literal["best.pt", "last.pt"] = "best.pt"
+    program: str | None = Field(None, description="A torch.export .pt2, relative to the repository root.")
+    file: str | None = Field(None, description="A run's best.pt / last.pt, relative to the repository root.")
+
+    @model_validator(mode="after")
+    def _one_parent(self) -> InitFrom:
+        if sum(x is not None for x in (self.config, self.program, self.file)) != 1:
+            raise ValueError(
+                "give exactly one of config (a parent recipe), program (an exported .pt2) and file (a checkpoint)"
+            )
+        return self
 
 
 class DeblurRecipe(_Strict):
@@ -164,10 +191,24 @@ def load_recipe(path: Path) -> DeblurRecipe:
 
 
 def effective_recipe(
-    path: Path, data_path: Path | None = None, max_minutes: float | None = None, device: str | None = None
+    path: Path,
+    data_path: Path | None = None,
+    max_minutes: float | None = None,
+    device: str | None = None,
+    exclude_sources: tuple[str, ...] = (),
+    run_name: str | None = None,
+    init_checkpoint: Path | None = None,
 ) -> DeblurRecipe:
-    """The recipe with the command line's overrides applied: device (cpu_overrides on cpu), data, cap."""
+    """The recipe with the command line's overrides applied: device (cpu_overrides on cpu), data, cap,
+    sources left out (added to the recipe's), the run's name and the checkpoint it starts from."""
     raw = recipe_dict(path)
+    if init_checkpoint is not None:
+        raw["init_from"] = {"file": str(init_checkpoint)}
+    if exclude_sources:
+        listed = tuple(raw.get("data", {}).get("exclude_sources", ()))
+        raw = merge(raw, {"data": {"exclude_sources": [*listed, *exclude_sources]}})
+    if run_name is not None:
+        raw["run_name"] = run_name
     raw["device"] = device or raw.get("device", "cpu")
     overrides = raw.pop("cpu_overrides", None)
     if raw["device"] == "cpu":

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import yaml
 
-from models.deblur.network import TILE_SIDE_PX, DeblurNet, conv_gflop
+from models.deblur.network import TILE_SIDE_PX, DeblurNet, NAFBlock, conv_gflop
 from models.deblur.recipe import (
     DataConfig,
     DeblurRecipe,
@@ -110,7 +110,15 @@ def learning_rate(step: int, cfg: LrSchedule, minutes: float = 0.0) -> float:
 
 
 def parent_checkpoint(init_from: InitFrom) -> dict[str, Any]:
-    """Checkpoint a fine-tuning stage starts from; trains the parent config first if its run is missing."""
+    """Checkpoint a fine-tuning stage starts from; trains the parent config first if its run is missing.
+    An exported program (`init_from.program`) gives its weights as {"model": state_dict}."""
+    if init_from.program is not None:
+        program = torch.export.load(REPO_ROOT / init_from.program)
+        return {"model": {k: v.detach().clone() for k, v in program.state_dict.items()}}
+    if init_from.file is not None:
+        # Tensors and plain values only (weights_only): a checkpoint file is data, never code.
+        return torch.load(REPO_ROOT / init_from.file, map_location="cpu", weights_only=True)
+    assert init_from.config is not None  # InitFrom validates: one of the two
     parent_config = REPO_ROOT / init_from.config
     parent_run = RUNS_DIR / load_recipe(parent_config).run_name
     checkpoint = parent_run / init_from.checkpoint
@@ -121,8 +129,10 @@ def parent_checkpoint(init_from: InitFrom) -> dict[str, Any]:
 
 
 def load_parent_weights(model: DeblurNet, parent_state: dict[str, torch.Tensor]) -> None:
-    """Start from a parent's weights; input channels the parent lacks (the noise map) start at zero weight,
-    so the fine-tuning begins exactly at the parent's output."""
+    """Start from a parent's weights, so the fine-tuning begins exactly at the parent's output:
+    - input channels the parent lacks (the noise map, PSF planes) start at zero weight;
+    - NAFBlocks the parent lacks (a deeper model: more blocks per level) keep their fresh weights, whose
+      zero residual scales make each new block the identity. Any other missing or extra weight is an error."""
     state = dict(parent_state)
     intro = model.intro.weight
     parent_intro = state["intro.weight"]
@@ -130,7 +140,15 @@ def load_parent_weights(model: DeblurNet, parent_state: dict[str, torch.Tensor])
         padded = torch.zeros_like(intro)
         padded[:, : parent_intro.shape[1]] = parent_intro
         state["intro.weight"] = padded
-    model.load_state_dict(state)
+    new_blocks = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, NAFBlock) and not any(key.startswith(f"{name}.") for key in state)
+    ]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexplained = [key for key in missing if not any(key.startswith(f"{block}.") for block in new_blocks)]
+    if unexplained or unexpected:
+        raise ValueError(f"parent weights do not fit: missing {unexplained}, unexpected {list(unexpected)}")
 
 
 @dataclass
@@ -176,19 +194,30 @@ def packed_source(cfg: DeblurRecipe, data_path: Path, device: torch.device, rng:
     Validation: `data.val_patches` patches spread over the val-split sources (isbi 22-25 and the
     held-out em-corpus source), blurred with the same families and noise (never noise-free) and given
     detector-like PSF planes; "val_blind" is the same patches with blind planes, "val/<source>" each
-    source's share.
+    source's share. Sources in `data.exclude_sources` are in neither (a leave-one-source-out fold);
+    naming a source the file lacks is an error (a typo would silently train on everything).
     """
     from models.deblur.gpu_synth import DeviceImages, SynthConfig, make_batch
     from models.deblur.pack_data import load_packed
 
     packed = load_packed(data_path)
+    excluded = set(cfg.data.exclude_sources)
+    unknown = excluded - {p.source for p in packed}
+    if unknown:
+        known = sorted({p.source for p in packed})
+        raise ValueError(f"{data_path}: exclude_sources {sorted(unknown)} not in the packed file; it has {known}")
+    packed = [p for p in packed if p.source not in excluded]
     train = DeviceImages([p.pixels for p in packed if p.split == "train"], device)
-    synth = SynthConfig.from_data(cfg.data)
+    synth = SynthConfig.from_data(cfg.data, psf_planes=cfg.model.psf_planes)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    val_synth = SynthConfig.from_data(cfg.data.model_copy(update={"noise_free_fraction": 0.0}), cfg.data.val_patch)
+    val_synth = SynthConfig.from_data(
+        cfg.data.model_copy(update={"noise_free_fraction": 0.0}), cfg.data.val_patch, cfg.model.psf_planes
+    )
     val_rng = np.random.default_rng(val_seed(cfg))
     val_generator = torch.Generator(device=device).manual_seed(val_seed(cfg))
     sources = sorted({p.source for p in packed if p.split == "val"})
+    if not sources:
+        raise ValueError(f"{data_path}: no validation source left after exclude_sources {sorted(excluded)}")
     per_source = max(1, cfg.data.val_patches // max(1, len(sources)))
     val: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for source in sources:
@@ -200,9 +229,10 @@ def packed_source(cfg: DeblurRecipe, data_path: Path, device: torch.device, rng:
         val[f"val/{source}"] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     inputs = torch.cat([x for x, _ in val.values()])
     val["val"] = (inputs, torch.cat([y for _, y in val.values()]))
-    blind = inputs.clone()
-    blind[:, 1:] = 0.0
-    val["val_blind"] = (blind, val["val"][1])
+    if cfg.model.psf_planes:
+        blind = inputs.clone()
+        blind[:, 1:] = 0.0
+        val["val_blind"] = (blind, val["val"][1])
     return DataSource(lambda: make_batch(train, rng, generator, synth), val)
 
 
@@ -270,10 +300,13 @@ def train(
     data_path: Path | None = None,
     out_dir: Path | None = None,
     max_minutes: float | None = None,
+    exclude_sources: tuple[str, ...] = (),
+    run_name: str | None = None,
+    init_checkpoint: Path | None = None,
 ) -> Path:
     """Run the recipe; returns the run directory. Arguments override the config (see `main`)."""
     started = time.monotonic()
-    cfg = effective_recipe(config_path, data_path, max_minutes, device)
+    cfg = effective_recipe(config_path, data_path, max_minutes, device, exclude_sources, run_name, init_checkpoint)
     recorded = cfg.as_dict()  # every effective value, kept with the run, its checkpoints and the export
     torch_device = torch.device(cfg.device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
@@ -395,8 +428,22 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="packed .npz (models.deblur.pack_data)")
     parser.add_argument("--out-dir", type=Path, default=None, help="runs folder (default models/deblur/runs)")
     parser.add_argument("--max-minutes", type=float, default=None, help="overrides train.max_minutes")
+    parser.add_argument("--exclude-source", action="append", default=[], help="packed source to leave out (repeatable)")
+    parser.add_argument("--run-name", default=None, help="overrides run_name (the run's folder)")
+    parser.add_argument(
+        "--init-checkpoint", type=Path, default=None, help="start from this run checkpoint (overrides init_from)"
+    )
     args = parser.parse_args()
-    run_dir = train(args.config, args.device, args.data, args.out_dir, args.max_minutes)
+    run_dir = train(
+        args.config,
+        args.device,
+        args.data,
+        args.out_dir,
+        args.max_minutes,
+        tuple(args.exclude_source),
+        args.run_name,
+        args.init_checkpoint,
+    )
     print(f"run written to {run_dir}")
 
 
