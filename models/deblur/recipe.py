@@ -88,6 +88,14 @@ class DataConfig(_Strict):
             raise ValueError(f"sigma_range {self.sigma_range} must satisfy 0 < low <= high")
         if self.photons_range is not None and not 0.0 < self.photons_range[0] <= self.photons_range[1]:
             raise ValueError(f"photons_range {self.photons_range} must satisfy 0 < low <= high")
+        packed_only = {
+            "photons_range": self.photons_range is not None,
+            "own_noise_fraction": self.own_noise_fraction > 0,
+            "exclude_sources": bool(self.exclude_sources),
+        }
+        ignored = [name for name, given in packed_only.items() if given]
+        if self.source != "packed" and ignored:
+            raise ValueError(f"{', '.join(ignored)}: only source: packed reads them (this recipe has {self.source})")
         return self
 
 

@@ -82,6 +82,10 @@ def test_recipe_checks_its_new_fields(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump({**raw, **bad}))
         with pytest.raises(RecipeError, match=field):
             load_recipe(path)
+    isbi = tmp_path / "isbi.yaml"
+    isbi.write_text(f"extends: {REPO_ROOT / 'models/deblur/stage1.yaml'}\ndata:\n  own_noise_fraction: 0.5\n")
+    with pytest.raises(RecipeError, match="own_noise_fraction: only source: packed"):
+        load_recipe(isbi)
     merged = effective_recipe(LOSO, exclude_sources=("neubias_training_em",), run_name="loso-x")
     assert merged.data.exclude_sources == ("neubias_training_em",) and merged.run_name == "loso-x"
 
