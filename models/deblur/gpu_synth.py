@@ -121,7 +121,9 @@ def draw_blur(rng: np.random.Generator, cfg: SynthConfig, batch: int) -> BlurDra
     angle = np.where(astig, rng.uniform(0.0, 180.0, batch), np.where(tilted, rng.uniform(0.0, 360.0, batch), 0.0))
     noisy = rng.random(batch) >= cfg.noise_free_fraction
     photons = np.exp(rng.uniform(math.log(cfg.photons_range[0]), math.log(cfg.photons_range[1]), batch))
-    own = noisy & (rng.random(batch) < cfg.own_noise_fraction)
+    # Drawn only when used, so a recipe without own-noise samples keeps its random stream (gpu.yaml's v3).
+    own_used = cfg.own_noise_fraction > 0
+    own = noisy & (rng.random(batch) < cfg.own_noise_fraction) if own_used else np.zeros(batch, dtype=bool)
     return BlurDraw(
         family=family,
         sigma_px=sigma,
@@ -131,7 +133,7 @@ def draw_blur(rng: np.random.Generator, cfg: SynthConfig, batch: int) -> BlurDra
         full_scale=np.where(rng.random(batch) < cfg.uint16_fraction, 65535.0, 255.0),
         photons=np.where(noisy & ~own, photons, 0.0),
         read_sigma=rng.uniform(*READ_SIGMA_RANGE, batch),
-        own_noise_gain=np.where(own, rng.uniform(*OWN_NOISE_GAIN, batch), 0.0),
+        own_noise_gain=np.where(own, rng.uniform(*OWN_NOISE_GAIN, batch), 0.0) if own_used else np.zeros(batch),
     )
 
 

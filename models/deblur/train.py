@@ -118,7 +118,7 @@ def parent_checkpoint(init_from: InitFrom) -> dict[str, Any]:
     if init_from.file is not None:
         # Tensors and plain values only (weights_only): a checkpoint file is data, never code.
         return torch.load(REPO_ROOT / init_from.file, map_location="cpu", weights_only=True)
-    assert init_from.config is not None  # InitFrom validates: one of the two
+    assert init_from.config is not None  # InitFrom validates: exactly one of the three
     parent_config = REPO_ROOT / init_from.config
     parent_run = RUNS_DIR / load_recipe(parent_config).run_name
     checkpoint = parent_run / init_from.checkpoint
