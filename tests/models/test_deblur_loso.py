@@ -15,7 +15,14 @@ import yaml
 
 from appliance.noise import patch_noise_sigma
 from models.blur_synth import load_image, load_split
-from models.deblur.gpu_synth import DeviceImages, SynthConfig, draw_blur, make_batch, noise_sigma
+from models.deblur.gpu_synth import (
+    DeviceImages,
+    SynthConfig,
+    add_noise_and_quantise,
+    draw_blur,
+    make_batch,
+    noise_sigma,
+)
 from models.deblur.loso import folds
 from models.deblur.pack_data import PackedImage, write_packed
 from models.deblur.recipe import RecipeError, effective_recipe, load_recipe
@@ -43,8 +50,6 @@ def test_own_noise_samples_carry_the_crops_own_level() -> None:
     cfg = synth_config(own_noise_fraction=1.0, noise_free_fraction=0.0, uint16_fraction=1.0)
     draw = draw_blur(np.random.default_rng(2), cfg, 64)
     assert (draw.own_noise_gain > 0).all() and (draw.photons == 0).all()
-    from models.deblur.gpu_synth import add_noise_and_quantise
-
     own = noise_sigma(flat)
     noisy = add_noise_and_quantise(flat, draw, torch.Generator().manual_seed(3), own)
     added = (noisy - flat.clamp(0, 1)).std(dim=(1, 2, 3)).numpy()
