@@ -51,7 +51,7 @@ class BlurAssessment:
     baseline_sigma_px: the in-focus baseline (px at this tile's pixel size) a calibrated verdict was measured
         from: the rig's, or the tile's beam's own (docs/calibration.md); None for an uncalibrated verdict.
     spectral_sigma_px: blur added to the rig's in-focus power spectrum (px, major axis), read when the detector
-        holds a rig calibration with a spectral reference (appliance.detection.spectral); None otherwise.
+        holds a rig calibration with a spectral reference (appliance.spectral); None otherwise.
     spectral_spot_sigma_px: for a partial-blur retake read with a spectral reference, the largest single-window
         reading around the region it names (px): what confirms the spot against the rig's spectrum.
     """

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))  # models/ is not installed
 
 from appliance.config import DetectorConfig  # noqa: E402
 from appliance.detection.detector import BLUR_DETECTOR_MODEL, BlurDetector  # noqa: E402
-from appliance.detection.spectral import SpectralReferenceArrays, reference_log_power, window_spectra  # noqa: E402
+from appliance.spectral import SpectralReferenceArrays, reference_log_power, window_spectra  # noqa: E402
 from bench.focus_metrics import BASELINES  # noqa: E402
 from models.blur_synth import (  # noqa: E402
     FAMILIES,

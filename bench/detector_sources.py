@@ -23,7 +23,7 @@ Metrics: sharp called non-sharp (%), blurred (sigma >= 1 px, every family) calle
 sigma sharp vs blurred, median sigma of the sharp tiles, median relative sigma error per family at
 sigma 1-3 px (uncalibrated: sigma read vs true; calibrated: blur added to the baseline vs true).
 Calibrated = the runtime's rule: the calibration holds the 5 tiles' in-focus power spectrum, each tile's
-blur added to it is read (appliance.detection.spectral) and apply_calibration takes that reading; the
+blur added to it is read (appliance.spectral) and apply_calibration takes that reading; the
 calibrated AUROC is that of the calibrated sigma (the spectral reading is not a function of the model's
 sigma). The rule before it (quadrature from the model's baseline) is scored on the same draws
 (`quadrature`).
@@ -57,8 +57,8 @@ from appliance.detection.calibration import (  # noqa: E402
     noise_level,
 )
 from appliance.detection.detector import PARTIAL_BLUR, BlurDetector, is_judged, verdict_with_reading  # noqa: E402
-from appliance.detection.spectral import SpectralReferenceArrays, WindowSpectra, window_spectra  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
+from appliance.spectral import SpectralReferenceArrays, WindowSpectra, window_spectra  # noqa: E402
 from appliance.tile_io import read_tile  # noqa: E402
 from bench.detector_eval import auroc, blur_params  # noqa: E402
 from models.blur_synth import (  # noqa: E402

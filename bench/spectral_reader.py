@@ -3,7 +3,7 @@
     nice -n 5 python bench/spectral_reader.py      # writes bench/results/spectral_reader.{json,md}, ~40 s
 
 `bench/detector_sources.py` scores the runtime's verdicts (model and spectral reading together, ~105 s);
-this bench isolates the reading (appliance.detection.spectral) so its error can be taken apart in seconds.
+this bench isolates the reading (appliance.spectral) so its error can be taken apart in seconds.
 Same sources, crops, blur families, sigmas (1-3 px) and rig-noise rendering as detector_sources.py, its own
 seed. Per source and calibration draw (5 in-focus tiles, detector_sources.calibration_draws): the rig's
 reference is reference_log_power of the 5 tiles, as `calibrate` builds it but without the model's
@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from appliance.config import DetectorConfig  # noqa: E402
-from appliance.detection.spectral import read_added_blur, reference_log_power, window_spectra  # noqa: E402
+from appliance.spectral import read_added_blur, reference_log_power, window_spectra  # noqa: E402
 from bench.detector_sources import (  # noqa: E402
     CORPUS,
     SIGMAS,

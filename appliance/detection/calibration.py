@@ -18,7 +18,7 @@ the detector's spread of in-focus readings within a source (AUROC 0.78-0.86 at s
 SEM/TEM sources), which no per-rig offset can remove.
 
 Spectral reference (file version 2): the known-good tiles also give the rig's in-focus power spectrum
-(appliance.detection.spectral). A detector holding it reads each tile's blur added to that spectrum
+(appliance.spectral). A detector holding it reads each tile's blur added to that spectrum
 (`spectral_sigma_px`), and apply_calibration takes that reading as the tile's sigma instead of the
 quadrature rule: it does not depend on the learned model's view of an unseen instrument
 (bench/detector_sources.py, "spectral" columns). Tiles narrower than spectral.WINDOW_PX, or tiles whose
@@ -44,8 +44,8 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from appliance import spectral
 from appliance.config import ConfigError, DetectorConfig
-from appliance.detection import spectral
 from appliance.detection.detector import (
     LOG_SIGMA_OFFSET_PX,
     PARTIAL_BLUR,
@@ -53,12 +53,12 @@ from appliance.detection.detector import (
     is_judged,
     label_for_sigma,
 )
-from appliance.detection.spectral import SpectralReferenceArrays
 from appliance.messages import BlurAssessment, blur_score_from_sigma, sigma_from_blur_score
 from appliance.noise import MAD_TO_SD, patch_noise_sigma
+from appliance.spectral import SpectralReferenceArrays
 from appliance.tile_io import TileError, check_tile_pixels
 
-CALIBRATION_VERSION: Literal[2] = 2
+CALIBRATION_VERSION: Literal[3] = 3
 MIN_TILES = 5
 # A known-good tile reading this much more (in log(sigma + 0.5)) than the median of the others, and at
 # least OUTLIER_ADDED_PX of added blur, is a blurred tile among the sharp ones.
@@ -116,7 +116,7 @@ def _running_layout() -> tuple[int, int, int, float, float]:
 
 
 class SpectralReference(_Strict):
-    """The rig's in-focus log signal power per polar frequency bin (appliance.detection.spectral)."""
+    """The rig's in-focus log signal power per polar frequency bin (appliance.spectral)."""
 
     window_px: int = Field(description="Window side the spectra were taken on, px.")
     radial_bins: int
@@ -148,10 +148,25 @@ class SpectralReference(_Strict):
         return np.array(self.log_power, dtype=np.float64), np.array(self.usable, dtype=bool)
 
 
+class RestorationBlend(_Strict):
+    """How this rig's soft tiles are restored (appliance.restoration.rig_blend): the learned model's share of
+    the output, the rest the Wiener filter against the rig's spectrum; measured on the known-good tiles."""
+
+    deblur_model: str = Field(min_length=1, description="Deblur weights the share was measured with.")
+    model_weight: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="The model's share, 0-1.")
+    psnr_db: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        description="Mean PSNR (dB) of the probe tiles restored at each measured share (keys: the share)."
+    )
+    probes: int = Field(ge=1, description="Probe tiles (known-good tiles x probe PSFs) it was measured on.")
+
+
 class RigCalibration(_Strict):
     """A rig's in-focus reference for the blur detector (JSON on disk, see save_calibration)."""
 
-    version: Literal[1, 2] = Field(CALIBRATION_VERSION, description="File format version (1: no spectral reference).")
+    version: Literal[1, 2, 3] = Field(
+        CALIBRATION_VERSION,
+        description="File format version (1: no spectral reference; 2: no restoration blend).",
+    )
     model_version: str = Field(min_length=1, description="Detector model the baseline was measured with.")
     created_utc: datetime
     tile_count: int = Field(ge=MIN_TILES, description="Known-good tiles it was learned from.")
@@ -182,6 +197,20 @@ class RigCalibration(_Strict):
         "None (unknown, also files written before it existed): the baseline is used in px as it is.",
     )
 
+    restoration: RestorationBlend | None = Field(
+        None,
+        description="How soft tiles are restored on this rig (model and rig Wiener blend); None before version 3, "
+        "without a spectral reference, or calibrated without a deblur model: the model alone.",
+    )
+
+    def restoration_inputs(self) -> tuple[SpectralReferenceArrays, float, str, float] | None:
+        """(the rig's spectrum, the model's share, the deblur model it was measured with, the rig's noise power)
+        for the restorer (appliance.restoration.rig_wiener.RigRestoration), or None without a restoration blend."""
+        reference = self.spectral_arrays()
+        if self.restoration is None or reference is None:
+            return None
+        return reference, self.restoration.model_weight, self.restoration.deblur_model, self.noise_level**2
+
     def spectral_arrays(self) -> SpectralReferenceArrays | None:
         """The rig's in-focus spectrum as BlurDetector.assess takes it, or None without one (quadrature rule)."""
         return None if self.spectral is None else self.spectral.arrays()
@@ -195,6 +224,10 @@ class RigCalibration(_Strict):
             raise ValueError(f"mapping {self.mapping!r} with {has}: `spectral` mapping needs one, `quadrature` none")
         if self.version == 1 and self.spectral is not None:
             raise ValueError("version 1 holds no spectral reference; a file with one is version 2")
+        if self.version < 3 and self.restoration is not None:
+            raise ValueError(f"version {self.version} holds no restoration blend; a file with one is version 3")
+        if self.restoration is not None and self.spectral is None:
+            raise ValueError("a restoration blend needs the spectral reference it restores against")
 
 
 # ---------------------------------------------------------------------------------------------------

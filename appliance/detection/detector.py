@@ -37,17 +37,17 @@ from appliance.detection.backends import ClassicalBackend, OnnxBackend, PatchBac
 from appliance.detection.local_blur import worst_window
 from appliance.detection.patches import GRID, extract_patches
 from appliance.detection.psf_shape import psf_shape, structure_tensors
-from appliance.detection.spectral import (
+from appliance.detection.tissue import MIN_TISSUE_CELLS, patch_tissue, tissue_cells
+from appliance.messages import BlurAssessment, TileLabel, blur_score_from_sigma
+from appliance.noise import patch_noise_sigma
+from appliance.sidecar import DetectorSidecar, SidecarError
+from appliance.spectral import (
     SpectralReferenceArrays,
     WindowSpectra,
     read_added_blur,
     read_around,
     window_spectra,
 )
-from appliance.detection.tissue import MIN_TISSUE_CELLS, patch_tissue, tissue_cells
-from appliance.messages import BlurAssessment, TileLabel, blur_score_from_sigma
-from appliance.noise import patch_noise_sigma
-from appliance.sidecar import DetectorSidecar, SidecarError
 from appliance.tile_io import check_tile_pixels
 from appliance.weights import BLUR_DETECTOR_MODEL, CLASSICAL_DETECTOR_SIDECAR
 

@@ -51,6 +51,7 @@ from appliance.restoration.psf_planes import (
     estimate_from_assessment,
     psf_planes,
 )
+from appliance.restoration.rig_wiener import RigRestoration, blend, rig_wiener
 from appliance.restoration.tiling import run_tiled
 from appliance.restoration.wiener import MIN_DECONV_SIGMA_PX, auto_nsr, gaussian_psf, wiener_deconvolve
 from appliance.sidecar import DeblurSidecar, SidecarError
@@ -115,10 +116,14 @@ class TileRestorer:
         size_multiple: int = 1,
         restore_whole: WholeTilesFn | None = None,
         psf_aware: bool = False,
+        weights_version: str | None = None,
     ) -> None:
         self._run_patches = run_patches  # None = classical Wiener
         self._restore_whole = restore_whole  # device-resident whole-tile path (torch on CUDA)
         self.model_version = model_version
+        # The weights alone (the sidecar's version, no engine): what a rig calibration's blend was measured with.
+        self.weights_version = weights_version if weights_version is not None else model_version
+        self._warned_rig_models: set[str] = set()
         self.backend = backend
         self._cfg = cfg
         self._size_multiple = size_multiple
@@ -162,6 +167,7 @@ class TileRestorer:
             card.size_multiple,
             engine.restore_whole,
             card.psf_aware,
+            card.model_version,
         )
 
     def warm_up(self, shape: tuple[int, int]) -> float:
@@ -177,15 +183,32 @@ class TileRestorer:
         tiles: Sequence[np.ndarray],
         assessments: Sequence[BlurAssessment],
         names: Sequence[str] | None = None,
+        rigs: Sequence[RigRestoration | None] | None = None,
     ) -> list[np.ndarray]:
-        """Restore each 2-D uint8/uint16 tile; same shape, dtype and intensity scale out as in.
+        """Restore each 2-D uint8/uint16 tile; same shape, dtype and intensity scale out as in (`restore_versioned`)."""
+        return self.restore_versioned(tiles, assessments, names, rigs)[0]
 
+    def restore_versioned(
+        self,
+        tiles: Sequence[np.ndarray],
+        assessments: Sequence[BlurAssessment],
+        names: Sequence[str] | None = None,
+        rigs: Sequence[RigRestoration | None] | None = None,
+    ) -> tuple[list[np.ndarray], list[str]]:
+        """Restore each 2-D uint8/uint16 tile; the restored tiles and, per tile, what restored it (its QC
+        record's deblur version: the model version, plus `+rig-wiener-<share>` where the rig Wiener was blended).
+
+        rigs: per tile, its rig calibration's restoration (None: the model alone): the model's output is
+        blended with the rig Wiener's (appliance.restoration.rig_wiener) by the calibration's weight, when
+        that weight was measured with these weights (`uses_rig`).
         Input arrays may be read-only (Ray zero-copy): they are never modified. Raises TileError naming
         the tile for pixels that are not a usable tile or an assessment labelled `retake` (beyond
         what the model restores well: restoring it would invent structure).
         """
         if len(tiles) != len(assessments):
             raise ValueError(f"restore: {len(tiles)} tiles but {len(assessments)} assessments")
+        if rigs is not None and len(rigs) != len(tiles):
+            raise ValueError(f"restore: {len(tiles)} tiles but {len(rigs)} rig restorations")
         if names is None:
             names = [f"tile {i} of batch" for i in range(len(tiles))]
         for pixels, assessment, name in zip(tiles, assessments, names, strict=True):
@@ -198,8 +221,33 @@ class TileRestorer:
             if assessment.label == "empty":
                 raise TileError(f"{name}: labelled empty (no tissue); there is nothing to restore")
         if self._restore_whole is not None:
-            return self._restore_whole_batches(tiles, assessments)
-        return [self._restore_one(p, a) for p, a in zip(tiles, assessments, strict=True)]
+            restored = self._restore_whole_batches(tiles, assessments)
+        else:
+            restored = [self._restore_one(p, a) for p, a in zip(tiles, assessments, strict=True)]
+        versions = [self.model_version] * len(tiles)
+        for i, rig in enumerate(rigs or ()):
+            if rig is None or rig.model_weight >= 1.0 or not self.uses_rig(rig):
+                continue
+            wiener = rig_wiener(tiles[i], rig.reference, rig.own_noise_power)
+            if wiener is not None:  # no spectral reading (a tile < 128 px): the model's output alone
+                restored[i] = blend(restored[i], wiener, rig.model_weight)
+                versions[i] = f"{self.model_version}+rig-wiener-{1.0 - rig.model_weight:.2f}"
+        return restored, versions
+
+    def uses_rig(self, rig: RigRestoration) -> bool:
+        """Whether `rig`'s blend applies: it was measured with these weights. Another model's weight says
+        nothing about this one: the model serves alone, and the mismatch is logged once per model."""
+        if rig.deblur_model == self.weights_version:
+            return True
+        if rig.deblur_model not in self._warned_rig_models:
+            self._warned_rig_models.add(rig.deblur_model)
+            log.warning(
+                "the rig calibration's restoration blend was measured with deblur model %s, this replica serves "
+                "%s: restoring with the model alone; recalibrate (python -m appliance calibrate) to measure it",
+                rig.deblur_model,
+                self.weights_version,
+            )
+        return False
 
     def _restore_whole_batches(
         self, tiles: Sequence[np.ndarray], assessments: Sequence[BlurAssessment]

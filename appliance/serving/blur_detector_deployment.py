@@ -7,8 +7,8 @@ from ray import serve
 
 from appliance.config import DetectorConfig
 from appliance.detection.detector import BlurDetector
-from appliance.detection.spectral import SpectralReferenceArrays
 from appliance.messages import BlurAssessment
+from appliance.spectral import SpectralReferenceArrays
 
 
 @serve.deployment  # name = class name (Ray Serve convention)

@@ -12,6 +12,7 @@ from ray import serve
 from appliance.config import DeblurConfig
 from appliance.messages import BlurAssessment, RestoredTile
 from appliance.restoration.restorer import TileRestorer
+from appliance.restoration.rig_wiener import RigRestoration
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,23 @@ class DeblurDeployment:
         self.restore_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch
-    async def restore_batch(self, tiles: list[np.ndarray], assessments: list[BlurAssessment]) -> list[RestoredTile]:
+    async def restore_batch(
+        self, tiles: list[np.ndarray], assessments: list[BlurAssessment], rigs: list[RigRestoration | None]
+    ) -> list[RestoredTile]:
         t0 = time.perf_counter()
-        restored = self._restorer.restore(tiles, assessments)
+        restored, versions = self._restorer.restore_versioned(tiles, assessments, rigs=rigs)
         share_s = (time.perf_counter() - t0) / len(tiles)
-        version = self._restorer.model_version
-        return [RestoredTile(ray.put(pixels), version, self._replica, share_s) for pixels in restored]
+        return [
+            RestoredTile(ray.put(pixels), version, self._replica, share_s)
+            for pixels, version in zip(restored, versions, strict=True)
+        ]
 
-    async def __call__(self, tile: np.ndarray, assessment: BlurAssessment) -> RestoredTile:
-        """tile: (H, W) uint8/uint16 (ObjectRef resolved by Ray); returns same shape and dtype."""
-        return await self.restore_batch(tile, assessment)
+    async def __call__(
+        self, tile: np.ndarray, assessment: BlurAssessment, rig: RigRestoration | None = None
+    ) -> RestoredTile:
+        """tile: (H, W) uint8/uint16 (ObjectRef resolved by Ray); returns same shape and dtype. rig: the tile's
+        rig calibration's restoration (replicas are shared by every microscope), None: the model alone."""
+        return await self.restore_batch(tile, assessment, rig)
 
     def model_version(self) -> str:
         return self._restorer.model_version

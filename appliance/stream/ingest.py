@@ -30,6 +30,7 @@ from appliance.config import IngestConfig, SecurityConfig
 from appliance.detection.online_baseline import OnlineBaseline
 from appliance.messages import BlurAssessment, RestoredTile, TileOutcome
 from appliance.operator.metrics import IngestMetrics
+from appliance.restoration.rig_wiener import RigRestoration
 from appliance.stream.blur_share import BlurShareGuard
 from appliance.stream.protocol import (
     ProtocolError,
@@ -110,6 +111,9 @@ class IngestActor:
         # The rig's in-focus spectrum travels with each tile to the (shared, stateless) detector replicas.
         calibration = None if focus is None else focus.calibration
         self._spectral_reference = None if calibration is None else calibration.spectral_arrays()
+        # And its restoration blend with each soft tile to the (shared) deblur replicas.
+        restoration = None if calibration is None else calibration.restoration_inputs()
+        self._rig_restoration = None if restoration is None else RigRestoration(*restoration)
         self._calibrated = calibrated
         self._microscope = microscope
         self._limits = StreamLimits(max_tile_bytes=cfg.max_tile_bytes, max_tile_side=cfg.max_tile_side)
@@ -404,7 +408,7 @@ class IngestActor:
     async def _restore(self, pixels_ref: ray.ObjectRef, assessment: BlurAssessment) -> RestoredTile:
         """Deblur one tile and take the restored pixels over: the replica owns its ObjectRef, and a replica
         killed after answering would take the pixels with it before the sink reads them."""
-        restored: RestoredTile = await self._deblur.remote(pixels_ref, assessment)
+        restored: RestoredTile = await self._deblur.remote(pixels_ref, assessment, self._rig_restoration)
         pixels = await restored.pixels_ref
         return RestoredTile(ray.put(pixels), restored.model_version, restored.replica, restored.busy_s)
 

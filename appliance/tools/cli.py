@@ -163,6 +163,17 @@ def _detector_config(config: Path | None) -> DetectorConfig:
         raise typer.Exit(2) from None
 
 
+def _deblur_config(config: Path | None) -> DeblurConfig:
+    """The rig's deblur section (--config), or the defaults; exits 2 naming a bad field."""
+    if config is None:
+        return DeblurConfig()
+    try:
+        return load_rig_config(config).deblur
+    except ConfigError as exc:
+        _error(str(exc))
+        raise typer.Exit(2) from None
+
+
 def _offline_detector(cfg: DetectorConfig, calibration: Path | None) -> OfflineDetector:
     from appliance.detection.calibration import CalibrationError
     from appliance.tools.offline import OfflineDetector
@@ -192,11 +203,19 @@ def calibrate(
             "scaled (docs/calibration.md); unset: the baseline is used as is.",
         ),
     ] = None,
+    restoration: Annotated[
+        bool,
+        typer.Option(
+            help="Also measure how this rig's soft tiles are best restored: the deblur model's share of a blend "
+            "with the Wiener filter against the rig's spectrum (the rig config's deblur model; ~1 min on a CPU).",
+        ),
+    ] = True,
 ) -> None:
     """Learn this rig's in-focus blur baseline from known-good tiles (set detector.calibration to the file)."""
     from appliance.tools.offline import calibrate_files
 
-    calibration, errors = calibrate_files(files, out, _detector_config(config), pixel_size_nm)
+    deblur = _deblur_config(config) if restoration else None
+    calibration, errors = calibrate_files(files, out, _detector_config(config), pixel_size_nm, deblur)
     for error in errors:
         _error(error)
     if calibration is None:
@@ -213,6 +232,13 @@ def calibrate(
     else:
         usable = sum(calibration.spectral.usable)
         typer.echo(f"spectral reference: the rig's in-focus power spectrum ({usable} usable frequency bins)")
+    blend = calibration.restoration
+    if blend is not None:
+        typer.echo(
+            f"restoration: {blend.model_weight:.0%} deblur model {blend.deblur_model}, "
+            f"{1 - blend.model_weight:.0%} Wiener filter against the rig's spectrum (best of "
+            f"{len(blend.psnr_db)} shares on {blend.probes} blurred copies of the known-good tiles)"
+        )
     typer.echo(f"written {out}; use it: detector.calibration: {out.resolve()} in rig.yaml, or --calibration {out}")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from appliance.config import DeblurConfig, DetectorConfig
 from appliance.detection.calibration import (
     CalibrationError,
+    RestorationBlend,
     RigCalibration,
     apply_to_all,
     calibrate,
@@ -22,6 +23,8 @@ from appliance.detection.calibration import (
 from appliance.detection.detector import BlurDetector
 from appliance.messages import BlurAssessment
 from appliance.restoration.restorer import TileRestorer
+from appliance.restoration.rig_blend import measure_model_weight
+from appliance.restoration.rig_wiener import RigRestoration
 from appliance.tile_io import TileError, ensure_dir, read_tile, write_tile_atomic
 
 
@@ -61,11 +64,17 @@ class OfflineDetector:
 
 
 def calibrate_files(
-    paths: list[Path], out: Path, cfg: DetectorConfig, pixel_size_nm: float | None = None
+    paths: list[Path],
+    out: Path,
+    cfg: DetectorConfig,
+    pixel_size_nm: float | None = None,
+    deblur: DeblurConfig | None = None,
 ) -> tuple[RigCalibration | None, list[str]]:
     """Calibrate the detector of `cfg` on known-good tile files and write the calibration to `out` atomically.
 
-    pixel_size_nm: the tiles' pixel size (nm) when known, recorded in the calibration.
+    pixel_size_nm: the tiles' pixel size (nm) when known, recorded in the calibration. deblur: the rig's
+    deblur settings; given, and with a spectral reference, the restoration blend is measured with that
+    model (`with_restoration_blend`).
 
     Returns (calibration, []) or (None, errors naming each bad file or the problem); on any error nothing
     is written.
@@ -82,11 +91,39 @@ def calibrate_files(
         calibration = calibrate(tiles, [str(p) for p in paths], BlurDetector.from_config(cfg), pixel_size_nm)
     except CalibrationError as exc:
         return None, [str(exc)]
+    if deblur is not None:
+        calibration = with_restoration_blend(calibration, tiles, TileRestorer.from_config(deblur))
     try:
         save_calibration(calibration, out)
     except OSError as exc:
         return None, [f"{out}: cannot write the calibration: {exc.strerror or exc}"]
     return calibration, []
+
+
+def with_restoration_blend(
+    calibration: RigCalibration, tiles: list[np.ndarray], restorer: TileRestorer
+) -> RigCalibration:
+    """The calibration with the restoration blend measured on its known-good tiles with `restorer`'s model
+    (appliance.restoration.rig_blend); unchanged without a spectral reference or when no tile can be read."""
+    reference = calibration.spectral_arrays()
+    if reference is None:
+        return calibration
+    measured = measure_model_weight(restorer, tiles, reference, calibration.noise_level**2)
+    if measured is None:
+        return calibration
+    blend = RestorationBlend(
+        deblur_model=restorer.weights_version,
+        model_weight=measured.model_weight,
+        psnr_db={f"{w:g}": round(v, 3) for w, v in measured.psnr_db.items()},
+        probes=measured.probes,
+    )
+    return RigCalibration.model_validate({**calibration.model_dump(), "restoration": blend.model_dump()})
+
+
+def rig_restoration(calibration: RigCalibration | None) -> RigRestoration | None:
+    """What a calibration gives the restorer (its blend and the spectrum it restores against), or None."""
+    inputs = None if calibration is None else calibration.restoration_inputs()
+    return None if inputs is None else RigRestoration(*inputs)
 
 
 def score_files(paths: list[Path], detector: OfflineDetector) -> Iterator[FileResult]:
@@ -152,6 +189,7 @@ def deblur_files(
     cannot be written yields its error and the rest go on.
     """
     restorer = TileRestorer.from_config(deblur_cfg)
+    rig = rig_restoration(detector.calibration)
     for path in paths:
         try:
             pixels = read_tile(path)
@@ -160,7 +198,12 @@ def deblur_files(
             continue
         assessment = detector.assess(pixels, str(path))
         restore = assessment.label == "soft" or (force and assessment.label == "sharp")
-        output = restorer.restore([pixels], [assessment], names=[str(path)])[0] if restore else pixels
+        version = None
+        if restore:
+            restored, versions = restorer.restore_versioned([pixels], [assessment], [str(path)], [rig])
+            output, version = restored[0], versions[0]
+        else:
+            output = pixels
         out_path = deblur_output_path(path, out_dir)
         try:
             write_tile_atomic(out_path, output)
@@ -176,7 +219,7 @@ def deblur_files(
                 "blur_score": assessment.blur_score,
                 "sigma_px": assessment.sigma_px,
                 "action": "restored" if restore else "copied",
-                "deblur_version": restorer.model_version if restore else None,
+                "deblur_version": version,
                 **detector.calibration_fields(),
             },
         )

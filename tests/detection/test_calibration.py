@@ -201,7 +201,7 @@ def test_json_round_trip(tmp_path: Path) -> None:
 
 def test_load_refuses_bad_version_extra_key_and_other_model(tmp_path: Path) -> None:
     raw = json.loads(_calibration().model_dump_json())
-    bad = [("version", 3, "version"), ("surprise", 1, "surprise"), ("tile_count", 3, "tile_count")]
+    bad = [("version", 4, "version"), ("surprise", 1, "surprise"), ("tile_count", 3, "tile_count")]
     for field, value, match in bad:
         path = tmp_path / f"{field}.json"
         path.write_text(json.dumps({**raw, field: value}))

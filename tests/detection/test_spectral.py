@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from appliance import spectral
 from appliance.config import DetectorConfig
-from appliance.detection import spectral
 from appliance.detection.calibration import (
     CalibrationError,
     FocusReference,
@@ -114,7 +114,7 @@ def test_too_small_or_featureless_tiles_give_no_reading(reference) -> None:
 
 def test_calibrate_records_the_reference_and_the_detector_reads_against_it(rig, held_out, detector, tmp_path) -> None:
     cal = calibrate(rig, [f"{i}.png" for i in range(5)], detector, pixel_size_nm=4.0)
-    assert cal.version == 2 and cal.mapping == "spectral" and cal.spectral is not None
+    assert cal.version == 3 and cal.mapping == "spectral" and cal.spectral is not None
     path = tmp_path / "calibration.json"
     save_calibration(cal, path)
     loaded = load_calibration(path, detector.model_version)

@@ -21,9 +21,10 @@ from appliance.config import (
     OutputConfig,
     RigConfig,
 )
-from appliance.detection.calibration import calibrate, save_calibration
+from appliance.detection.calibration import RestorationBlend, calibrate, save_calibration
 from appliance.detection.detector import BlurDetector
 from appliance.qc_record import QC_FILENAME, QcRejection, QcTileRecord, read_qc_lines
+from appliance.restoration.restorer import CLASSICAL_VERSION
 from appliance.serving.pipeline import Appliance
 from appliance.stream.protocol import encode_end, encode_start
 from appliance.tile_io import read_tile
@@ -255,6 +256,10 @@ def test_a_beam_that_defocuses_raises_focus_drift_then_focus_ok_and_other_beams_
 ) -> None:
     crops = _crops(12)
     measured = calibrate(crops[:6], [f"c{i}" for i in range(6)], BlurDetector.from_config(DetectorConfig()), 4.0)
+    # Its restoration blend (made by hand here: measuring it is tests/restoration's) travels with each soft
+    # tile to the shared deblur replica, which blends a quarter of its output with three of the rig Wiener's.
+    blend = RestorationBlend(deblur_model=CLASSICAL_VERSION, model_weight=0.25, psnr_db={"0.25": 30.0}, probes=1)
+    measured = measured.model_copy(update={"restoration": blend})
     path = tmp_path / "calibration.json"
     save_calibration(measured, path)
     online = OnlineBaselineConfig(window=4, min_tiles=3)
@@ -290,6 +295,8 @@ def test_a_beam_that_defocuses_raises_focus_drift_then_focus_ok_and_other_beams_
     assert len(beam0) == 16 and {r.label for r in beam0} == {"sharp"}, [(r.sigma_px, r.reason) for r in beam0]
     # Beam 0 is judged against its own running baseline, which never left the calibration's.
     assert all(r.baseline_sigma_px is not None for r in beam0)
+    restored = [r for r in records if r.label == "soft"]
+    assert restored and {r.deblur_version for r in restored} == {f"{CLASSICAL_VERSION}+rig-wiener-0.75"}
     assert all("beam 0 baseline" in (r.reason or "") for r in beam0 if r.seq >= 6)
     with urllib.request.urlopen(endpoints.metrics, timeout=15) as response:
         metrics = {f.name: f.samples for f in text_string_to_metric_families(response.read().decode())}

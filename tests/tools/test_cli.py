@@ -110,12 +110,20 @@ def test_calibrate_writes_a_calibration_that_score_and_deblur_apply(tmp_path: Pa
     assert saved.tile_count == 6 and [t.name for t in saved.tiles] == [str(p) for p in known_good]
     assert saved.pixel_size_nm == 4.0 and "pixel size 4 nm" in result.stdout
     assert f"detector.calibration: {calibration.resolve()}" in result.stdout
+    # The restoration blend was measured with the bundled deblur model on the same tiles, and deblur applies it.
+    assert saved.restoration is not None and saved.restoration.probes == 6 * 6
+    assert f"deblur model {saved.restoration.deblur_model}" in result.stdout
     soft = SAMPLE_DIR / "soft_gaussian_s1.5.png"
     scored = run_cli("score", str(soft), "--json", "--calibration", str(calibration))
     assert scored.returncode == 0, scored.stderr
     record = json.loads(scored.stdout)
     assert record["calibrated"] is True and record["baseline_sigma_px"] == saved.baseline_sigma_px
     assert record["reason"].startswith("calibrated: ")
+    out = tmp_path / "restored-here"
+    restored = run_cli("deblur", str(soft), "--out", str(out), "--calibration", str(calibration), "--force")
+    assert restored.returncode == 0, restored.stderr
+    share = 1.0 - saved.restoration.model_weight
+    assert json.loads(restored.stdout)["deblur_version"].endswith(f"+rig-wiener-{share:.2f}")
     # A calibration of another detector model is refused, naming the file; nothing is scored.
     other = tmp_path / "other.json"
     other.write_text(calibration.read_text().replace(saved.model_version, "blurnet-v0"))

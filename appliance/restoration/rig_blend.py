@@ -1,0 +1,127 @@
+"""How much of a restored tile should be the learned model's and how much the rig Wiener's, on this rig.
+
+Measured once, at calibration, on the rig's own known-good tiles: each is blurred by a fixed set of probe
+PSFs (Gaussian, disk and astigmatic at sigma 1.5 and 3 px, with the tile's own noise level added once
+more), restored by the deblur model and by the rig Wiener (appliance.restoration.rig_wiener), and every
+weight of MODEL_WEIGHTS is scored by its mean PSNR against the tile as acquired. The best weight is kept in
+the calibration file. On the em-corpus the best weight was 0 (the Wiener alone) on ISBI, 1 (the model
+alone) on the noisy 16-bit SEM, and 0.25-0.5 elsewhere (prototype, 2026-11-27), so no one weight fits all
+rigs. Nothing here is learned from other instruments; the probes' blur and noise draws are seeded, so a
+calibration of the same tiles gives the same weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from appliance.messages import BlurAssessment
+from appliance.noise import patch_noise_sigma
+from appliance.restoration.restorer import TileRestorer
+from appliance.restoration.rig_wiener import blend, rig_wiener
+from appliance.restoration.wiener import gaussian_psf
+from appliance.spectral import SpectralReferenceArrays
+
+MODEL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# (family, sigma px): the families whose PSF the oracle knows, at a mild and a strong restorable blur.
+PROBES: tuple[tuple[str, float], ...] = (
+    ("gaussian", 1.5),
+    ("gaussian", 3.0),
+    ("disk", 1.5),
+    ("disk", 3.0),
+    ("astigmatic", 1.5),
+    ("astigmatic", 3.0),
+)
+PROBE_ANISOTROPY = 2.0
+PROBE_SIDE_PX = 512  # centre crop of each known-good tile: the weight, not the tile size, is measured
+MAX_PROBE_TILES = 8  # a 20-tile calibration probes its first 8: 48 restorations bound the command's time
+_DISK_SUPERSAMPLE = 8
+
+
+@dataclass(frozen=True)
+class BlendMeasurement:
+    """The best model weight and every weight's mean PSNR (dB) over `probes` restored probe tiles."""
+
+    model_weight: float
+    psnr_db: dict[float, float]
+    probes: int
+
+
+def probe_kernel(family: str, sigma_px: float, angle_deg: float) -> np.ndarray:
+    """A probe PSF (float32, odd sides, sums to 1): `disk` of radius 2 sigma (its second moment per axis
+    is sigma^2), `gaussian`, or `astigmatic` (PROBE_ANISOTROPY, major axis at angle_deg)."""
+    if family == "disk":
+        radius = 2.0 * sigma_px
+        half = math.ceil(radius)
+        fine = (np.arange((2 * half + 1) * _DISK_SUPERSAMPLE) + 0.5) / _DISK_SUPERSAMPLE - half - 0.5
+        inside = (fine[:, None] ** 2 + fine[None, :] ** 2 <= radius * radius).astype(np.float64)
+        n = 2 * half + 1
+        kernel = inside.reshape(n, _DISK_SUPERSAMPLE, n, _DISK_SUPERSAMPLE).sum(axis=(1, 3))
+        return (kernel / kernel.sum()).astype(np.float32)
+    anisotropy = PROBE_ANISOTROPY if family == "astigmatic" else 1.0
+    return gaussian_psf(sigma_px, anisotropy, angle_deg)
+
+
+def probe_tile(tile: np.ndarray, kernel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A known-good uint8/uint16 tile blurred by `kernel`, plus Gaussian noise at its own (Immerkaer) level,
+    re-quantised: what the rig would acquire out of focus."""
+    full = float(np.iinfo(tile.dtype).max)
+    unit = tile.astype(np.float32) / full
+    noise = float(patch_noise_sigma(unit[None])[0])
+    blurred = cv2.filter2D(unit, cv2.CV_32F, kernel, borderType=cv2.BORDER_REFLECT_101)
+    noisy = blurred + rng.normal(0.0, noise, size=unit.shape).astype(np.float32)
+    return np.clip(np.rint(noisy * full), 0, full).astype(tile.dtype)
+
+
+def psnr_db(image: np.ndarray, truth: np.ndarray) -> float:
+    """PSNR (dB) of a uint8/uint16 image against the truth, peak = the dtype's full range."""
+    mse = float(np.mean((image.astype(np.float64) - truth.astype(np.float64)) ** 2))
+    full = float(np.iinfo(truth.dtype).max)
+    return math.inf if mse == 0 else 10.0 * math.log10(full * full / mse)
+
+
+def _centre_crop(tile: np.ndarray, side: int) -> np.ndarray:
+    h, w = tile.shape
+    y, x = max((h - side) // 2, 0), max((w - side) // 2, 0)
+    return np.ascontiguousarray(tile[y : y + side, x : x + side])
+
+
+def measure_model_weight(
+    restorer: TileRestorer,
+    tiles: Sequence[np.ndarray],
+    reference: SpectralReferenceArrays,
+    own_noise_power: float,
+    seed: int = 0,
+) -> BlendMeasurement | None:
+    """The MODEL_WEIGHTS entry with the best mean PSNR on the probed known-good tiles (module docstring);
+    None when the rig Wiener reads no tile (all narrower than the spectral window, or without structure).
+    reference, own_noise_power: the rig's spectrum and noise power (RigRestoration)."""
+    rng = np.random.default_rng(seed)
+    scores: dict[float, list[float]] = {w: [] for w in MODEL_WEIGHTS}
+    for tile in tiles[:MAX_PROBE_TILES]:
+        truth = _centre_crop(np.asarray(tile), PROBE_SIDE_PX)
+        probes, assessments = [], []
+        for family, sigma in PROBES:
+            angle = float(rng.uniform(0.0, 180.0))
+            probes.append(probe_tile(truth, probe_kernel(family, sigma, angle), rng))
+            anisotropy = PROBE_ANISOTROPY if family == "astigmatic" else 1.0
+            assessments.append(BlurAssessment(0.5, "soft", sigma, anisotropy, angle))
+        wieners = [rig_wiener(p, reference, own_noise_power) for p in probes]
+        read = [i for i, w in enumerate(wieners) if w is not None]
+        if not read:
+            continue
+        models = restorer.restore([probes[i] for i in read], [assessments[i] for i in read])
+        for i, model_output in zip(read, models, strict=True):
+            wiener = wieners[i]
+            assert wiener is not None
+            for weight in MODEL_WEIGHTS:
+                scores[weight].append(psnr_db(blend(model_output, wiener, weight), truth))
+    count = len(scores[MODEL_WEIGHTS[0]])
+    if count == 0:
+        return None
+    means = {w: float(np.mean(v)) for w, v in scores.items()}
+    return BlendMeasurement(max(means, key=lambda w: means[w]), means, count)

@@ -1,0 +1,130 @@
+"""Restoration against the rig's own in-focus spectrum: a Wiener filter a rig calibration makes possible.
+
+A blind model has to guess both the blur and what the specimen looked like in focus. A calibrated rig knows
+the second: its in-focus power spectrum S(f) (appliance.spectral, from the known-good tiles), and a soft
+tile's spectrum against it gives the PSF that was added (`fit_added_psf`: an elliptical Gaussian, or a
+uniform disk where that fits better). With both, the minimum-mean-square-error linear restoration is
+
+    X(f) = H*(f) S(f) / (|H(f)|^2 S(f) + N) . Y(f)
+
+with N the tile's white noise power (Immerkaer) and S scaled by the fit's contrast. Given the true PSF this
+is within 0.1 dB of the best Wiener/Richardson-Lucy oracle on the eight em-corpus sources (prototype,
+2026-11-27); given the fitted one it is the better restorer on some rigs and the learned model on others, so
+the output is a blend whose weight a rig calibration measures on the rig's own tiles
+(appliance.restoration.rig_blend). Nothing here is learned from other instruments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from appliance import spectral
+from appliance.spectral import SpectralReferenceArrays
+
+# Reflect padding (px) so the FFT's wrap-around does not ring at the tile edges. The inverse of a disk rings
+# far beyond its support: on the em-corpus 32 px lost up to 1.9 dB against 50 px, and 64 and 128 px gained a
+# little more (prototype, 2026-11-27).
+PAD_PX = 128
+
+
+@dataclass(frozen=True)
+class RigRestoration:
+    """What a rig calibration gives the restorer; it travels with each soft tile (replicas are shared).
+
+    reference: the rig's in-focus spectrum (RigCalibration.spectral_arrays); model_weight: the learned
+    model's share of the output (1 - model_weight is the rig Wiener's), measured on the rig's known-good
+    tiles; deblur_model: the model version that weight was measured with (another model gets none);
+    own_noise_power: the rig's in-focus noise power (unit grey^2; the calibration's noise level squared).
+    """
+
+    reference: SpectralReferenceArrays
+    model_weight: float
+    deblur_model: str
+    own_noise_power: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.model_weight <= 1.0:
+            raise ValueError(f"model_weight must be in [0, 1], got {self.model_weight}")
+
+
+def rig_signal_power(shape: tuple[int, int], reference: SpectralReferenceArrays) -> np.ndarray:
+    """The rig's in-focus signal power (unit grey^2 per frequency, as spectral bins it) on the rfft2 grid of
+    `shape`.
+
+    Bins the reference cannot vouch for (too few known-good tiles with signal there) take their ring's mean;
+    rings with none, and frequencies outside F_MIN..F_MAX, a power law fitted to the ring means (natural
+    images fall off as a power of |f|).
+    """
+    log_power, usable = reference
+    grid = np.where(usable, log_power, np.nan).reshape(spectral.RADIAL_BINS, spectral.ANGULAR_BINS)
+    has = np.isfinite(grid).any(axis=1)
+    if not has.any():
+        raise ValueError("rig_signal_power: the reference has no usable bin")
+    rings = np.full(spectral.RADIAL_BINS, np.nan)
+    rings[has] = np.nanmean(grid[has], axis=1)
+    centres = spectral.F_MIN + (np.arange(spectral.RADIAL_BINS) + 0.5) * (spectral.F_MAX - spectral.F_MIN) / (
+        spectral.RADIAL_BINS
+    )
+    if has.sum() >= 2:
+        slope, intercept = np.polyfit(np.log(centres[has]), rings[has], 1)
+    else:
+        slope, intercept = 0.0, float(rings[has][0])
+    filled = np.where(has, rings, intercept + slope * np.log(centres))
+    grid = np.where(np.isfinite(grid), grid, filled[:, None])
+
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    fy, fx = np.broadcast_arrays(fy, fx)
+    r, a = spectral.polar_bins(fx, fy)
+    inside = (r >= 0) & (r < spectral.RADIAL_BINS)
+    radius = np.maximum(np.hypot(fx, fy), 1.0 / max(shape))
+    log_s = np.where(inside, grid[np.clip(r, 0, spectral.RADIAL_BINS - 1), a], intercept + slope * np.log(radius))
+    return np.exp(log_s)
+
+
+def rig_wiener(
+    pixels: np.ndarray, reference: SpectralReferenceArrays, own_noise_power: float = 0.0
+) -> np.ndarray | None:
+    """Restore a 2-D uint8/uint16 tile against the rig's spectrum: float32 (H, W) on the unit scale (the
+    dtype's full range is 1; not clipped). None when the tile has no spectral reading (a side below
+    spectral.WINDOW_PX, or too little structure above its noise).
+
+    own_noise_power: the rig's own in-focus noise, counted as part of the look to restore: the target is
+    the tile as the rig acquires it in focus, noise included, not a denoised one (an in-focus tile sent
+    anyway then keeps its texture; on the em-corpus in-focus tiles gained 0.1-0.6 dB more on 6 of 8
+    sources, blurred ones lost at most 0.1 dB; prototype, 2026-11-27). The signal spectrum also follows the
+    fit where the tile is sharper than the rig's typical one (AddedPsf.sharper_px2, bounded).
+    """
+    pixels = np.asarray(pixels)
+    spectra = spectral.window_spectra(pixels)
+    if spectra is None:
+        return None
+    psf = spectral.fit_added_psf(spectra, *reference)
+    if psf is None:
+        return None
+    unit = pixels.astype(np.float32) / float(np.iinfo(pixels.dtype).max)
+    pad_y, pad_x = (min(PAD_PX, side - 1) for side in unit.shape)
+    padded = cv2.copyMakeBorder(unit, pad_y, pad_y, pad_x, pad_x, cv2.BORDER_REFLECT_101).astype(np.float64)
+    mean = float(padded.mean())
+    fy = np.fft.fftfreq(padded.shape[0])[:, None]
+    fx = np.fft.rfftfreq(padded.shape[1])[None, :]
+    fx, fy = np.broadcast_arrays(fx, fy)
+    transfer = psf.transfer(fx, fy)
+    signal = rig_signal_power(padded.shape, reference) * math.exp(psf.log_contrast) * psf.signal_tilt(fx, fy)
+    signal = signal + own_noise_power
+    noise = float(spectra.noise.mean())
+    gain = transfer * signal / (transfer * transfer * signal + max(noise, 1e-12))
+    restored = np.fft.irfft2(np.fft.rfft2(padded - mean) * gain, s=padded.shape) + mean
+    return restored[pad_y : pad_y + unit.shape[0], pad_x : pad_x + unit.shape[1]].astype(np.float32)
+
+
+def blend(model_output: np.ndarray, wiener_unit: np.ndarray, model_weight: float) -> np.ndarray:
+    """model_weight x the model's restored tile (uint8/uint16) + the rest x the rig Wiener's (unit scale),
+    rounded to the model output's dtype."""
+    full = float(np.iinfo(model_output.dtype).max)
+    mixed = model_weight * model_output.astype(np.float32) + (1.0 - model_weight) * full * wiener_unit
+    return np.clip(np.rint(mixed), 0, full).astype(model_output.dtype)
