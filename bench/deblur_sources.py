@@ -7,6 +7,13 @@
 that `models.deblur.loso` trained without it (exported with `models.deblur.export --name loso-<source>`).
 The seed and the order of sources fix the blur and noise draws, so every model sees the same inputs.
 
+`--calibrated`: each tile is restored as a calibrated rig restores it (appliance.restoration.rig_wiener): the
+rig calibration is made by the appliance's own `calibrate` on the first 5 other tiles of the tile's source
+(the issue's 5 known-good tiles; the tile itself is never among them), its restoration blend measured on
+them with the same model (appliance.tools.offline.with_restoration_blend), and the model's output blended
+with the Wiener filter against that rig's spectrum. A source whose calibration is refused is restored by
+the model alone, and the refusal is recorded.
+
 Sources (bench/detector_sources.load_sources): every folder of ../shared/data/em-corpus (its `soft/`
 tiles are soft at the source, never sharp targets, and are not used) plus the isbi2012-train test split
 (images 26-29: the training instrument, held-out slices). The bundled CPU model was trained on the
@@ -52,8 +59,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # models/ is not installed
 
-from appliance.config import DeblurConfig  # noqa: E402
+from appliance.config import DeblurConfig, DetectorConfig  # noqa: E402
+from appliance.detection.calibration import CalibrationError, calibrate  # noqa: E402
+from appliance.detection.detector import BlurDetector  # noqa: E402
 from appliance.restoration.restorer import TileRestorer  # noqa: E402
+from appliance.restoration.rig_wiener import RigRestoration  # noqa: E402
+from appliance.tools.offline import rig_restoration, with_restoration_blend  # noqa: E402
 from appliance.weights import DEBLUR_MODEL  # noqa: E402
 from bench.deblur_eval import (  # noqa: E402
     ESTIMATES,
@@ -80,6 +91,7 @@ from models.deblur.pack_data import ISBI_SOURCE  # noqa: E402
 
 TILE_SIDE = 256
 TILES_PER_SOURCE = 6
+CALIBRATION_TILES = 5
 METHODS = ("input", "wiener", "rl", "model")
 RESULTS = REPO / "bench" / "results"
 
@@ -97,11 +109,32 @@ def pick_tiles(source: Source, count: int, side: int) -> list[tuple[str, np.ndar
     return [(source.tiles[i][0], centre_crop(source.tiles[i][1], side)) for i in indices]
 
 
+def rig_for_tile(
+    source: Source, name: str, restorer: TileRestorer, detector: BlurDetector
+) -> tuple[RigRestoration | None, str]:
+    """The restoration a rig calibrated on the first CALIBRATION_TILES other tiles of `source` gives tile `name`
+    (module docstring, `--calibrated`), and what happened: "model share W" or why there is none."""
+    others = [(n, t) for n, t in source.tiles if n != name][:CALIBRATION_TILES]
+    try:
+        calibration = calibrate([t for _, t in others], [n for n, _ in others], detector)
+    except CalibrationError as exc:
+        return None, f"calibration refused: {exc}"
+    calibration = with_restoration_blend(calibration, [t for _, t in others], restorer)
+    rig = rig_restoration(calibration)
+    return rig, "no restoration blend (no spectral reference)" if rig is None else f"model share {rig.model_weight:g}"
+
+
 def score_tile(
-    restorer: TileRestorer, tile: np.ndarray, rng: np.random.Generator, assess: Assessor, sigmas: tuple[float, ...]
+    restorer: TileRestorer,
+    tile: np.ndarray,
+    rng: np.random.Generator,
+    assess: Assessor,
+    sigmas: tuple[float, ...],
+    rig: RigRestoration | None = None,
 ) -> dict[str, dict[str, float]]:
     """PSNR (dB on the tile's dtype range, vs the tile as acquired) per cell `family@sigma` and method, for
-    one sharp uint8/uint16 tile (H, W); plus the `in_focus` row (module docstring, point 3)."""
+    one sharp uint8/uint16 tile (H, W); plus the `in_focus` row (module docstring, point 3). rig: restore as
+    that calibrated rig does (`--calibrated`), None: the model alone."""
     peak = full_scale(tile)
     scores: dict[str, dict[str, float]] = {}
     blurred, assessments = [], []
@@ -118,7 +151,10 @@ def score_tile(
             blurred.append(image)
             assessments.append(assess(image, params))
     noisy = render_with_rig_noise(tile, None, rng)
-    restored = restorer.restore([*blurred, noisy, tile], [*assessments, assess(noisy, None), assess(tile, None)])
+    inputs = [*blurred, noisy, tile]
+    restored = restorer.restore(
+        inputs, [*assessments, assess(noisy, None), assess(tile, None)], rigs=[rig] * len(inputs)
+    )
     for key, output in zip(scores, restored[: len(blurred)], strict=True):
         scores[key]["model"] = psnr(output, tile, peak)
     scores["in_focus"] = {
@@ -177,17 +213,25 @@ def score_source(
     rng: np.random.Generator,
     assess: Assessor,
     sigmas: tuple[float, ...] = SIGMAS,
+    rigs: list[tuple[RigRestoration | None, str]] | None = None,
 ) -> dict:
-    """Mean PSNR per cell and method over the tiles of one source, and its summary (`summarise`)."""
-    per_tile = [score_tile(restorer, tile, rng, assess, sigmas) for _, tile in tiles]
+    """Mean PSNR per cell and method over the tiles of one source, and its summary (`summarise`). rigs: per
+    tile, its calibrated rig's restoration and what happened (`rig_for_tile`); None: the model alone."""
+    per_rig = rigs if rigs is not None else [(None, "")] * len(tiles)
+    per_tile = [
+        score_tile(restorer, tile, rng, assess, sigmas, rig) for (_, tile), (rig, _) in zip(tiles, per_rig, strict=True)
+    ]
     cells = {key: {m: float(np.mean([t[key][m] for t in per_tile])) for m in per_tile[0][key]} for key in per_tile[0]}
-    return {
+    entry = {
         "tiles": [name for name, _ in tiles],
         "tile_shapes": [list(tile.shape) for _, tile in tiles],
         "dtype": str(tiles[0][1].dtype),
         "cells": cells,
         "summary": summarise(cells),
     }
+    if rigs is not None:
+        entry["calibration"] = [what for _, what in rigs]
+    return entry
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,6 +307,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | {key} | " + " | ".join(values) + " |")
     lines += ["", "In focus, model output on the tile as acquired vs itself (how much it changes it), dB:", ""]
     lines += [f"- {n}: {e['cells']['in_focus']['model_on_acquired']:.2f}" for n, e in result["sources"].items()]
+    if result.get("calibrated"):
+        lines += ["", "Rig calibration per tile (5 other tiles of its source; restoration blend measured on them):", ""]
+        lines += [f"- {n}: {'; '.join(e['calibration'])}" for n, e in result["sources"].items()]
     lines += ["", "How each source was cut:", ""]
     lines += [f"- {n}: {e['note']}; tiles used: {', '.join(e['tiles'])}" for n, e in result["sources"].items()]
     return "\n".join(lines) + "\n"
@@ -284,13 +331,22 @@ def main() -> None:
         help="leave-one-source-out: a folder of loso-<source>.onnx (models.deblur.loso, exported); each "
         "source is restored by the model trained without it (overrides --model)",
     )
+    parser.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="restore as a rig calibrated on 5 other tiles of the source does: the model blended with the rig "
+        "Wiener by the share calibrate measures (module docstring)",
+    )
     parser.add_argument("--seed", type=int, default=20261127)
     parser.add_argument(
         "--out", type=Path, default=None, help="default bench/results/deblur_sources.json (_loso with --loso)"
     )
     args = parser.parse_args()
     if args.out is None:
-        args.out = RESULTS / ("deblur_sources_loso.json" if args.loso is not None else "deblur_sources.json")
+        loso, calibrated = "_loso" if args.loso is not None else "", "_calibrated" if args.calibrated else ""
+        stem = f"deblur_sources{loso}{calibrated}"
+        args.out = RESULTS / f"{stem}.json"
+    detector = BlurDetector.from_config(DetectorConfig()) if args.calibrated else None
     start = time.monotonic()
     assess = make_assessor(args.estimate)
     # One seed, sources in a fixed order: the blur and noise draws (and so the input and oracle columns)
@@ -314,7 +370,9 @@ def main() -> None:
         t0 = time.monotonic()
         model_path = args.model if args.loso is None else args.loso / f"loso-{packed_source_name(source.name)}.onnx"
         restorer = restorer_for(model_path)
-        entry = score_source(restorer, pick_tiles(source, args.tiles, args.side), rng, assess)
+        tiles = pick_tiles(source, args.tiles, args.side)
+        rigs = None if detector is None else [rig_for_tile(source, name, restorer, detector) for name, _ in tiles]
+        entry = score_source(restorer, tiles, rng, assess, rigs=rigs)
         sources[source.name] = {"note": source.note, "model_version": restorer.model_version, **entry}
         print(f"{source.name}: {len(entry['tiles'])} tiles, {time.monotonic() - t0:.0f} s", flush=True)
     result = {
@@ -328,6 +386,7 @@ def main() -> None:
         if args.loso is not None
         else "not the bundled model: check its training data (deblur_gpu v3 saw every em-corpus source)",
         "estimate": args.estimate,
+        "calibrated": args.calibrated,
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared, load {os.getloadavg()[0]:.1f}, "
         f"{args.threads} ONNX Runtime thread(s)",

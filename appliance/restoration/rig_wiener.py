@@ -108,7 +108,12 @@ def rig_wiener(
         return None
     unit = pixels.astype(np.float32) / float(np.iinfo(pixels.dtype).max)
     pad_y, pad_x = (min(PAD_PX, side - 1) for side in unit.shape)
-    padded = cv2.copyMakeBorder(unit, pad_y, pad_y, pad_x, pad_x, cv2.BORDER_REFLECT_101).astype(np.float64)
+    # Pad the far sides up to a size the FFT factors well: 2400 + 2 x 128 = 2656 = 32 x 83 took 0.34 s of
+    # the 0.65 s per tile here, a smooth size is several times faster.
+    (h, w), extra = unit.shape, []
+    for side, pad in ((h, pad_y), (w, pad_x)):
+        extra.append(min(cv2.getOptimalDFTSize(side + 2 * pad) - side - 2 * pad, side - 1 - pad))
+    padded = cv2.copyMakeBorder(unit, pad_y, pad_y + extra[0], pad_x, pad_x + extra[1], cv2.BORDER_REFLECT_101)
     mean = float(padded.mean())
     fy = np.fft.fftfreq(padded.shape[0])[:, None]
     fx = np.fft.rfftfreq(padded.shape[1])[None, :]

@@ -7,13 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from appliance.config import DeblurConfig
+from appliance.config import DeblurConfig, DetectorConfig
+from appliance.detection.calibration import calibrate
+from appliance.detection.detector import BlurDetector
 from appliance.restoration.restorer import TileRestorer
 from appliance.tile_io import read_tile
 from bench.deblur_eval import make_assessor
-from bench.deblur_sources import score_source
-from bench.detector_sources import CORPUS, centre_crop
-from models.blur_synth import FAMILIES
+from bench.deblur_sources import rig_for_tile, score_source
+from bench.detector_sources import CORPUS, Source, centre_crop
+from models.blur_synth import DATA_DIR, FAMILIES
 
 pytestmark = pytest.mark.fast
 
@@ -53,3 +55,23 @@ def test_one_crop_gives_psnr_in_db_per_cell_and_the_oracle_beats_the_input_at_si
     assert margins["over_oracle_db"] == pytest.approx(gaussian["model"] - max(gaussian["wiener"], gaussian["rl"]))
     assert summary["by_family"]["tilted"].keys() == {"over_input_db"}
     assert summary["meets_done_when"] == (summary["gain_over_input_every_cell"] and summary["within_oracle_every_cell"])
+
+
+def test_calibrated_tiles_are_restored_by_a_rig_calibrated_on_five_other_tiles_of_the_source() -> None:
+    images = [read_tile(DATA_DIR / f"{i}.png") for i in range(22, 25)]
+    crops = [(f"{i}[{o}]", image[o : o + 256, o : o + 256].copy()) for i, image in enumerate(images) for o in (0, 256)]
+    source = Source("isbi-crops", crops, [], "3 slices, 2 crops each")
+    restorer = TileRestorer.from_config(DeblurConfig(backend="classical"))
+    detector = BlurDetector.from_config(DetectorConfig())
+    rig, what = rig_for_tile(source, crops[2][0], restorer, detector)
+    assert rig is not None and what == f"model share {rig.model_weight:g}"
+    assert rig.deblur_model == restorer.weights_version
+    # The calibration is the appliance's own on the 5 other crops: the same reference as calibrating them directly.
+    others = [t for n, t in crops if n != crops[2][0]]
+    direct = calibrate(others, [n for n, _ in crops if n != crops[2][0]], detector).spectral_arrays()
+    assert direct is not None
+    np.testing.assert_array_equal(rig.reference[0], direct[0])
+    # A source whose calibration is refused is restored by the model alone, and why is kept.
+    blank = Source("blank", [(f"b{i}", np.full((256, 256), 90, np.uint8)) for i in range(6)], [], "constant")
+    none, why = rig_for_tile(blank, "b0", restorer, detector)
+    assert none is None and why.startswith("calibration refused: ") and "constant image" in why
