@@ -1,0 +1,59 @@
+"""Seconds per 2400 x 2400 tile of the rig Wiener (appliance/restoration/rig_wiener.py) on this CPU.
+
+    python bench/rig_wiener_speed.py [--repeats 7] [--side 2400]
+
+The rig: ISBI 2012 slices 22-26 (their spectrum and noise, as `calibrate` records them); the tile: slice 27
+tiled up to the side and blurred by a Gaussian of sigma 2 px, as a soft MultiSEM-sized tile. numpy's FFT runs
+on one thread, so this is the cost on one core of the deblur replica's CPU, per soft tile of a calibrated rig.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # models/ is not installed
+
+from appliance import spectral  # noqa: E402
+from appliance.detection.calibration import noise_level  # noqa: E402
+from appliance.restoration.rig_wiener import rig_wiener  # noqa: E402
+from appliance.tile_io import read_tile  # noqa: E402
+from models.blur_synth import DATA_DIR  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--side", type=int, default=2400)
+    args = parser.parse_args()
+    rig = [read_tile(DATA_DIR / f"{i}.png") for i in range(22, 27)]
+    reference = spectral.reference_log_power([s for s in map(spectral.window_spectra, rig) if s is not None])
+    own_noise = float(np.median([noise_level(t) for t in rig])) ** 2
+    slice_27 = read_tile(DATA_DIR / "27.png")
+    reps = -(-args.side // slice_27.shape[0])
+    tile = cv2.GaussianBlur(np.tile(slice_27, (reps, reps))[: args.side, : args.side], (0, 0), 2.0)
+    rig_wiener(tile, reference, own_noise)  # first call: caches and allocations
+    seconds = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        rig_wiener(tile, reference, own_noise)
+        seconds.append(time.perf_counter() - started)
+    result = {
+        "tile": f"{args.side}x{args.side} uint8",
+        "best_s": round(min(seconds), 3),
+        "median_s": round(float(np.median(seconds)), 3),
+        "repeats": args.repeats,
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
