@@ -152,26 +152,16 @@ def _emit(results: Iterable[FileResult], as_json: bool) -> int:
     return failures
 
 
-def _detector_config(config: Path | None) -> DetectorConfig:
-    """The rig's detector section (--config), or the defaults; exits 2 naming a bad field."""
+def _rig_sections(config: Path | None) -> tuple[DetectorConfig, DeblurConfig]:
+    """The rig's detector and deblur sections (--config), or the defaults; exits 2 naming a bad field."""
     if config is None:
-        return DetectorConfig()
+        return DetectorConfig(), DeblurConfig()
     try:
-        return load_rig_config(config).detector
+        rig = load_rig_config(config)
     except ConfigError as exc:
         _error(str(exc))
         raise typer.Exit(2) from None
-
-
-def _deblur_config(config: Path | None) -> DeblurConfig:
-    """The rig's deblur section (--config), or the defaults; exits 2 naming a bad field."""
-    if config is None:
-        return DeblurConfig()
-    try:
-        return load_rig_config(config).deblur
-    except ConfigError as exc:
-        _error(str(exc))
-        raise typer.Exit(2) from None
+    return rig.detector, rig.deblur
 
 
 def _offline_detector(cfg: DetectorConfig, calibration: Path | None) -> OfflineDetector:
@@ -214,8 +204,8 @@ def calibrate(
     """Learn this rig's in-focus blur baseline from known-good tiles (set detector.calibration to the file)."""
     from appliance.tools.offline import calibrate_files
 
-    deblur = _deblur_config(config) if restoration else None
-    calibration, errors = calibrate_files(files, out, _detector_config(config), pixel_size_nm, deblur)
+    detector, deblur = _rig_sections(config)
+    calibration, errors = calibrate_files(files, out, detector, pixel_size_nm, deblur if restoration else None)
     for error in errors:
         _error(error)
     if calibration is None:
