@@ -4,10 +4,11 @@ Measured once, at calibration, on the rig's own known-good tiles: each is blurre
 PSFs (Gaussian, disk and astigmatic at sigma 1.5 and 3 px, with the tile's own noise level added once
 more), restored by the deblur model and by the rig Wiener (appliance.restoration.rig_wiener), and every
 weight of MODEL_WEIGHTS is scored by its mean PSNR against the tile as acquired. The best weight is kept in
-the calibration file. On the em-corpus the best weight was 0 (the Wiener alone) on ISBI, 1 (the model
-alone) on the noisy 16-bit SEM, and 0.25-0.5 elsewhere (prototype, 2026-11-27), so no one weight fits all
-rigs. Nothing here is learned from other instruments; the probes' blur and noise draws are seeded, so a
-calibration of the same tiles gives the same weight.
+the calibration file. On the em-corpus (bench/deblur_sources.py --calibrated, 2026-11-27) the weight was 0
+(the Wiener alone) to 0.75 depending on the source and the model (bundled: 0 on the rat SEM, 0.75 on SBEM;
+leave-one-source-out folds: 0 on ISBI, 0.25-0.5 elsewhere), so no one weight fits all rigs. Nothing here
+is learned from other instruments; the probes' blur and noise draws are seeded, so a calibration of the
+same tiles gives the same weight.
 """
 
 from __future__ import annotations

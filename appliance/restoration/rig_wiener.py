@@ -7,11 +7,12 @@ uniform disk where that fits better). With both, the minimum-mean-square-error l
 
     X(f) = H*(f) S(f) / (|H(f)|^2 S(f) + N) . Y(f)
 
-with N the tile's white noise power (Immerkaer) and S scaled by the fit's contrast. Given the true PSF this
-is within 0.1 dB of the best Wiener/Richardson-Lucy oracle on the eight em-corpus sources (prototype,
-2026-11-27); given the fitted one it is the better restorer on some rigs and the learned model on others, so
-the output is a blend whose weight a rig calibration measures on the rig's own tiles
-(appliance.restoration.rig_blend). Nothing here is learned from other instruments.
+with N the tile's white noise power (Immerkaer) and S scaled by the fit's contrast (`rig_wiener` adds the
+rig's own noise to S and follows the fit where the tile is sharper than the rig's typical tile). Given the
+true PSF it came within 0.3 dB of the best Wiener/Richardson-Lucy oracle in every cell of six of the eight
+em-corpus sources (prototype, 2026-11-27); given the fitted one it is the better restorer on some rigs and the
+learned model on others, so the output is a blend whose weight a rig calibration measures on the rig's own
+tiles (appliance.restoration.rig_blend). Nothing here is learned from other instruments.
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ def calibrate(
         bool,
         typer.Option(
             help="Also measure how this rig's soft tiles are best restored: the deblur model's share of a blend "
-            "with the Wiener filter against the rig's spectrum (the rig config's deblur model; ~1 min on a CPU).",
+            "with the Wiener filter against the rig's spectrum (the rig config's deblur model; ~25-40 s on a CPU).",
         ),
     ] = True,
 ) -> None:
