@@ -76,7 +76,11 @@ class QcTileRecord(_Line):
         description="A partial-blur retake read with a spectral calibration only: the largest reading around the "
         "region it names, px (docs/calibration.md).",
     )
-    deblur_version: str | None = None
+    deblur_version: str | None = Field(
+        None,
+        description="A restored tile only: the deblur model and engine, plus `+rig-wiener-<share>` where a rig "
+        "calibration's restoration blend was applied (docs/calibration.md).",
+    )
     error: str | None = None
     timings_s: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, total_s included.")
     detector_version: str | None = None

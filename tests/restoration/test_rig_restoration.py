@@ -204,3 +204,17 @@ def test_calibration_measures_the_blend_on_the_rigs_own_tiles_with_the_bundled_m
     small = [t[:100, :100] for t in rig]
     assert measure_model_weight(restorer, small, reference, rig_noise) is None
     assert with_restoration_blend(measured, small, restorer) == measured
+
+
+def test_a_16_bit_tile_that_is_not_square_is_restored_on_its_own_scale(rig, held_out) -> None:
+    def wide(tile: np.ndarray) -> np.ndarray:  # 16-bit, 512 x 384: another dtype and shape than the rig's
+        return (tile[:, :384].astype(np.uint16) * 257).astype(np.uint16)
+
+    reference = spectral.reference_log_power([s for s in (spectral.window_spectra(wide(t)) for t in rig) if s])
+    own_noise = float(np.median([noise_level(wide(t)) for t in rig])) ** 2
+    truth = wide(held_out)
+    acquired = _acquire(truth, BlurParams("gaussian", 2.0))
+    restored = rig_wiener(acquired, reference, own_noise)
+    assert restored is not None and restored.shape == (512, 384)
+    out = np.clip(np.rint(restored * 65535), 0, 65535).astype(np.uint16)
+    assert psnr_db(out, truth) > psnr_db(acquired, truth) + 1.0
