@@ -9,9 +9,10 @@ ingest, so a microscope whose controller stops reading holds back only its own t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import zmq
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 SINK_OPTIONS = {"max_restarts": -1, "max_task_retries": -1}
 INGEST_OPTIONS = {"max_restarts": -1, "max_task_retries": 0}
 STATS_TIMEOUT_S = 10.0  # a restarting actor answers after its restart; the status line skips a beat
+PORT_ATTEMPTS = 3  # starts of an actor on a freshly resolved wildcard port (on_a_free_port)
+
+T = TypeVar("T")
 
 
 def resolve_endpoint(endpoint: str) -> str:
@@ -48,6 +52,25 @@ def resolve_endpoint(endpoint: str) -> str:
     finally:
         probe.close()
         context.term()
+
+
+def on_a_free_port(configured: str, start: Callable[[str], T]) -> tuple[str, T]:
+    """(the endpoint, start(endpoint)) with a wildcard port resolved (`resolve_endpoint`). The resolved port is
+    free when probed but not held: another process (any outgoing connection's ephemeral port) can take it
+    before the actor binds it, and the actor's creation then fails with "Address already in use" (seen once
+    in CI, 2026-11-27). At start nobody has connected yet, so a fresh port is resolved and the actor started
+    again, up to PORT_ATTEMPTS times; a fixed port's failure is raised as it is."""
+    attempt = 1
+    while True:
+        endpoint = resolve_endpoint(configured)
+        try:
+            return endpoint, start(endpoint)
+        except ray.exceptions.RayError as exc:
+            taken = configured.endswith(":*") and "Address already in use" in str(exc)
+            if not taken or attempt == PORT_ATTEMPTS:
+                raise
+        log.warning("%s was taken before the actor bound it (attempt %d); resolving another port", endpoint, attempt)
+        attempt += 1
 
 
 @dataclass(frozen=True)
@@ -83,34 +106,37 @@ class MicroscopeRuntime:
     def start(self, detector: DeploymentHandle, deblur: DeploymentHandle, thresholds: Thresholds) -> RunningEndpoints:
         """Start the sink (binds feedback), then the ingest (binds tiles) and the supervisor."""
         ingest_cfg = self.cfg.ingest_for(self.scope)
-        ingest_cfg = ingest_cfg.model_copy(
-            update={
-                "tile_endpoint": resolve_endpoint(ingest_cfg.tile_endpoint),
-                "feedback_endpoint": resolve_endpoint(ingest_cfg.feedback_endpoint),
-            }
-        )
         security = self.cfg.security_for(self.scope)
         detector_cfg = self.cfg.detector_for(self.scope)
         calibration = load_configured_calibration(detector_cfg)
-        self.sink = SinkActor.options(**SINK_OPTIONS).remote(  # type: ignore[attr-defined]
-            self.cfg.output_for(self.scope),
-            ingest_cfg.feedback_endpoint,
-            thresholds,
-            feedback_hwm=ingest_cfg.feedback_hwm,
-            security=security,
-        )
-        sink_info = ray.get(self.sink.endpoints.remote())
-        self.ingest = IngestActor.options(**INGEST_OPTIONS).remote(  # type: ignore[attr-defined]
-            ingest_cfg,
-            detector,
-            deblur,
-            self.sink,
-            calibrated=calibration is not None,
-            security=security,
-            focus=OnlineBaseline(detector_cfg, calibration),
-            microscope=self.name,
-        )
-        tile_endpoint = ray.get(self.ingest.start.remote())
+
+        def start_sink(feedback_endpoint: str) -> tuple[Any, dict[str, str]]:
+            sink = SinkActor.options(**SINK_OPTIONS).remote(  # type: ignore[attr-defined]
+                self.cfg.output_for(self.scope),
+                feedback_endpoint,
+                thresholds,
+                feedback_hwm=ingest_cfg.feedback_hwm,
+                security=security,
+            )
+            return sink, ray.get(sink.endpoints.remote())
+
+        feedback_endpoint, (self.sink, sink_info) = on_a_free_port(ingest_cfg.feedback_endpoint, start_sink)
+        ingest_cfg = ingest_cfg.model_copy(update={"feedback_endpoint": feedback_endpoint})
+
+        def start_ingest(tile_endpoint: str) -> tuple[Any, str]:
+            ingest = IngestActor.options(**INGEST_OPTIONS).remote(  # type: ignore[attr-defined]
+                ingest_cfg.model_copy(update={"tile_endpoint": tile_endpoint}),
+                detector,
+                deblur,
+                self.sink,
+                calibrated=calibration is not None,
+                security=security,
+                focus=OnlineBaseline(detector_cfg, calibration),
+                microscope=self.name,
+            )
+            return ingest, ray.get(ingest.start.remote())
+
+        _, (self.ingest, tile_endpoint) = on_a_free_port(ingest_cfg.tile_endpoint, start_ingest)
         self.supervisor = Supervisor({"sink": self.sink, "ingest": self.ingest})
         self.supervisor.start()
         feedback, output_dir = sink_info["feedback"], sink_info["output_dir"]
