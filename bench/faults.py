@@ -73,6 +73,7 @@ class Tally:
     lost: int = 0
     duplicated: int = 0
     repeats: int = 0
+    answered_by_repeat: int = 0  # tiles whose answer came only as a repeat (a sink killed between record and send)
     unassessed: int = 0
     refused_draining: int = 0
     resent: int = 0
@@ -113,6 +114,7 @@ class FaultController:
         self.sent_at: dict[str, float] = {}
         self.unassessed: set[str] = set()
         self.repeats = 0
+        self.answered_by_repeat = 0  # tiles whose only answer was a repeat (their first answer died with a sink)
         self.refused_draining = 0
         self.resent = 0
         self.malformed_refused = 0
@@ -241,13 +243,18 @@ class FaultController:
             return
         if message.get("repeat"):
             self.repeats += 1
+            if tile_id in self.answers:
+                return
+            # A sink killed after recording a tile and before its answer left sends that answer again only as
+            # a repeat (to the retried call or a resend): it is the tile's answer (docs/protocol.md, resend rule).
+            self.answered_by_repeat += 1
         elif message["type"] == "error" and message["code"] == "draining":
             self.refused_draining += 1
-        else:
-            self.answers[tile_id] += 1
-            self.answered_at.setdefault(tile_id, time.monotonic())
-            if message["type"] == "error" or message.get("action") == "failed":
-                self.unassessed.add(tile_id)
+            return
+        self.answers[tile_id] += 1
+        self.answered_at.setdefault(tile_id, time.monotonic())
+        if message["type"] == "error" or message.get("action") == "failed":
+            self.unassessed.add(tile_id)
 
     def close(self) -> None:
         self._stop.set()
@@ -284,6 +291,7 @@ def tally(fault: str, controller: FaultController, output_dir: Path, t_fault: fl
         lost=sent - len(answered),
         duplicated=sum(n - 1 for n in answers.values()),
         repeats=controller.repeats,
+        answered_by_repeat=controller.answered_by_repeat,
         unassessed=len(controller.unassessed),
         refused_draining=controller.refused_draining,
         resent=controller.resent,
