@@ -327,6 +327,11 @@ MAX_SHARPER_PX2 = 0.1
 # A disk and the Gaussian of its second moment differ within the usable band only from this radius on
 # (prototype on the em-corpus, 2026-11-27: below it the fits chose either and restored alike).
 DISK_MIN_RADIUS_PX = 1.5
+# A disk is taken only when its sigma (R/2) is at most this times the Gaussian fit's major sigma. On the
+# em-corpus (probe of 2026-11-27, 492 blurred tiles) the disks that restored better than the Gaussian had
+# 0.6-1.48; the one disk fit that beat the Gaussian on a Gaussian blur, R = 8 px for sigma 2 (19 dB below the
+# Gaussian's restoration), had 1.7.
+DISK_MAX_SIGMA_RATIO = 1.5
 _DISK_RADII_PX = np.round(np.arange(0.5, 10.0 + 1e-9, 0.1), 1)
 _BESSEL_NODES = (np.arange(64) + 0.5) * math.pi / 64
 
@@ -342,12 +347,29 @@ def disk_transfer(f: np.ndarray, radius_px: float | np.ndarray) -> np.ndarray:
     return 2.0 * _bessel_j1(x) / x
 
 
+# Spectral slope of the power-law signal that weights a disk's |H|^2 within each bin (natural images fall off
+# as |f|^-2 to -3; noise-free fields of slope 1.5-3.5 blurred by disks of radius 2-6 px read the same radii).
+_BIN_WEIGHT_SLOPE = 2.5
+
+
 @cache
 def _disk_log_h2() -> np.ndarray:
-    """log |H|^2 of each candidate disk at each bin's mean radial frequency: (len(_DISK_RADII_PX), BINS)."""
-    _, _, fx2, fy2, _, _ = _bin_geometry()
-    h = disk_transfer(np.sqrt(fx2 + fy2)[None, :], _DISK_RADII_PX[:, None])
-    return np.log(np.maximum(h * h, 1e-12))
+    """log of each candidate disk's |H|^2 as a bin sees it: (len(_DISK_RADII_PX), BINS).
+
+    A bin's power is the mean over its coefficients of the signal times |H|^2, so the model is that mean too
+    (a power-law signal, _BIN_WEIGHT_SLOPE): a bin is 0.03 cycles/px wide, and at the bin's mean frequency
+    alone |H|^2 dips to a disk's zeros that the bin never shows. Read at the mean frequency, radii of 4-6 px
+    came out 0.2-0.4 px off on noise-free fields, and on the em-corpus disks of 6 px read 5.6 (5.9 averaged).
+    """
+    index, count, *_ = _bin_geometry()
+    fy = np.fft.fftfreq(WINDOW_PX)[:, None]
+    fx = np.fft.rfftfreq(WINDOW_PX)[None, :]
+    f = np.hypot(*np.broadcast_arrays(fx, fy)).ravel()
+    weight = np.maximum(f, 1.0 / WINDOW_PX) ** -_BIN_WEIGHT_SLOPE
+    weight_sum = np.bincount(index, weight, BINS + 1)[:BINS]
+    h2 = disk_transfer(f[None, :], _DISK_RADII_PX[:, None]) ** 2
+    sums = np.stack([np.bincount(index, weight * row, BINS + 1)[:BINS] for row in h2])
+    return np.log(np.maximum(sums / np.maximum(weight_sum, 1e-30), 1e-12))
 
 
 def fit_added_psf(spectra: WindowSpectra, reference: np.ndarray, reference_usable: np.ndarray) -> AddedPsf | None:
@@ -365,9 +387,13 @@ def fit_added_psf(spectra: WindowSpectra, reference: np.ndarray, reference_usabl
     offsets = ((inputs.target[None, :] - models) * w2).sum(axis=1) / w2.sum()
     sse = (w2 * (inputs.target[None, :] - models - offsets[:, None]) ** 2).sum(axis=1)
     best = int(np.argmin(sse))
-    if sse[best] < gaussian_sse and _DISK_RADII_PX[best] >= DISK_MIN_RADIUS_PX:
-        return AddedPsf("disk", radius_px=float(_DISK_RADII_PX[best]), log_contrast=float(offsets[best]))
     values, vectors = np.linalg.eigh(np.array([[a, b], [b, e]]))
+    radius = float(_DISK_RADII_PX[best])
+    # A disk's second moment is R^2/4 per axis, and in the usable band the Gaussian fit reads a disk 0.8-1.5x
+    # that; a disk far wider than the Gaussian fit aligned its zeros with the specimen's own dips instead.
+    plausible = radius / 2.0 <= DISK_MAX_SIGMA_RATIO * math.sqrt(max(values[1], 0.0))
+    if sse[best] < gaussian_sse and radius >= DISK_MIN_RADIUS_PX and plausible:
+        return AddedPsf("disk", radius_px=radius, log_contrast=float(offsets[best]))
     # A blur cannot sharpen: an axis fitted negative is a tile sharper than the rig's typical one (its specimen
     # or focus), which the restoration takes into the signal spectrum instead (`sharper_px2`).
     blur = vectors @ np.diag(np.maximum(values, 0.0)) @ vectors.T

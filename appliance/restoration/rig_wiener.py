@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -77,14 +78,27 @@ def rig_signal_power(shape: tuple[int, int], reference: SpectralReferenceArrays)
     filled = np.where(has, rings, intercept + slope * np.log(centres))
     grid = np.where(np.isfinite(grid), grid, filled[:, None])
 
+    bin_index, log_radius = _polar_grid(shape)
+    inside = bin_index >= 0
+    log_s = np.where(inside, grid.ravel()[np.maximum(bin_index, 0)], intercept + slope * log_radius)
+    return np.exp(log_s)
+
+
+@lru_cache(maxsize=2)
+def _polar_grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per rfft2 coefficient of `shape`: its spectral bin (-1 outside F_MIN..F_MAX; int16) and log |f| (float32).
+
+    A rig's tiles share one shape, and the map took about 0.1 s of the 0.43 s per 2400 px tile (~20 MB kept).
+    """
     fy = np.fft.fftfreq(shape[0])[:, None]
     fx = np.fft.rfftfreq(shape[1])[None, :]
     fy, fx = np.broadcast_arrays(fy, fx)
     r, a = spectral.polar_bins(fx, fy)
     inside = (r >= 0) & (r < spectral.RADIAL_BINS)
-    radius = np.maximum(np.hypot(fx, fy), 1.0 / max(shape))
-    log_s = np.where(inside, grid[np.clip(r, 0, spectral.RADIAL_BINS - 1), a], intercept + slope * np.log(radius))
-    return np.exp(log_s)
+    bin_index = np.where(inside, r * spectral.ANGULAR_BINS + a, -1).astype(np.int16)
+    log_radius = np.log(np.maximum(np.hypot(fx, fy), 1.0 / max(shape))).astype(np.float32)
+    bin_index.flags.writeable = log_radius.flags.writeable = False  # shared by every call of that shape
+    return bin_index, log_radius
 
 
 def rig_wiener(
