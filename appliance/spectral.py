@@ -327,12 +327,12 @@ MAX_SHARPER_PX2 = 0.1
 # A disk and the Gaussian of its second moment differ within the usable band only from this radius on
 # (prototype on the em-corpus, 2026-11-27: below it the fits chose either and restored alike).
 DISK_MIN_RADIUS_PX = 1.5
-# A disk is taken only when its sigma (R/2) is at most this times the Gaussian fit's major sigma. On the
-# em-corpus (probe of 2026-11-27, 492 blurred tiles) the disks that restored better than the Gaussian had
-# 0.6-1.48; the one disk fit that beat the Gaussian on a Gaussian blur, R = 8 px for sigma 2 (19 dB below the
-# Gaussian's restoration), had 1.7.
-DISK_MAX_SIGMA_RATIO = 1.5
-_DISK_RADII_PX = np.round(np.arange(0.5, 10.0 + 1e-9, 0.1), 1)
+# Largest disk fitted: sigma R/2 = 3.5 px, the top of the deblur models' training range (a tile is restored
+# only up to DetectorConfig.max_restorable_sigma_px, 3 px by default, R = 6). With radii up to 10 px, disks of
+# 7.4-8.3 px fitted Gaussian and astigmatic blur of sigma 2-3 whose spectra dipped where those disks' zeros
+# fall, and restored 8-28 dB below the Gaussian fit (probe on the em-corpus, 2026-11-27, 492 blurred tiles).
+DISK_MAX_RADIUS_PX = 7.0
+_DISK_RADII_PX = np.round(np.arange(0.5, DISK_MAX_RADIUS_PX + 1e-9, 0.1), 1)
 _BESSEL_NODES = (np.arange(64) + 0.5) * math.pi / 64
 
 
@@ -387,13 +387,9 @@ def fit_added_psf(spectra: WindowSpectra, reference: np.ndarray, reference_usabl
     offsets = ((inputs.target[None, :] - models) * w2).sum(axis=1) / w2.sum()
     sse = (w2 * (inputs.target[None, :] - models - offsets[:, None]) ** 2).sum(axis=1)
     best = int(np.argmin(sse))
+    if sse[best] < gaussian_sse and _DISK_RADII_PX[best] >= DISK_MIN_RADIUS_PX:
+        return AddedPsf("disk", radius_px=float(_DISK_RADII_PX[best]), log_contrast=float(offsets[best]))
     values, vectors = np.linalg.eigh(np.array([[a, b], [b, e]]))
-    radius = float(_DISK_RADII_PX[best])
-    # A disk's second moment is R^2/4 per axis, and in the usable band the Gaussian fit reads a disk 0.8-1.5x
-    # that; a disk far wider than the Gaussian fit aligned its zeros with the specimen's own dips instead.
-    plausible = radius / 2.0 <= DISK_MAX_SIGMA_RATIO * math.sqrt(max(values[1], 0.0))
-    if sse[best] < gaussian_sse and radius >= DISK_MIN_RADIUS_PX and plausible:
-        return AddedPsf("disk", radius_px=radius, log_contrast=float(offsets[best]))
     # A blur cannot sharpen: an axis fitted negative is a tile sharper than the rig's typical one (its specimen
     # or focus), which the restoration takes into the signal spectrum instead (`sharper_px2`).
     blur = vectors @ np.diag(np.maximum(values, 0.0)) @ vectors.T
