@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO))  # models/ is not installed
 from appliance.config import DeblurConfig, DetectorConfig  # noqa: E402
 from appliance.detection.detector import BlurDetector  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
+from appliance.pixels import psnr_db  # noqa: E402
 from appliance.restoration.restorer import TileRestorer  # noqa: E402
 from appliance.restoration.wiener import wiener_deconvolve  # noqa: E402
 from appliance.weights import DEBLUR_MODEL  # noqa: E402
@@ -77,7 +78,7 @@ from models.blur_synth import (  # noqa: E402
     synthesize,
     to_unit_float,
 )
-from models.deblur.metrics import psnr, ssim  # noqa: E402
+from models.deblur.metrics import ssim  # noqa: E402
 from models.membrane.score import segment  # noqa: E402
 
 STRENGTHS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
@@ -147,7 +148,7 @@ def full_scale(tile: np.ndarray) -> float:
 def best_wiener(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Wiener output (truth's dtype) with the noise-to-signal ratio that is best against the truth."""
     candidates = [quantize(np.clip(wiener_deconvolve(blurred01, psf, n), 0, 1), truth.dtype) for n in WIENER_NSR]
-    return max(candidates, key=lambda c: psnr(c, truth, full_scale(truth)))
+    return max(candidates, key=lambda c: psnr_db(c, truth, full_scale(truth)))
 
 
 def best_rl(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -157,7 +158,7 @@ def best_rl(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.nda
         estimate = richardson_lucy(blurred01, psf, n - done, initial=estimate)
         done = n
         candidates.append(quantize(np.clip(estimate, 0, 1), truth.dtype))
-    return max(candidates, key=lambda c: psnr(c, truth, full_scale(truth)))
+    return max(candidates, key=lambda c: psnr_db(c, truth, full_scale(truth)))
 
 
 def restore_cell(
@@ -198,7 +199,7 @@ def restore_cell(
                 given_sigma.append(assessment.sigma_px)
                 outputs["model"] = restorer.restore([blurred], [assessment])[0]
             for name, out in outputs.items():
-                scores[name].append((psnr(out, image, 255.0), ssim(out, image, 255.0)))
+                scores[name].append((psnr_db(out, image, 255.0), ssim(out, image, 255.0)))
             if reference is not None:
                 started = time.perf_counter()
                 for name in (m for m in MEMBRANE_METHODS if m in outputs):
@@ -257,10 +258,10 @@ def sharp_cell(
     for image in images:
         for _ in range(draws):
             noisy = synthesize(image, None, rng)
-            scores["input"].append(psnr(noisy, image, 255.0))
+            scores["input"].append(psnr_db(noisy, image, 255.0))
             if restorer is not None:
                 assessment = assess(noisy, None)
-                scores["model"].append(psnr(restorer.restore([noisy], [assessment])[0], image, 255.0))
+                scores["model"].append(psnr_db(restorer.restore([noisy], [assessment])[0], image, 255.0))
     return {f"{name}_psnr": float(np.mean(v)) for name, v in scores.items() if v}
 
 
@@ -283,7 +284,7 @@ def headroom(
         for image in images:
             for floor in OTF_FLOORS:
                 scores.setdefault(f"band_limit_otf_{floor:g}", []).append(
-                    psnr(band_limited(image, sigma, floor), image, 255.0)
+                    psnr_db(band_limited(image, sigma, floor), image, 255.0)
                 )
             blurred = quantize(apply_blur(to_unit_float(image), params))  # no noise
             outputs = {
@@ -293,7 +294,7 @@ def headroom(
             if restorer is not None:
                 outputs["noise_free_model"] = restorer.restore([blurred], [assess(blurred, params)])[0]
             for name, out in outputs.items():
-                scores.setdefault(name, []).append(psnr(out, image, 255.0))
+                scores.setdefault(name, []).append(psnr_db(out, image, 255.0))
         rows[f"gaussian@{sigma:g}"] = {name: float(np.mean(v)) for name, v in scores.items()}
     if rows:
         rows["mean"] = {name: float(np.mean([r[name] for r in rows.values()])) for name in next(iter(rows.values()))}

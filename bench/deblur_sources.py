@@ -62,6 +62,7 @@ sys.path.insert(0, str(REPO))  # models/ is not installed
 from appliance.config import DeblurConfig, DetectorConfig  # noqa: E402
 from appliance.detection.calibration import CalibrationError, calibrate  # noqa: E402
 from appliance.detection.detector import BlurDetector  # noqa: E402
+from appliance.pixels import centre_crop, psnr_db  # noqa: E402
 from appliance.restoration.restorer import TileRestorer  # noqa: E402
 from appliance.restoration.rig_wiener import RigRestoration  # noqa: E402
 from appliance.tools.offline import rig_restoration, with_restoration_blend  # noqa: E402
@@ -80,13 +81,11 @@ from bench.detector_sources import (  # noqa: E402
     CORPUS,
     SIGMAS,
     Source,
-    centre_crop,
     load_sources,
     print_table,
     render_with_rig_noise,
 )
 from models.blur_synth import FAMILIES, psf_kernel, to_unit_float  # noqa: E402
-from models.deblur.metrics import psnr  # noqa: E402
 from models.deblur.pack_data import ISBI_SOURCE  # noqa: E402
 
 TILE_SIDE = 256
@@ -142,11 +141,11 @@ def score_tile(
         for sigma in sigmas:
             params = blur_params(family, sigma, rng)
             image = render_with_rig_noise(tile, params, rng)
-            row = {"input": psnr(image, tile, peak)}
+            row = {"input": psnr_db(image, tile, peak)}
             if family != "tilted":
                 psf = psf_kernel(params)
-                row["wiener"] = psnr(best_wiener(to_unit_float(image), psf, tile), tile, peak)
-                row["rl"] = psnr(best_rl(to_unit_float(image), psf, tile), tile, peak)
+                row["wiener"] = psnr_db(best_wiener(to_unit_float(image), psf, tile), tile, peak)
+                row["rl"] = psnr_db(best_rl(to_unit_float(image), psf, tile), tile, peak)
             scores[f"{family}@{sigma:g}"] = row
             blurred.append(image)
             assessments.append(assess(image, params))
@@ -156,11 +155,11 @@ def score_tile(
         inputs, [*assessments, assess(noisy, None), assess(tile, None)], rigs=[rig] * len(inputs)
     )
     for key, output in zip(scores, restored[: len(blurred)], strict=True):
-        scores[key]["model"] = psnr(output, tile, peak)
+        scores[key]["model"] = psnr_db(output, tile, peak)
     scores["in_focus"] = {
-        "input": psnr(noisy, tile, peak),
-        "model": psnr(restored[-2], tile, peak),
-        "model_on_acquired": psnr(restored[-1], tile, peak),
+        "input": psnr_db(noisy, tile, peak),
+        "model": psnr_db(restored[-2], tile, peak),
+        "model_on_acquired": psnr_db(restored[-1], tile, peak),
     }
     return scores
 

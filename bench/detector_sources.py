@@ -58,6 +58,7 @@ from appliance.detection.calibration import (  # noqa: E402
 )
 from appliance.detection.detector import PARTIAL_BLUR, BlurDetector, is_judged, verdict_with_reading  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
+from appliance.pixels import centre_crop  # noqa: E402
 from appliance.spectral import SpectralReferenceArrays, WindowSpectra, window_spectra  # noqa: E402
 from appliance.tile_io import read_tile  # noqa: E402
 from bench.detector_eval import auroc, blur_params  # noqa: E402
@@ -92,13 +93,6 @@ class Source:
     tiles: list[tuple[str, np.ndarray]]
     soft: list[tuple[str, np.ndarray]] = field(default_factory=list)
     note: str = ""
-
-
-def centre_crop(tile: np.ndarray, side: int = MAX_SIDE) -> np.ndarray:
-    """Centre crop to at most side x side px."""
-    h, w = tile.shape
-    y, x = max((h - side) // 2, 0), max((w - side) // 2, 0)
-    return np.ascontiguousarray(tile[y : y + side, x : x + side])
 
 
 def grid_crops(tiles: list[tuple[str, np.ndarray]]) -> tuple[list[tuple[str, np.ndarray]], str]:
@@ -139,9 +133,9 @@ def load_sources(corpus: Path) -> list[Source]:
         if len(tiles) < SMALL_SOURCE:
             tiles, note = grid_crops(tiles)
         else:
-            tiles = [(n, centre_crop(t)) for n, t in tiles]
+            tiles = [(n, centre_crop(t, MAX_SIDE)) for n, t in tiles]
             note = f"{len(tiles)} tiles, centre crop <= {MAX_SIDE} px"
-        sources.append(Source(name, tiles, [(n, centre_crop(t)) for n, t in soft], note))
+        sources.append(Source(name, tiles, [(n, centre_crop(t, MAX_SIDE)) for n, t in soft], note))
     return sources
 
 

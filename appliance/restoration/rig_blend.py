@@ -22,6 +22,7 @@ import numpy as np
 
 from appliance.messages import BlurAssessment
 from appliance.noise import patch_noise_sigma
+from appliance.pixels import centre_crop, psnr_db
 from appliance.restoration.restorer import TileRestorer
 from appliance.restoration.rig_wiener import blend, rig_wiener
 from appliance.restoration.wiener import gaussian_psf
@@ -78,19 +79,6 @@ def probe_tile(tile: np.ndarray, kernel: np.ndarray, rng: np.random.Generator) -
     return np.clip(np.rint(noisy * full), 0, full).astype(tile.dtype)
 
 
-def psnr_db(image: np.ndarray, truth: np.ndarray) -> float:
-    """PSNR (dB) of a uint8/uint16 image against the truth, peak = the dtype's full range."""
-    mse = float(np.mean((image.astype(np.float64) - truth.astype(np.float64)) ** 2))
-    full = float(np.iinfo(truth.dtype).max)
-    return math.inf if mse == 0 else 10.0 * math.log10(full * full / mse)
-
-
-def _centre_crop(tile: np.ndarray, side: int) -> np.ndarray:
-    h, w = tile.shape
-    y, x = max((h - side) // 2, 0), max((w - side) // 2, 0)
-    return np.ascontiguousarray(tile[y : y + side, x : x + side])
-
-
 def measure_model_weight(
     restorer: TileRestorer,
     tiles: Sequence[np.ndarray],
@@ -104,7 +92,7 @@ def measure_model_weight(
     rng = np.random.default_rng(seed)
     scores: dict[float, list[float]] = {w: [] for w in MODEL_WEIGHTS}
     for tile in tiles[:MAX_PROBE_TILES]:
-        truth = _centre_crop(np.asarray(tile), PROBE_SIDE_PX)
+        truth = centre_crop(np.asarray(tile), PROBE_SIDE_PX)
         probes, assessments = [], []
         for family, sigma in PROBES:
             angle = float(rng.uniform(0.0, 180.0))

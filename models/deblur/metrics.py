@@ -1,15 +1,10 @@
-"""Image-quality metrics for restoration (numpy in, float out): PSNR and SSIM against a ground truth."""
+"""Image-quality metrics for restoration (numpy in, float out): SSIM against a ground truth (PSNR:
+appliance.pixels.psnr_db, which the runtime's rig blend measurement uses too)."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-
-
-def psnr(image: np.ndarray, truth: np.ndarray, peak: float) -> float:
-    """Peak signal-to-noise ratio in dB; `peak` is the dtype's full scale (255 for uint8)."""
-    mse = float(np.mean((np.asarray(image, np.float64) - np.asarray(truth, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(peak * peak / mse))
 
 
 def ssim(image: np.ndarray, truth: np.ndarray, peak: float) -> float:

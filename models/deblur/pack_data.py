@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.pixels import centre_crop
+
 FORMAT_VERSION = 1
 MAX_BYTES = 14_000_000
 MAX_SIDE = 480
@@ -41,13 +43,6 @@ class PackedImage:
     source: str
     split: str
     pixels: np.ndarray
-
-
-def centre_crop(pixels: np.ndarray, max_side: int) -> np.ndarray:
-    """The central at most max_side x max_side px of a 2-D image (unchanged if already smaller)."""
-    h, w = pixels.shape
-    top, left = max(0, (h - max_side) // 2), max(0, (w - max_side) // 2)
-    return pixels[top : top + max_side, left : left + max_side]
 
 
 def collect_images(data_dir: Path, max_side: int = MAX_SIDE) -> list[PackedImage]:

@@ -10,11 +10,12 @@ import pytest
 from appliance.config import DeblurConfig, DetectorConfig
 from appliance.detection.calibration import calibrate
 from appliance.detection.detector import BlurDetector
+from appliance.pixels import centre_crop
 from appliance.restoration.restorer import TileRestorer
 from appliance.tile_io import read_tile
 from bench.deblur_eval import make_assessor
 from bench.deblur_sources import rig_for_tile, score_source
-from bench.detector_sources import CORPUS, Source, centre_crop
+from bench.detector_sources import CORPUS, Source
 from models.blur_synth import DATA_DIR, FAMILIES
 
 pytestmark = pytest.mark.fast

@@ -25,8 +25,9 @@ from appliance.detection.calibration import (
 from appliance.detection.detector import BlurDetector
 from appliance.detection.online_baseline import OnlineBaseline
 from appliance.messages import BlurAssessment
+from appliance.pixels import centre_crop
 from appliance.tile_io import read_tile
-from bench.detector_sources import CORPUS, centre_crop
+from bench.detector_sources import CORPUS, MAX_SIDE
 from models.blur_synth import DATA_DIR, BlurParams, blur_with_noise
 
 pytestmark = pytest.mark.fast
@@ -171,7 +172,7 @@ def test_version_1_files_load_and_another_bin_layout_is_refused(rig, detector, t
 
 def test_a_tile_of_another_instrument_among_the_rigs_is_named(rig, detector) -> None:
     corpus = CORPUS / "axondeepseg_sem_rat_spinalcord"
-    foreign = centre_crop(read_tile(sorted(p for p in corpus.glob("*.png") if p.name != "contact.png")[0]))
+    foreign = centre_crop(read_tile(sorted(p for p in corpus.glob("*.png") if p.name != "contact.png")[0]), MAX_SIDE)
     names = [f"{i}.png" for i in range(4)] + ["rat_sem.png"]
     with pytest.raises(CalibrationError, match=r"^rat_sem\.png: .*power spectrum agrees.*another instrument"):
         calibrate([*rig[:4], foreign], names, detector)

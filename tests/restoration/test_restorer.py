@@ -11,6 +11,7 @@ import pytest
 
 from appliance.config import DeblurConfig
 from appliance.messages import BlurAssessment
+from appliance.pixels import psnr_db
 from appliance.restoration.restorer import TileRestorer
 from appliance.tile_io import TileError
 from models.blur_synth import BlurParams, load_image, load_split, synthesize
@@ -18,10 +19,6 @@ from models.blur_synth import BlurParams, load_image, load_split, synthesize
 TIER = "fast"  # this module's default tier (tests/conftest.py); tests of the other tier are marked
 
 SIGMA = 2.0
-
-
-def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> float:
-    return float(10 * np.log10(peak**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 def soft(sigma: float = SIGMA) -> BlurAssessment:
@@ -52,7 +49,7 @@ def test_classical_improves_psnr_and_keeps_dtype(
     blurred.flags.writeable = False  # Ray hands tiles over read-only
     (restored,) = classical.restore([blurred], [soft()])
     assert restored.shape == blurred.shape and restored.dtype == blurred.dtype
-    assert psnr(restored, truth, peak) > psnr(blurred, truth, peak) + 1.0
+    assert psnr_db(restored, truth, peak) > psnr_db(blurred, truth, peak) + 1.0
     assert classical.model_version == "classical-wiener-1"
 
 
@@ -91,7 +88,7 @@ def test_model_improves_held_out_tile(learned: TileRestorer, sharp: np.ndarray) 
     blurred = blurred_tile(sharp, np.uint8, seed=3)
     (restored,) = learned.restore([blurred], [soft()])
     # Measured +3.1 dB on this tile; how it compares with Wiener/RL is bench/deblur_eval.py's job.
-    assert psnr(restored, sharp, 255.0) - psnr(blurred, sharp, 255.0) > 1.5
+    assert psnr_db(restored, sharp, 255.0) - psnr_db(blurred, sharp, 255.0) > 1.5
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])

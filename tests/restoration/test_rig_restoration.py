@@ -24,8 +24,9 @@ from appliance.detection.calibration import (
 )
 from appliance.detection.detector import BlurDetector
 from appliance.messages import BlurAssessment
+from appliance.pixels import psnr_db
 from appliance.restoration.restorer import CLASSICAL_VERSION, TileRestorer
-from appliance.restoration.rig_blend import MODEL_WEIGHTS, PROBES, measure_model_weight, probe_kernel, psnr_db
+from appliance.restoration.rig_blend import MODEL_WEIGHTS, PROBES, measure_model_weight, probe_kernel
 from appliance.restoration.rig_wiener import RigRestoration, blend, rig_wiener
 from appliance.tile_io import read_tile
 from appliance.tools.offline import rig_restoration, with_restoration_blend

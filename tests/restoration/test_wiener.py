@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 
 from appliance.noise import image_noise_sigma
+from appliance.pixels import psnr_db
 from appliance.restoration.wiener import auto_nsr, gaussian_psf, wiener_deconvolve
 from bench.deconvolution import richardson_lucy
 from models.blur_synth import BlurParams, apply_blur, load_image, load_split, psf_kernel, synthesize
 
 pytestmark = pytest.mark.fast
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +48,9 @@ def test_wiener_and_rl_with_true_psf_improve_psnr(sharp01: np.ndarray) -> None:
     psf = psf_kernel(params)
     wiener = np.clip(wiener_deconvolve(blurred, psf, auto_nsr(blurred)), 0, 1)
     rl = richardson_lucy(blurred, psf, iterations=15)
-    base = psnr(blurred, sharp01)
-    assert psnr(wiener, sharp01) > base + 1.0
-    assert psnr(rl, sharp01) > base + 1.0
+    base = psnr_db(blurred, sharp01, 1.0)
+    assert psnr_db(wiener, sharp01, 1.0) > base + 1.0
+    assert psnr_db(rl, sharp01, 1.0) > base + 1.0
 
 
 def test_wiener_keeps_mean_intensity(sharp01: np.ndarray) -> None:
