@@ -94,11 +94,18 @@ def polar_bins(fx: np.ndarray, fy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @cache
-def _bin_geometry() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Bin index of every rfft2 coefficient of a WINDOW_PX window, bin counts, mean fx^2, fy^2, fx fy, Hann."""
+def _window_frequencies() -> tuple[np.ndarray, np.ndarray]:
+    """(fx, fy) in cycles/px of every rfft2 coefficient of a WINDOW_PX window, shape (WINDOW_PX, WINDOW_PX//2+1)."""
     fy = np.fft.fftfreq(WINDOW_PX)[:, None]
     fx = np.fft.rfftfreq(WINDOW_PX)[None, :]
-    fy, fx = np.broadcast_arrays(fy, fx)
+    fx, fy = np.broadcast_arrays(fx, fy)
+    return fx, fy
+
+
+@cache
+def _bin_geometry() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bin index of every rfft2 coefficient of a WINDOW_PX window, bin counts, mean fx^2, fy^2, fx fy, Hann."""
+    fx, fy = _window_frequencies()
     r, a = polar_bins(fx, fy)
     index = np.where((r >= 0) & (r < RADIAL_BINS), r * ANGULAR_BINS + a, BINS).ravel()
     count = np.bincount(index, minlength=BINS + 1)[:BINS].astype(np.float64)
@@ -361,10 +368,8 @@ def _disk_log_h2() -> np.ndarray:
     alone |H|^2 dips to a disk's zeros that the bin never shows. Read at the mean frequency, radii of 4-6 px
     came out 0.2-0.4 px off on noise-free fields, and on the em-corpus disks of 6 px read 5.6 (5.9 averaged).
     """
-    index, count, *_ = _bin_geometry()
-    fy = np.fft.fftfreq(WINDOW_PX)[:, None]
-    fx = np.fft.rfftfreq(WINDOW_PX)[None, :]
-    f = np.hypot(*np.broadcast_arrays(fx, fy)).ravel()
+    index, *_ = _bin_geometry()
+    f = np.hypot(*_window_frequencies()).ravel()
     weight = np.maximum(f, 1.0 / WINDOW_PX) ** -_BIN_WEIGHT_SLOPE
     weight_sum = np.bincount(index, weight, BINS + 1)[:BINS]
     h2 = disk_transfer(f[None, :], _DISK_RADII_PX[:, None]) ** 2

@@ -140,15 +140,10 @@ def fixed_blur(family: str, sigma: float, rng: np.random.Generator) -> BlurParam
     return BlurParams(family, sigma, drawn.anisotropy, drawn.angle_deg)  # type: ignore[arg-type]
 
 
-def full_scale(tile: np.ndarray) -> float:
-    """The PSNR peak of a uint8/uint16 tile: its dtype's full range (255 or 65535)."""
-    return float(np.iinfo(tile.dtype).max)
-
-
 def best_wiener(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Wiener output (truth's dtype) with the noise-to-signal ratio that is best against the truth."""
     candidates = [quantize(np.clip(wiener_deconvolve(blurred01, psf, n), 0, 1), truth.dtype) for n in WIENER_NSR]
-    return max(candidates, key=lambda c: psnr_db(c, truth, full_scale(truth)))
+    return max(candidates, key=lambda c: psnr_db(c, truth))
 
 
 def best_rl(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -158,7 +153,7 @@ def best_rl(blurred01: np.ndarray, psf: np.ndarray, truth: np.ndarray) -> np.nda
         estimate = richardson_lucy(blurred01, psf, n - done, initial=estimate)
         done = n
         candidates.append(quantize(np.clip(estimate, 0, 1), truth.dtype))
-    return max(candidates, key=lambda c: psnr_db(c, truth, full_scale(truth)))
+    return max(candidates, key=lambda c: psnr_db(c, truth))
 
 
 def restore_cell(

@@ -73,7 +73,6 @@ from bench.deblur_eval import (  # noqa: E402
     Assessor,
     best_rl,
     best_wiener,
-    full_scale,
     make_assessor,
 )
 from bench.detector_eval import blur_params  # noqa: E402
@@ -134,18 +133,17 @@ def score_tile(
     """PSNR (dB on the tile's dtype range, vs the tile as acquired) per cell `family@sigma` and method, for
     one sharp uint8/uint16 tile (H, W); plus the `in_focus` row (module docstring, point 3). rig: restore as
     that calibrated rig does (`--calibrated`), None: the model alone."""
-    peak = full_scale(tile)
     scores: dict[str, dict[str, float]] = {}
     blurred, assessments = [], []
     for family in FAMILIES:
         for sigma in sigmas:
             params = blur_params(family, sigma, rng)
             image = render_with_rig_noise(tile, params, rng)
-            row = {"input": psnr_db(image, tile, peak)}
+            row = {"input": psnr_db(image, tile)}
             if family != "tilted":
                 psf = psf_kernel(params)
-                row["wiener"] = psnr_db(best_wiener(to_unit_float(image), psf, tile), tile, peak)
-                row["rl"] = psnr_db(best_rl(to_unit_float(image), psf, tile), tile, peak)
+                row["wiener"] = psnr_db(best_wiener(to_unit_float(image), psf, tile), tile)
+                row["rl"] = psnr_db(best_rl(to_unit_float(image), psf, tile), tile)
             scores[f"{family}@{sigma:g}"] = row
             blurred.append(image)
             assessments.append(assess(image, params))
@@ -155,11 +153,11 @@ def score_tile(
         inputs, [*assessments, assess(noisy, None), assess(tile, None)], rigs=[rig] * len(inputs)
     )
     for key, output in zip(scores, restored[: len(blurred)], strict=True):
-        scores[key]["model"] = psnr_db(output, tile, peak)
+        scores[key]["model"] = psnr_db(output, tile)
     scores["in_focus"] = {
-        "input": psnr_db(noisy, tile, peak),
-        "model": psnr_db(restored[-2], tile, peak),
-        "model_on_acquired": psnr_db(restored[-1], tile, peak),
+        "input": psnr_db(noisy, tile),
+        "model": psnr_db(restored[-2], tile),
+        "model_on_acquired": psnr_db(restored[-1], tile),
     }
     return scores
 
