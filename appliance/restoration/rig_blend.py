@@ -1,9 +1,9 @@
 """How much of a restored tile should be the learned model's and how much the rig Wiener's, on this rig.
 
 Measured once, at calibration, on the rig's own known-good tiles: each is blurred by a fixed set of probe
-PSFs (Gaussian, disk and astigmatic at sigma 1.5 and 3 px, with the tile's own noise level added once
-more), restored by the deblur model and by the rig Wiener (appliance.restoration.rig_wiener), and every
-weight of MODEL_WEIGHTS is scored by its mean PSNR against the tile as acquired. The best weight is kept in
+blurs (Gaussian, disk, astigmatic and tilted at sigma 1.5 and 3 px, with the tile's own noise level added
+once more), restored by the deblur model and by the rig Wiener (appliance.restoration.rig_wiener), and
+every weight of MODEL_WEIGHTS is scored by its mean PSNR against the tile as acquired. The best weight is kept in
 the calibration file. On the em-corpus (bench/deblur_sources.py --calibrated, 2026-11-27) the weight was 0
 (the Wiener alone) to 0.75 depending on the source and the model (bundled: 0 on the rat SEM, 0.75 on SBEM;
 leave-one-source-out folds: 0 on ISBI, 0.25-0.5 elsewhere), so no one weight fits all rigs. Nothing here
@@ -29,7 +29,11 @@ from appliance.restoration.wiener import gaussian_psf
 from appliance.spectral import SpectralReferenceArrays
 
 MODEL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# (family, sigma px): the families whose PSF the oracle knows, at a mild and a strong restorable blur.
+# (family, sigma px): every family the detector's blur covers, at a mild and a strong restorable blur. Tilted
+# blur (a non-flat field of view) has no single PSF: the rig Wiener restores it as one mean PSF and the model
+# does better there. Without tilted probes the measured share followed the other three alone, and when a
+# better disk reading moved it towards the Wiener, tilted tiles lost 0.1-0.4 dB on five em-corpus sources
+# (bench/deblur_sources.py --calibrated, 2026-11-27).
 PROBES: tuple[tuple[str, float], ...] = (
     ("gaussian", 1.5),
     ("gaussian", 3.0),
@@ -37,11 +41,14 @@ PROBES: tuple[tuple[str, float], ...] = (
     ("disk", 3.0),
     ("astigmatic", 1.5),
     ("astigmatic", 3.0),
+    ("tilted", 1.5),
+    ("tilted", 3.0),
 )
 PROBE_ANISOTROPY = 2.0
 PROBE_SIDE_PX = 512  # centre crop of each known-good tile: the weight, not the tile size, is measured
-MAX_PROBE_TILES = 8  # a 20-tile calibration probes its first 8: 48 restorations bound the command's time
+MAX_PROBE_TILES = 8  # a 20-tile calibration probes its first 8: 64 restorations bound the command's time
 _DISK_SUPERSAMPLE = 8
+_TILTED_LEVELS = 8  # uniformly blurred copies blended per pixel to render a tilted probe
 
 
 @dataclass(frozen=True)
@@ -68,13 +75,35 @@ def probe_kernel(family: str, sigma_px: float, angle_deg: float) -> np.ndarray:
     return gaussian_psf(sigma_px, anisotropy, angle_deg)
 
 
-def probe_tile(tile: np.ndarray, kernel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A known-good uint8/uint16 tile blurred by `kernel`, plus Gaussian noise at its own (Immerkaer) level,
-    re-quantised: what the rig would acquire out of focus."""
+def _filtered(unit: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    return cv2.filter2D(unit, cv2.CV_32F, kernel, borderType=cv2.BORDER_REFLECT_101)
+
+
+def probe_blur(unit: np.ndarray, family: str, sigma_px: float, angle_deg: float) -> np.ndarray:
+    """A float32 image blurred by a probe: `tilted` grows from sigma 0 at one edge to sigma_px at the far one
+    along angle_deg (Gaussian-blurred copies blended per pixel), the others by probe_kernel."""
+    if family != "tilted":
+        return _filtered(unit, probe_kernel(family, sigma_px, angle_deg))
+    theta = math.radians(angle_deg)
+    ys, xs = np.mgrid[0 : unit.shape[0], 0 : unit.shape[1]].astype(np.float32)
+    along = math.cos(theta) * xs + math.sin(theta) * ys
+    position = (along - along.min()) / max(float(along.max() - along.min()), 1e-6) * (_TILTED_LEVELS - 1)
+    out = np.zeros_like(unit)
+    for k, sigma in enumerate(np.linspace(0.0, sigma_px, _TILTED_LEVELS)):
+        weight = np.clip(1.0 - np.abs(position - k), 0.0, 1.0)
+        out += weight * (unit if sigma == 0 else _filtered(unit, gaussian_psf(float(sigma))))
+    return out
+
+
+def probe_tile(
+    tile: np.ndarray, family: str, sigma_px: float, angle_deg: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A known-good uint8/uint16 tile blurred by a probe (probe_blur), plus Gaussian noise at its own
+    (Immerkaer) level, re-quantised: what the rig would acquire out of focus."""
     full = float(np.iinfo(tile.dtype).max)
     unit = tile.astype(np.float32) / full
     noise = float(patch_noise_sigma(unit[None])[0])
-    blurred = cv2.filter2D(unit, cv2.CV_32F, kernel, borderType=cv2.BORDER_REFLECT_101)
+    blurred = probe_blur(unit, family, sigma_px, angle_deg)
     noisy = blurred + rng.normal(0.0, noise, size=unit.shape).astype(np.float32)
     return np.clip(np.rint(noisy * full), 0, full).astype(tile.dtype)
 
@@ -96,7 +125,7 @@ def measure_model_weight(
         probes, assessments = [], []
         for family, sigma in PROBES:
             angle = float(rng.uniform(0.0, 180.0))
-            probes.append(probe_tile(truth, probe_kernel(family, sigma, angle), rng))
+            probes.append(probe_tile(truth, family, sigma, angle, rng))
             anisotropy = PROBE_ANISOTROPY if family == "astigmatic" else 1.0
             assessments.append(BlurAssessment(0.5, "soft", sigma, anisotropy, angle))
         wieners = [rig_wiener(p, reference, own_noise_power) for p in probes]
