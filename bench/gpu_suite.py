@@ -19,6 +19,10 @@ In one process and one Ray cluster, on real-EM mosaics of MultiSEM size (bench/r
    The appliance serves 4 microscopes throughout; rows 4. use the first, the others idle;
 6. on a GPU, last (their compile time must not cost the rows above): fp16 with torch.compile, default
    mode and max-autotune-no-cudagraphs; the first call's time includes the compile.
+--calibrated runs everything as a calibrated rig: `calibrate` on CALIBRATION_TILES of the sharp tiles (the
+restoration blend measured with the rig's deblur model), `detector.calibration` set, so the detector reads
+each tile's spectrum against the rig's and soft tiles are blended with the rig Wiener (docs/calibration.md).
+--pipeline-only skips phases 3 and 6 (the bare deblur loop and the compile), to spend the budget on the rig.
 Writes `suite.json` and `suite.md` (the table) into --out; tiles go to a scratch directory that is
 deleted afterwards. Each phase checks the budget and records what it skipped.
 """
@@ -56,6 +60,7 @@ GPU_CONFIG = REPO_ROOT / "bench" / "rig-gpu.yaml"
 SOFT_SIGMA_PX = 1.5
 MULTISCOPE_ROWS = (2, 4)  # microscopes streaming at once; the appliance serves max(MULTISCOPE_ROWS)
 MULTISCOPE_TILES = 150  # per microscope (x --scale): ~6 s at 25.4/s
+CALIBRATION_TILES = 5  # the fewest `calibrate` takes: what a facility would do first
 
 
 class Budget:
@@ -368,6 +373,13 @@ def markdown(result: dict[str, Any]) -> str:
         "| what | tiles/s | detail |",
         "|---|---|---|",
     ]
+    cal = result.get("calibration")
+    if cal:
+        lines.append(
+            f"| calibrated rig: `calibrate` on {len(cal['tiles'])} sharp tiles | | baseline "
+            f"{cal['baseline_sigma_px']:.2f} px, spectral reference {cal['spectral_reference']}, model share "
+            f"{cal['model_share']}, {cal['seconds']:.0f} s |"
+        )
     for det in (result.get("bare_detector", {}), result.get("bare_detector_1_thread", {})):
         for key in ("batch_1", "batch_4", "batch_8"):
             if key in det:
@@ -406,6 +418,10 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| pipeline: {row['row']} | - | {row['skipped']} |")
         elif "error" in row:
             lines.append(f"| pipeline: {row['row']} | - | {row['error']} |")
+    versions = result.get("restored_by_version")
+    if versions:
+        listed = ", ".join(f"{count} by {version}" for version, count in sorted(versions.items()))
+        lines.append(f"| restored tiles, by deblur version (QC records) | | {listed} |")
     for name, value in result.get("ratios", {}).items():
         lines.append(f"| {name} | {value:.2f} | |")
     return "\n".join(lines) + "\n"
@@ -433,6 +449,45 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
     return ratio
 
 
+def restorations_by_version(work_dir: Path) -> dict[str, int]:
+    """How many restored tiles each deblur version wrote (the QC records under work_dir): on a calibrated rig
+    the rig Wiener's blend shows as `+rig-wiener-<share>`."""
+    from appliance.qc_record import QC_FILENAME, QcTileRecord, read_qc_lines
+
+    counts: dict[str, int] = {}
+    for path in sorted(work_dir.rglob(QC_FILENAME)):
+        for record in read_qc_lines(path):
+            if isinstance(record, QcTileRecord) and record.deblur_version:
+                counts[record.deblur_version] = counts.get(record.deblur_version, 0) + 1
+    return counts
+
+
+def calibrated_config(
+    cfg: RigConfig, sharp_pool: list[tuple[str, np.ndarray]], work_dir: Path
+) -> tuple[RigConfig, dict[str, Any]]:
+    """`cfg` with a rig calibration made from the first CALIBRATION_TILES sharp tiles (written into work_dir),
+    and what the calibration holds (baseline, the restoration blend's model share, its time)."""
+    from appliance.detection.calibration import calibrate, save_calibration
+    from appliance.detection.detector import BlurDetector
+    from appliance.tools.offline import with_restoration_blend
+
+    start = time.monotonic()
+    names, tiles = zip(*sharp_pool[:CALIBRATION_TILES], strict=True)
+    calibration = calibrate(list(tiles), list(names), BlurDetector.from_config(cfg.detector))
+    calibration = with_restoration_blend(calibration, list(tiles), TileRestorer.from_config(cfg.deblur))
+    path = work_dir / "calibration.json"
+    save_calibration(calibration, path)
+    blend = calibration.restoration_inputs()
+    summary = {
+        "tiles": list(names),
+        "baseline_sigma_px": calibration.baseline_sigma_px,
+        "spectral_reference": calibration.spectral_arrays() is not None,
+        "model_share": None if blend is None else blend[1],
+        "seconds": time.monotonic() - start,
+    }
+    return cfg.model_copy(update={"detector": cfg.detector.model_copy(update={"calibration": path})}), summary
+
+
 @app.command()
 def main(
     out: Annotated[Path, typer.Option(help="Folder for suite.json and suite.md (created).")],
@@ -442,6 +497,8 @@ def main(
     side: Annotated[int, typer.Option(min=64, help="Tile side (px).")] = 2400,
     scale: Annotated[float, typer.Option(min=0.01, max=10, help="Scale of the pipeline rows' tile counts.")] = 1.0,
     work_dir: Annotated[Path | None, typer.Option(help="Scratch for written tiles (default: a temp dir).")] = None,
+    calibrated: Annotated[bool, typer.Option(help="Run as a calibrated rig (module docstring).")] = False,
+    pipeline_only: Annotated[bool, typer.Option(help="Skip the bare deblur loop and the compile.")] = False,
 ) -> None:
     """Run every phase within the budget; print the table; write suite.json and suite.md."""
     if device not in ("cuda", "cpu"):
@@ -463,6 +520,11 @@ def main(
         mix_pool = multisem_tiles(16, side, "uint8", 16, 16)
         soft_pool = multisem_tiles(8, side, "uint8", 1, 0)  # every tile soft (Gaussian 1.5 px)
         result["tile"] = f"{side}x{side} uint8 ({sharp_pool[0][1].nbytes / 1e6:.2f} MB)"
+        if calibrated:
+            print(f"[{budget.left_s():.0f} s left] calibrate", flush=True)
+            cfg, result["calibration"] = calibrated_config(cfg, sharp_pool, scratch)
+            result["config"] = cfg.model_dump(mode="json")
+            save()
         print(f"[{budget.left_s():.0f} s left] bare detector", flush=True)
         detector_tiles = [p for _, p in sharp_pool + mix_pool]
         result["bare_detector"] = bare_detector(cfg, detector_tiles, max_s=10)
@@ -472,19 +534,21 @@ def main(
                 cfg.model_copy(update={"detector": one}), detector_tiles, 10
             )
         save()
-        print(f"[{budget.left_s():.0f} s left] bare deblur", flush=True)
         soft = soft_tiles([p for _, p in sharp_pool], 8)
         deblur_s = 8 if device == "cuda" else 30
-        reference, reference_speed = onnx_cpu_reference(soft)
-        variants: dict[str, dict[str, Any]] = {}
-        result["bare_deblur"] = {"onnx_cpu_reference": reference_speed, "variants": variants}
-        time_variants(cfg, soft, reference, deblur_variants(device), budget, deblur_s, variants, save)
-        result["bare_deblur"]["auto_choice"] = TileRestorer.from_config(cfg.deblur).backend
-        save()
+        if not pipeline_only:
+            print(f"[{budget.left_s():.0f} s left] bare deblur", flush=True)
+            reference, reference_speed = onnx_cpu_reference(soft)
+            variants: dict[str, dict[str, Any]] = {}
+            result["bare_deblur"] = {"onnx_cpu_reference": reference_speed, "variants": variants}
+            time_variants(cfg, soft, reference, deblur_variants(device), budget, deblur_s, variants, save)
+            result["bare_deblur"]["auto_choice"] = TileRestorer.from_config(cfg.deblur).backend
+            save()
         print(f"[{budget.left_s():.0f} s left] pipeline", flush=True)
         result["pipeline"] = pipeline_rows(cfg, sharp_pool, mix_pool, soft_pool, scale, budget)
+        result["restored_by_version"] = restorations_by_version(scratch)
         save()
-        if device == "cuda":  # last: its compile time must not cost the pipeline rows
+        if device == "cuda" and not pipeline_only:  # last: its compile time must not cost the pipeline rows
             print(f"[{budget.left_s():.0f} s left] torch.compile variant", flush=True)
             compile_budget = Budget(budget.left_s() - 60)
             time_variants(cfg, soft, reference, compiled_variants(), compile_budget, deblur_s, variants, save)

@@ -1,10 +1,11 @@
 """Seconds per 2400 x 2400 tile of the rig Wiener (appliance/restoration/rig_wiener.py) on this CPU.
 
-    python bench/rig_wiener_speed.py [--repeats 7] [--side 2400]
+    python bench/rig_wiener_speed.py [--repeats 7] [--side 2400] [--family gaussian|disk]
 
 The rig: ISBI 2012 slices 22-26 (their spectrum and noise, as `calibrate` records them); the tile: slice 27
-tiled up to the side and blurred by a Gaussian of sigma 2 px, as a soft MultiSEM-sized tile. numpy's FFT runs
-on one thread, so this is the cost on one core of the deblur replica's CPU, per soft tile of a calibrated rig.
+tiled up to the side and blurred by a Gaussian (or a disk) of sigma 2 px, as a soft MultiSEM-sized tile.
+numpy's FFT runs on one thread, so this is the cost on one core of the deblur replica's CPU, per soft tile of a
+calibrated rig.
 """
 
 from __future__ import annotations
@@ -25,20 +26,24 @@ from appliance import spectral  # noqa: E402
 from appliance.detection.calibration import noise_level  # noqa: E402
 from appliance.restoration.rig_wiener import rig_wiener  # noqa: E402
 from appliance.tile_io import read_tile  # noqa: E402
-from models.blur_synth import DATA_DIR  # noqa: E402
+from models.blur_synth import DATA_DIR, BlurParams, psf_kernel  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--side", type=int, default=2400)
+    parser.add_argument("--family", choices=("gaussian", "disk"), default="gaussian", help="the blur (sigma 2 px)")
     args = parser.parse_args()
     rig = [read_tile(DATA_DIR / f"{i}.png") for i in range(22, 27)]
     reference = spectral.reference_log_power([s for s in map(spectral.window_spectra, rig) if s is not None])
     own_noise = float(np.median([noise_level(t) for t in rig])) ** 2
     slice_27 = read_tile(DATA_DIR / "27.png")
     reps = -(-args.side // slice_27.shape[0])
-    tile = cv2.GaussianBlur(np.tile(slice_27, (reps, reps))[: args.side, : args.side], (0, 0), 2.0)
+    sharp = np.tile(slice_27, (reps, reps))[: args.side, : args.side]
+    tile = cv2.filter2D(sharp, -1, psf_kernel(BlurParams(args.family, 2.0)).astype(np.float32))
+    spectra = spectral.window_spectra(tile)
+    psf = None if spectra is None else spectral.fit_added_psf(spectra, *reference)
     rig_wiener(tile, reference, own_noise)  # first call: caches and allocations
     seconds = []
     for _ in range(args.repeats):
@@ -46,7 +51,7 @@ def main() -> None:
         rig_wiener(tile, reference, own_noise)
         seconds.append(time.perf_counter() - started)
     result = {
-        "tile": f"{args.side}x{args.side} uint8",
+        "tile": f"{args.side}x{args.side} uint8, {args.family} sigma 2 px, read as {psf and psf.kind}",
         "best_s": round(min(seconds), 3),
         "median_s": round(float(np.median(seconds)), 3),
         "repeats": args.repeats,
