@@ -343,8 +343,8 @@ _DISK_RADII_PX = np.round(np.arange(0.5, DISK_MAX_RADIUS_PX + 1e-9, 0.1), 1)
 _BESSEL_NODES = (np.arange(64) + 0.5) * math.pi / 64
 # 2 J1(x) / x tabulated up to x = 2 pi R |f| for the largest disk at the grid's corner (7 px x 0.71 cycles/px
 # = 31.1) and read by linear interpolation (error < 1e-6 at this spacing). Evaluated directly, the Bessel
-# integral over a 2400 px tile's padded grid took 4 s of the rig Wiener's 4.4 s for a disk (0.4 s for a
-# Gaussian), on this 2-core CPU (2026-11-27).
+# integral over a 2400 px tile's padded grid made the rig Wiener of a disk take 4.5 s against 0.4 s for a
+# Gaussian, on this 2-core CPU (bench/rig_wiener_speed.py --family disk, 2026-11-27).
 _AIRY_X_MAX = 40.0
 _AIRY_STEP = 1.0 / 256
 

@@ -3,12 +3,13 @@
 Measured once, at calibration, on the rig's own known-good tiles: each is blurred by a fixed set of probe
 blurs (Gaussian, disk, astigmatic and tilted at sigma 1.5 and 3 px, with the tile's own noise level added
 once more), restored by the deblur model and by the rig Wiener (appliance.restoration.rig_wiener), and
-every weight of MODEL_WEIGHTS is scored by its mean PSNR against the tile as acquired. The best weight is kept in
-the calibration file. On the em-corpus (bench/deblur_sources.py --calibrated, 2026-11-27) the weight was 0
-(the Wiener alone) to 0.75 depending on the source and the model (bundled: 0 on the rat SEM, 0.75 on SBEM;
-leave-one-source-out folds: 0 on ISBI, 0.25-0.5 elsewhere), so no one weight fits all rigs. Nothing here
-is learned from other instruments; the probes' blur and noise draws are seeded, so a calibration of the
-same tiles gives the same weight.
+every weight of MODEL_WEIGHTS is scored by its mean PSNR against the tile as acquired. The best weight is
+kept in the calibration file. On the em-corpus (bench/deblur_sources.py --calibrated, 2026-11-27) it was
+0.25 or 0.5 depending on the source and the model (bundled: 0.25 on four sources, 0.25-0.5 on neubias, 0.5
+on SBEM and ISBI; leave-one-source-out folds: 0.25 on the rat SEM and ISBI, 0.25-0.5 on MICrONS, 0.5 on the
+others; 0 to 0.75 before the tilted probes), so no one weight fits all rigs. Nothing here is learned from
+other instruments; the probes' blur and noise draws are seeded, so a calibration of the same tiles gives
+the same weight.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ MODEL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # (family, sigma px): every family the detector's blur covers, at a mild and a strong restorable blur. Tilted
 # blur (a non-flat field of view) has no single PSF: the rig Wiener restores it as one mean PSF and the model
 # does better there. Without tilted probes the measured share followed the other three alone, and when a
-# better disk reading moved it towards the Wiener, tilted tiles lost 0.1-0.4 dB on five em-corpus sources
+# better disk reading moved it towards the Wiener, tilted tiles lost 0.1-0.4 dB on four em-corpus sources
 # (bench/deblur_sources.py --calibrated, 2026-11-27).
 PROBES: tuple[tuple[str, float], ...] = (
     ("gaussian", 1.5),
