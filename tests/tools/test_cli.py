@@ -15,6 +15,7 @@ import tifffile
 from typer.testing import CliRunner
 
 from appliance.detection.calibration import load_calibration
+from appliance.restoration.rig_blend import PROBES
 from appliance.tile_io import read_tile
 from appliance.tools.cli import app
 from appliance.tools.demo import SAMPLE_DIR
@@ -111,7 +112,7 @@ def test_calibrate_writes_a_calibration_that_score_and_deblur_apply(tmp_path: Pa
     assert saved.pixel_size_nm == 4.0 and "pixel size 4 nm" in result.stdout
     assert f"detector.calibration: {calibration.resolve()}" in result.stdout
     # The restoration blend was measured with the bundled deblur model on the same tiles, and deblur applies it.
-    assert saved.restoration is not None and saved.restoration.probes == 6 * 6
+    assert saved.restoration is not None and saved.restoration.probes == len(known_good) * len(PROBES)
     assert f"deblur model {saved.restoration.deblur_model}" in result.stdout
     soft = SAMPLE_DIR / "soft_gaussian_s1.5.png"
     scored = run_cli("score", str(soft), "--json", "--calibration", str(calibration))
