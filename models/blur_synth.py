@@ -39,6 +39,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from appliance.pixels import tilted_blur
+
 BlurFamily = Literal["gaussian", "disk", "astigmatic", "tilted"]
 FAMILIES: tuple[str, ...] = ("gaussian", "disk", "astigmatic", "tilted")
 
@@ -126,17 +128,6 @@ def _convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return cv2.filter2D(image, cv2.CV_32F, kernel.astype(np.float32), borderType=cv2.BORDER_REFLECT_101)
 
 
-def tilted_sigma_map(shape: tuple[int, int], sigma_px: float, angle_deg: float) -> np.ndarray:
-    """Per-pixel blur sigma (px) of a tilted blur: 0 at the sharp edge/corner, sigma_px at the far one."""
-    h, w = shape
-    theta = math.radians(angle_deg)
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    proj = math.cos(theta) * xs + math.sin(theta) * ys
-    corners = [math.cos(theta) * x + math.sin(theta) * y for x in (0, w - 1) for y in (0, h - 1)]
-    lo, hi = min(corners), max(corners)
-    return (np.clip((proj - lo) / max(hi - lo, 1e-6), 0.0, 1.0) * sigma_px).astype(np.float32)
-
-
 def apply_blur(image: np.ndarray, params: BlurParams) -> np.ndarray:
     """Blur a float32 image in [0, 1] (H, W); returns float32 (H, W), reflect-padded at the borders."""
     image = np.asarray(image, dtype=np.float32)
@@ -144,18 +135,13 @@ def apply_blur(image: np.ndarray, params: BlurParams) -> np.ndarray:
         raise ValueError(f"apply_blur: expected a 2-D image, got shape {image.shape}")
     if params.family != "tilted":
         return _convolve(image, psf_kernel(params))
-    sigma_map = tilted_sigma_map(image.shape, params.sigma_px, params.angle_deg)
-    levels = np.linspace(0.0, params.sigma_px, _TILTED_LEVELS)
-    step = levels[1] - levels[0] if params.sigma_px > 0 else 1.0
-    position = sigma_map / step  # fractional index into the stack of blurred copies
-    out = np.zeros_like(image)
-    for k, level in enumerate(levels):
-        weight = np.clip(1.0 - np.abs(position - k), 0.0, 1.0)
-        if not weight.any():
-            continue
-        blurred = _convolve(image, psf_kernel(BlurParams("gaussian", float(level))))
-        out += weight * blurred
-    return out
+    return tilted_blur(
+        image,
+        params.sigma_px,
+        params.angle_deg,
+        _TILTED_LEVELS,
+        lambda unit, sigma: _convolve(unit, psf_kernel(BlurParams("gaussian", sigma))),
+    )
 
 
 def add_sem_noise(

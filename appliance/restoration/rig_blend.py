@@ -23,7 +23,7 @@ import numpy as np
 
 from appliance.messages import BlurAssessment
 from appliance.noise import patch_noise_sigma
-from appliance.pixels import centre_crop, psnr_db
+from appliance.pixels import centre_crop, psnr_db, tilted_blur
 from appliance.restoration.restorer import TileRestorer
 from appliance.restoration.rig_wiener import blend, rig_wiener
 from appliance.restoration.wiener import gaussian_psf
@@ -80,20 +80,16 @@ def _filtered(unit: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return cv2.filter2D(unit, cv2.CV_32F, kernel, borderType=cv2.BORDER_REFLECT_101)
 
 
+def _gaussian_at(unit: np.ndarray, sigma_px: float) -> np.ndarray:
+    return unit if sigma_px == 0 else _filtered(unit, gaussian_psf(sigma_px))
+
+
 def probe_blur(unit: np.ndarray, family: str, sigma_px: float, angle_deg: float) -> np.ndarray:
     """A float32 image blurred by a probe: `tilted` grows from sigma 0 at one edge to sigma_px at the far one
     along angle_deg (Gaussian-blurred copies blended per pixel), the others by probe_kernel."""
     if family != "tilted":
         return _filtered(unit, probe_kernel(family, sigma_px, angle_deg))
-    theta = math.radians(angle_deg)
-    ys, xs = np.mgrid[0 : unit.shape[0], 0 : unit.shape[1]].astype(np.float32)
-    along = math.cos(theta) * xs + math.sin(theta) * ys
-    position = (along - along.min()) / max(float(along.max() - along.min()), 1e-6) * (_TILTED_LEVELS - 1)
-    out = np.zeros_like(unit)
-    for k, sigma in enumerate(np.linspace(0.0, sigma_px, _TILTED_LEVELS)):
-        weight = np.clip(1.0 - np.abs(position - k), 0.0, 1.0)
-        out += weight * (unit if sigma == 0 else _filtered(unit, gaussian_psf(float(sigma))))
-    return out
+    return tilted_blur(unit, sigma_px, angle_deg, _TILTED_LEVELS, _gaussian_at)
 
 
 def probe_tile(

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from appliance.detection.patches import PATCH
+from appliance.pixels import tilted_sigma_map
 from models.blur_synth import (
     BlurParams,
     load_image,
@@ -24,7 +25,6 @@ from models.blur_synth import (
     quantize,
     sample_blur,
     synthesize,
-    tilted_sigma_map,
     to_unit_float,
 )
 from models.content_synth import random_content

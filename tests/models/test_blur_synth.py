@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from appliance.pixels import tilted_sigma_map
 from models.blur_synth import (
     FAMILIES,
     BlurParams,
@@ -16,7 +17,6 @@ from models.blur_synth import (
     quantize,
     sample_blur,
     synthesize,
-    tilted_sigma_map,
     to_unit_float,
 )
 
