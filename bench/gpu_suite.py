@@ -477,12 +477,11 @@ def calibrated_config(
     calibration = with_restoration_blend(calibration, list(tiles), TileRestorer.from_config(cfg.deblur))
     path = work_dir / "calibration.json"
     save_calibration(calibration, path)
-    blend = calibration.restoration_inputs()
     summary = {
         "tiles": list(names),
         "baseline_sigma_px": calibration.baseline_sigma_px,
         "spectral_reference": calibration.spectral_arrays() is not None,
-        "model_share": None if blend is None else blend[1],
+        "model_share": None if calibration.restoration is None else calibration.restoration.model_weight,
         "seconds": time.monotonic() - start,
     }
     return cfg.model_copy(update={"detector": cfg.detector.model_copy(update={"calibration": path})}), summary
