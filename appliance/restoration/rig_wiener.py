@@ -17,7 +17,9 @@ tiles (appliance.restoration.rig_blend). Nothing here is learned from other inst
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -55,12 +57,29 @@ class RigRestoration:
 
 def rig_signal_power(shape: tuple[int, int], reference: SpectralReferenceArrays) -> np.ndarray:
     """The rig's in-focus signal power (unit grey^2 per frequency, as spectral bins it) on the rfft2 grid of
-    `shape`.
+    `shape` (float32, read-only: shared by every tile of that shape and reference).
 
     Bins the reference cannot vouch for (too few known-good tiles with signal there) take their ring's mean;
     rings with none, and frequencies outside F_MIN..F_MAX, a power law fitted to the ring means (natural
     images fall off as a power of |f|).
     """
+    log_power, usable = reference
+    digest = hashlib.blake2b(np.ascontiguousarray(log_power).tobytes(), digest_size=16)
+    digest.update(np.ascontiguousarray(usable).tobytes())
+    return _rig_signal_power(tuple(shape), digest.hexdigest(), reference)
+
+
+# A rig's tiles share one shape and one reference; building this grid took 0.08 of the 0.40 s per 2400 px tile.
+_SIGNAL_CACHE: dict[tuple[tuple[int, ...], str], np.ndarray] = {}
+_SIGNAL_CACHE_SIZE = 2
+_SIGNAL_LOCK = threading.Lock()
+
+
+def _rig_signal_power(shape: tuple[int, ...], key: str, reference: SpectralReferenceArrays) -> np.ndarray:
+    with _SIGNAL_LOCK:
+        cached = _SIGNAL_CACHE.get((shape, key))
+    if cached is not None:
+        return cached
     log_power, usable = reference
     grid = np.where(usable, log_power, np.nan).reshape(spectral.RADIAL_BINS, spectral.ANGULAR_BINS)
     has = np.isfinite(grid).any(axis=1)
@@ -78,10 +97,16 @@ def rig_signal_power(shape: tuple[int, int], reference: SpectralReferenceArrays)
     filled = np.where(has, rings, intercept + slope * np.log(centres))
     grid = np.where(np.isfinite(grid), grid, filled[:, None])
 
-    bin_index, log_radius = _polar_grid(shape)
+    bin_index, log_radius = _polar_grid((shape[0], shape[1]))
     inside = bin_index >= 0
     log_s = np.where(inside, grid.ravel()[np.maximum(bin_index, 0)], intercept + slope * log_radius)
-    return np.exp(log_s)
+    power = np.exp(log_s).astype(np.float32)
+    power.flags.writeable = False
+    with _SIGNAL_LOCK:
+        if len(_SIGNAL_CACHE) >= _SIGNAL_CACHE_SIZE:
+            _SIGNAL_CACHE.pop(next(iter(_SIGNAL_CACHE)))
+        _SIGNAL_CACHE[(shape, key)] = power
+    return power
 
 
 @lru_cache(maxsize=2)
@@ -93,12 +118,22 @@ def _polar_grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     fy = np.fft.fftfreq(shape[0])[:, None]
     fx = np.fft.rfftfreq(shape[1])[None, :]
     fy, fx = np.broadcast_arrays(fy, fx)
-    r, a = spectral.polar_bins(fx, fy)
+    r, a = spectral.polar_bins(fx, fy)  # float64, as spectral bins a window: float32 moves bin edges
     inside = (r >= 0) & (r < spectral.RADIAL_BINS)
     bin_index = np.where(inside, r * spectral.ANGULAR_BINS + a, -1).astype(np.int16)
     log_radius = np.log(np.maximum(np.hypot(fx, fy), 1.0 / max(shape))).astype(np.float32)
     bin_index.flags.writeable = log_radius.flags.writeable = False  # shared by every call of that shape
     return bin_index, log_radius
+
+
+@lru_cache(maxsize=2)
+def _frequency_grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(fy, fx) in cycles/px on the rfft2 grid of `shape`, float32, full arrays (read-only, shared)."""
+    fy = np.fft.fftfreq(shape[0]).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(shape[1]).astype(np.float32)[None, :]
+    fy, fx = (np.ascontiguousarray(g) for g in np.broadcast_arrays(fy, fx))
+    fy.flags.writeable = fx.flags.writeable = False
+    return fy, fx
 
 
 def rig_wiener(
@@ -113,6 +148,7 @@ def rig_wiener(
     anyway then keeps its texture; on the em-corpus in-focus tiles gained 0.1-0.6 dB more on 6 of 8
     sources, blurred ones lost at most 0.1 dB; prototype, 2026-11-27). The signal spectrum also follows the
     fit where the tile is sharper than the rig's typical one (AddedPsf.sharper_px2, bounded).
+    numpy's FFT releases the GIL: `rig_wiener_batch` runs tiles on threads.
     """
     pixels = np.asarray(pixels)
     spectra = spectral.window_spectra(pixels)
@@ -128,17 +164,26 @@ def rig_wiener(
     (h, w), extra = unit.shape, []
     for side, pad in ((h, pad_y), (w, pad_x)):
         extra.append(min(cv2.getOptimalDFTSize(side + 2 * pad) - side - 2 * pad, side - 1 - pad))
-    padded = cv2.copyMakeBorder(unit, pad_y, pad_y + extra[0], pad_x, pad_x + extra[1], cv2.BORDER_REFLECT_101)
-    mean = float(padded.mean())
-    fy = np.fft.fftfreq(padded.shape[0])[:, None]
-    fx = np.fft.rfftfreq(padded.shape[1])[None, :]
-    fx, fy = np.broadcast_arrays(fx, fy)
-    transfer = psf.transfer(fx, fy)
-    signal = rig_signal_power(padded.shape, reference) * math.exp(psf.log_contrast) * psf.signal_tilt(fx, fy)
-    signal = signal + own_noise_power
-    noise = float(spectra.noise.mean())
-    gain = transfer * signal / (transfer * transfer * signal + max(noise, 1e-12))
-    restored = np.fft.irfft2(np.fft.rfft2(padded - mean) * gain, s=padded.shape) + mean
+    padded: np.ndarray = cv2.copyMakeBorder(
+        unit, pad_y, pad_y + extra[0], pad_x, pad_x + extra[1], cv2.BORDER_REFLECT_101
+    )
+    mean = np.float32(padded.mean())
+    padded -= mean
+    fy, fx = _frequency_grid(padded.shape)
+    # The filter in float32 too, in place: within 4e-6 (unit scale) of the float64 one on ISBI tiles, and a
+    # 2400 px tile took 0.26 s instead of 0.40 (Gaussian), 0.32 instead of 0.42 (disk) on this 2-core CPU.
+    transfer = np.asarray(psf.transfer(fx, fy), dtype=np.float32)
+    signal = rig_signal_power(padded.shape, reference) * np.float32(math.exp(psf.log_contrast))
+    if any(psf.sharper_px2):
+        signal = signal * psf.signal_tilt(fx, fy).astype(np.float32)
+    signal += np.float32(own_noise_power)
+    noise = np.float32(max(float(spectra.noise.mean()), 1e-12))
+    gain = transfer * signal
+    gain /= transfer * gain + noise
+    spectrum = np.fft.rfft2(padded)
+    spectrum *= gain
+    restored = np.fft.irfft2(spectrum, s=padded.shape)
+    restored += mean
     return restored[pad_y : pad_y + unit.shape[0], pad_x : pad_x + unit.shape[1]].astype(np.float32)
 
 

@@ -211,6 +211,31 @@ def test_the_restorer_blends_a_rig_measured_with_its_model_and_names_it(held_out
     assert sum("measured with deblur model deblur-other" in r.message for r in caplog.records) == 1
 
 
+def test_a_batch_on_several_threads_blends_each_tile_with_its_own_rig(held_out, reference) -> None:
+    # The rig Wiener of a batch runs on the replica's threads (2 CPUs here): each tile must come back with its
+    # own rig's blend, in its place, and a tile without a rig with the model alone.
+    restorer = TileRestorer.from_config(DeblurConfig(backend="classical", num_cpus_per_replica=2))
+    tiles = [_acquire(held_out, BlurParams(family, 2.0), seed) for seed, family in enumerate(("gaussian", "disk"))]
+    tiles += [_acquire(held_out[:, ::-1].copy(), BlurParams("gaussian", 1.5), 2), held_out[:100, :100].copy()]
+    soft = [BlurAssessment(0.5, "soft", 2.0)] * len(tiles)
+    ours = [RigRestoration(reference, weight, CLASSICAL_VERSION, 1e-4) for weight in (0.25, 0.5)]
+    rigs = [ours[0], ours[1], None, ours[0]]
+    restored, versions = restorer.restore_versioned(tiles, soft, rigs=rigs)
+    alone = restorer.restore(tiles, soft)
+    for i in (0, 1):
+        wiener = rig_wiener(tiles[i], reference, 1e-4)
+        assert wiener is not None
+        np.testing.assert_array_equal(restored[i], blend(alone[i], wiener, (0.25, 0.5)[i]))
+    np.testing.assert_array_equal(restored[2], alone[2])
+    np.testing.assert_array_equal(restored[3], alone[3])  # too small for a spectral reading: the model alone
+    assert versions == [
+        f"{CLASSICAL_VERSION}+rig-wiener-0.75",
+        f"{CLASSICAL_VERSION}+rig-wiener-0.50",
+        CLASSICAL_VERSION,
+        CLASSICAL_VERSION,
+    ]
+
+
 def test_a_calibration_file_holds_the_blend_only_with_a_spectrum_and_in_version_3(rig, tmp_path: Path) -> None:
     measured = calibrate(rig, [f"{i}.png" for i in range(5)], BlurDetector.from_config(DetectorConfig()))
     blend_record = RestorationBlend(deblur_model="m", model_weight=0.5, psnr_db={"0.5": 30.0}, probes=6)
