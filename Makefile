@@ -11,7 +11,7 @@ setup:  ## venv with the runtime, training and dev tools
 test-fast:  ## pure functions, models, files: no Ray, no subprocess (< 30 s)
 	$(NICE) $(PY) -m pytest -q -m fast
 
-test-system:  ## real Ray/Serve, ZeroMQ, processes, Ansible, training runs, fault drills (~10 min on 2 cores)
+test-system:  ## real Ray/Serve, ZeroMQ, processes, Ansible, training runs, fault drills (~8 min on 2 cores)
 	$(NICE) $(PY) -m pytest -q -m system
 
 test:  ## both tiers (the README's test command)
