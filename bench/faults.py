@@ -570,7 +570,10 @@ def run_stalled_reader_drill(appliance: Any, tiles: list[tuple[str, np.ndarray]]
         def held_for_a_while() -> bool:
             # The outbox reaches its mark for a moment also while the controller's libzmq I/O thread, starved of
             # CPU (another test run beside this one), still has room to take it: held means held twice.
-            return held() and (time.sleep(0.5) or held())
+            if not held():
+                return False
+            time.sleep(0.5)
+            return held()
 
         controller.wait_until(held_for_a_while, 60)
         time.sleep(1.0)  # held for a while: nothing more may be read or dropped meanwhile
