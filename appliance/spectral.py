@@ -20,6 +20,9 @@ periodogram binned in polar bins (RADIAL_BINS x ANGULAR_BINS, F_MIN..F_MAX cycle
 is the mean of its windows; each quadrant (tiles with >= 2 windows per side) is the mean of its own, and
 the reading is the largest of the whole and the quadrants, so blur that grows across the tile (a tilted
 section) is read where it is worst.
+
+Pixel size: the specimen and the in-focus PSF are fixed in nm, so a tile of another pixel size than the
+reference's is read against the reference with its frequency axis rescaled (reference_at_scale).
 """
 
 from __future__ import annotations
@@ -223,20 +226,61 @@ def _signal_log_power(power: np.ndarray, noise: float) -> tuple[np.ndarray, np.n
     return np.log(np.where(usable, power - noise, 1.0)), usable
 
 
-def reference_log_power(tiles: Sequence[WindowSpectra]) -> tuple[np.ndarray, np.ndarray]:
+def reference_log_power(
+    tiles: Sequence[WindowSpectra], scales: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The rig's in-focus log signal power per bin: median over known-good tiles; (BINS,) values, usable mask.
 
-    A bin is usable when more than half the tiles have signal above their noise there.
+    A bin is usable when more than half the tiles have signal above their noise there. scales: per tile, its
+    pixel size over the reference's (tiles of several pixel sizes; reference_at_scale), None: all the same.
     """
     logs = np.full((len(tiles), BINS), np.nan)
     for i, spectra in enumerate(tiles):
         log_power, usable = _signal_log_power(spectra.power.mean(axis=0), float(spectra.noise.mean()))
+        if scales is not None:
+            log_power, usable = reference_at_scale((log_power, usable), scales[i])
         logs[i, usable] = log_power[usable]
     usable = np.isfinite(logs).sum(axis=0) * 2 > len(tiles)
     median = np.zeros(BINS)
     if usable.any():
         median[usable] = np.nanmedian(logs[:, usable], axis=0)
     return median, usable
+
+
+@cache
+def _bin_radius() -> np.ndarray:
+    """Mean |f| (cycles/px) of each polar bin's coefficients, shape (RADIAL_BINS, ANGULAR_BINS); 0 for an empty bin."""
+    index, count, *_ = _bin_geometry()
+    fx, fy = _window_frequencies()
+    total = np.bincount(index, np.hypot(fx, fy).ravel(), BINS + 1)[:BINS]
+    return (total / np.maximum(count, 1)).reshape(RADIAL_BINS, ANGULAR_BINS)
+
+
+def reference_at_scale(reference: SpectralReferenceArrays, scale: float) -> SpectralReferenceArrays:
+    """A spectrum binned at one pixel size as a tile of another sees it: the tile's frequency f (cycles/px) is
+    the spectrum's f x scale, scale = the spectrum's pixel size / the tile's (a tile of coarser pixels sees the
+    specimen's finer detail at lower f). The rig's in-focus PSF is fixed in nm, so it scales with the specimen.
+
+    Log power is interpolated along each angular bin, linearly in log |f|, between the reference's usable
+    bins; a bin outside their range is not usable (a tile twice as fine as the reference has none above 0.25
+    cycles/px). The overall level (power per px^2) changes too, and the fits' contrast term absorbs it.
+    """
+    log_power, usable = reference
+    if scale == 1.0:
+        return log_power, usable
+    radius = _bin_radius()
+    values = np.asarray(log_power, np.float64).reshape(radius.shape)
+    ok = np.asarray(usable, bool).reshape(radius.shape) & (radius > 0)
+    out_values, out_usable = np.zeros(radius.shape), np.zeros(radius.shape, bool)
+    for a in range(ANGULAR_BINS):
+        known = np.flatnonzero(ok[:, a])
+        if len(known) < 2:
+            continue
+        x = np.log(radius[known, a])
+        wanted = np.log(np.maximum(radius[:, a], 1e-12) * scale)
+        out_values[:, a] = np.interp(wanted, x, values[known, a])
+        out_usable[:, a] = (radius[:, a] > 0) & (wanted >= x[0]) & (wanted <= x[-1])
+    return np.where(out_usable, out_values, 0.0).ravel(), out_usable.ravel()
 
 
 @dataclass(frozen=True)

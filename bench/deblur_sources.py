@@ -65,7 +65,7 @@ from appliance.detection.detector import BlurDetector  # noqa: E402
 from appliance.pixels import centre_crop, psnr_db  # noqa: E402
 from appliance.restoration.restorer import TileRestorer  # noqa: E402
 from appliance.restoration.rig_wiener import RigRestoration  # noqa: E402
-from appliance.tools.offline import rig_restoration, with_restoration_blend  # noqa: E402
+from appliance.tools.offline import with_restoration_blend  # noqa: E402
 from appliance.weights import DEBLUR_MODEL  # noqa: E402
 from bench.deblur_eval import (  # noqa: E402
     ESTIMATES,
@@ -80,9 +80,13 @@ from bench.detector_sources import (  # noqa: E402
     CORPUS,
     SIGMAS,
     Source,
+    add_pixel_size_option,
+    calibration_pixel_sizes,
     load_sources,
     print_table,
     render_with_rig_noise,
+    tile_pixel_size_nm,
+    use_pixel_sizes,
 )
 from models.blur_synth import FAMILIES, psf_kernel, to_unit_float  # noqa: E402
 from models.deblur.pack_data import ISBI_SOURCE  # noqa: E402
@@ -111,14 +115,18 @@ def rig_for_tile(
     source: Source, name: str, restorer: TileRestorer, detector: BlurDetector
 ) -> tuple[RigRestoration | None, str]:
     """The restoration a rig calibrated on the first CALIBRATION_TILES other tiles of `source` gives tile `name`
-    (module docstring, `--calibrated`), and what happened: "model share W" or why there is none."""
+    (module docstring, `--calibrated`), and what happened: "model share W" or why there is none. Where the
+    source states its tiles' pixel sizes (detector_sources.PIXEL_SIZE_NM), calibrate gets them and the tile is
+    restored against the rig's spectrum at its own, as the ingest does with the tile header's."""
     others = [(n, t) for n, t in source.tiles if n != name][:CALIBRATION_TILES]
+    sizes = calibration_pixel_sizes(source.name, [n for n, _ in others])
     try:
-        calibration = calibrate([t for _, t in others], [n for n, _ in others], detector)
+        calibration = calibrate([t for _, t in others], [n for n, _ in others], detector, sizes)
     except CalibrationError as exc:
         return None, f"calibration refused: {exc}"
-    calibration = with_restoration_blend(calibration, [t for _, t in others], restorer)
-    rig = rig_restoration(calibration)
+    calibration = with_restoration_blend(calibration, [t for _, t in others], restorer, sizes)
+    inputs = calibration.restoration_inputs(tile_pixel_size_nm(source.name, name))
+    rig = None if inputs is None else RigRestoration(*inputs)
     return rig, "no restoration blend (no spectral reference)" if rig is None else f"model share {rig.model_weight:g}"
 
 
@@ -338,7 +346,9 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="default bench/results/deblur_sources.json (_loso with --loso)"
     )
+    add_pixel_size_option(parser)
     args = parser.parse_args()
+    use_pixel_sizes(not args.ignore_pixel_sizes)
     if args.out is None:
         loso, calibrated = "_loso" if args.loso is not None else "", "_calibrated" if args.calibrated else ""
         stem = f"deblur_sources{loso}{calibrated}"
@@ -374,6 +384,7 @@ def main() -> None:
         print(f"{source.name}: {len(entry['tiles'])} tiles, {time.monotonic() - t0:.0f} s", flush=True)
     result = {
         "command": " ".join(["python", *sys.argv]),
+        "pixel_sizes": "ignored" if args.ignore_pixel_sizes else "as PIXEL_SIZE_NM states (rat SEM)",
         "model_version": f"per source, leave-one-source-out ({args.loso})"
         if args.loso is not None
         else restorer_for(args.model).model_version,

@@ -39,10 +39,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # models/ is not installed
 
 from appliance.config import DetectorConfig  # noqa: E402
-from appliance.detection.calibration import CalibrationError, apply_calibration, calibrate, noise_level  # noqa: E402
+from appliance.detection.calibration import (  # noqa: E402
+    CalibrationError,
+    RigCalibration,
+    apply_calibration,
+    calibrate,
+    noise_level,
+    rig_reference,
+)
 from appliance.detection.detector import BlurDetector  # noqa: E402
 from appliance.messages import TILE_LABELS, BlurAssessment  # noqa: E402
-from bench.detector_sources import CALIBRATION_TILES, CORPUS, Source, load_sources  # noqa: E402
+from bench.detector_sources import (  # noqa: E402
+    CALIBRATION_TILES,
+    CORPUS,
+    Source,
+    add_pixel_size_option,
+    calibration_pixel_sizes,
+    load_sources,
+    tile_pixel_size_nm,
+    use_pixel_sizes,
+)
 from models import content_synth  # noqa: E402
 from models.blur_synth import BlurParams, dihedral_tiles, quantize, synthesize, to_unit_float  # noqa: E402
 
@@ -132,28 +148,35 @@ def source_content(
     pick = sorted(int(i) for i in rng.choice(len(source.tiles), CALIBRATION_TILES, replace=False))
     names = [source.tiles[i][0] for i in pick]
     rest = [t for i, (_, t) in enumerate(source.tiles) if i not in pick]
+    # Each tile's pixel size as its header would carry it (detector_sources.PIXEL_SIZE_NM; None: unknown).
+    rest_nm = [tile_pixel_size_nm(source.name, n) for i, (n, _) in enumerate(source.tiles) if i not in pick]
     try:
-        cal = calibrate([source.tiles[i][1] for i in pick], names, detector)
+        cal = calibrate(
+            [source.tiles[i][1] for i in pick], names, detector, calibration_pixel_sizes(source.name, names)
+        )
         calibration = {"tiles": names, "baseline_sigma_px": cal.baseline_sigma_px, "spectral": cal.spectral is not None}
     except CalibrationError as exc:
         cal, calibration = None, {"tiles": names, "refused": str(exc)}
     # With the calibration's spectral reference each judged tile also carries its spectral reading, which
     # apply_calibration takes (the runtime's rule); the uncalibrated labels are the model's own either way.
-    reference = None if cal is None else cal.spectral_arrays()
+    references = [None if cal is None else cal.spectral_arrays(nm) for nm in rest_nm]
 
     def judge(tiles: list[np.ndarray]) -> list[BlurAssessment]:
-        return detector.assess(tiles, spectral_references=[reference] * len(tiles))
+        return detector.assess(tiles, spectral_references=references)
+
+    def calibrated(verdicts: list[BlurAssessment], cal: RigCalibration) -> list[BlurAssessment]:
+        return [apply_calibration(a, rig_reference(cal, nm), cfg) for a, nm in zip(verdicts, rest_nm, strict=True)]
 
     plain = judge(rest)
-    plain_cal = [apply_calibration(a, cal, cfg) for a in plain] if cal else None
+    plain_cal = calibrated(plain, cal) if cal else None
     rows = {}
     for kind in kinds:
         raw = plain if kind == "plain" else judge([draw_content(t, kind, rng) for t in rest])
         want = KINDS[kind][1]
         row = {"want": want, "uncalibrated": {"unchanged": _unchanged(raw, plain), want: _share(raw, want)}}
         if cal is not None:
-            calibrated = [apply_calibration(a, cal, cfg) for a in raw]
-            row["calibrated"] = {"unchanged": _unchanged(calibrated, plain_cal), want: _share(calibrated, want)}
+            judged = calibrated(raw, cal)
+            row["calibrated"] = {"unchanged": _unchanged(judged, plain_cal), want: _share(judged, want)}
         rows[kind] = row
     return {"n_eval": len(rest), "note": source.note, "calibration": calibration, "kinds": rows}
 
@@ -236,7 +259,9 @@ def main() -> None:
     parser.add_argument("--sources", action="store_true", help="the kinds on every em-corpus source's real tiles")
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--seed", type=int, default=20261126)
+    add_pixel_size_option(parser)
     args = parser.parse_args()
+    use_pixel_sizes(not args.ignore_pixel_sizes)
     cfg = DetectorConfig(backend=args.backend)
     detector = BlurDetector.from_config(cfg)
     if args.sources:

@@ -40,7 +40,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +55,12 @@ from appliance.detection.calibration import (  # noqa: E402
     apply_calibration,
     calibrate,
     noise_level,
+    rig_reference,
 )
 from appliance.detection.detector import PARTIAL_BLUR, BlurDetector, is_judged, verdict_with_reading  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
 from appliance.pixels import centre_crop  # noqa: E402
-from appliance.spectral import SpectralReferenceArrays, WindowSpectra, window_spectra  # noqa: E402
+from appliance.spectral import WindowSpectra, window_spectra  # noqa: E402
 from appliance.tile_io import read_tile  # noqa: E402
 from bench.detector_eval import auroc, blur_params  # noqa: E402
 from models.blur_synth import (  # noqa: E402
@@ -83,6 +84,21 @@ SPREAD_FLOOR = 0.05
 TARGET_RATE = 0.05
 TARGET_AUROC = 0.99
 TARGET_REL_ERR = 0.10
+# Pixel sizes (nm) a source's PROVENANCE.md states, per tile-name prefix: what a tile header would carry. The
+# rat SEM mixes four (its subjects were imaged 2015-2017 at 0.07-0.18 um); the other sources state one size or
+# none, and their tiles are read as of one unknown pixel size.
+PIXEL_SIZE_NM: dict[str, dict[str, float]] = {
+    "axondeepseg_sem_rat_spinalcord": {
+        "sub-rat1_": 180.0,
+        "sub-rat2_": 93.0,
+        "sub-rat3_": 100.0,
+        "sub-rat4_": 100.0,
+        "sub-rat5_": 130.0,
+        "sub-rat6_": 130.0,
+        "sub-rat7_": 70.0,
+        "sub-rat8_": 70.0,
+    },
+}
 
 
 @dataclass
@@ -113,6 +129,36 @@ def grid_crops(tiles: list[tuple[str, np.ndarray]]) -> tuple[list[tuple[str, np.
                 out.append((f"{name}[r{r}c{c}]", np.ascontiguousarray(crop)))
     side = min(min(t.shape) for _, t in out)
     return out, f"{len(tiles)} tiles cut into {k}x{k} crops of >= {side} px ({len(out)} crops)"
+
+
+def tile_pixel_size_nm(source: str, tile_name: str) -> float | None:
+    """The pixel size PIXEL_SIZE_NM states for a tile of `source` (a crop keeps its tile's), or None."""
+    for prefix, nm in PIXEL_SIZE_NM.get(source, {}).items():
+        if tile_name.startswith(prefix):
+            return nm
+    return None
+
+
+def add_pixel_size_option(parser: argparse.ArgumentParser) -> None:
+    """--ignore-pixel-sizes, shared by the benches that calibrate on the corpus."""
+    parser.add_argument(
+        "--ignore-pixel-sizes",
+        action="store_true",
+        help="read every tile as of its source's one (unknown) pixel size, as these benches did before "
+        "2026-11-27, instead of the sizes PIXEL_SIZE_NM states",
+    )
+
+
+def use_pixel_sizes(enabled: bool) -> None:
+    """Whether tile_pixel_size_nm answers from PIXEL_SIZE_NM (a bench's --ignore-pixel-sizes clears it)."""
+    if not enabled:
+        PIXEL_SIZE_NM.clear()
+
+
+def calibration_pixel_sizes(source: str, names: list[str]) -> list[float] | None:
+    """The known-good tiles' pixel sizes for `calibrate`, or None unless every one is stated."""
+    sizes = [tile_pixel_size_nm(source, n) for n in names]
+    return None if any(s is None for s in sizes) else [s for s in sizes if s is not None]
 
 
 def _read_folder(folder: Path) -> list[tuple[str, np.ndarray]]:
@@ -199,20 +245,20 @@ class CalibratedJudge:
     cfg: DetectorConfig
     rendered: Rendered
     detector: BlurDetector
-    reference: SpectralReferenceArrays | None = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "reference", self.cal.spectral_arrays())
-
-    def __call__(self, assessment: BlurAssessment, spectra: WindowSpectra | None) -> BlurAssessment:
-        """For a partial-blur retake the detector reads the tile again, its spot included."""
-        if self.reference is not None and is_judged(assessment):
+    def __call__(
+        self, assessment: BlurAssessment, spectra: WindowSpectra | None, pixel_size_nm: float | None = None
+    ) -> BlurAssessment:
+        """For a partial-blur retake the detector reads the tile again, its spot included. pixel_size_nm: the
+        tile's, as its header would carry it (the reference is rescaled to it, as the ingest does)."""
+        reference = self.cal.spectral_arrays(pixel_size_nm)
+        if reference is not None and is_judged(assessment):
             spot = self.rendered.spots.get(id(assessment))
             if spot is not None:
-                (assessment,) = self.detector.assess([spot], spectral_references=[self.reference])
+                (assessment,) = self.detector.assess([spot], spectral_references=[reference])
             else:
-                assessment = verdict_with_reading(assessment, spectra, self.reference)
-        return apply_calibration(assessment, self.cal, self.cfg)
+                assessment = verdict_with_reading(assessment, spectra, reference)
+        return apply_calibration(assessment, rig_reference(self.cal, pixel_size_nm), self.cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,16 +330,19 @@ def calibrated_draw(
     """Calibrate on the chosen tiles, evaluate on all the others."""
     names = [source.tiles[i][0] for i in chosen]
     try:
-        cal = calibrate([source.tiles[i][1] for i in chosen], names, detector)
+        cal = calibrate(
+            [source.tiles[i][1] for i in chosen], names, detector, calibration_pixel_sizes(source.name, names)
+        )
     except CalibrationError as exc:
         return {"calibration_tiles": names, "refused": str(exc)}
     rest = [i for i in range(len(source.tiles)) if i not in chosen]
+    nm = [tile_pixel_size_nm(source.name, name) for name, _ in source.tiles]
     calibrated = CalibratedJudge(cal, cfg, rendered, detector)
-    sharp = [calibrated(rendered.sharp[i], rendered.sharp_spectra[i]) for i in rest]
+    sharp = [calibrated(rendered.sharp[i], rendered.sharp_spectra[i], nm[i]) for i in rest]
     by_tile = []
     for i in rest:
         spectra = rendered.blurred_spectra[i]
-        by_tile.append({k: calibrated(a, spectra[k]) for k, a in rendered.blurred[i].items()})
+        by_tile.append({k: calibrated(a, spectra[k], nm[i]) for k, a in rendered.blurred[i].items()})
     blurred = [a for d in by_tile for a in d.values()]
     out = score_labels(sharp, blurred)
     # The spectral reading is not a function of the model's sigma: the AUROC is that of the calibrated sigma.
@@ -304,12 +353,14 @@ def calibrated_draw(
     out["sharp_sigma_median_px"] = float(np.median([a.sigma_px for a in sharp]))
     out["rel_err_1_3px"] = _rel_errors(by_tile, lambda a: a.sigma_px)
     # The rule before the spectral reference (quadrature from the model's baseline), on the same draw.
-    quad_sharp = [apply_calibration(rendered.sharp[i], cal, cfg) for i in rest]
-    quad_blurred = [apply_calibration(a, cal, cfg) for i in rest for a in rendered.blurred[i].values()]
+    quadrature = {i: replace(rig_reference(cal, nm[i]), spectral=False) for i in rest}
+    quad_sharp = [apply_calibration(rendered.sharp[i], quadrature[i], cfg) for i in rest]
+    quad_blurred = [apply_calibration(a, quadrature[i], cfg) for i in rest for a in rendered.blurred[i].values()]
     out["quadrature"] = {
         **score_labels(quad_sharp, quad_blurred),
         "rel_err_1_3px": _rel_errors(
-            [rendered.blurred[i] for i in rest], lambda a: apply_calibration(a, cal, cfg).sigma_px
+            [{k: apply_calibration(a, quadrature[i], cfg) for k, a in rendered.blurred[i].items()} for i in rest],
+            lambda a: a.sigma_px,
         ),
     }
     raw_sharp = np.array([rendered.sharp[i].sigma_px for i in rest])
@@ -325,8 +376,8 @@ def calibrated_draw(
         out["soft_called_sharp"] = float(
             np.mean(
                 [
-                    calibrated(a, spectra).label == "sharp"
-                    for a, spectra in zip(rendered.soft, rendered.soft_spectra, strict=True)
+                    calibrated(a, spectra, tile_pixel_size_nm(source.name, name)).label == "sharp"
+                    for a, spectra, (name, _) in zip(rendered.soft, rendered.soft_spectra, source.soft, strict=True)
                 ]
             )
         )
@@ -568,7 +619,9 @@ def main() -> None:
         help="leave-one-source-out: test each source with <LOSO>/<source>/weights/ "
         "(models/detector/loso.py), the fold that never saw it",
     )
+    add_pixel_size_option(parser)
     args = parser.parse_args()
+    use_pixel_sizes(not args.ignore_pixel_sizes)
     start = time.monotonic()
     cfg = DetectorConfig(model_path=args.model)
     rng = np.random.default_rng(args.seed)
@@ -603,6 +656,7 @@ def main() -> None:
         print(f"{source.name}: {source.note}; {time.monotonic() - t0:.0f} s", flush=True)
     result = {
         "command": " ".join(["python", *sys.argv]),
+        "pixel_sizes": "ignored" if args.ignore_pixel_sizes else "as PIXEL_SIZE_NM states (rat SEM)",
         "model_version": f"leave-one-source-out folds in {args.loso}" if args.loso else detector.model_version,
         "model_versions": versions,
         "config": cfg.model_dump(mode="json"),

@@ -35,14 +35,17 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from appliance.config import DetectorConfig  # noqa: E402
-from appliance.spectral import read_added_blur, reference_log_power, window_spectra  # noqa: E402
+from appliance.spectral import read_added_blur, reference_at_scale, reference_log_power, window_spectra  # noqa: E402
 from bench.detector_sources import (  # noqa: E402
     CORPUS,
     SIGMAS,
+    add_pixel_size_option,
     blur_with_rig_noise,
     calibration_draws,
     load_sources,
     report,
+    tile_pixel_size_nm,
+    use_pixel_sizes,
 )
 from models.blur_synth import FAMILIES  # noqa: E402
 
@@ -52,8 +55,12 @@ def _quartiles(values: list[float]) -> dict[str, float]:
     return {"median": float(median), "iqr": float(q3 - q1)}
 
 
-def read_source(tiles: list[np.ndarray], rng: np.random.Generator, sharp_px: float) -> dict:
-    """Every draw's readings of one source's tiles and blurred copies, summarised per family."""
+def read_source(
+    tiles: list[np.ndarray], rng: np.random.Generator, sharp_px: float, pixel_nm: list[float | None] | None = None
+) -> dict:
+    """Every draw's readings of one source's tiles and blurred copies, summarised per family. pixel_nm: per tile,
+    when every one is known: the reference is built at the draw's median pixel size and rescaled to each tile's
+    (appliance.spectral.reference_at_scale), as `calibrate` and the ingest do."""
     spectra = [window_spectra(t) for t in tiles]
     blurred = [
         {(f, s): window_spectra(blur_with_rig_noise(t, f, s, rng)) for f in FAMILIES for s in SIGMAS} for t in tiles
@@ -65,8 +72,12 @@ def read_source(tiles: list[np.ndarray], rng: np.random.Generator, sharp_px: flo
         members = [spectra[i] for i in chosen]
         if any(m is None for m in members):
             continue
-        reference = reference_log_power([m for m in members if m is not None])
+        known = pixel_nm is not None and all(pixel_nm[i] is not None for i in range(len(tiles)))
+        sizes = [float(pixel_nm[i]) if known else 1.0 for i in range(len(tiles))]  # type: ignore[index,arg-type]
+        common = float(np.median([sizes[i] for i in chosen]))
+        drawn = reference_log_power([m for m in members if m is not None], [sizes[i] / common for i in chosen])
         for i in (i for i in range(len(tiles)) if i not in chosen):
+            reference = reference_at_scale(drawn, common / sizes[i])
             own = spectra[i]
             reading = None if own is None else read_added_blur(own, *reference)
             sharp_called.append(reading is not None and reading.sigma_px > sharp_px)
@@ -127,16 +138,21 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "spectral_reader.json")
     parser.add_argument("--seed", type=int, default=20261126)
+    add_pixel_size_option(parser)
     args = parser.parse_args()
+    use_pixel_sizes(not args.ignore_pixel_sizes)
     start = time.monotonic()
     sharp_px = DetectorConfig().sharp_sigma_px
     rng = np.random.default_rng(args.seed)
     sources = {}
     for source in load_sources(args.corpus):
-        sources[source.name] = {"note": source.note, **read_source([t for _, t in source.tiles], rng, sharp_px)}
+        pixel_nm = [tile_pixel_size_nm(source.name, n) for n, _ in source.tiles]
+        tiles = [t for _, t in source.tiles]
+        sources[source.name] = {"note": source.note, **read_source(tiles, rng, sharp_px, pixel_nm)}
         print(f"{source.name}: {source.note}", flush=True)
     result = {
         "command": " ".join(["python", *sys.argv]),
+        "pixel_sizes": "ignored" if args.ignore_pixel_sizes else "as PIXEL_SIZE_NM states (rat SEM)",
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs (shared)",
         "sharp_sigma_px": sharp_px,
         "sigmas_px": SIGMAS,

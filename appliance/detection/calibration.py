@@ -21,13 +21,15 @@ Spectral reference (file version 2): the known-good tiles also give the rig's in
 (appliance.spectral). A detector holding it reads each tile's blur added to that spectrum
 (`spectral_sigma_px`), and apply_calibration takes that reading as the tile's sigma instead of the
 quadrature rule: it does not depend on the learned model's view of an unseen instrument
-(bench/detector_sources.py, "spectral" columns). Tiles narrower than spectral.WINDOW_PX, or tiles whose
-pixel size differs from the calibration's, keep the quadrature rule. Version-1 files load as before.
+(bench/detector_sources.py, "spectral" columns). A tile of another pixel size is read against the
+reference rescaled to it (RigCalibration.spectral_arrays); tiles narrower than spectral.WINDOW_PX, or more
+than 2x finer or coarser than the calibration's, keep the quadrature rule. Version-1 files load as before.
 
 Pixel size: the rig's in-focus PSF is fixed in nm, so a calibration that records its tiles' pixel size
 (`pixel_size_nm`) is scaled to each tile's: baseline_px(tile) = baseline_px * cal_nm / tile_nm
-(`rig_reference`). Its online counterpart, the per-beam running baseline and focus-drift alarm, is
-appliance.detection.online_baseline; both are described in docs/calibration.md.
+(`rig_reference`), and so is its spectrum's frequency axis (spectral.reference_at_scale). Its online
+counterpart, the per-beam running baseline and focus-drift alarm, is appliance.detection.online_baseline;
+both are described in docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -73,9 +75,12 @@ MIXED_NOISE_RATIO = 10.0
 # a tile blurred by 1.5 px read 0.95-1.6 px (probe of 2026-11-26, docs/calibration.md).
 SPECTRAL_OUTLIER_PX = 1.2
 SPECTRAL_SHARPER_PX = 1.0
-# The spectral reading is used only on tiles whose pixel size is within this fraction of the calibration's
-# (its reference spectrum is in cycles/px of the calibration tiles).
+# A tile whose pixel size is within this fraction of the calibration's is read against the reference as it is;
+# beyond it, against the reference rescaled to the tile's pixel size (spectral.reference_at_scale).
 SPECTRAL_PIXEL_SIZE_TOLERANCE = 0.05
+# Pixel sizes (tile / calibration) the rescaled reference serves; beyond them, the quadrature rule. At 2x finer
+# a tile keeps the bins below 0.25 cycles/px, at 2x coarser those above 0.04.
+SPECTRAL_PIXEL_SIZE_RATIO = (0.5, 2.0)
 
 
 class CalibrationError(ValueError):
@@ -134,9 +139,12 @@ class SpectralReference(_Strict):
             raise ValueError(f"spectral reference: {bins} bins, {len(self.log_power)} values, {len(self.usable)} flags")
 
     @classmethod
-    def from_tiles(cls, tiles: Sequence[spectral.WindowSpectra]) -> SpectralReference:
-        """The reference of the known-good tiles' window spectra, in the running layout."""
-        log_power, usable = spectral.reference_log_power(tiles)
+    def from_tiles(
+        cls, tiles: Sequence[spectral.WindowSpectra], scales: Sequence[float] | None = None
+    ) -> SpectralReference:
+        """The reference of the known-good tiles' window spectra, in the running layout (scales: per tile, its
+        pixel size over the calibration's; None: all at the calibration's)."""
+        log_power, usable = spectral.reference_log_power(tiles, scales)
         layout = dict(zip(_LAYOUT_FIELDS, _running_layout(), strict=True))
         return cls(**layout, log_power=[round(float(v), 6) for v in log_power], usable=[bool(u) for u in usable])
 
@@ -203,17 +211,24 @@ class RigCalibration(_Strict):
         "without a spectral reference, or calibrated without a deblur model: the model alone.",
     )
 
-    def restoration_inputs(self) -> tuple[SpectralReferenceArrays, float, str, float] | None:
+    def restoration_inputs(
+        self, pixel_size_nm: float | None = None
+    ) -> tuple[SpectralReferenceArrays, float, str, float] | None:
         """(the rig's spectrum, the model's share, the deblur model it was measured with, the rig's noise power)
-        for the restorer (appliance.restoration.rig_wiener.RigRestoration), or None without a restoration blend."""
-        reference = self.spectral_arrays()
+        for the restorer (appliance.restoration.rig_wiener.RigRestoration) of a tile of pixel_size_nm (None: as
+        calibrated), or None without a restoration blend or a spectrum for that pixel size."""
+        reference = self.spectral_arrays(pixel_size_nm)
         if self.restoration is None or reference is None:
             return None
         return reference, self.restoration.model_weight, self.restoration.deblur_model, self.noise_level**2
 
-    def spectral_arrays(self) -> SpectralReferenceArrays | None:
-        """The rig's in-focus spectrum as BlurDetector.assess takes it, or None without one (quadrature rule)."""
-        return None if self.spectral is None else self.spectral.arrays()
+    def spectral_arrays(self, pixel_size_nm: float | None = None) -> SpectralReferenceArrays | None:
+        """The rig's in-focus spectrum as BlurDetector.assess takes it for a tile of pixel_size_nm (None: as
+        calibrated), or None without one or beyond SPECTRAL_PIXEL_SIZE_RATIO (the quadrature rule)."""
+        if self.spectral is None:
+            return None
+        scale = spectral_scale(self.pixel_size_nm, pixel_size_nm)
+        return None if scale is None else spectral.reference_at_scale(self.spectral.arrays(), scale)
 
     def model_post_init(self, __context: object) -> None:
         if len(self.tiles) != self.tile_count:
@@ -234,6 +249,19 @@ class RigCalibration(_Strict):
 # Per-tile statistics
 
 
+def spectral_scale(calibration_nm: float | None, tile_nm: float | None) -> float | None:
+    """How a tile of tile_nm sees a reference spectrum taken at calibration_nm (spectral.reference_at_scale):
+    1 when either is unknown or they agree within SPECTRAL_PIXEL_SIZE_TOLERANCE, None beyond
+    SPECTRAL_PIXEL_SIZE_RATIO (no spectral reading for that tile)."""
+    if calibration_nm is None or tile_nm is None:
+        return 1.0
+    ratio = tile_nm / calibration_nm
+    if abs(ratio - 1.0) <= SPECTRAL_PIXEL_SIZE_TOLERANCE:
+        return 1.0
+    low, high = SPECTRAL_PIXEL_SIZE_RATIO
+    return 1.0 / ratio if low <= ratio <= high else None
+
+
 def noise_level(tile: np.ndarray) -> float:
     """Immerkaer (1996) noise sigma of a uint8/uint16 tile as a fraction of the dtype range."""
     unit = tile.astype(np.float32) / float(np.iinfo(tile.dtype).max)
@@ -246,10 +274,15 @@ def region_sigma_px(assessment: BlurAssessment) -> np.ndarray:
 
 
 def tile_stats(
-    tile: np.ndarray, name: str, assessment: BlurAssessment, reading: spectral.SpectralReading | None = None
+    tile: np.ndarray,
+    name: str,
+    assessment: BlurAssessment,
+    reading: spectral.SpectralReading | None = None,
+    sigma_scale: float = 1.0,
 ) -> TileStats:
     """Statistics of one known-good tile (H, W) uint8/uint16, its uncalibrated assessment and its spectral
-    reading against the other known-good tiles (None without a spectral reference)."""
+    reading against the other known-good tiles (None without a spectral reference). sigma_scale: the tile's
+    pixel size over the calibration's; the model's sigmas are recorded in px at the calibration's."""
     unit = tile.astype(np.float64) / float(np.iinfo(tile.dtype).max)
     sd = float(unit.std())
     skew = float(((unit - unit.mean()) ** 3).mean() / sd**3) if sd > 0 else 0.0
@@ -257,8 +290,8 @@ def tile_stats(
         name=name,
         shape=(int(tile.shape[0]), int(tile.shape[1])),
         dtype=str(tile.dtype),
-        sigma_px=float(assessment.sigma_px),
-        region_sigma_median_px=float(np.median(region_sigma_px(assessment))),
+        sigma_px=float(assessment.sigma_px) * sigma_scale,
+        region_sigma_median_px=float(np.median(region_sigma_px(assessment))) * sigma_scale,
         anisotropy=float(assessment.anisotropy),
         noise_level=noise_level(tile),
         mean_level=float(unit.mean()),
@@ -401,12 +434,17 @@ def calibration_from_stats(
 
 
 def calibrate(
-    tiles: Sequence[np.ndarray], names: Sequence[str], detector: BlurDetector, pixel_size_nm: float | None = None
+    tiles: Sequence[np.ndarray],
+    names: Sequence[str],
+    detector: BlurDetector,
+    pixel_size_nm: float | Sequence[float] | None = None,
 ) -> RigCalibration:
     """Learn a rig's in-focus reference from known-good tiles (2-D uint8/uint16 arrays, any size >= 32 px).
 
-    pixel_size_nm: the tiles' pixel size (nm) when known; recorded so that tiles of another pixel size get
-    the baseline scaled (rig_reference).
+    pixel_size_nm: the tiles' pixel size (nm) when known, recorded so that tiles of another pixel size get the
+    baseline and the spectrum scaled (rig_reference, RigCalibration.spectral_arrays). One value per tile (one
+    rig's tiles at several magnifications): the calibration is at their median, each tile's spectrum and model
+    sigma brought to it; they may differ by SPECTRAL_PIXEL_SIZE_RATIO at most.
 
     Raises CalibrationError naming the file and the problem: too few tiles, colour or constant images,
     a blurred tile among the sharp ones, tiles from mixed instruments.
@@ -418,29 +456,73 @@ def calibrate(
             f"calibration needs at least {MIN_TILES} known-good in-focus tiles of one rig; got {len(tiles)}"
         )
     _check_pixels(tiles, names)
+    calibration_nm, scales = _pixel_sizes(pixel_size_nm, names)
     assessments = detector.assess([np.asarray(t) for t in tiles], list(names))
     for a, name in zip(assessments, names, strict=True):
         if not is_judged(a):
             raise CalibrationError(f"{name}: {a.reason}; pick tiles with tissue in them")
     spectra = [spectral.window_spectra(np.asarray(t)) for t in tiles]
-    readings = leave_one_out_readings(spectra)
-    reference = None if readings is None else SpectralReference.from_tiles([s for s in spectra if s is not None])
+    readings = leave_one_out_readings(spectra, scales)
+    readable = [s for s in spectra if s is not None]
+    reference = None if readings is None else SpectralReference.from_tiles(readable, scales)
     read: list[spectral.SpectralReading | None] = list(readings) if readings else [None] * len(tiles)
-    stats = [tile_stats(np.asarray(t), n, a, r) for t, n, a, r in zip(tiles, names, assessments, read, strict=True)]
-    return calibration_from_stats(stats, detector.model_version, pixel_size_nm, reference)
+    stats = [
+        tile_stats(np.asarray(t), n, a, r, 1.0 if scales is None else scale)
+        for t, n, a, r, scale in zip(tiles, names, assessments, read, scales or [1.0] * len(tiles), strict=True)
+    ]
+    try:
+        return calibration_from_stats(stats, detector.model_version, calibration_nm, reference)
+    except CalibrationError as exc:
+        if scales is None:
+            raise
+        sizes = ", ".join(f"{calibration_nm * scale:g}" for scale in sorted(set(scales)))  # type: ignore[operator]
+        raise CalibrationError(
+            f"{exc} (the tiles were taken at {sizes} nm and compared at {calibration_nm:g} nm: tiles of other "
+            "acquisitions or beam settings differ in nm too; calibrate each pixel size separately)"
+        ) from exc
+
+
+def _pixel_sizes(
+    pixel_size_nm: float | Sequence[float] | None, names: Sequence[str]
+) -> tuple[float | None, list[float] | None]:
+    """(the calibration's pixel size, per tile its pixel size over it, or None when all are the same)."""
+    if pixel_size_nm is None or isinstance(pixel_size_nm, int | float):
+        return pixel_size_nm, None
+    sizes = [float(v) for v in pixel_size_nm]
+    if len(sizes) != len(names):
+        raise ValueError(f"calibrate: {len(names)} tiles but {len(sizes)} pixel sizes")
+    for size, name in zip(sizes, names, strict=True):
+        if not (math.isfinite(size) and size > 0):
+            raise CalibrationError(f"{name}: pixel size {size} nm; must be a positive number")
+    common = float(np.median(sizes))
+    if max(sizes) == min(sizes):
+        return common, None
+    low, high = SPECTRAL_PIXEL_SIZE_RATIO
+    for size, name in zip(sizes, names, strict=True):
+        if not low <= size / common <= high:
+            raise CalibrationError(
+                f"{name}: pixel size {size:g} nm against {common:g} nm for the known-good tiles' median; one "
+                f"calibration serves {low:g}-{high:g}x its pixel size: calibrate these magnifications separately"
+            )
+    return common, [size / common for size in sizes]
 
 
 def leave_one_out_readings(
-    spectra: Sequence[spectral.WindowSpectra | None],
+    spectra: Sequence[spectral.WindowSpectra | None], scales: Sequence[float] | None = None
 ) -> list[spectral.SpectralReading] | None:
     """Each known-good tile read against the others' spectrum; None (no spectral reference for this rig) when
-    a tile is narrower than spectral.WINDOW_PX or has too little structure above its noise to be read."""
+    a tile is narrower than spectral.WINDOW_PX or has too little structure above its noise to be read.
+    scales: per tile, its pixel size over the calibration's (None: all the same)."""
     if any(s is None for s in spectra):
         return None
     tiles = [s for s in spectra if s is not None]
     readings = []
     for i, own in enumerate(tiles):
-        reading = spectral.read_added_blur(own, *spectral.reference_log_power(tiles[:i] + tiles[i + 1 :]))
+        others = None if scales is None else list(scales[:i]) + list(scales[i + 1 :])
+        reference = spectral.reference_log_power(tiles[:i] + tiles[i + 1 :], others)
+        if scales is not None:
+            reference = spectral.reference_at_scale(reference, 1.0 / scales[i])
+        reading = spectral.read_added_blur(own, *reference)
         if reading is None:
             return None
         readings.append(reading)
@@ -464,7 +546,8 @@ class FocusReference:
 
     source: what it is, in the verdict's reason ("rig baseline", "beam 3 baseline").
     spectral: whether a tile's spectral reading (spectral_sigma_px) is its added blur: the calibration has a
-    spectral reference and the tile's pixel size is the calibration's (or either is unknown).
+    spectral reference for the tile's pixel size (RigCalibration.spectral_arrays: within
+    SPECTRAL_PIXEL_SIZE_RATIO of the calibration's, or either unknown), and the reading was taken against it.
     """
 
     baseline_sigma_px: float
@@ -484,15 +567,14 @@ def rig_reference(calibration: RigCalibration, pixel_size_nm: float | None = Non
     """The calibration's baselines for a tile of pixel_size_nm (nm; None: as calibrated).
 
     The rig's in-focus PSF is fixed in nm: baseline_px(tile) = baseline_px(cal) * cal_nm / tile_nm, and
-    unchanged when either pixel size is unknown.
+    unchanged when either pixel size is unknown. The spectral reading serves the pixel sizes the reference
+    can be rescaled to (spectral_scale).
     """
     cal_nm = calibration.pixel_size_nm
-    known = cal_nm is not None and pixel_size_nm is not None
-    same_scale = not known or abs(pixel_size_nm / cal_nm - 1) <= SPECTRAL_PIXEL_SIZE_TOLERANCE  # type: ignore[operator]
     return FocusReference(
         scale_to_pixel_size(calibration.baseline_sigma_px, cal_nm, pixel_size_nm),
         scale_to_pixel_size(calibration.region_baseline_sigma_px, cal_nm, pixel_size_nm),
-        spectral=calibration.spectral is not None and same_scale,
+        spectral=calibration.spectral is not None and spectral_scale(cal_nm, pixel_size_nm) is not None,
     )
 
 

@@ -111,13 +111,18 @@ def measure_model_weight(
     reference: SpectralReferenceArrays,
     own_noise_power: float,
     seed: int = 0,
+    tile_references: Sequence[SpectralReferenceArrays | None] | None = None,
 ) -> BlendMeasurement | None:
     """The MODEL_WEIGHTS entry with the best mean PSNR on the probed known-good tiles (module docstring);
     None when the rig Wiener reads no tile (all narrower than the spectral window, or without structure).
-    reference, own_noise_power: the rig's spectrum and noise power (RigRestoration)."""
+    reference, own_noise_power: the rig's spectrum and noise power (RigRestoration); tile_references: per
+    tile, the spectrum at its pixel size (RigCalibration.spectral_arrays) where they differ (None: skip it)."""
     rng = np.random.default_rng(seed)
     scores: dict[float, list[float]] = {w: [] for w in MODEL_WEIGHTS}
-    for tile in tiles[:MAX_PROBE_TILES]:
+    for i, tile in enumerate(tiles[:MAX_PROBE_TILES]):
+        tile_reference = reference if tile_references is None else tile_references[i]
+        if tile_reference is None:
+            continue
         truth = centre_crop(np.asarray(tile), PROBE_SIDE_PX)
         probes, assessments = [], []
         for family, sigma in PROBES:
@@ -125,7 +130,7 @@ def measure_model_weight(
             probes.append(probe_tile(truth, family, sigma, angle, rng))
             anisotropy = PROBE_ANISOTROPY if family == "astigmatic" else 1.0
             assessments.append(BlurAssessment(0.5, "soft", sigma, anisotropy, angle))
-        wieners = [rig_wiener(p, reference, own_noise_power) for p in probes]
+        wieners = [rig_wiener(p, tile_reference, own_noise_power) for p in probes]
         read = [i for i, w in enumerate(wieners) if w is not None]
         if not read:
             continue

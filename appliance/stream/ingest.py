@@ -31,6 +31,7 @@ from appliance.detection.online_baseline import OnlineBaseline
 from appliance.messages import BlurAssessment, RestoredTile, TileOutcome
 from appliance.operator.metrics import IngestMetrics
 from appliance.restoration.rig_wiener import RigRestoration
+from appliance.spectral import SpectralReferenceArrays
 from appliance.stream.blur_share import BlurShareGuard
 from appliance.stream.protocol import (
     ProtocolError,
@@ -56,6 +57,8 @@ REPLICA_RETRY_WAITS_S = (2.0, 4.0, 8.0, 16.0, 30.0)
 # The call died with the process that ran it (or owned its result); the same call can run again.
 REPLICA_DEATH = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, ObjectLostError)
 SINK_RETRY_WAIT_S = (0.2, 5.0)  # first and longest wait between writes to a sink that is restarting
+# Pixel sizes whose rescaled rig spectrum is kept (a section has one or a few; the header sets it).
+RIG_PIXEL_SIZES_KEPT = 8
 T = TypeVar("T")
 
 
@@ -108,12 +111,10 @@ class IngestActor:
     ) -> None:
         self._cfg = cfg
         self._focus = focus
-        # The rig's in-focus spectrum travels with each tile to the (shared, stateless) detector replicas.
-        calibration = None if focus is None else focus.calibration
-        self._spectral_reference = None if calibration is None else calibration.spectral_arrays()
-        # And its restoration blend with each soft tile to the (shared) deblur replicas.
-        restoration = None if calibration is None else calibration.restoration_inputs()
-        self._rig_restoration = None if restoration is None else RigRestoration(*restoration)
+        # The rig's in-focus spectrum (at the tile's pixel size) travels with each tile to the (shared, stateless)
+        # detector replicas, and its restoration blend with each soft tile to the (shared) deblur replicas.
+        self._calibration = None if focus is None else focus.calibration
+        self._rig_by_pixel_size: dict[float, tuple[SpectralReferenceArrays | None, RigRestoration | None]] = {}
         self._calibrated = calibrated
         self._microscope = microscope
         self._limits = StreamLimits(max_tile_bytes=cfg.max_tile_bytes, max_tile_side=cfg.max_tile_side)
@@ -382,7 +383,8 @@ class IngestActor:
         try:
             t0 = time.perf_counter()
             assessment: BlurAssessment = await self._call(
-                self._detector, lambda: self._detector.remote(pixels_ref, self._spectral_reference)
+                self._detector,
+                lambda: self._detector.remote(pixels_ref, self._rig_at(header.pixel_size_nm)[0]),
             )
             if self._focus is not None:
                 verdict = self._focus.observe(header.beam, header.pixel_size_nm, assessment)
@@ -394,7 +396,8 @@ class IngestActor:
                 outcome.restore_suspended = True
             elif assessment.label == "soft":
                 t1 = time.perf_counter()
-                restored = await self._call(self._deblur, lambda: self._restore(pixels_ref, assessment))
+                rig = self._rig_at(header.pixel_size_nm)[1]
+                restored = await self._call(self._deblur, lambda: self._restore(pixels_ref, assessment, rig))
                 outcome.timings_s["deblur_s"] = time.perf_counter() - t1
                 restored_ref, outcome.deblur_version = restored.pixels_ref, restored.model_version
                 self._metrics.deblur_busy_s.labels(replica=restored.replica).inc(restored.busy_s)
@@ -405,10 +408,26 @@ class IngestActor:
         await self._until_sink_answers(lambda: self._sink.write_tile.remote(outcome, pixels_ref, restored_ref))
         self._stats["tiles_done"] += 1
 
-    async def _restore(self, pixels_ref: ray.ObjectRef, assessment: BlurAssessment) -> RestoredTile:
+    def _rig_at(self, pixel_size_nm: float) -> tuple[SpectralReferenceArrays | None, RigRestoration | None]:
+        """The calibration's spectrum and restoration for tiles of pixel_size_nm (a section has one or a few)."""
+        if self._calibration is None:
+            return None, None
+        if pixel_size_nm not in self._rig_by_pixel_size:
+            if len(self._rig_by_pixel_size) >= RIG_PIXEL_SIZES_KEPT:  # a header field: bound what it can grow
+                self._rig_by_pixel_size.clear()
+            restoration = self._calibration.restoration_inputs(pixel_size_nm)
+            self._rig_by_pixel_size[pixel_size_nm] = (
+                self._calibration.spectral_arrays(pixel_size_nm),
+                None if restoration is None else RigRestoration(*restoration),
+            )
+        return self._rig_by_pixel_size[pixel_size_nm]
+
+    async def _restore(
+        self, pixels_ref: ray.ObjectRef, assessment: BlurAssessment, rig: RigRestoration | None
+    ) -> RestoredTile:
         """Deblur one tile and take the restored pixels over: the replica owns its ObjectRef, and a replica
         killed after answering would take the pixels with it before the sink reads them."""
-        restored: RestoredTile = await self._deblur.remote(pixels_ref, assessment, self._rig_restoration)
+        restored: RestoredTile = await self._deblur.remote(pixels_ref, assessment, rig)
         pixels = await restored.pixels_ref
         return RestoredTile(ray.put(pixels), restored.model_version, restored.replica, restored.busy_s)
 

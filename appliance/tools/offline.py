@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,14 +101,19 @@ def calibrate_files(
 
 
 def with_restoration_blend(
-    calibration: RigCalibration, tiles: list[np.ndarray], restorer: TileRestorer
+    calibration: RigCalibration,
+    tiles: list[np.ndarray],
+    restorer: TileRestorer,
+    pixel_size_nm: Sequence[float] | None = None,
 ) -> RigCalibration:
     """The calibration with the restoration blend measured on its known-good tiles with `restorer`'s model
-    (appliance.restoration.rig_blend); unchanged without a spectral reference or when no tile can be read."""
+    (appliance.restoration.rig_blend); unchanged without a spectral reference or when no tile can be read.
+    pixel_size_nm: per tile, when they differ (calibrate's): each is restored against the spectrum at its own."""
     reference = calibration.spectral_arrays()
     if reference is None:
         return calibration
-    measured = measure_model_weight(restorer, tiles, reference, calibration.noise_level**2)
+    per_tile = None if pixel_size_nm is None else [calibration.spectral_arrays(nm) for nm in pixel_size_nm]
+    measured = measure_model_weight(restorer, tiles, reference, calibration.noise_level**2, tile_references=per_tile)
     if measured is None:
         return calibration
     blend = RestorationBlend(

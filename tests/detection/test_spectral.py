@@ -131,10 +131,62 @@ def test_calibrate_records_the_reference_and_the_detector_reads_against_it(rig, 
     verdict = apply_calibration(read, rig_reference(loaded, 4.0), CFG)
     assert verdict.sigma_px == read.spectral_sigma_px and verdict.label == "soft"
     assert "in-focus spectrum" in verdict.reason
-    # Another pixel size: the reference spectrum is in the calibration's cycles/px, so quadrature is used.
-    other = apply_calibration(read, rig_reference(loaded, 8.0), CFG)
-    assert "quadrature" in other.reason and not rig_reference(loaded, 8.0).spectral
-    assert rig_reference(loaded, 4.1).spectral  # within 5 %
+    # Another pixel size within 2x: the reading is taken against the reference rescaled to it (below)...
+    assert rig_reference(loaded, 8.0).spectral and rig_reference(loaded, 2.0).spectral
+    assert loaded.spectral_arrays(4.1) is not None and rig_reference(loaded, 4.1).spectral  # within 5 %: as is
+    for as_is in (loaded.spectral_arrays(4.1), loaded.spectral_arrays(None)):
+        assert as_is is not None and np.array_equal(as_is[0], reference[0])
+    # ...beyond it there is no reference for that tile, and quadrature is used.
+    assert loaded.spectral_arrays(10.0) is None and loaded.restoration_inputs(10.0) is None
+    other = apply_calibration(read, rig_reference(loaded, 10.0), CFG)
+    assert "quadrature" in other.reason and not rig_reference(loaded, 10.0).spectral
+
+
+def _specimen(pixel_nm: float, seed: int, blur_px: float = 0.0) -> np.ndarray:
+    """A 512 px uint8 field of one specimen imaged at pixel_nm: the same power spectrum in cycles/nm (a knee at
+    1/40 nm, not a power law, so the pixel size shows), a Gaussian blur of blur_px (px at pixel_nm), white noise."""
+    rng = np.random.default_rng(seed)
+    fy, fx = np.fft.fftfreq(512)[:, None], np.fft.rfftfreq(512)[None, :]
+    f2 = fx * fx + fy * fy
+    power = (1.0 + f2 / pixel_nm**2 * 40.0**2) ** -2 * np.exp(-4 * np.pi**2 * f2 * blur_px**2)
+    coefficients = (rng.normal(size=f2.shape) + 1j * rng.normal(size=f2.shape)) * np.sqrt(power)
+    coefficients[0, 0] = 0.0
+    field = np.fft.irfft2(coefficients, s=(512, 512))
+    field = field / field.std() * 40.0 + 128.0 + rng.normal(0.0, 2.0, field.shape)
+    return np.clip(field.round(), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("pixel_nm", [6.0, 3.0])
+def test_a_tile_of_another_pixel_size_is_read_against_the_reference_rescaled_to_it(pixel_nm: float) -> None:
+    """The in-focus PSF and the specimen are fixed in nm: a reference taken at 4 nm, rescaled to the tile's
+    pixel size, reads the blur added to a 6 nm or 3 nm tile; the reference as it is reads it too low or high."""
+    spectra = [spectral.window_spectra(_specimen(4.0, seed)) for seed in range(5)]
+    reference = spectral.reference_log_power([s for s in spectra if s is not None])
+    rescaled = spectral.reference_at_scale(reference, 4.0 / pixel_nm)
+    assert not rescaled[1].all() and rescaled[1].sum() >= spectral.MIN_BINS  # bins beyond the reference's range
+    assert _read(_specimen(pixel_nm, 9), rescaled).sigma_px < 0.8
+    for blur_px in (1.0, 2.0):
+        tile = _specimen(pixel_nm, 9, blur_px)
+        read, as_is = _read(tile, rescaled).sigma_px, _read(tile, reference).sigma_px
+        assert read == pytest.approx(blur_px, rel=0.1)
+        assert abs(read - blur_px) < abs(as_is - blur_px)
+
+
+def test_calibrate_takes_one_pixel_size_per_tile(rig, detector) -> None:
+    """One rig's known-good tiles at two magnifications: the calibration is at their median pixel size, each
+    tile's model sigma recorded at it; sizes beyond 2x of it are refused naming the tile."""
+    names = [f"{i}.png" for i in range(5)]
+    plain = calibrate(rig, names, detector)
+    mixed = calibrate(rig, names, detector, pixel_size_nm=[4.0, 4.0, 4.0, 5.0, 5.0])
+    assert mixed.pixel_size_nm == 4.0 and mixed.spectral is not None
+    assert [t.sigma_px for t in mixed.tiles] == pytest.approx(
+        [t.sigma_px * f for t, f in zip(plain.tiles, [1, 1, 1, 1.25, 1.25], strict=True)]
+    )
+    assert calibrate(rig, names, detector, pixel_size_nm=[4.0] * 5).spectral == plain.spectral
+    with pytest.raises(CalibrationError, match=r"4\.png: pixel size 9 nm against 4 nm"):
+        calibrate(rig, names, detector, pixel_size_nm=[4.0, 4.0, 4.0, 4.0, 9.0])
+    with pytest.raises(ValueError, match="5 tiles but 4 pixel sizes"):
+        calibrate(rig, names, detector, pixel_size_nm=[4.0] * 4)
 
 
 def test_a_beam_reference_keeps_the_spectral_reading(rig, held_out, detector) -> None:

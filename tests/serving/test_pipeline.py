@@ -6,6 +6,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import msgpack
 import numpy as np
 import pytest
@@ -243,6 +244,40 @@ def test_calibration_is_applied_in_the_running_appliance_and_checked_at_start(
     refused = cfg.model_copy(update={"detector": DetectorConfig(calibration=other)})
     with pytest.raises(ConfigError, match=rf"detector\.calibration: {other}: made with detector 'blurnet-v0'"):
         Appliance(refused).start()
+
+
+def test_tiles_of_another_pixel_size_are_judged_and_restored_against_the_rig_spectrum_rescaled_to_it(
+    start_appliance: Callable[..., object], tmp_path: Path
+) -> None:
+    """A rig calibrated at 4 nm images a section at 6 nm: its tiles are read against the rig's spectrum rescaled
+    to 6 nm and soft ones restored with the rig Wiener at 6 nm; at 10 nm (beyond 2x) the quadrature rule judges
+    and the model restores alone."""
+    isbi = [read_tile(DATA_DIR / f"{i}.png") for i in range(6)]
+    measured = calibrate(isbi[:5], [f"{i}.png" for i in range(5)], BlurDetector.from_config(DetectorConfig()), 4.0)
+    blend = RestorationBlend(deblur_model=CLASSICAL_VERSION, model_weight=0.25, psnr_db={"0.25": 30.0}, probes=1)
+    path = tmp_path / "calibration.json"
+    save_calibration(measured.model_copy(update={"restoration": blend}), path)
+    cfg = rig(tmp_path)
+    cfg = cfg.model_copy(
+        update={"detector": DetectorConfig(calibration=path), "deblur": DeblurConfig(backend="classical")}
+    )
+    appliance = start_appliance(cfg)
+    endpoints = appliance.endpoints  # type: ignore[attr-defined]
+    coarse = [cv2.resize(t, (341, 341), interpolation=cv2.INTER_AREA) for t in isbi[4:6]]  # 4 nm -> 6 nm
+    blurred = [quantize(apply_blur(to_unit_float(c), BlurParams("gaussian", 2.5))) for c in coarse]
+    tiles = [("sharp0", coarse[0]), ("sharp1", coarse[1]), ("soft0", blurred[0]), ("soft1", blurred[1])]
+    with ReferenceController(endpoints.tile, endpoints.feedback) as controller:
+        for section, pixel_nm in (("at6", 6.0), ("at10", 10.0)):
+            report = controller.send_section(section, iter(tiles), rate_hz=None, pixel_size_nm=pixel_nm)
+            assert (report.done, report.lost) == (4, 0)
+    records = {(r.section, r.tile_id): r for r in tile_records(Path(endpoints.output_dir))}
+    at6 = [records["at6", name] for name, _ in tiles]
+    assert all("in-focus spectrum" in (r.reason or "") for r in at6), [r.reason for r in at6]
+    assert [r.label for r in at6] == ["sharp", "sharp", "soft", "soft"], [(r.sigma_px, r.reason) for r in at6]
+    assert {r.deblur_version for r in at6[2:]} == {f"{CLASSICAL_VERSION}+rig-wiener-0.75"}
+    at10 = [records["at10", name] for name, _ in tiles]
+    assert all("quadrature" in (r.reason or "") for r in at10), [r.reason for r in at10]
+    assert {r.deblur_version for r in at10 if r.label == "soft"} <= {CLASSICAL_VERSION}
 
 
 def _crops(count: int, side: int = 256) -> list[np.ndarray]:
