@@ -85,6 +85,7 @@ from bench.detector_sources import (  # noqa: E402
     load_sources,
     print_table,
     render_with_rig_noise,
+    stated_pixel_size_nm,
     tile_pixel_size_nm,
     use_pixel_sizes,
 )
@@ -112,13 +113,19 @@ def pick_tiles(source: Source, count: int, side: int) -> list[tuple[str, np.ndar
 
 
 def rig_for_tile(
-    source: Source, name: str, restorer: TileRestorer, detector: BlurDetector
+    source: Source, name: str, restorer: TileRestorer, detector: BlurDetector, calibrate_at_nm: float | None = None
 ) -> tuple[RigRestoration | None, str]:
     """The restoration a rig calibrated on the first CALIBRATION_TILES other tiles of `source` gives tile `name`
     (module docstring, `--calibrated`), and what happened: "model share W" or why there is none. Where the
     source states its tiles' pixel sizes (detector_sources.PIXEL_SIZE_NM), calibrate gets them and the tile is
-    restored against the rig's spectrum at its own, as the ingest does with the tile header's."""
-    others = [(n, t) for n, t in source.tiles if n != name][:CALIBRATION_TILES]
+    restored against the rig's spectrum at its own, as the ingest does with the tile header's.
+    calibrate_at_nm: only other tiles stated at that pixel size are calibration tiles (a rig calibrated at
+    one pixel size, restoring tiles of every size)."""
+    others = [
+        (n, t)
+        for n, t in source.tiles
+        if n != name and (calibrate_at_nm is None or stated_pixel_size_nm(source.name, n) == calibrate_at_nm)
+    ][:CALIBRATION_TILES]
     sizes = calibration_pixel_sizes(source.name, [n for n, _ in others])
     try:
         calibration = calibrate([t for _, t in others], [n for n, _ in others], detector, sizes)
@@ -342,6 +349,13 @@ def main() -> None:
         help="restore as a rig calibrated on 5 other tiles of the source does: the model blended with the rig "
         "Wiener by the share calibrate measures (module docstring)",
     )
+    parser.add_argument(
+        "--calibrate-at-nm",
+        type=float,
+        default=None,
+        help="with --calibrated: calibrate only on other tiles stated at this pixel size (PIXEL_SIZE_NM; the rat "
+        "SEM has 100, 130 and 180 nm), as a rig calibrated at one pixel size restores tiles of every size",
+    )
     parser.add_argument("--seed", type=int, default=20261127)
     parser.add_argument(
         "--out", type=Path, default=None, help="default bench/results/deblur_sources.json (_loso with --loso)"
@@ -378,13 +392,18 @@ def main() -> None:
         model_path = args.model if args.loso is None else args.loso / f"loso-{packed_source_name(source.name)}.onnx"
         restorer = restorer_for(model_path)
         tiles = pick_tiles(source, args.tiles, args.side)
-        rigs = None if detector is None else [rig_for_tile(source, name, restorer, detector) for name, _ in tiles]
+        rigs = (
+            None
+            if detector is None
+            else [rig_for_tile(source, name, restorer, detector, args.calibrate_at_nm) for name, _ in tiles]
+        )
         entry = score_source(restorer, tiles, rng, assess, rigs=rigs)
         sources[source.name] = {"note": source.note, "model_version": restorer.model_version, **entry}
         print(f"{source.name}: {len(entry['tiles'])} tiles, {time.monotonic() - t0:.0f} s", flush=True)
     result = {
         "command": " ".join(["python", *sys.argv]),
         "pixel_sizes": "ignored" if args.ignore_pixel_sizes else "as PIXEL_SIZE_NM states (rat SEM)",
+        "calibrate_at_nm": args.calibrate_at_nm,
         "model_version": f"per source, leave-one-source-out ({args.loso})"
         if args.loso is not None
         else restorer_for(args.model).model_version,

@@ -131,12 +131,20 @@ def grid_crops(tiles: list[tuple[str, np.ndarray]]) -> tuple[list[tuple[str, np.
     return out, f"{len(tiles)} tiles cut into {k}x{k} crops of >= {side} px ({len(out)} crops)"
 
 
-def tile_pixel_size_nm(source: str, tile_name: str) -> float | None:
+_TELL_PIXEL_SIZES = [True]  # use_pixel_sizes sets it (a bench's --ignore-pixel-sizes)
+
+
+def stated_pixel_size_nm(source: str, tile_name: str) -> float | None:
     """The pixel size PIXEL_SIZE_NM states for a tile of `source` (a crop keeps its tile's), or None."""
     for prefix, nm in PIXEL_SIZE_NM.get(source, {}).items():
         if tile_name.startswith(prefix):
             return nm
     return None
+
+
+def tile_pixel_size_nm(source: str, tile_name: str) -> float | None:
+    """The pixel size the appliance is told for a tile (its header's): the stated one, or None when ignored."""
+    return stated_pixel_size_nm(source, tile_name) if _TELL_PIXEL_SIZES[0] else None
 
 
 def add_pixel_size_option(parser: argparse.ArgumentParser) -> None:
@@ -150,9 +158,8 @@ def add_pixel_size_option(parser: argparse.ArgumentParser) -> None:
 
 
 def use_pixel_sizes(enabled: bool) -> None:
-    """Whether tile_pixel_size_nm answers from PIXEL_SIZE_NM (a bench's --ignore-pixel-sizes clears it)."""
-    if not enabled:
-        PIXEL_SIZE_NM.clear()
+    """Whether tile_pixel_size_nm answers from PIXEL_SIZE_NM (a bench's --ignore-pixel-sizes: None for all)."""
+    _TELL_PIXEL_SIZES[0] = enabled
 
 
 def calibration_pixel_sizes(source: str, names: list[str]) -> list[float] | None:

@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from appliance.config import DetectorConfig  # noqa: E402
+from appliance.detection.calibration import spectral_scale  # noqa: E402
 from appliance.spectral import read_added_blur, reference_at_scale, reference_log_power, window_spectra  # noqa: E402
 from bench.detector_sources import (  # noqa: E402
     CORPUS,
@@ -59,8 +60,8 @@ def read_source(
     tiles: list[np.ndarray], rng: np.random.Generator, sharp_px: float, pixel_nm: list[float | None] | None = None
 ) -> dict:
     """Every draw's readings of one source's tiles and blurred copies, summarised per family. pixel_nm: per tile,
-    when every one is known: the reference is built at the draw's median pixel size and rescaled to each tile's
-    (appliance.spectral.reference_at_scale), as `calibrate` and the ingest do."""
+    when every one is known: the reference is built at the draw's median pixel size and read as the ingest
+    reads a tile of another size (calibration.spectral_scale; a tile beyond 2x of it is skipped)."""
     spectra = [window_spectra(t) for t in tiles]
     blurred = [
         {(f, s): window_spectra(blur_with_rig_noise(t, f, s, rng)) for f in FAMILIES for s in SIGMAS} for t in tiles
@@ -77,7 +78,10 @@ def read_source(
         common = float(np.median([sizes[i] for i in chosen]))
         drawn = reference_log_power([m for m in members if m is not None], [sizes[i] / common for i in chosen])
         for i in (i for i in range(len(tiles)) if i not in chosen):
-            reference = reference_at_scale(drawn, common / sizes[i])
+            scale = spectral_scale(common, sizes[i])  # as the detector reads a tile of that size
+            if scale is None:
+                continue
+            reference = reference_at_scale(drawn, scale)
             own = spectra[i]
             reading = None if own is None else read_added_blur(own, *reference)
             sharp_called.append(reading is not None and reading.sigma_px > sharp_px)

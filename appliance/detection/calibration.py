@@ -75,11 +75,13 @@ MIXED_NOISE_RATIO = 10.0
 # a tile blurred by 1.5 px read 0.95-1.6 px (probe of 2026-11-26, docs/calibration.md).
 SPECTRAL_OUTLIER_PX = 1.2
 SPECTRAL_SHARPER_PX = 1.0
-# A tile whose pixel size is within this fraction of the calibration's is read against the reference as it is;
-# beyond it, against the reference rescaled to the tile's pixel size (spectral.reference_at_scale).
+# A tile whose pixel size differs from the calibration's by more than this fraction is read against the
+# reference rescaled to it (spectral.reference_at_scale). Its restoration takes the rescaled reference only
+# when the tile is coarser: the rescaled reference has no bins in a finer tile's top band, where the rig
+# Wiener would extrapolate its signal prior; on the rat SEM's real tiles that lost 0.1-0.9 dB per finer tile
+# and gained 0.2-0.3 dB per coarser one (docs/calibration.md).
 SPECTRAL_PIXEL_SIZE_TOLERANCE = 0.05
-# Pixel sizes (tile / calibration) the rescaled reference serves; beyond them, the quadrature rule. At 2x finer
-# a tile keeps the bins below 0.25 cycles/px, at 2x coarser those above 0.04.
+# Pixel sizes (tile / calibration) the spectral reading serves; beyond them, the quadrature rule.
 SPECTRAL_PIXEL_SIZE_RATIO = (0.5, 2.0)
 
 
@@ -217,17 +219,19 @@ class RigCalibration(_Strict):
         """(the rig's spectrum, the model's share, the deblur model it was measured with, the rig's noise power)
         for the restorer (appliance.restoration.rig_wiener.RigRestoration) of a tile of pixel_size_nm (None: as
         calibrated), or None without a restoration blend or a spectrum for that pixel size."""
-        reference = self.spectral_arrays(pixel_size_nm)
+        reference = self.spectral_arrays(pixel_size_nm, restoring=True)
         if self.restoration is None or reference is None:
             return None
         return reference, self.restoration.model_weight, self.restoration.deblur_model, self.noise_level**2
 
-    def spectral_arrays(self, pixel_size_nm: float | None = None) -> SpectralReferenceArrays | None:
-        """The rig's in-focus spectrum as BlurDetector.assess takes it for a tile of pixel_size_nm (None: as
-        calibrated), or None without one or beyond SPECTRAL_PIXEL_SIZE_RATIO (the quadrature rule)."""
+    def spectral_arrays(
+        self, pixel_size_nm: float | None = None, restoring: bool = False
+    ) -> SpectralReferenceArrays | None:
+        """The rig's in-focus spectrum as BlurDetector.assess (restoring: the rig Wiener) takes it for a tile of
+        pixel_size_nm (None: as calibrated), or None without one or beyond SPECTRAL_PIXEL_SIZE_RATIO."""
         if self.spectral is None:
             return None
-        scale = spectral_scale(self.pixel_size_nm, pixel_size_nm)
+        scale = spectral_scale(self.pixel_size_nm, pixel_size_nm, restoring)
         return None if scale is None else spectral.reference_at_scale(self.spectral.arrays(), scale)
 
     def model_post_init(self, __context: object) -> None:
@@ -249,17 +253,19 @@ class RigCalibration(_Strict):
 # Per-tile statistics
 
 
-def spectral_scale(calibration_nm: float | None, tile_nm: float | None) -> float | None:
-    """How a tile of tile_nm sees a reference spectrum taken at calibration_nm (spectral.reference_at_scale):
-    1 when either is unknown or they agree within SPECTRAL_PIXEL_SIZE_TOLERANCE, None beyond
-    SPECTRAL_PIXEL_SIZE_RATIO (no spectral reading for that tile)."""
+def spectral_scale(calibration_nm: float | None, tile_nm: float | None, restoring: bool = False) -> float | None:
+    """How a tile of tile_nm takes a reference spectrum taken at calibration_nm (the `scale` of
+    spectral.reference_at_scale): 1 (as it is) when either is unknown, within SPECTRAL_PIXEL_SIZE_TOLERANCE, or
+    (restoring) when the tile is finer; else rescaled; None beyond SPECTRAL_PIXEL_SIZE_RATIO (no reading)."""
     if calibration_nm is None or tile_nm is None:
         return 1.0
     ratio = tile_nm / calibration_nm
-    if abs(ratio - 1.0) <= SPECTRAL_PIXEL_SIZE_TOLERANCE:
-        return 1.0
     low, high = SPECTRAL_PIXEL_SIZE_RATIO
-    return 1.0 / ratio if low <= ratio <= high else None
+    if not low <= ratio <= high:
+        return None
+    if abs(ratio - 1.0) <= SPECTRAL_PIXEL_SIZE_TOLERANCE or (restoring and ratio < 1.0):
+        return 1.0
+    return 1.0 / ratio
 
 
 def noise_level(tile: np.ndarray) -> float:

@@ -112,7 +112,9 @@ def with_restoration_blend(
     reference = calibration.spectral_arrays()
     if reference is None:
         return calibration
-    per_tile = None if pixel_size_nm is None else [calibration.spectral_arrays(nm) for nm in pixel_size_nm]
+    per_tile = (
+        None if pixel_size_nm is None else [calibration.spectral_arrays(nm, restoring=True) for nm in pixel_size_nm]
+    )
     measured = measure_model_weight(restorer, tiles, reference, calibration.noise_level**2, tile_references=per_tile)
     if measured is None:
         return calibration

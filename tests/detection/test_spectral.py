@@ -21,6 +21,7 @@ from appliance.detection.calibration import (
     noise_level,
     rig_reference,
     save_calibration,
+    spectral_scale,
 )
 from appliance.detection.detector import BlurDetector
 from appliance.detection.online_baseline import OnlineBaseline
@@ -131,11 +132,15 @@ def test_calibrate_records_the_reference_and_the_detector_reads_against_it(rig, 
     verdict = apply_calibration(read, rig_reference(loaded, 4.0), CFG)
     assert verdict.sigma_px == read.spectral_sigma_px and verdict.label == "soft"
     assert "in-focus spectrum" in verdict.reason
-    # Another pixel size within 2x: the reading is taken against the reference rescaled to it (below)...
+    # Another pixel size within 2x: the tile is read against the reference rescaled to it (below); the rig
+    # Wiener restores a finer one against the reference as it is. Within 5 % or unknown: as it is...
     assert rig_reference(loaded, 8.0).spectral and rig_reference(loaded, 2.0).spectral
-    assert loaded.spectral_arrays(4.1) is not None and rig_reference(loaded, 4.1).spectral  # within 5 %: as is
-    for as_is in (loaded.spectral_arrays(4.1), loaded.spectral_arrays(None)):
-        assert as_is is not None and np.array_equal(as_is[0], reference[0])
+    rescaled = [loaded.spectral_arrays(8.0), loaded.spectral_arrays(2.0), loaded.spectral_arrays(8.0, restoring=True)]
+    for arrays in rescaled:
+        assert arrays is not None and not np.array_equal(arrays[0], reference[0])
+    as_is = [loaded.spectral_arrays(4.1), loaded.spectral_arrays(None), loaded.spectral_arrays(2.0, restoring=True)]
+    for arrays in as_is:
+        assert arrays is not None and np.array_equal(arrays[0], reference[0])
     # ...beyond it there is no reference for that tile, and quadrature is used.
     assert loaded.spectral_arrays(10.0) is None and loaded.restoration_inputs(10.0) is None
     other = apply_calibration(read, rig_reference(loaded, 10.0), CFG)
@@ -156,20 +161,41 @@ def _specimen(pixel_nm: float, seed: int, blur_px: float = 0.0) -> np.ndarray:
     return np.clip(field.round(), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("pixel_nm", [6.0, 3.0])
-def test_a_tile_of_another_pixel_size_is_read_against_the_reference_rescaled_to_it(pixel_nm: float) -> None:
-    """The in-focus PSF and the specimen are fixed in nm: a reference taken at 4 nm, rescaled to the tile's
-    pixel size, reads the blur added to a 6 nm or 3 nm tile; the reference as it is reads it too low or high."""
+@pytest.fixture(scope="module")
+def specimen_at_4nm() -> spectral.SpectralReferenceArrays:
     spectra = [spectral.window_spectra(_specimen(4.0, seed)) for seed in range(5)]
-    reference = spectral.reference_log_power([s for s in spectra if s is not None])
-    rescaled = spectral.reference_at_scale(reference, 4.0 / pixel_nm)
+    return spectral.reference_log_power([s for s in spectra if s is not None])
+
+
+@pytest.mark.parametrize("pixel_nm", [6.0, 8.0])
+def test_a_tile_of_another_pixel_size_is_read_against_the_reference_rescaled_to_it(
+    specimen_at_4nm, pixel_nm: float
+) -> None:
+    """The in-focus PSF and the specimen are fixed in nm: a reference taken at 4 nm, rescaled to the tile's
+    pixel size, reads the blur added to a 6 or 8 nm tile; the reference as it is reads it too low."""
+    scale = spectral_scale(4.0, pixel_nm)
+    assert scale == pytest.approx(4.0 / pixel_nm)
+    rescaled = spectral.reference_at_scale(specimen_at_4nm, scale)
     assert not rescaled[1].all() and rescaled[1].sum() >= spectral.MIN_BINS  # bins beyond the reference's range
     assert _read(_specimen(pixel_nm, 9), rescaled).sigma_px < 0.8
     for blur_px in (1.0, 2.0):
         tile = _specimen(pixel_nm, 9, blur_px)
-        read, as_is = _read(tile, rescaled).sigma_px, _read(tile, reference).sigma_px
+        read, as_is = _read(tile, rescaled).sigma_px, _read(tile, specimen_at_4nm).sigma_px
         assert read == pytest.approx(blur_px, rel=0.1)
         assert abs(read - blur_px) < abs(as_is - blur_px)
+
+
+def test_a_finer_tile_is_read_rescaled_and_restored_against_the_reference_as_it_is(specimen_at_4nm) -> None:
+    """A 3 nm tile is read on the band the 4 nm reference covers, rescaled. Its restoration takes the reference
+    as it is: rescaled, it has no bins in the finer tile's top band (that lost the rig Wiener 0.1-0.9 dB per
+    tile on real tiles)."""
+    assert spectral_scale(4.0, 3.0) == pytest.approx(4.0 / 3.0)
+    assert spectral_scale(4.0, 3.0, restoring=True) == spectral_scale(4.0, 4.1) == spectral_scale(None, 3.0) == 1.0
+    assert spectral_scale(4.0, 1.9) is None and spectral_scale(4.0, 8.5, restoring=True) is None  # beyond 2x
+    rescaled = spectral.reference_at_scale(specimen_at_4nm, 4.0 / 3.0)
+    assert _read(_specimen(3.0, 9), rescaled).sigma_px < 0.8
+    for blur_px in (1.0, 2.0):
+        assert _read(_specimen(3.0, 9, blur_px), rescaled).sigma_px == pytest.approx(blur_px, rel=0.1)
 
 
 def test_calibrate_takes_one_pixel_size_per_tile(rig, detector) -> None:
