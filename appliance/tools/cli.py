@@ -190,7 +190,7 @@ def calibrate(
         typer.Option(
             min=0.001,
             help="Pixel size of these tiles (nm). Recorded, so that tiles of another pixel size get the baseline "
-            "scaled (docs/calibration.md); unset: the baseline is used as is.",
+            "and the rig's spectrum scaled (docs/calibration.md); unset: both are used as they are.",
         ),
     ] = None,
     restoration: Annotated[
