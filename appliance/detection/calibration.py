@@ -473,7 +473,7 @@ def calibrate(
     reference = None if readings is None else SpectralReference.from_tiles(readable, scales)
     read: list[spectral.SpectralReading | None] = list(readings) if readings else [None] * len(tiles)
     stats = [
-        tile_stats(np.asarray(t), n, a, r, 1.0 if scales is None else scale)
+        tile_stats(np.asarray(t), n, a, r, scale)
         for t, n, a, r, scale in zip(tiles, names, assessments, read, scales or [1.0] * len(tiles), strict=True)
     ]
     try:
