@@ -652,7 +652,8 @@ def _local_blur_beyond_repair(
 def apply_to_all(
     assessments: Sequence[BlurAssessment], calibration: RigCalibration | None, cfg: DetectorConfig
 ) -> list[BlurAssessment]:
-    """apply_calibration on each assessment; unchanged without a calibration (the appliance and the CLI)."""
+    """apply_calibration on each assessment, the tiles taken as of the calibration's pixel size; unchanged without
+    a calibration."""
     if calibration is None:
         return list(assessments)
     return [apply_calibration(a, calibration, cfg) for a in assessments]

@@ -164,18 +164,31 @@ def _rig_sections(config: Path | None) -> tuple[DetectorConfig, DeblurConfig]:
     return rig.detector, rig.deblur
 
 
-def _offline_detector(cfg: DetectorConfig, calibration: Path | None) -> OfflineDetector:
+def _offline_detector(cfg: DetectorConfig, calibration: Path | None, pixel_size_nm: float | None) -> OfflineDetector:
+    """The detector for `score` and `deblur`; exits 2 on a pixel size without a calibration, 1 on a bad one."""
     from appliance.detection.calibration import CalibrationError
     from appliance.tools.offline import OfflineDetector
 
     try:
-        return OfflineDetector(cfg, calibration)
+        detector = OfflineDetector(cfg, calibration, pixel_size_nm)
     except CalibrationError as exc:
         _error(str(exc))
         raise typer.Exit(1) from None
+    except ValueError as exc:
+        _error(str(exc))
+        raise typer.Exit(2) from None
+    warning = detector.pixel_size_warning()
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
+    return detector
 
 
 CALIBRATION_HELP = "Rig calibration (`calibrate`): measure blur from this rig's in-focus baseline."
+PIXEL_SIZE_HELP = (
+    "Pixel size of these tiles (nm), as a tile header gives it to the appliance: the calibration's baseline and "
+    'spectrum are taken at it (docs/calibration.md, "Pixel size"); needs --calibration. Unset: the tiles are '
+    "taken as of the calibration's pixel size."
+)
 
 
 @app.command()
@@ -186,11 +199,12 @@ def calibrate(
         Path | None, typer.Option(help="Rig config whose detector to calibrate (default: built-in).")
     ] = None,
     pixel_size_nm: Annotated[
-        float | None,
+        list[float] | None,
         typer.Option(
             min=0.001,
-            help="Pixel size of these tiles (nm). Recorded, so that tiles of another pixel size get the baseline "
-            "and the rig's spectrum scaled (docs/calibration.md); unset: both are used as they are.",
+            help="Pixel size of these tiles (nm): once for all, or once per file in their order (one rig at a few "
+            "magnifications, within 2x of their median). Recorded, so that tiles of another pixel size get the "
+            "baseline and the rig's spectrum scaled (docs/calibration.md); unset: both are used as they are.",
         ),
     ] = None,
     restoration: Annotated[
@@ -205,7 +219,8 @@ def calibrate(
     from appliance.tools.offline import calibrate_files
 
     detector, deblur = _rig_sections(config)
-    calibration, errors = calibrate_files(files, out, detector, pixel_size_nm, deblur if restoration else None)
+    sizes = pixel_size_nm[0] if pixel_size_nm and len(pixel_size_nm) == 1 else pixel_size_nm or None
+    calibration, errors = calibrate_files(files, out, detector, sizes, deblur if restoration else None)
     for error in errors:
         _error(error)
     if calibration is None:
@@ -238,11 +253,12 @@ def score(
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per file.")] = False,
     backend: Annotated[str, typer.Option(help="auto | onnx | classical")] = "auto",
     calibration: Annotated[Path | None, typer.Option(help=CALIBRATION_HELP)] = None,
+    pixel_size_nm: Annotated[float | None, typer.Option(min=0.001, help=PIXEL_SIZE_HELP)] = None,
 ) -> None:
     """Score focus offline: blur_score (0 sharp ... 1 very blurred), label, blur estimate, region map."""
     from appliance.tools.offline import score_files
 
-    detector = _offline_detector(DetectorConfig(backend=backend), calibration)
+    detector = _offline_detector(DetectorConfig(backend=backend), calibration, pixel_size_nm)
     failures = _emit(score_files(files, detector), json_lines)
     if failures:
         raise typer.Exit(1)
@@ -255,6 +271,7 @@ def deblur(
     force: Annotated[bool, typer.Option(help="Also restore files scored `sharp` (never `retake`).")] = False,
     backend: Annotated[str, typer.Option(help="auto | onnx | torch | classical")] = "auto",
     calibration: Annotated[Path | None, typer.Option(help=CALIBRATION_HELP)] = None,
+    pixel_size_nm: Annotated[float | None, typer.Option(min=0.001, help=PIXEL_SIZE_HELP)] = None,
 ) -> None:
     """Restore soft-focus tiles offline with the same detector and deblur model as the appliance.
 
@@ -268,7 +285,7 @@ def deblur(
         _error(problem)
     if problems:
         raise typer.Exit(2)
-    detector = _offline_detector(DetectorConfig(), calibration)
+    detector = _offline_detector(DetectorConfig(), calibration, pixel_size_nm)
     unwritable = prepare_out_dir(out)
     if unwritable:
         _error(unwritable)

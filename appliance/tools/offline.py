@@ -12,12 +12,14 @@ import numpy as np
 
 from appliance.config import DeblurConfig, DetectorConfig
 from appliance.detection.calibration import (
+    SPECTRAL_PIXEL_SIZE_RATIO,
     CalibrationError,
     RestorationBlend,
     RigCalibration,
-    apply_to_all,
+    apply_calibration,
     calibrate,
     load_calibration,
+    rig_reference,
     save_calibration,
 )
 from appliance.detection.detector import BlurDetector
@@ -40,45 +42,89 @@ class FileResult:
 class OfflineDetector:
     """The detector of `cfg`, with the rig calibration in `calibration_path` applied when one is given.
 
-    Raises CalibrationError naming the file when it cannot be read or was made with another detector model.
+    pixel_size_nm: the tiles' pixel size (nm), as a tile header gives it to the running appliance: the
+    calibration's baseline and spectrum are taken at it (rig_reference, RigCalibration.spectral_arrays; the rig
+    Wiener's spectrum too, `rig_restoration`). None: the tiles are taken as of the calibration's pixel size.
+
+    Raises CalibrationError naming the file when it cannot be read or was made with another detector model,
+    and ValueError when a pixel size is given without a calibration (it would change nothing).
     """
 
-    def __init__(self, cfg: DetectorConfig, calibration_path: Path | None = None) -> None:
+    def __init__(
+        self, cfg: DetectorConfig, calibration_path: Path | None = None, pixel_size_nm: float | None = None
+    ) -> None:
+        if pixel_size_nm is not None and calibration_path is None:
+            raise ValueError(
+                f"--pixel-size-nm {pixel_size_nm:g} needs --calibration: the pixel size scales a rig's calibration, "
+                "and the uncalibrated detector reads blur in px"
+            )
         self.cfg = cfg
+        self.pixel_size_nm = pixel_size_nm
         self.detector = BlurDetector.from_config(cfg)
         self.calibration: RigCalibration | None = (
             load_calibration(calibration_path, self.detector.model_version) if calibration_path is not None else None
         )
+        self._spectrum = None if self.calibration is None else self.calibration.spectral_arrays(pixel_size_nm)
 
     def assess(self, pixels: np.ndarray, name: str) -> BlurAssessment:
         """One tile's verdict (calibrated when a calibration is loaded); raises TileError on bad pixels."""
-        reference = None if self.calibration is None else self.calibration.spectral_arrays()
-        verdicts = self.detector.assess([pixels], [name], [reference])
-        return apply_to_all(verdicts, self.calibration, self.cfg)[0]
+        verdict = self.detector.assess([pixels], [name], [self._spectrum])[0]
+        if self.calibration is None:
+            return verdict
+        return apply_calibration(verdict, rig_reference(self.calibration, self.pixel_size_nm), self.cfg)
 
     def calibration_fields(self) -> dict[str, Any]:
-        """`calibrated` and the rig's `baseline_sigma_px` for a calibrated record; nothing otherwise."""
+        """`calibrated`, the rig's `baseline_sigma_px` and the tiles' `pixel_size_nm` (when given) for a
+        calibrated record; nothing otherwise."""
         if self.calibration is None:
             return {}
-        return {"calibrated": True, "baseline_sigma_px": self.calibration.baseline_sigma_px}
+        fields: dict[str, Any] = {"calibrated": True, "baseline_sigma_px": self.calibration.baseline_sigma_px}
+        if self.pixel_size_nm is not None:
+            fields["pixel_size_nm"] = self.pixel_size_nm
+        return fields
+
+    def pixel_size_warning(self) -> str | None:
+        """Why the given pixel size weakens the calibration (one line for the operator), or None."""
+        if self.calibration is None or self.pixel_size_nm is None:
+            return None
+        cal_nm = self.calibration.pixel_size_nm
+        if cal_nm is None:
+            return (
+                f"the calibration records no pixel size: --pixel-size-nm {self.pixel_size_nm:g} changes nothing "
+                "(recalibrate with `calibrate --pixel-size-nm`)"
+            )
+        if self.calibration.spectral is not None and self._spectrum is None:
+            low, high = SPECTRAL_PIXEL_SIZE_RATIO
+            return (
+                f"tiles at {self.pixel_size_nm:g} nm are beyond {low:g}-{high:g}x the calibration's {cal_nm:g} nm: "
+                "blur is read from the baseline in quadrature, not the rig's spectrum (less reliable); calibrate "
+                "at this pixel size"
+            )
+        return None
 
 
 def calibrate_files(
     paths: list[Path],
     out: Path,
     cfg: DetectorConfig,
-    pixel_size_nm: float | None = None,
+    pixel_size_nm: float | Sequence[float] | None = None,
     deblur: DeblurConfig | None = None,
 ) -> tuple[RigCalibration | None, list[str]]:
     """Calibrate the detector of `cfg` on known-good tile files and write the calibration to `out` atomically.
 
-    pixel_size_nm: the tiles' pixel size (nm) when known, recorded in the calibration. deblur: the rig's
-    deblur settings; given, and with a spectral reference, the restoration blend is measured with that
-    model (`with_restoration_blend`).
+    pixel_size_nm: the tiles' pixel size (nm) when known, recorded in the calibration: one value for all, or one
+    per file (calibrate's). deblur: the rig's deblur settings; given, and with a spectral reference, the
+    restoration blend is measured with that model (`with_restoration_blend`).
 
     Returns (calibration, []) or (None, errors naming each bad file or the problem); on any error nothing
     is written.
     """
+    per_tile = None if pixel_size_nm is None or isinstance(pixel_size_nm, int | float) else list(pixel_size_nm)
+    if per_tile is not None and len(per_tile) != len(paths):
+        return None, [
+            f"{len(per_tile)} pixel sizes for {len(paths)} tiles: give one --pixel-size-nm for all of them, or one "
+            "per tile in the order of the files"
+        ]
     tiles, errors = [], []
     for path in paths:
         try:
@@ -92,7 +138,8 @@ def calibrate_files(
     except CalibrationError as exc:
         return None, [str(exc)]
     if deblur is not None:
-        calibration = with_restoration_blend(calibration, tiles, TileRestorer.from_config(deblur))
+        restorer = TileRestorer.from_config(deblur)
+        calibration = with_restoration_blend(calibration, tiles, restorer, per_tile)
     try:
         save_calibration(calibration, out)
     except OSError as exc:
@@ -127,9 +174,10 @@ def with_restoration_blend(
     return RigCalibration.model_validate({**calibration.model_dump(), "restoration": blend.model_dump()})
 
 
-def rig_restoration(calibration: RigCalibration | None) -> RigRestoration | None:
-    """What a calibration gives the restorer (its blend and the spectrum it restores against), or None."""
-    inputs = None if calibration is None else calibration.restoration_inputs()
+def rig_restoration(calibration: RigCalibration | None, pixel_size_nm: float | None = None) -> RigRestoration | None:
+    """What a calibration gives the restorer of tiles of pixel_size_nm (its blend and the spectrum it restores
+    against; None: as calibrated), or None."""
+    inputs = None if calibration is None else calibration.restoration_inputs(pixel_size_nm)
     return None if inputs is None else RigRestoration(*inputs)
 
 
@@ -196,7 +244,7 @@ def deblur_files(
     cannot be written yields its error and the rest go on.
     """
     restorer = TileRestorer.from_config(deblur_cfg)
-    rig = rig_restoration(detector.calibration)
+    rig = rig_restoration(detector.calibration, detector.pixel_size_nm)
     for path in paths:
         try:
             pixels = read_tile(path)
