@@ -526,8 +526,10 @@ def leave_one_out_readings(
     for i, own in enumerate(tiles):
         others = None if scales is None else list(scales[:i]) + list(scales[i + 1 :])
         reference = spectral.reference_log_power(tiles[:i] + tiles[i + 1 :], others)
-        if scales is not None:
-            reference = spectral.reference_at_scale(reference, 1.0 / scales[i])
+        # As the runtime will read this tile (spectral_scale): within the tolerance, against the spectrum as it is.
+        scale = 1.0 if scales is None else spectral_scale(1.0, scales[i])
+        if scale is not None and scale != 1.0:
+            reference = spectral.reference_at_scale(reference, scale)
         reading = spectral.read_added_blur(own, *reference)
         if reading is None:
             return None

@@ -17,6 +17,7 @@ from appliance.detection.calibration import (
     RigCalibration,
     apply_calibration,
     calibrate,
+    leave_one_out_readings,
     load_calibration,
     noise_level,
     rig_reference,
@@ -213,6 +214,20 @@ def test_calibrate_takes_one_pixel_size_per_tile(rig, detector) -> None:
         calibrate(rig, names, detector, pixel_size_nm=[4.0, 4.0, 4.0, 4.0, 9.0])
     with pytest.raises(ValueError, match="5 tiles but 4 pixel sizes"):
         calibrate(rig, names, detector, pixel_size_nm=[4.0] * 4)
+
+
+def test_calibration_tiles_are_read_leave_one_out_as_the_runtime_reads_a_tile(rig) -> None:
+    """A known-good tile within spectral_scale's tolerance of the calibration's pixel size is read against the
+    others' spectrum as it is (the runtime would read it so); one beyond it, against the spectrum rescaled."""
+    spectra = [spectral.window_spectra(t) for t in rig]
+    scales = [1.0, 1.0, 1.0, 1.03, 1.25]
+    readings = leave_one_out_readings(spectra, scales)
+    assert readings is not None
+    for i, expected_scale in ((3, 1.0), (4, 1 / 1.25)):
+        others = [s for j, s in enumerate(spectra) if j != i]
+        reference = spectral.reference_log_power(others, scales[:i] + scales[i + 1 :])
+        expected = spectral.read_added_blur(spectra[i], *spectral.reference_at_scale(reference, expected_scale))
+        assert expected is not None and readings[i].sigma_px == pytest.approx(expected.sigma_px)
 
 
 def test_a_beam_reference_keeps_the_spectral_reading(rig, held_out, detector) -> None:
