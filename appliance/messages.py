@@ -52,6 +52,10 @@ class BlurAssessment:
         from: the rig's, or the tile's beam's own (docs/calibration.md); None for an uncalibrated verdict.
     spectral_sigma_px: blur added to the rig's in-focus power spectrum (px, major axis), read when the detector
         holds a rig calibration with a spectral reference (appliance.spectral); None otherwise.
+    spectral_estimate_px: with spectral_sigma_px, the blur estimate against the same spectrum (px): the
+        isotropic sigma unless the blur is clearly elliptical, the worst quadrant only where it clearly stands
+        out (appliance.spectral.estimate_added_blur). spectral_sigma_px, the worst region's major axis, decides
+        that a tile is not sharp; this is the sigma a calibrated verdict reports and restores with.
     spectral_spot_sigma_px: for a partial-blur retake read with a spectral reference, the largest single-window
         reading around the region it names (px): what confirms the spot against the rig's spectrum.
     """
@@ -66,12 +70,13 @@ class BlurAssessment:
     model_version: str = ""
     baseline_sigma_px: float | None = None
     spectral_sigma_px: float | None = None
+    spectral_estimate_px: float | None = None
     spectral_spot_sigma_px: float | None = None
 
     def to_record(self) -> dict[str, Any]:
         """Plain dict for JSON/msgpack (QC record, CLI output); the calibrated fields only when set."""
         record = asdict(self)
-        for key in ("baseline_sigma_px", "spectral_sigma_px", "spectral_spot_sigma_px"):
+        for key in ("baseline_sigma_px", "spectral_sigma_px", "spectral_estimate_px", "spectral_spot_sigma_px"):
             if record[key] is None:
                 del record[key]
         return record

@@ -71,6 +71,11 @@ class QcTileRecord(_Line):
         description="With a spectral rig calibration only (else absent): blur added to the rig's in-focus power "
         "spectrum, px (docs/calibration.md).",
     )
+    spectral_estimate_px: float | None = Field(
+        None,
+        description="With a spectral rig calibration only (else absent): the blur estimate against that spectrum, "
+        "px; a calibrated sigma_px is this (docs/calibration.md).",
+    )
     spectral_spot_sigma_px: float | None = Field(
         None,
         description="A partial-blur retake read with a spectral calibration only: the largest reading around the "

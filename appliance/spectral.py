@@ -555,3 +555,131 @@ def read_added_blur(
         if quadrant is not None and quadrant[0] > best.sigma_px:
             best = SpectralReading(quadrant[0], quadrant[1], quadrant[2], f"quadrant {q // 2},{q % 2}", isotropic)
     return best
+
+
+# ---------------------------------------------------------------------------------------------------
+# The blur estimate: what the restoration and the restorable limit take (read_added_blur is what decides
+# that a tile is not sharp)
+
+# The elliptical fit is reported (its major axis) only where it explains the spectrum better than the isotropic
+# one by F >= this (F over the two extra parameters). Tissue with a direction (axons, membranes along one
+# axis) differs from the rig's typical tile by angle too, so for an isotropic blur F exceeded 10 on a third to
+# two thirds of the rat SEM, TEM mouse cc and neubias tiles, where the astigmatic family (anisotropy 1.5-4) reads
+# F far above 30. Chosen on bench/spectral_reader.py among 10, 20, 30 and 100 (models/detector/MODEL_CARD.md).
+ANISOTROPY_F = 30.0
+# A quadrant's estimate is taken only where it exceeds the whole tile's by this many combined standard
+# deviations (each fit's least-squares variance of its sigma^2): the worst of five noisy estimates of a
+# uniform blur would otherwise lift it (chosen with ANISOTROPY_F among 2, 3 and 6).
+QUADRANT_EXCESS_SD = 3.0
+# Gauss-Newton steps from the usable-bin fit: the estimates moved by < 1e-3 px beyond 6 on the em-corpus.
+_ESTIMATE_STEPS = 6
+
+
+@dataclass(frozen=True)
+class _Estimate:
+    """One region's blur estimate: sigma_px, its square (px^2) and the least-squares variance of the isotropic
+    fit's sigma^2 (px^4)."""
+
+    sigma_px: float
+    sigma2_px2: float
+    sigma2_variance_px4: float
+
+
+def _all_bins_fit(bins: _AllBins, design: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """Gauss-Newton fit of log P = log(e^(design @ theta) P_rig + N) over every bin (step halving where the
+    weighted SSE would rise): (theta, SSE, covariance of theta)."""
+    w2 = bins.weight**2
+
+    def model(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        signal = np.exp(np.minimum(design @ theta + bins.reference, 700.0))
+        return signal, np.log(signal + bins.noise)
+
+    theta = np.asarray(start, dtype=np.float64)
+    signal, fitted = model(theta)
+    sse = float(w2 @ (bins.y - fitted) ** 2)
+    for _ in range(_ESTIMATE_STEPS):
+        jacobian = design * (signal / (signal + bins.noise))[:, None]
+        normal = (jacobian * w2[:, None]).T @ jacobian
+        step = np.linalg.lstsq(normal, (jacobian * w2[:, None]).T @ (bins.y - fitted), rcond=None)[0]
+        for _halving in range(4):
+            trial_signal, trial_fitted = model(theta + step)
+            trial_sse = float(w2 @ (bins.y - trial_fitted) ** 2)
+            if trial_sse <= sse:
+                break
+            step = step / 2
+        else:
+            break
+        theta, signal, fitted, gained, sse = theta + step, trial_signal, trial_fitted, sse - trial_sse, trial_sse
+        if gained < 1e-6 * max(sse, 1e-12):
+            break
+    jacobian = design * (signal / (signal + bins.noise))[:, None]
+    normal = (jacobian * w2[:, None]).T @ jacobian
+    covariance = np.linalg.pinv(normal) * sse / max(len(bins.y) - design.shape[1], 1)
+    return theta, sse, covariance
+
+
+def _estimate(
+    power: np.ndarray, noise: float, windows: int, reference: np.ndarray, usable: np.ndarray, elliptical_too: bool
+) -> _Estimate | None:
+    """The blur estimate of one region (mean periodogram of `windows` windows); None without MIN_BINS usable
+    bins. The Gaussian fits run over every bin the reference vouches for, the noise in the model (dropping
+    the bins below SNR_MIN x the noise, as the usable-bin fit must, reads blur low where few bins are left),
+    started from the usable-bin fit. elliptical_too: also fit the elliptical Gaussian (F-test, ANISOTROPY_F);
+    else the isotropic sigma."""
+    inputs = _fit_inputs(power, noise, windows, reference, usable)
+    if inputs is None:
+        return None
+    (c, a, e, b), _ = _gaussian_fit(inputs)
+    bins = _all_bins(power, noise, windows, reference, usable)
+    _, _, fx2, fy2, fxy, _ = _bin_geometry()
+    ones = np.ones(int(bins.use.sum()))
+    fx2, fy2, fxy = fx2[bins.use], fy2[bins.use], fxy[bins.use]
+    elliptical = np.stack([ones, -_FOUR_PI2 * fx2, -_FOUR_PI2 * fy2, -2 * _FOUR_PI2 * fxy], 1)
+    isotropic = np.stack([ones, -_FOUR_PI2 * (fx2 + fy2)], 1)
+    theta_i, sse_i, covariance_i = _all_bins_fit(bins, isotropic, np.array([c, (a + e) / 2]))
+    f_ratio, extra = 0.0, len(ones) - 4
+    if elliptical_too and extra > 0:
+        theta_e, sse_e, _ = _all_bins_fit(bins, elliptical, np.array([c, a, e, b]))
+        f_ratio = (sse_i - sse_e) / 2 / (sse_e / extra) if sse_e > 0 else 0.0
+    if f_ratio >= ANISOTROPY_F:
+        _, a, e, b = theta_e
+        variance = max(float(np.linalg.eigvalsh(np.array([[a, b], [b, e]]))[1]), 0.0)
+    else:
+        variance = max(float(theta_i[1]), 0.0)
+    return _Estimate(math.sqrt(variance), variance, float(covariance_i[1, 1]))
+
+
+def estimate_added_blur(spectra: WindowSpectra, reference: np.ndarray, reference_usable: np.ndarray) -> float | None:
+    """The blur added to the reference (px, Gaussian-equivalent sigma) as a restoration needs it; None when the
+    whole tile has too few usable bins (read_added_blur has no reading either).
+
+    read_added_blur reports the largest major axis of five least-squares fits: for an isotropic blur noise
+    in the fitted anisotropy and the worst of five noisy readings both lengthen it (1.07-1.15x the true sigma
+    on the 256-512 px em-corpus crops), which is the right bias for deciding that a tile is not sharp and the
+    wrong one for its size. Here: the isotropic sigma unless the elliptical fit is better by ANISOTROPY_F
+    (then its major axis), and a quadrant's isotropic sigma only where it stands QUADRANT_EXCESS_SD above the
+    whole tile's (an astigmatism is the lens's, over the whole tile; fitting each quadrant's ellipse too cost
+    2 ms more per tile, 16 windows, for no measured change)."""
+
+    def fit(members: np.ndarray, elliptical_too: bool = False) -> _Estimate | None:
+        power, noise = spectra.power[members].mean(axis=0), float(spectra.noise[members].mean())
+        return _estimate(power, noise, int(members.sum()), reference, reference_usable, elliptical_too)
+
+    whole = np.ones(len(spectra.power), bool)
+    tile = fit(whole, elliptical_too=True)
+    if tile is None:
+        return None
+    best = tile
+    lowest = _lowest_bin_signal(spectra, whole)
+    for q in range(4):
+        members = spectra.quadrant == q
+        if not members.any() or _lowest_bin_signal(spectra, members) < QUADRANT_MIN_SIGNAL_SHARE * lowest:
+            continue
+        quadrant = fit(members)
+        if quadrant is None or quadrant.sigma_px <= best.sigma_px:
+            continue
+        if quadrant.sigma2_px2 - best.sigma2_px2 > QUADRANT_EXCESS_SD * math.sqrt(
+            quadrant.sigma2_variance_px4 + tile.sigma2_variance_px4
+        ):
+            best = quadrant
+    return best.sigma_px

@@ -352,8 +352,8 @@ def calibrated_draw(
         by_tile.append({k: calibrated(a, spectra[k], nm[i]) for k, a in rendered.blurred[i].items()})
     blurred = [a for d in by_tile for a in d.values()]
     out = score_labels(sharp, blurred)
-    # The spectral reading is not a function of the model's sigma: the AUROC is that of the calibrated sigma.
-    out["auroc"] = auroc(np.array([a.sigma_px for a in sharp]), np.array([a.sigma_px for a in blurred]))
+    # The spectral reading is not a function of the model's sigma: the AUROC is that of what decides `sharp`.
+    out["auroc"] = auroc(np.array([decision_px(a) for a in sharp]), np.array([decision_px(a) for a in blurred]))
     out["blurred_called_sharp_by_family"] = {
         f: float(np.mean([d[(f, s)].label == "sharp" for d in by_tile for s in SIGMAS])) for f in FAMILIES
     }
@@ -396,6 +396,14 @@ def calibrated_draw(
         n_eval_sharp=len(rest),
     )
     return out
+
+
+def decision_px(verdict: BlurAssessment) -> float:
+    """What makes a calibrated verdict non-sharp (apply_calibration): with a spectral reading the worst region's
+    major axis (its sigma_px is the blur estimate), else its sigma."""
+    if verdict.spectral_sigma_px is None or "in-focus spectrum" not in verdict.reason:
+        return verdict.sigma_px
+    return verdict.spectral_sigma_px
 
 
 def calibration_draws(n: int, rng: np.random.Generator) -> list[list[int]]:

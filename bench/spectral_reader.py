@@ -1,6 +1,6 @@
 """The spectral reading alone (no model), per EM source: how far its blur estimate is from the truth, and why.
 
-    nice -n 5 python bench/spectral_reader.py      # writes bench/results/spectral_reader.{json,md}, ~40 s
+    nice -n 5 python bench/spectral_reader.py      # writes bench/results/spectral_reader.{json,md}, ~60 s
 
 `bench/detector_sources.py` scores the runtime's verdicts (model and spectral reading together, ~105 s);
 this bench isolates the reading (appliance.spectral) so its error can be taken apart in seconds.
@@ -8,14 +8,17 @@ Same sources, crops, blur families, sigmas (1-3 px) and rig-noise rendering as d
 seed. Per source and calibration draw (5 in-focus tiles, detector_sources.calibration_draws): the rig's
 reference is reference_log_power of the 5 tiles, as `calibrate` builds it but without the model's
 consistency checks (so a draw `calibrate` would refuse, such as every 16-bit SEM demo draw, is read here
-too); every other tile and its blurred copies are read against it with read_added_blur.
+too); every other tile and its blurred copies are read against it with read_added_blur (the reading: the worst
+region's major axis) and estimate_added_blur (the estimate: what a calibrated verdict reports as sigma_px).
 
 Per source and family (sigma 1-3 px, every draw):
-- blurred called sharp: reading <= detector.sharp_sigma_px (sharp tiles called non-sharp: reading above it);
-- read / true: the median ratio of the reading (the major axis, worst of the tile and its quadrants: what the
-  detector reports) to the true sigma, and the same for the whole tile's isotropic part (the mean of the two
-  axes' variances, SpectralReading.isotropic_px); with their interquartile ranges;
-- median relative error of the reading (the model card's "blur estimate" line).
+- blurred called sharp: reading <= detector.sharp_sigma_px, the runtime's rule (sharp tiles called
+  non-sharp: reading above it);
+- read / true: the median ratio of the reading to the true sigma, and the same for the whole tile's isotropic
+  part (the mean of the two axes' variances, SpectralReading.isotropic_px); with their interquartile ranges;
+- estimate / true, likewise;
+- median relative error of the reading and of the estimate (the model card's "blur estimate" line is the
+  estimate's since 2026-11-27; the reading's before).
 The isotropic column tells a bias in the reading's size from one in its shape: for an isotropic blur
 (gaussian, disk) noise in the fitted anisotropy can only lengthen the major axis.
 """
@@ -36,7 +39,15 @@ if str(REPO) not in sys.path:
 
 from appliance.config import DetectorConfig  # noqa: E402
 from appliance.detection.calibration import spectral_scale  # noqa: E402
-from appliance.spectral import read_added_blur, reference_at_scale, reference_log_power, window_spectra  # noqa: E402
+from appliance.spectral import (  # noqa: E402
+    SpectralReferenceArrays,
+    WindowSpectra,
+    estimate_added_blur,
+    read_added_blur,
+    reference_at_scale,
+    reference_log_power,
+    window_spectra,
+)
 from bench.detector_sources import (  # noqa: E402
     CORPUS,
     SIGMAS,
@@ -56,6 +67,12 @@ def _quartiles(values: list[float]) -> dict[str, float]:
     return {"median": float(median), "iqr": float(q3 - q1)}
 
 
+def _decision_px(spectra: WindowSpectra | None, reference: SpectralReferenceArrays) -> float:
+    """What calls a tile non-sharp (apply_calibration): the reading; 0 when it has none."""
+    reading = None if spectra is None else read_added_blur(spectra, *reference)
+    return 0.0 if reading is None else reading.sigma_px
+
+
 def read_source(
     tiles: list[np.ndarray], rng: np.random.Generator, sharp_px: float, pixel_nm: list[float | None] | None = None
 ) -> dict:
@@ -67,7 +84,9 @@ def read_source(
         {(f, s): window_spectra(blur_with_rig_noise(t, f, s, rng)) for f in FAMILIES for s in SIGMAS} for t in tiles
     ]
     sharp_called: list[bool] = []
-    rows: dict[str, dict[str, list]] = {f: {"called": [], "ratio": [], "iso": [], "err": []} for f in FAMILIES}
+    rows: dict[str, dict[str, list]] = {
+        f: {"called": [], "ratio": [], "iso": [], "err": [], "estimate": [], "estimate_err": []} for f in FAMILIES
+    }
     draws = calibration_draws(len(tiles), rng)
     for chosen in draws:
         members = [spectra[i] for i in chosen]
@@ -82,17 +101,18 @@ def read_source(
             if scale is None:
                 continue
             reference = reference_at_scale(drawn, scale)
-            own = spectra[i]
-            reading = None if own is None else read_added_blur(own, *reference)
-            sharp_called.append(reading is not None and reading.sigma_px > sharp_px)
+            sharp_called.append(_decision_px(spectra[i], reference) > sharp_px)
             for (family, sigma), tile_spectra in blurred[i].items():
                 reading = None if tile_spectra is None else read_added_blur(tile_spectra, *reference)
                 read = 0.0 if reading is None else reading.sigma_px  # no reading: nothing above the noise
+                estimate = (None if tile_spectra is None else estimate_added_blur(tile_spectra, *reference)) or 0.0
                 row = rows[family]
                 row["called"].append(read <= sharp_px)
                 row["ratio"].append(read / sigma)
                 row["iso"].append(max(0.0, 0.0 if reading is None else reading.isotropic_px) / sigma)
                 row["err"].append(abs(read - sigma) / sigma)
+                row["estimate"].append(estimate / sigma)
+                row["estimate_err"].append(abs(estimate - sigma) / sigma)
     return {
         "draws": len(draws),
         "sharp_called_nonsharp": float(np.mean(sharp_called)) if sharp_called else None,
@@ -103,13 +123,20 @@ def read_source(
                 "read_over_true": _quartiles(r["ratio"]),
                 "isotropic_over_true": _quartiles(r["iso"]),
                 "median_rel_err": float(np.median(r["err"])),
+                "estimate_over_true": _quartiles(r["estimate"]),
+                "estimate_median_rel_err": float(np.median(r["estimate_err"])),
             }
             for f, r in rows.items()
         },
     }
 
 
-HEADER = ["source", "sharp->non-sharp", "blurred->sharp", *(f"{f}: ->sharp / read÷true (iso) / err" for f in FAMILIES)]
+HEADER = [
+    "source",
+    "sharp->non-sharp",
+    "blurred->sharp",
+    *(f"{f}: ->sharp / read÷true (iso) / estimate÷true / err read -> estimate" for f in FAMILIES),
+]
 
 
 def table_rows(result: dict) -> list[list[str]]:
@@ -120,7 +147,8 @@ def table_rows(result: dict) -> list[list[str]]:
             f = entry["families"][family]
             cells.append(
                 f"{f['blurred_called_sharp']:.0%} / {f['read_over_true']['median']:.2f} "
-                f"({f['isotropic_over_true']['median']:.2f}) / {f['median_rel_err']:.0%}"
+                f"({f['isotropic_over_true']['median']:.2f}) / {f['estimate_over_true']['median']:.2f} / "
+                f"{f['median_rel_err']:.0%} -> {f['estimate_median_rel_err']:.0%}"
             )
         rows.append(cells)
     return rows

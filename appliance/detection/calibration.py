@@ -604,18 +604,25 @@ def apply_calibration(
     baseline = reference.baseline_sigma_px
     regions = added_blur_px(region_sigma_px(assessment), reference.region_baseline_sigma_px)
     if reference.spectral and assessment.spectral_sigma_px is not None:
-        sigma = assessment.spectral_sigma_px
+        worst = assessment.spectral_sigma_px
+        sigma = worst if assessment.spectral_estimate_px is None else assessment.spectral_estimate_px
         note = (
-            f"calibrated: added blur {sigma:.2f} px against the rig's in-focus spectrum "
-            f"({assessment.sigma_px:.2f} px read by the model, {reference.source} {baseline:.2f} px)"
+            f"calibrated: added blur {sigma:.2f} px against the rig's in-focus spectrum (worst region and axis "
+            f"{worst:.2f} px; {assessment.sigma_px:.2f} px read by the model, {reference.source} {baseline:.2f} px)"
         )
     else:
-        sigma = float(added_blur_px(assessment.sigma_px, baseline))
+        worst = sigma = float(added_blur_px(assessment.sigma_px, baseline))
         note = (
             f"calibrated: {assessment.sigma_px:.2f} px read, {reference.source} {baseline:.2f} px "
             f"(quadrature), added blur {sigma:.2f} px"
         )
+    # Sharp or not is the worst region's major axis: blur along one axis or in one quadrant is soft focus too.
+    # Soft or retake, and the sigma restored with, is the blur estimate (appliance.spectral.estimate_added_blur).
     label = label_for_sigma(sigma, cfg)
+    if worst <= cfg.sharp_sigma_px:
+        label = "sharp"
+    elif label == "sharp":
+        label = "soft"
     if label != "retake" and _local_blur_beyond_repair(assessment, baseline, reference.spectral, cfg):
         # The spectrum reads the tile and its quadrants; a 1/16 spot beyond repair is the model's to find (its
         # local windows), confirmed by the windows' own spectra around it (folds and charging fool the model).

@@ -44,6 +44,7 @@ from appliance.sidecar import DetectorSidecar, SidecarError
 from appliance.spectral import (
     SpectralReferenceArrays,
     WindowSpectra,
+    estimate_added_blur,
     read_added_blur,
     read_around,
     window_spectra,
@@ -374,11 +375,13 @@ def _spot_reading(tile: np.ndarray, cell: tuple[int, int], reference: SpectralRe
 def verdict_with_reading(
     verdict: BlurAssessment, spectra: WindowSpectra | None, reference: SpectralReferenceArrays
 ) -> BlurAssessment:
-    """The verdict with spectral_sigma_px read from the tile's window spectra (unchanged when unreadable)."""
+    """The verdict with spectral_sigma_px and spectral_estimate_px read from the tile's window spectra (unchanged
+    when unreadable)."""
     reading = None if spectra is None else read_added_blur(spectra, *reference)
-    if reading is None:
+    estimate = None if spectra is None or reading is None else estimate_added_blur(spectra, *reference)
+    if reading is None or estimate is None:
         return verdict
-    return replace(verdict, spectral_sigma_px=round(reading.sigma_px, 3))
+    return replace(verdict, spectral_sigma_px=round(reading.sigma_px, 3), spectral_estimate_px=round(estimate, 3))
 
 
 def _learned_model_path(cfg: DetectorConfig) -> Path | None:
