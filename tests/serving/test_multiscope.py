@@ -136,9 +136,9 @@ def test_shared_detector_replicas_read_each_tile_against_its_own_microscopes_spe
     assert len(calibrated) == len(plain) == 4
     for record in calibrated:
         assert record.spectral_sigma_px is not None and record.spectral_sigma_px > 0.8, record
-        assert record.sigma_px == record.spectral_sigma_px and "in-focus spectrum" in (record.reason or "")
+        assert record.sigma_px == record.spectral_estimate_px and "in-focus spectrum" in (record.reason or "")
         assert record.label in ("soft", "retake")
-    assert all(r.spectral_sigma_px is None and r.baseline_sigma_px is None for r in plain)
+    assert all(r.spectral_sigma_px is r.spectral_estimate_px is r.baseline_sigma_px is None for r in plain)
 
 
 def test_a_stalled_microscope_holds_back_only_its_own_tiles(
