@@ -28,7 +28,7 @@ reference's is read against the reference with its frequency axis rescaled (refe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -531,6 +531,16 @@ def _lowest_bin_signal(spectra: WindowSpectra, members: np.ndarray) -> float:
     return float(np.mean(power) - spectra.noise[members].mean())
 
 
+def _readable_quadrants(spectra: WindowSpectra) -> Iterator[tuple[int, np.ndarray]]:
+    """(q, window mask) of each quadrant that holds windows and at least QUADRANT_MIN_SIGNAL_SHARE of the whole
+    tile's lowest-bin signal (a quadrant of resin beyond a section edge has no blur reading)."""
+    lowest = _lowest_bin_signal(spectra, np.ones(len(spectra.power), bool))
+    for q in range(4):
+        members = spectra.quadrant == q
+        if members.any() and _lowest_bin_signal(spectra, members) >= QUADRANT_MIN_SIGNAL_SHARE * lowest:
+            yield q, members
+
+
 def read_added_blur(
     spectra: WindowSpectra, reference: np.ndarray, reference_usable: np.ndarray
 ) -> SpectralReading | None:
@@ -540,17 +550,12 @@ def read_added_blur(
         power, noise = spectra.power[members].mean(axis=0), float(spectra.noise[members].mean())
         return fit_added_blur(power, noise, int(members.sum()), reference, reference_usable)
 
-    whole = np.ones(len(spectra.power), bool)
-    tile = fit(whole)
+    tile = fit(np.ones(len(spectra.power), bool))
     if tile is None:
         return None
     isotropic = tile[3]
     best = SpectralReading(tile[0], tile[1], tile[2], "tile", isotropic)
-    lowest = _lowest_bin_signal(spectra, whole)
-    for q in range(4):
-        members = spectra.quadrant == q
-        if not members.any() or _lowest_bin_signal(spectra, members) < QUADRANT_MIN_SIGNAL_SHARE * lowest:
-            continue
+    for q, members in _readable_quadrants(spectra):
         quadrant = fit(members)
         if quadrant is not None and quadrant[0] > best.sigma_px:
             best = SpectralReading(quadrant[0], quadrant[1], quadrant[2], f"quadrant {q // 2},{q % 2}", isotropic)
@@ -666,16 +671,11 @@ def estimate_added_blur(spectra: WindowSpectra, reference: np.ndarray, reference
         power, noise = spectra.power[members].mean(axis=0), float(spectra.noise[members].mean())
         return _estimate(power, noise, int(members.sum()), reference, reference_usable, elliptical_too)
 
-    whole = np.ones(len(spectra.power), bool)
-    tile = fit(whole, elliptical_too=True)
+    tile = fit(np.ones(len(spectra.power), bool), elliptical_too=True)
     if tile is None:
         return None
     best = tile
-    lowest = _lowest_bin_signal(spectra, whole)
-    for q in range(4):
-        members = spectra.quadrant == q
-        if not members.any() or _lowest_bin_signal(spectra, members) < QUADRANT_MIN_SIGNAL_SHARE * lowest:
-            continue
+    for _, members in _readable_quadrants(spectra):
         quadrant = fit(members)
         if quadrant is None or quadrant.sigma_px <= best.sigma_px:
             continue
