@@ -641,12 +641,12 @@ def _estimate(
     _, _, fx2, fy2, fxy, _ = _bin_geometry()
     ones = np.ones(int(bins.use.sum()))
     fx2, fy2, fxy = fx2[bins.use], fy2[bins.use], fxy[bins.use]
-    elliptical = np.stack([ones, -_FOUR_PI2 * fx2, -_FOUR_PI2 * fy2, -2 * _FOUR_PI2 * fxy], 1)
     isotropic = np.stack([ones, -_FOUR_PI2 * (fx2 + fy2)], 1)
     theta_i, sse_i, covariance_i = _all_bins_fit(bins, isotropic, np.array([c, (a + e) / 2]))
     sigma2 = max(float(theta_i[1]), 0.0)
     extra = len(ones) - 4  # degrees of freedom of the elliptical fit
     if elliptical_too and extra > 0:
+        elliptical = np.stack([ones, -_FOUR_PI2 * fx2, -_FOUR_PI2 * fy2, -2 * _FOUR_PI2 * fxy], 1)
         theta_e, sse_e, _ = _all_bins_fit(bins, elliptical, np.array([c, a, e, b]))
         if sse_e > 0 and (sse_i - sse_e) / 2 / (sse_e / extra) >= ANISOTROPY_F:
             _, a, e, b = theta_e
