@@ -13,6 +13,10 @@ the centre, on an edge and in a corner (aligned with the detector's 8x8 cells of
 the tile's edges. Target (issue 14): every region of at least 1/16 labelled `retake`, with the named
 region row/col inside the blurred area; 1/64 need not be caught. Controls: the same mosaics in focus
 must be `sharp`; uniformly blurred at 1.5 px must be `soft`.
+Tilted sections (a table of their own): the same mosaics under a blur growing linearly from 0 at one edge
+or corner to a largest sigma of 1-6 px at the opposite one (models.blur_synth "tilted", random direction):
+the labels, and the sigma reported over the largest. Issue 14 counts a tilted tile of largest sigma >= 1 px
+as blurred; the table says beside it how much of the tile is above the 0.8 px sharp threshold.
 
 `--calibrated` (writes detector_local_blur_calibrated.json): the same tiles judged as a rig calibrated on 5
 in-focus ISBI train tiles (spectral reference, appliance.detection.calibration), as the ingest does.
@@ -48,6 +52,7 @@ from models.blur_synth import (  # noqa: E402
 
 SIDE = 2400
 FEATHER_PX = 24.0
+TILTED_SIGMAS_PX = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _REGION_RE = re.compile(r"region row (\d) col (\d)")
 
 
@@ -156,16 +161,49 @@ def main() -> None:
                 }
             )
             print(_line(rows[-1]), flush=True)
+    tilted = []
+    for largest in TILTED_SIGMAS_PX:
+        angles = [float(rng.uniform(0.0, 360.0)) for _ in bases]
+        params = [BlurParams("tilted", largest, 1.0, a) for a in angles]
+        tiles = [acquire(apply_blur(b, p), rng) for b, p in zip(bases, params, strict=True)]
+        tilted.append(_tilted_row(largest, angles, judge(tiles), cfg))
+        print(_tilted_line(tilted[-1]), flush=True)
     result = {
         "command": " ".join(["python", *sys.argv]),
         "model_version": detector.model_version,
         "calibrated": calibration is not None,
         "rows": rows,
+        "tilted": tilted,
     }
     print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+
+
+def _tilted_row(largest: float, angles: list[float], verdicts: list[BlurAssessment], cfg: DetectorConfig) -> dict:
+    """One tilted-section level: the labels, the sigma reported and the spectral reading (calibrated) per tile."""
+    sigmas = [v.sigma_px for v in verdicts]
+    return {
+        "largest_sigma_px": largest,
+        "angles_deg": [round(a, 1) for a in angles],
+        # An edge-to-edge ramp to S leaves 1 - 0.8 / S of the tile above the sharp threshold (a corner-to-corner one
+        # less); the share is what a reader of the table needs beside the labels.
+        "share_above_sharp_threshold_edge_ramp": max(0.0, 1.0 - cfg.sharp_sigma_px / largest),
+        "labels": [v.label for v in verdicts],
+        "not_sharp": float(np.mean([v.label != "sharp" for v in verdicts])),
+        "retake": float(np.mean([v.label == "retake" for v in verdicts])),
+        "sigma_read": sigmas,
+        "sigma_over_largest_median": float(np.median(sigmas)) / largest,
+        "spectral_reading": [v.spectral_sigma_px for v in verdicts],
+    }
+
+
+def _tilted_line(row: dict) -> str:
+    return (
+        f"tilted, largest sigma {row['largest_sigma_px']:g}: not sharp {100 * row['not_sharp']:.0f} %, retake "
+        f"{100 * row['retake']:.0f} %  labels {row['labels']} sigma read {row['sigma_read']}"
+    )
 
 
 def _control(name: str, want: str, verdicts: list) -> dict:
@@ -213,6 +251,19 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         if "want" in row:
             lines.append(f"| {row['region']} | whole tile | {row['want']}: {100 * row['correct']:.0f} % | |")
+    lines += [
+        "",
+        "Tilted section (blur from 0 at one edge or corner to the largest sigma at the opposite one, random "
+        "direction):",
+        "",
+        "| largest sigma px | tile above 0.8 px (edge ramp) | not sharp | retake | sigma reported / largest (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result.get("tilted", []):
+        lines.append(
+            f"| {row['largest_sigma_px']:g} | {100 * row['share_above_sharp_threshold_edge_ramp']:.0f} % | "
+            f"{100 * row['not_sharp']:.0f} % | {100 * row['retake']:.0f} % | {row['sigma_over_largest_median']:.2f} |"
+        )
     return "\n".join(lines)
 
 
