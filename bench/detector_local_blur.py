@@ -40,6 +40,7 @@ from appliance.config import DetectorConfig  # noqa: E402
 from appliance.detection.calibration import apply_to_all, calibrate  # noqa: E402
 from appliance.detection.detector import GRID, BlurDetector  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
+from appliance.pixels import tilted_sigma_map  # noqa: E402
 from models.blur_synth import (  # noqa: E402
     BlurParams,
     add_sem_noise,
@@ -52,7 +53,7 @@ from models.blur_synth import (  # noqa: E402
 
 SIDE = 2400
 FEATHER_PX = 24.0
-TILTED_SIGMAS_PX = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+TILTED_SIGMAS_PX = (1.0, 1.5, 2.0, 3.0, 3.5, 4.0, 6.0)
 _REGION_RE = re.compile(r"region row (\d) col (\d)")
 
 
@@ -190,19 +191,38 @@ def _tilted_row(largest: float, angles: list[float], verdicts: list[BlurAssessme
         # An edge-to-edge ramp to S leaves 1 - 0.8 / S of the tile above the sharp threshold (a corner-to-corner one
         # less); the share is what a reader of the table needs beside the labels.
         "share_above_sharp_threshold_edge_ramp": max(0.0, 1.0 - cfg.sharp_sigma_px / largest),
+        "share_beyond_repair_edge_ramp": max(0.0, 1.0 - cfg.max_restorable_sigma_px / largest),
         "labels": [v.label for v in verdicts],
         "not_sharp": float(np.mean([v.label != "sharp" for v in verdicts])),
         "retake": float(np.mean([v.label == "retake" for v in verdicts])),
         "sigma_read": sigmas,
         "sigma_over_largest_median": float(np.median(sigmas)) / largest,
         "spectral_reading": [v.spectral_sigma_px for v in verdicts],
+        # Where a retake names its region: the tilted blur's sigma at that cell's centre (None: no region named).
+        "named_cell_sigma_px": [_named_cell_sigma(v, largest, a) for v, a in zip(verdicts, angles, strict=True)],
     }
+
+
+def _named_cell_sigma(verdict: BlurAssessment, largest: float, angle_deg: float) -> float | None:
+    match = _REGION_RE.search(verdict.reason) if verdict.label == "retake" else None
+    if match is None:
+        return None
+    cell = SIDE / GRID
+    row, col = (int(g) for g in match.groups())
+    sigma_map = tilted_sigma_map((SIDE, SIDE), largest, angle_deg)
+    return round(float(sigma_map[int((row + 0.5) * cell), int((col + 0.5) * cell)]), 2)
+
+
+def _named_share(row: dict) -> str:
+    named = [v for v in row.get("named_cell_sigma_px", []) if v is not None]
+    return f"{float(np.median(named)) / row['largest_sigma_px']:.2f}" if named else "-"
 
 
 def _tilted_line(row: dict) -> str:
     return (
         f"tilted, largest sigma {row['largest_sigma_px']:g}: not sharp {100 * row['not_sharp']:.0f} %, retake "
-        f"{100 * row['retake']:.0f} %  labels {row['labels']} sigma read {row['sigma_read']}"
+        f"{100 * row['retake']:.0f} %  labels {row['labels']} sigma read {row['sigma_read']} named cell's sigma "
+        f"{row['named_cell_sigma_px']}"
     )
 
 
@@ -256,13 +276,16 @@ def markdown(result: dict) -> str:
         "Tilted section (blur from 0 at one edge or corner to the largest sigma at the opposite one, random "
         "direction):",
         "",
-        "| largest sigma px | tile above 0.8 px (edge ramp) | not sharp | retake | sigma reported / largest (median) |",
-        "|---|---|---|---|---|",
+        "| largest sigma px | tile above 0.8 px / beyond 3 px (edge ramp) | not sharp | retake | sigma reported / "
+        "largest (median) | a retake's named cell: its sigma / largest (median) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in result.get("tilted", []):
         lines.append(
-            f"| {row['largest_sigma_px']:g} | {100 * row['share_above_sharp_threshold_edge_ramp']:.0f} % | "
-            f"{100 * row['not_sharp']:.0f} % | {100 * row['retake']:.0f} % | {row['sigma_over_largest_median']:.2f} |"
+            f"| {row['largest_sigma_px']:g} | {100 * row['share_above_sharp_threshold_edge_ramp']:.0f} % / "
+            f"{100 * row['share_beyond_repair_edge_ramp']:.0f} % | "
+            f"{100 * row['not_sharp']:.0f} % | {100 * row['retake']:.0f} % | {row['sigma_over_largest_median']:.2f} | "
+            f"{_named_share(row)} |"
         )
     return "\n".join(lines)
 

@@ -38,4 +38,4 @@ def test_tilted_row_counts_labels_and_reports_the_share_above_the_sharp_threshol
     text = markdown(
         {"command": "python bench/detector_local_blur.py", "model_version": "m", "rows": [], "tilted": [row]}
     )
-    assert "| 2 | 60 % | 75 % | 25 % | 0.60 |" in text
+    assert "| 2 | 60 % / 0 % | 75 % | 25 % | 0.60 | - |" in text
