@@ -47,6 +47,14 @@ class IngestConfig(_Strict):
         "reading, the ZeroMQ pipe fills and the controller's send blocks (it is slowed, never dropped).",
     )
     receive_hwm: int = Field(2, ge=1, le=1000, description="ZeroMQ RCVHWM in messages (tiles are MBs).")
+    receive_buffer_bytes: int = Field(
+        0,
+        ge=0,
+        le=1 << 30,
+        description="Kernel TCP receive buffer of each tile connection (ZeroMQ RCVBUF), bytes; 0: the OS's own, "
+        "autotuned up to net.ipv4.tcp_rmem's maximum (6-32 MiB), which holds several tiles before the "
+        "controller's send blocks. Linux doubles the value set.",
+    )
     feedback_hwm: int = Field(
         1000,
         ge=1,

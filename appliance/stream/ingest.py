@@ -124,6 +124,8 @@ class IngestActor:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.RCVHWM, cfg.receive_hwm)
+        if cfg.receive_buffer_bytes:
+            self._socket.setsockopt(zmq.RCVBUF, cfg.receive_buffer_bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
         secure_server_socket(self._socket, security or SecurityConfig(), "tiles", max_frame_bytes=cfg.max_tile_bytes)
         self._socket.bind(cfg.tile_endpoint)

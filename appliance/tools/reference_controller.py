@@ -193,12 +193,19 @@ class ReferenceController:
     """
 
     def __init__(
-        self, tile_endpoint: str, feedback_endpoint: str, send_hwm: int = 2, curve: ControllerCurve | None = None
+        self,
+        tile_endpoint: str,
+        feedback_endpoint: str,
+        send_hwm: int = 2,
+        curve: ControllerCurve | None = None,
+        send_buffer_bytes: int = 0,
     ) -> None:
         self._context = zmq.Context()
         self._curve = curve
         self._push = self._context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, send_hwm)
+        if send_buffer_bytes:  # the kernel's TCP send buffer (ZeroMQ SNDBUF); 0: the OS's own
+            self._push.setsockopt(zmq.SNDBUF, send_buffer_bytes)
         self._push.setsockopt(zmq.LINGER, 5000)
         if curve is not None:
             curve.apply(self._push)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,18 @@ def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float, str]]]:
         family.name: [(sample.labels, sample.value, sample.name) for sample in family.samples]
         for family in text_string_to_metric_families(text)
     }
+
+
+def scrape_until(
+    url: str, settled: Callable[[dict[str, list[tuple[dict[str, str], float, str]]]], bool], timeout_s: float = 10.0
+) -> dict[str, list[tuple[dict[str, str], float, str]]]:
+    """Scrape until `settled` holds (the last scrape either way, for the assertions to report)."""
+    deadline = time.monotonic() + timeout_s
+    metrics = scrape(url)
+    while not settled(metrics) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        metrics = scrape(url)
+    return metrics
 
 
 def total(samples: list[tuple[dict[str, str], float, str]], suffix: str = "", **labels: str) -> float:
@@ -66,7 +79,12 @@ def test_scraped_counters_add_up_to_the_tiles_sent(
         controller.send_raw([b"\xc1 not msgpack"])
         assert controller.wait_for(lambda fb: any(m["type"] == "error" for m in fb), timeout_s=30)
     assert (report.done, report.lost) == (24, 0)
-    metrics = scrape(endpoints.metrics)
+    # A tile's credit is released when the sink's call returns, just after its result went out: the last
+    # one's can still be held for a moment when the controller has every answer.
+    metrics = scrape_until(
+        endpoints.metrics,
+        lambda m: total(m["em_appliance_in_flight_tiles"]) == total(m["em_appliance_deployment_queue_depth"]) == 0,
+    )
 
     done = metrics["em_appliance_tiles_done"]
     assert total(done, "_total") == 24

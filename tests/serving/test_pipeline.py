@@ -37,6 +37,9 @@ pytestmark = pytest.mark.system
 LOOPBACK = dict(tile_endpoint="tcp://127.0.0.1:*", feedback_endpoint="tcp://127.0.0.1:*")
 
 
+KERNEL_BUFFER_BYTES = 64 * 1024
+
+
 def rig(tmp_path: Path, **ingest: object) -> RigConfig:
     return RigConfig(
         ingest=IngestConfig(**{**LOOPBACK, **ingest}),  # type: ignore[arg-type]
@@ -84,7 +87,9 @@ def test_replay_of_120_tiles_arrives_complete_once_each(
 def test_fast_controller_is_slowed_not_dropped(
     start_appliance: Callable[..., object], tmp_path: Path, real_em_tiles: list[tuple[str, np.ndarray]]
 ) -> None:
-    cfg = rig(tmp_path, max_in_flight=3, receive_hwm=1)
+    # Kernel buffers bounded on both ends (the test tiles are 256 KiB, a real one 5.6 MB): the OS's own autotune
+    # up to tens of MB and could swallow all 40 tiles (10 MiB) before the controller's send had to wait.
+    cfg = rig(tmp_path, max_in_flight=3, receive_hwm=1, receive_buffer_bytes=KERNEL_BUFFER_BYTES)
     # Serve queues so short that Serve itself rejects calls: the ingest must retry them.
     tight = dict(num_replicas=1, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=1)
     # The deblur replica also warms up on a tile of the section's shape before it reports ready.
@@ -92,7 +97,10 @@ def test_fast_controller_is_slowed_not_dropped(
     cfg = cfg.model_copy(update={"detector": DetectorConfig(**tight), "deblur": deblur})
     appliance = start_appliance(cfg)
     endpoints = appliance.endpoints  # type: ignore[attr-defined]
-    with ReferenceController(endpoints.tile, endpoints.feedback, send_hwm=1) as controller:
+    controller = ReferenceController(
+        endpoints.tile, endpoints.feedback, send_hwm=1, send_buffer_bytes=KERNEL_BUFFER_BYTES
+    )
+    with controller:
         report = controller.send_section("fast", cycle_tiles(real_em_tiles, 40), rate_hz=None, timeout_s=180)
     stats = appliance.stats()["ingest"]  # type: ignore[attr-defined]
     assert (report.done, report.lost, report.duplicated) == (40, 0, 0)
