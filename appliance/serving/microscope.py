@@ -9,6 +9,7 @@ ingest, so a microscope whose controller stops reading holds back only its own t
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,17 +111,20 @@ class MicroscopeRuntime:
         detector_cfg = self.cfg.detector_for(self.scope)
         calibration = load_configured_calibration(detector_cfg)
 
-        def start_sink(feedback_endpoint: str) -> tuple[Any, dict[str, str]]:
-            sink = SinkActor.options(**SINK_OPTIONS).remote(  # type: ignore[attr-defined]
+        def start_sink(feedback_endpoint: str) -> tuple[Any, str, dict[str, str]]:
+            # The ingest finds its sink by this name (IngestActor): unique per start, as tests run several
+            # appliances in one Ray and a start on a taken port is tried again.
+            name = f"sink-{self.name}-{uuid.uuid4().hex[:12]}"
+            sink = SinkActor.options(name=name, **SINK_OPTIONS).remote(  # type: ignore[attr-defined]
                 self.cfg.output_for(self.scope),
                 feedback_endpoint,
                 thresholds,
                 feedback_hwm=ingest_cfg.feedback_hwm,
                 security=security,
             )
-            return sink, ray.get(sink.endpoints.remote())
+            return sink, name, ray.get(sink.endpoints.remote())
 
-        feedback_endpoint, (self.sink, sink_info) = on_a_free_port(ingest_cfg.feedback_endpoint, start_sink)
+        feedback_endpoint, (self.sink, sink_name, sink_info) = on_a_free_port(ingest_cfg.feedback_endpoint, start_sink)
         ingest_cfg = ingest_cfg.model_copy(update={"feedback_endpoint": feedback_endpoint})
 
         def start_ingest(tile_endpoint: str) -> tuple[Any, str]:
@@ -128,7 +132,7 @@ class MicroscopeRuntime:
                 ingest_cfg.model_copy(update={"tile_endpoint": tile_endpoint}),
                 detector,
                 deblur,
-                self.sink,
+                sink_name,
                 calibrated=calibration is not None,
                 security=security,
                 focus=OnlineBaseline(detector_cfg, calibration),

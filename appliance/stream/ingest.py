@@ -96,6 +96,8 @@ class IngestActor:
     verdict (calibration, per-beam zero point) before it is acted upon; None passes verdicts on as they are.
     Its state lives as long as this actor: a restarted ingest starts it afresh.
     microscope: the name of the microscope this ingest serves (its calibration is in `focus`).
+    sink: the sink actor's *name*, looked up here. A handle among the constructor arguments would be held in
+    Ray's object store, from which a restart must fetch it again (ray-project/ray#53727); a name is inline.
     """
 
     def __init__(
@@ -103,7 +105,7 @@ class IngestActor:
         cfg: IngestConfig,
         detector: DeploymentHandle,
         deblur: DeploymentHandle,
-        sink: ray.actor.ActorHandle,
+        sink: str,
         calibrated: bool = False,
         security: SecurityConfig | None = None,
         focus: OnlineBaseline | None = None,
@@ -120,7 +122,7 @@ class IngestActor:
         self._limits = StreamLimits(max_tile_bytes=cfg.max_tile_bytes, max_tile_side=cfg.max_tile_side)
         self._detector = detector
         self._deblur = deblur
-        self._sink = sink
+        self._sink = ray.get_actor(sink)
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.RCVHWM, cfg.receive_hwm)
