@@ -42,7 +42,7 @@ def test_demo_replays_sample_tiles_and_prints_summary(tmp_path: Path) -> None:
     assert len(list((tmp_path / "demo" / "demo").glob("*.tif"))) == 24
     # A clean terminal: both bars end at the true count, nothing from Ray, the report named last.
     assert re.search(r"sent .* 24/24", result.stdout) and re.search(r"done .* 24/24", result.stdout), result.stdout
-    for noise in ("(raylet)", "INFO", "pid=", "WARNING"):
+    for noise in ("(raylet)", "INFO", "pid=", "WARNING", "core_worker"):
         assert noise not in result.stdout + result.stderr, result.stdout + result.stderr
     report = (tmp_path / "demo" / "demo" / "report.html").resolve()
     assert result.stdout.rstrip().endswith(f"open in a browser: {report}")
