@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.system
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-def test_suite_runs_every_phase_on_cpu_and_loses_no_tile(tmp_path: Path) -> None:
-    out = tmp_path / "suite"
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "bench" / "gpu_suite.py"),
-        "--device",
-        "cpu",
-        "--side",
-        "128",
-        "--scale",
-        "0.04",
-        "--budget-s",
-        "150",
-        "--timing-s",  # the bare loops' speed is the benchmark's business; here they need only run
-        "2",
-        "--out",
-        str(out),
-        "--work-dir",
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    result = json.loads((out / "suite.json").read_text())
+def test_suite_runs_every_phase_on_cpu_and_loses_no_tile(
+    run_gpu_suite: Callable[..., tuple[dict[str, Any], str]], tmp_path: Path
+) -> None:
+    result, table = run_gpu_suite()
     assert result["bare_detector"]["batch_1"]["tiles_per_s"] > 0
     variant = result["bare_deblur"]["variants"]["torch-cpu-float32"]
     assert variant["vs_onnx_cpu_fp32"]["max_dn"] <= 2  # whole-tile torch fp32 == tiled ONNX Runtime
@@ -51,5 +29,5 @@ def test_suite_runs_every_phase_on_cpu_and_loses_no_tile(tmp_path: Path) -> None
         if "per_microscope" in row:
             assert len(row["per_microscope"]) == row["microscopes"]
             assert all(one["done"] == one["sent"] > 0 for one in row["per_microscope"].values())
-    assert "| pipeline: sharp tiles at 25.4/s" in (out / "suite.md").read_text()
+    assert "| pipeline: sharp tiles at 25.4/s" in table
     assert not list(tmp_path.glob("suite-*")), "scratch tiles left behind"

@@ -3,29 +3,18 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.system
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-def test_a_calibrated_rig_restores_soft_tiles_with_the_rig_wiener_blend(tmp_path: Path) -> None:
-    out = tmp_path / "suite"
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "bench" / "gpu_suite.py"),
-        *("--device", "cpu", "--side", "128", "--scale", "0.04", "--budget-s", "150", "--timing-s", "2"),
-        *("--out", str(out), "--work-dir", str(tmp_path), "--calibrated", "--pipeline-only"),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    result = json.loads((out / "suite.json").read_text())
+def test_a_calibrated_rig_restores_soft_tiles_with_the_rig_wiener_blend(
+    run_gpu_suite: Callable[..., tuple[dict[str, Any], str]],
+) -> None:
+    result, table = run_gpu_suite("--calibrated", "--pipeline-only")
     calibration = result["calibration"]
     assert calibration["spectral_reference"] and calibration["model_share"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert result["config"]["detector"]["calibration"], "the pipeline ran uncalibrated"
@@ -35,4 +24,4 @@ def test_a_calibrated_rig_restores_soft_tiles_with_the_rig_wiener_blend(tmp_path
     assert versions and all(("+rig-wiener-" in version) == blended for version in versions), versions
     rows = [row for row in result["pipeline"] if "tiles_per_s" in row]
     assert rows and all(row["done"] == row["sent"] and row["lost"] == 0 for row in rows)
-    assert "| calibrated rig: `calibrate` on 5 sharp tiles" in (out / "suite.md").read_text()
+    assert "| calibrated rig: `calibrate` on 5 sharp tiles" in table
