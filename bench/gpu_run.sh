@@ -52,6 +52,19 @@ if [ "$suite_s" -gt 0 ]; then
   echo "suite exit $?, $(left) s left"
 fi
 
+# DEBLUR_MODELS="A.onnx B.onnx" then times each model's bare deblur loop and torch.compile on this machine
+# (bench/gpu_suite.py --deblur-only, DEBLUR_BUDGET_S each, into OUT_DIR/speed-<name>/): a candidate against
+# the bundled weights in the same call.
+for model in ${DEBLUR_MODELS:-}; do
+  python3 -c "import torch; torch.export.load('${model%.onnx}.pt2')" 2>/dev/null \
+    || python3 -m models.deblur.rebuild_program --weights "$model" || continue
+  name=$(basename "$model" .onnx)
+  # shellcheck disable=SC2086  # DEBLUR_ARGS is a list of options
+  timeout $((${DEBLUR_BUDGET_S:-100} + 45)) python3 bench/gpu_suite.py --device "$device" --deblur-only \
+    --deblur-model "$model" --out "$out/speed-$name" --budget-s "${DEBLUR_BUDGET_S:-100}" ${DEBLUR_ARGS:-}
+  echo "deblur speed $name exit $?, $(left) s left"
+done
+
 loso_s=${LOSO_BUDGET_S:-0}
 if [ "$loso_s" -gt 0 ] && [ -f "$carry/em_train.npz" ]; then
   # Runs train under /tmp: at most 8 files come back, so only the tars, the summary and the logs go to OUT.

@@ -3,6 +3,7 @@
 Examples:
   python bench/gpu_suite.py --device cuda --out bench/results/gpu          # ~3 min on one H100/H200
   python bench/gpu_suite.py --device cpu --side 512 --scale 0.1 --out /tmp/suite   # the same run on CPU
+  python bench/gpu_suite.py --deblur-only --deblur-model models/deblur/loso/loso-all.onnx --out /tmp/speed
 
 In one process and one Ray cluster, on real-EM mosaics of MultiSEM size (bench/replay.py's pool):
 1. environment (GPU, driver, versions, CPUs);
@@ -23,6 +24,9 @@ In one process and one Ray cluster, on real-EM mosaics of MultiSEM size (bench/r
 restoration blend measured with the rig's deblur model), `detector.calibration` set, so the detector reads
 each tile's spectrum against the rig's and soft tiles are blended with the rig Wiener (docs/calibration.md).
 --pipeline-only skips phases 3 and 6 (the bare deblur loop and the compile), to spend the budget on the rig.
+--deblur-only runs phases 1, 3 and 6 alone (no Ray, no detector), and --deblur-model times other weights than
+the bundled ones (an exported ONNX file with its .pt2 and .json beside it): how fast a candidate model runs
+against the bundled one, one run per model on the same machine.
 Writes `suite.json` and `suite.md` (the table) into --out; tiles go to a scratch directory that is
 deleted afterwards. Each phase checks the budget and records what it skipped.
 """
@@ -51,7 +55,7 @@ sys.path.insert(0, str(REPO_ROOT))  # bench/ runs from a checkout: models/ and b
 
 from appliance.config import DeblurConfig, OutputConfig, RigConfig  # noqa: E402
 from appliance.messages import BlurAssessment  # noqa: E402
-from appliance.restoration.restorer import TileRestorer  # noqa: E402
+from appliance.restoration.restorer import TileRestorer, load_sidecar  # noqa: E402
 from appliance.tools.reference_controller import MULTISEM_TILES_PER_S  # noqa: E402
 from bench.replay import bench_config, multisem_tiles, with_microscopes  # noqa: E402
 
@@ -163,6 +167,9 @@ class Variant:
     kwargs: dict[str, Any]
     batches: tuple[int, ...] = (1,)
     cudnn_benchmark: bool = False
+    # Budget it needs beyond the timing loop: max-autotune compiled for 179 s on the H100 (2026-11-26) and ran
+    # 87 s past that run's budget when started with less.
+    compile_s: float = 0.0
 
 
 def deblur_variants(device: str) -> list[Variant]:
@@ -193,25 +200,36 @@ def compiled_variants() -> list[Variant]:
             "torch-cuda-float16 torch.compile max-autotune-no-cudagraphs",
             {**fp16, "compile_mode": "max-autotune-no-cudagraphs"},
             cudnn_benchmark=True,
+            compile_s=200,
         ),
     ]
 
 
+def deblur_weights(cfg: RigConfig) -> Path:
+    """The ONNX weights the bare deblur loop times: the rig config's `deblur.model_path`, else the bundled ones."""
+    from appliance.weights import DEBLUR_MODEL
+
+    return Path(cfg.deblur.model_path) if cfg.deblur.model_path is not None else DEBLUR_MODEL
+
+
 def time_variant(
-    variant: Variant, tiles: list[np.ndarray], reference: np.ndarray, margin: int, device: str, max_s: float
+    variant: Variant,
+    model: Path,
+    tiles: list[np.ndarray],
+    reference: np.ndarray,
+    margin: int,
+    device: str,
+    max_s: float,
 ) -> dict[str, Any]:
-    """One variant: first-call time (a compile included), DN agreement with `reference` (tile 0), tiles/s per batch."""
+    """One variant of `model` (its .pt2): first-call time (a compile included), DN agreement with `reference`
+    (tile 0), tiles/s per batch."""
     import torch
 
-    from appliance.restoration.restorer import load_sidecar
     from appliance.restoration.torch_backend import TorchDeblur
-    from appliance.weights import DEBLUR_MODEL
 
     torch.backends.cudnn.benchmark = variant.cudnn_benchmark
     try:
-        engine = TorchDeblur(
-            DEBLUR_MODEL.with_suffix(".pt2"), load_sidecar(DEBLUR_MODEL).size_multiple, device, **variant.kwargs
-        )
+        engine = TorchDeblur(model.with_suffix(".pt2"), load_sidecar(model).size_multiple, device, **variant.kwargs)
         warm = time.perf_counter()
         (first,) = engine.restore_tiles(tiles[:1], margin)
         entry: dict[str, Any] = {
@@ -231,9 +249,9 @@ def time_variant(
         torch.backends.cudnn.benchmark = False
 
 
-def onnx_cpu_reference(tiles: list[np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Tile 0 restored by fp32 ONNX Runtime on every CPU (tiled, as a CPU rig does), and its speed."""
-    reference_cfg = DeblurConfig(backend="onnx", num_cpus_per_replica=float(os.cpu_count() or 1))
+def onnx_cpu_reference(tiles: list[np.ndarray], model: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Tile 0 restored by `model` in fp32 ONNX Runtime on every CPU (tiled, as a CPU rig does), and its speed."""
+    reference_cfg = DeblurConfig(backend="onnx", model_path=model, num_cpus_per_replica=float(os.cpu_count() or 1))
     onnx_cpu = TileRestorer.from_config(reference_cfg)
     assessment = BlurAssessment(blur_score=0.4, label="soft", sigma_px=SOFT_SIGMA_PX)
     started = time.perf_counter()
@@ -255,12 +273,15 @@ def time_variants(
     """Restored tiles/s per backend variant and its agreement with `reference` in DN (or why it is missing),
     into `timed`; `save` after each (a run cut short keeps what it measured)."""
     device = "cuda" if cfg.deblur.num_gpus_per_replica > 0 else "cpu"
+    model = deblur_weights(cfg)
     for variant in variants:
-        if budget.left_s() < max_s + 30:
+        if budget.left_s() < max_s + 30 + variant.compile_s:
             timed[variant.name] = {"skipped": "time budget"}
             continue
         try:
-            timed[variant.name] = time_variant(variant, tiles, reference, cfg.deblur.patch_overlap, device, max_s)
+            timed[variant.name] = time_variant(
+                variant, model, tiles, reference, cfg.deblur.patch_overlap, device, max_s
+            )
         except Exception as exc:  # one broken variant must not cost the rest of the run
             timed[variant.name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(f"[{budget.left_s():.0f} s left] {variant.name}: {timed[variant.name]}", flush=True)
@@ -391,7 +412,7 @@ def markdown(result: dict[str, Any]) -> str:
     if deb:
         lines.append(
             f"| bare deblur, ONNX Runtime CPU fp32 (reference, {deb['onnx_cpu_reference']['threads']} "
-            f"threads) | {deb['onnx_cpu_reference']['tiles_per_s']} | |"
+            f"threads) | {deb['onnx_cpu_reference']['tiles_per_s']} | model {deb.get('model', '?')} |"
         )
         for name, entry in deb.get("variants", {}).items():
             for key in ("batch_1", "batch_4"):
@@ -498,6 +519,10 @@ def main(
     work_dir: Annotated[Path | None, typer.Option(help="Scratch for written tiles (default: a temp dir).")] = None,
     calibrated: Annotated[bool, typer.Option(help="Run as a calibrated rig (module docstring).")] = False,
     pipeline_only: Annotated[bool, typer.Option(help="Skip the bare deblur loop and the compile.")] = False,
+    deblur_only: Annotated[bool, typer.Option(help="Only the bare deblur loop and the compile (no Ray).")] = False,
+    deblur_model: Annotated[
+        Path | None, typer.Option(help="ONNX weights to run (.pt2 and .json beside it; default: the rig config's).")
+    ] = None,
     timing_s: Annotated[
         float | None,
         typer.Option(min=0.5, help="Seconds per bare timing loop (default: detector 10, deblur 8 on cuda, 30 on cpu)."),
@@ -506,11 +531,19 @@ def main(
     """Run every phase within the budget; print the table; write suite.json and suite.md."""
     if device not in ("cuda", "cpu"):
         raise typer.BadParameter(f"--device {device!r}: use cuda or cpu")
+    if deblur_only and (pipeline_only or calibrated):
+        raise typer.BadParameter("--deblur-only times the deblur network alone: drop --pipeline-only / --calibrated")
+    if deblur_model is not None:
+        for needed in (deblur_model, deblur_model.with_suffix(".pt2"), deblur_model.with_suffix(".json")):
+            if not needed.is_file():
+                raise typer.BadParameter(f"--deblur-model: {needed} does not exist (export the model first)")
     budget = Budget(budget_s)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="suite-", dir=work_dir))
     cfg = suite_config(config, device, scratch)
+    if deblur_model is not None:
+        cfg = cfg.model_copy(update={"deblur": cfg.deblur.model_copy(update={"model_path": deblur_model})})
     result: dict[str, Any] = {"environment": environment(device), "config": cfg.model_dump(mode="json")}
 
     def save() -> None:
@@ -520,40 +553,48 @@ def main(
 
     try:
         sharp_pool = multisem_tiles(16, side, "uint8", 0, 0)
-        mix_pool = multisem_tiles(16, side, "uint8", 16, 16)
-        soft_pool = multisem_tiles(8, side, "uint8", 1, 0)  # every tile soft (Gaussian 1.5 px)
         result["tile"] = f"{side}x{side} uint8 ({sharp_pool[0][1].nbytes / 1e6:.2f} MB)"
         if calibrated:
             print(f"[{budget.left_s():.0f} s left] calibrate", flush=True)
             cfg, result["calibration"] = calibrated_config(cfg, sharp_pool, scratch)
             result["config"] = cfg.model_dump(mode="json")
             save()
-        print(f"[{budget.left_s():.0f} s left] bare detector", flush=True)
-        detector_tiles = [p for _, p in sharp_pool + mix_pool]
-        result["bare_detector"] = bare_detector(cfg, detector_tiles, max_s=timing_s or 10)
-        if cfg.detector.inference_threads > 1:  # one thread beat two on the 2-core box and on the H100 box?
-            one = cfg.detector.model_copy(update={"num_cpus_per_replica": 1.0})
-            result["bare_detector_1_thread"] = bare_detector(
-                cfg.model_copy(update={"detector": one}), detector_tiles, timing_s or 10
-            )
-        save()
+        if not deblur_only:
+            mix_pool = multisem_tiles(16, side, "uint8", 16, 16)
+            soft_pool = multisem_tiles(8, side, "uint8", 1, 0)  # every tile soft (Gaussian 1.5 px)
+            print(f"[{budget.left_s():.0f} s left] bare detector", flush=True)
+            detector_tiles = [p for _, p in sharp_pool + mix_pool]
+            result["bare_detector"] = bare_detector(cfg, detector_tiles, max_s=timing_s or 10)
+            if cfg.detector.inference_threads > 1:  # one thread beat two on the 2-core box and on the H100 box?
+                one = cfg.detector.model_copy(update={"num_cpus_per_replica": 1.0})
+                result["bare_detector_1_thread"] = bare_detector(
+                    cfg.model_copy(update={"detector": one}), detector_tiles, timing_s or 10
+                )
+            save()
         soft = soft_tiles([p for _, p in sharp_pool], 8)
         deblur_s = timing_s or (8 if device == "cuda" else 30)
         if not pipeline_only:
             print(f"[{budget.left_s():.0f} s left] bare deblur", flush=True)
-            reference, reference_speed = onnx_cpu_reference(soft)
+            model = deblur_weights(cfg)
+            reference, reference_speed = onnx_cpu_reference(soft, model)
             variants: dict[str, dict[str, Any]] = {}
-            result["bare_deblur"] = {"onnx_cpu_reference": reference_speed, "variants": variants}
+            result["bare_deblur"] = {
+                "model": load_sidecar(model).model_version,
+                "model_path": str(model),
+                "onnx_cpu_reference": reference_speed,
+                "variants": variants,
+            }
             time_variants(cfg, soft, reference, deblur_variants(device), budget, deblur_s, variants, save)
             result["bare_deblur"]["auto_choice"] = TileRestorer.from_config(cfg.deblur).backend
             save()
-        print(f"[{budget.left_s():.0f} s left] pipeline", flush=True)
-        result["pipeline"] = pipeline_rows(cfg, sharp_pool, mix_pool, soft_pool, scale, budget)
-        result["restored_by_version"] = restorations_by_version(scratch)
-        save()
+        if not deblur_only:
+            print(f"[{budget.left_s():.0f} s left] pipeline", flush=True)
+            result["pipeline"] = pipeline_rows(cfg, sharp_pool, mix_pool, soft_pool, scale, budget)
+            result["restored_by_version"] = restorations_by_version(scratch)
+            save()
         if device == "cuda" and not pipeline_only:  # last: its compile time must not cost the pipeline rows
             print(f"[{budget.left_s():.0f} s left] torch.compile variant", flush=True)
-            compile_budget = Budget(budget.left_s() - 60)
+            compile_budget = Budget(budget.left_s() - (10 if deblur_only else 60))  # 60: Ray's shutdown
             time_variants(cfg, soft, reference, compiled_variants(), compile_budget, deblur_s, variants, save)
     finally:
         save()
