@@ -585,7 +585,8 @@ def main(
                 "variants": variants,
             }
             time_variants(cfg, soft, reference, deblur_variants(device), budget, deblur_s, variants, save)
-            result["bare_deblur"]["auto_choice"] = TileRestorer.from_config(cfg.deblur).backend
+            if not deblur_only:  # --deblur-only: after the compile, whose figure it came for (auto probes ~15 s)
+                result["bare_deblur"]["auto_choice"] = TileRestorer.from_config(cfg.deblur).backend
             save()
         if not deblur_only:
             print(f"[{budget.left_s():.0f} s left] pipeline", flush=True)
@@ -594,8 +595,10 @@ def main(
             save()
         if device == "cuda" and not pipeline_only:  # last: its compile time must not cost the pipeline rows
             print(f"[{budget.left_s():.0f} s left] torch.compile variant", flush=True)
-            compile_budget = Budget(budget.left_s() - (10 if deblur_only else 60))  # 60: Ray's shutdown
+            compile_budget = Budget(budget.left_s() - (10 if deblur_only else 60))
             time_variants(cfg, soft, reference, compiled_variants(), compile_budget, deblur_s, variants, save)
+        if deblur_only:
+            result["bare_deblur"]["auto_choice"] = TileRestorer.from_config(cfg.deblur).backend
     finally:
         save()
         shutil.rmtree(scratch, ignore_errors=True)
