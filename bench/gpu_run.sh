@@ -41,8 +41,11 @@ python3 -c 'import ray, zmq, pydantic, torch, onnxruntime, cv2, tifffile, typer,
 print("ray", ray.__version__, "zmq", zmq.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())
 assert torch.cuda.is_available() or "'"$device"'" == "cpu"' || exit 3
 # A .pt2 saved by a newer torch does not load in an older one: rebuild it from the ONNX weights.
-python3 -c 'import torch; torch.export.load("appliance/weights/deblur.pt2")' 2>/dev/null \
-  || python3 -m models.deblur.rebuild_program || exit 4
+loadable_program() {  # loadable_program MODEL.onnx: its .pt2 loads in this torch, rebuilt from the ONNX if not
+  python3 -c "import torch; torch.export.load('${1%.onnx}.pt2')" 2>/dev/null \
+    || python3 -m models.deblur.rebuild_program --weights "$1"
+}
+loadable_program appliance/weights/deblur.onnx || exit 4
 echo "setup done, $(left) s left"
 
 suite_s=${SUITE_BUDGET_S:-230}
@@ -56,8 +59,7 @@ fi
 # (bench/gpu_suite.py --deblur-only, DEBLUR_BUDGET_S each, into OUT_DIR/speed-<name>/): a candidate against
 # the bundled weights in the same call.
 for model in ${DEBLUR_MODELS:-}; do
-  python3 -c "import torch; torch.export.load('${model%.onnx}.pt2')" 2>/dev/null \
-    || python3 -m models.deblur.rebuild_program --weights "$model" || continue
+  loadable_program "$model" || continue
   name=$(basename "$model" .onnx)
   # shellcheck disable=SC2086  # DEBLUR_ARGS is a list of options
   timeout $((${DEBLUR_BUDGET_S:-100} + 45)) python3 bench/gpu_suite.py --device "$device" --deblur-only \
