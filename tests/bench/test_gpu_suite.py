@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.bench.conftest import CPU_REHEARSAL, REPO_ROOT
+from tests.bench.suite_rehearsal import REPO_ROOT, suite_command
 
 pytestmark = pytest.mark.system
 
@@ -69,9 +68,9 @@ def test_deblur_only_times_the_given_model_and_nothing_else(
 def test_suite_refuses_a_missing_model_or_contradictory_modes(
     extra: tuple[str, ...], message: str, tmp_path: Path
 ) -> None:
-    suite = REPO_ROOT / "bench" / "gpu_suite.py"
-    command = [sys.executable, str(suite), *CPU_REHEARSAL, "--out", str(tmp_path), *extra]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        suite_command(tmp_path, tmp_path, *extra), capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode != 0
     assert message in " ".join((done.stdout + done.stderr).split())  # typer wraps long messages in a box
     assert not (tmp_path / "suite.json").exists()
