@@ -121,6 +121,17 @@ def test_the_estimate_of_an_isotropic_blur_is_its_sigma_where_the_reading_runs_h
     assert float(np.median(excess)) > 0.0
 
 
+def test_the_estimate_of_a_disk_is_its_second_moment_where_a_gaussian_fit_reads_high(reference) -> None:
+    """A uniform disk of radius R (a defocused round aperture) has sigma R / 2; its spectrum falls faster than the
+    Gaussian's of that sigma. On these slices a Gaussian fit alone read it 1.09x (median error 8.9 %); read over
+    PSF shapes, 0.96x (3.9 %)."""
+    errors = []
+    for index, sigma_px in ((i, s) for i in range(20, 30) for s in (1.0, 1.5, 2.0, 3.0)):
+        tile = _acquire(read_tile(DATA_DIR / f"{index}.png"), BlurParams("disk", sigma_px), seed=index)
+        errors.append(abs(_estimate(tile, reference) - sigma_px) / sigma_px)
+    assert float(np.median(errors)) <= 0.06
+
+
 def test_the_estimate_of_astigmatism_is_its_major_axis(held_out, reference) -> None:
     params = BlurParams("astigmatic", 2.5, anisotropy=2.5, angle_deg=30.0)
     assert _estimate(_acquire(held_out, params), reference) == pytest.approx(2.5, rel=0.15)
