@@ -588,12 +588,12 @@ _ESTIMATE_STEPS = 12
 # The PSF's shape behind an isotropic estimate: log|H|^2 = (1 - t) log G + t log D, G a Gaussian of sigma and D
 # a uniform disk of radius 2 sigma, which has the same second moment (sigma is the per-axis standard deviation
 # of every mix; a defocused round aperture is a disk, a beam's probe Gaussian). Beyond its second moment a
-# disk's spectrum falls faster than a Gaussian's, so a Gaussian fitted to it read disks 13-22 % high on the
+# disk's spectrum falls faster than a Gaussian's, so a Gaussian fitted to it read disks 14-23 % high on the
 # em-corpus; one tile's spectrum cannot tell the shapes apart (an F-test rarely preferred the disk), so the
 # estimate is the mean of each mix's best sigma weighted by its likelihood, the Gaussian's prior weight
 # SHAPE_GAUSSIAN_PRIOR times the others'. Chosen among 3, 10 and 30 on bench/spectral_reader.py (two seeds) and
 # ten held-out ISBI slices (tests/detection/test_spectral.py): a Gaussian blur reads a little lower the more the
-# other shapes weigh (ISBI slices 8.9 % median error with the Gaussian alone, 9.8 % at 10, 10.8 % at 3).
+# other shapes weigh (ISBI slices: 9.6 % median error before, 9.8 % at 10, 10.8 % at 3).
 SHAPE_MIX = (0.0, 0.25, 0.5, 0.75, 1.0)
 SHAPE_GAUSSIAN_PRIOR = 10.0
 _SHAPE_STEP_PX = 0.1
@@ -649,7 +649,7 @@ def _shape_sigma(estimate: _Estimate) -> float:
     """The isotropic estimate over PSF shapes (SHAPE_MIX): each mix's best sigma (a parabola through the SSE's
     lowest grid point and its neighbours), averaged with weights prior x exp(-(SSE - SSE_min) / 2 s^2), s^2 the
     best fit's residual variance. Candidates lie within 0.6-1.15x the Gaussian fit's sigma (a disk's reads
-    ~0.85x of it), which keeps the cost near 1 ms."""
+    ~0.85x of it), which keeps the cost near 0.5 ms."""
     sigmas = _shape_sigmas()
     window = np.flatnonzero(
         (sigmas >= 0.6 * estimate.sigma_px - 2 * _SHAPE_STEP_PX)
