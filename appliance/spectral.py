@@ -478,18 +478,19 @@ def _gaussian_all_bins_sse(bins: _AllBins, coef: np.ndarray) -> float:
 _DISK_NEWTON_STEPS = 12
 
 
-def _disk_all_bins_fit(bins: _AllBins, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per candidate disk: its log contrast c fitted over every bin (Newton from `offsets`, the fit on the
-    usable bins) and the weighted SSE of log(e^c P_rig |H|^2 + N) there. (len(_DISK_RADII_PX),) each."""
-    signal = _disk_log_h2()[:, bins.use] + bins.reference[None, :]
+def _contrast_fits(bins: _AllBins, log_h2: np.ndarray, start: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate row of log_h2 (a transfer's log |H|^2 per bin, as _bin_averaged_log_h2 gives): its log
+    contrast c fitted over every bin (`steps` Newton steps from `start`) and the weighted SSE of
+    log(e^c P_rig |H|^2 + N) there. (candidates,) each."""
+    signal = log_h2[:, bins.use] + bins.reference[None, :]
     w2 = bins.weight[None, :] ** 2
-    c = offsets.copy()
-    for _ in range(_DISK_NEWTON_STEPS):
-        u = np.exp(c[:, None] + signal)
+    c = np.array(start, dtype=np.float64)
+    for _ in range(steps):
+        u = np.exp(np.minimum(c[:, None] + signal, 700.0))
         share = u / (u + bins.noise)  # d log(u + N) / dc
         residual = bins.y[None, :] - np.log(u + bins.noise)
         c = c + (w2 * residual * share).sum(axis=1) / np.maximum((w2 * share * share).sum(axis=1), 1e-30)
-    model = np.log(np.exp(c[:, None] + signal) + bins.noise)
+    model = np.log(np.exp(np.minimum(c[:, None] + signal, 700.0)) + bins.noise)
     return c, (w2 * (bins.y[None, :] - model) ** 2).sum(axis=1)
 
 
@@ -512,7 +513,7 @@ def fit_added_psf(spectra: WindowSpectra, reference: np.ndarray, reference_usabl
     w2 = inputs.weight**2
     offsets = ((inputs.target[None, :] - _disk_log_h2()[:, inputs.use]) * w2).sum(axis=1) / w2.sum()
     bins = _all_bins(power, noise, len(spectra.power), reference, reference_usable)
-    disk_c, disk_sse = _disk_all_bins_fit(bins, offsets)
+    disk_c, disk_sse = _contrast_fits(bins, _disk_log_h2(), offsets, _DISK_NEWTON_STEPS)
     disk_sse = np.where(_DISK_RADII_PX >= DISK_MIN_RADIUS_PX, disk_sse, np.inf)
     best = int(np.argmin(disk_sse))
     if disk_sse[best] < _gaussian_all_bins_sse(bins, coef):
@@ -630,21 +631,6 @@ def _shape_sigmas() -> np.ndarray:
     return np.round(np.arange(0.0, _SHAPE_MAX_PX + 1e-9, _SHAPE_STEP_PX), 6)
 
 
-def _shape_sse(bins: _AllBins, log_h2: np.ndarray, log_contrast: float) -> np.ndarray:
-    """Weighted SSE over every bin of log(e^c P_rig |H|^2 + N) per candidate row of log_h2 (c per candidate by
-    Newton from log_contrast)."""
-    signal = log_h2[:, bins.use] + bins.reference[None, :]
-    w2 = bins.weight[None, :] ** 2
-    c = np.full(len(log_h2), log_contrast)
-    for _ in range(_SHAPE_NEWTON_STEPS):
-        u = np.exp(np.minimum(c[:, None] + signal, 700.0))
-        share = u / (u + bins.noise)
-        residual = bins.y[None, :] - np.log(u + bins.noise)
-        c = c + (w2 * residual * share).sum(axis=1) / np.maximum((w2 * share * share).sum(axis=1), 1e-30)
-    model = np.log(np.exp(np.minimum(c[:, None] + signal, 700.0)) + bins.noise)
-    return (w2 * (bins.y[None, :] - model) ** 2).sum(axis=1)
-
-
 def _shape_sigma(estimate: _Estimate) -> float:
     """The isotropic estimate over PSF shapes (SHAPE_MIX): each mix's best sigma (a parabola through the SSE's
     lowest grid point and its neighbours), averaged with weights prior x exp(-(SSE - SSE_min) / 2 s^2), s^2 the
@@ -659,7 +645,8 @@ def _shape_sigma(estimate: _Estimate) -> float:
         return estimate.sigma_px
     table = _shape_log_h2()[:, window]
     mixes, candidates, _ = table.shape
-    sse = _shape_sse(estimate.bins, table.reshape(mixes * candidates, -1), estimate.log_contrast)
+    rows = table.reshape(mixes * candidates, -1)
+    _, sse = _contrast_fits(estimate.bins, rows, np.full(len(rows), estimate.log_contrast), _SHAPE_NEWTON_STEPS)
     best_sse, best_sigma = np.empty(mixes), np.empty(mixes)
     for m, row in enumerate(sse.reshape(mixes, candidates)):
         k = int(np.argmin(row))
