@@ -7,7 +7,8 @@ Backends (`DeblurConfig.backend`):
 - ``classical`` Wiener deconvolution with the elliptical Gaussian PSF the blur detector estimated;
 - ``auto``      the fastest correct one available: on a GPU, of torch fp16/bf16 and ONNX Runtime CUDA the
                 one that runs a 1024 x 1024 probe fastest among those that agree with ONNX Runtime
-                CPU (fp32) on a probe patch; else ONNX Runtime CPU, else classical (no model file).
+                CPU (fp32) on a probe patch (within 10 %, the earlier in that order, so that every replica
+                picks the same); else ONNX Runtime CPU, else classical (no model file).
 torch is imported only when a CUDA GPU is visible or the torch backend is asked for.
 
 Which weights (`DeblurConfig.model_path`; None = bundled, `bundled_model`):
@@ -62,6 +63,9 @@ from appliance.weights import DEBLUR_GPU_MODEL, DEBLUR_MODEL
 CLASSICAL_VERSION = "classical-wiener-1"
 # fp16 GPU output may differ from fp32 CPU output by this much (model scale, max abs) and still be kept.
 GPU_AGREEMENT_TOLERANCE = 0.02
+# `auto`'s candidates closer than this in speed count as a tie (the earlier one is chosen): timing noise
+# between two replicas' probes must not give them different precisions.
+SPEED_TIE_MARGIN = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +359,8 @@ def _fastest_gpu_engine(
     model_path: Path, card: DeblurSidecar, threads: int, reference: BatchFn | None = None
 ) -> _Engine | None:
     """`auto` on a GPU: the fastest GPU backend that agrees with fp32 ONNX Runtime CPU (`reference`,
-    opened here when not given); None when none builds and agrees."""
+    opened here when not given; near ties go to the earlier candidate, `preferred_by_speed`); None when none
+    builds and agrees."""
     correct: list[tuple[float, _Engine]] = []
     for build in _gpu_candidates(model_path, card, threads):
         try:
@@ -366,7 +371,20 @@ def _fastest_gpu_engine(
             reference = _onnx_runner(model_path, card, [CPU], threads)
         if _agrees(engine.run_patches, reference, card):
             correct.append((_seconds_per_call(engine.run_patches, card), engine))
-    return min(correct, key=lambda timed: timed[0])[1] if correct else None
+    if not correct:
+        return None
+    return correct[preferred_by_speed([seconds for seconds, _ in correct])][1]
+
+
+def preferred_by_speed(seconds: Sequence[float], margin: float = SPEED_TIE_MARGIN) -> int:
+    """Index of the earliest candidate within `margin` (a fraction) of the fastest one's time.
+
+    Each replica times the candidates itself: on an H200, fp16 and bf16 ran within 1 % of each other, and the
+    two replicas of one run chose differently (QC records of one section named both; 2026-11-27,
+    bench/gpu-results/2026-11-27-h200-suite-cal-run4.md). A tie within timing noise now goes to the earlier
+    candidate (fp16 first), so every replica on a box restores with the same precision."""
+    fastest = min(seconds)
+    return next(i for i, s in enumerate(seconds) if s <= fastest * (1.0 + margin))
 
 
 def _gpu_candidates(model_path: Path, card: DeblurSidecar, threads: int) -> list[Callable[[], _Engine]]:

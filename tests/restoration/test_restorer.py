@@ -206,3 +206,19 @@ def test_compiled_network_warmed_up_restores_the_same_tile_without_compiling_aga
     assert out.dtype == tile.dtype and out.shape == tile.shape
     assert np.abs(reference.astype(np.int64) - out).max() <= 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "chosen"),
+    [
+        ([0.0500, 0.0495], 0),  # fp16 vs bf16 within 1 %, as two replicas timed them on an H200: fp16 always
+        ([0.0495, 0.0500], 0),
+        ([0.060, 0.050], 1),  # bf16 20 % faster: a real difference, the faster one
+        ([0.080, 0.075, 0.050], 2),
+        ([0.080, 0.052, 0.050], 1),  # the earliest within the margin of the fastest
+    ],
+)
+def test_auto_takes_the_earlier_gpu_backend_when_two_run_within_timing_noise(seconds: list[float], chosen: int) -> None:
+    from appliance.restoration.restorer import preferred_by_speed
+
+    assert preferred_by_speed(seconds) == chosen
