@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -99,22 +100,22 @@ def main(
         "detector_threads": cfg.detector.inference_threads,
         "settings": {},
     }
-    wiener = rig_wiener(tiles[0], rig.reference, rig.own_noise_power)
+    wiener_of = partial(rig_wiener, reference=rig.reference, own_noise_power=rig.own_noise_power)
+    wiener = wiener_of(tiles[0])
     assert wiener is not None
     model_out = restorer.restore(tiles[:1], soft_assessments[:1])[0]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for setting in cv2_threads or [0, threads]:
-            cv2.setNumThreads(os.cpu_count() or 1 if setting == 0 else setting)
+            cv2.setNumThreads((os.cpu_count() or 1) if setting == 0 else setting)
             stages = {
                 "detector, 1 tile": timed(lambda: detector.assess(tiles[:1]), repeats),
                 "detector with the rig's spectrum, 1 tile": timed(
                     lambda: detector.assess(tiles[:1], spectral_references=[reference]), repeats
                 ),
                 "model alone, batch": timed(lambda: restorer.restore(tiles, soft_assessments), repeats),
-                "rig Wiener, 1 tile": timed(lambda: rig_wiener(tiles[0], rig.reference, rig.own_noise_power), repeats),
+                "rig Wiener, 1 tile": timed(lambda: wiener_of(tiles[0]), repeats),
                 "rig Wiener alone, batch on the replica's threads": timed(
-                    lambda: list(pool.map(lambda t: rig_wiener(t, rig.reference, rig.own_noise_power), tiles)),
-                    repeats,
+                    lambda: list(pool.map(wiener_of, tiles)), repeats
                 ),
                 "blend, 1 tile": timed(lambda: blend(model_out, wiener, MODEL_SHARE), repeats),
                 "restore_versioned with the rig blend, batch": timed(
