@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from appliance.config import DeblurConfig, DetectorConfig, IngestConfig, MetricsConfig, OutputConfig, RigConfig  # noqa: E402
 from appliance.qc_record import QC_FILENAME, QcTileRecord, read_qc_lines  # noqa: E402
 from appliance.stream.protocol import ProtocolError, decode_feedback, encode_end, encode_start  # noqa: E402
+from appliance.stream.zmq_security import keep_feedback_connection_alive  # noqa: E402
 from appliance.tools.demo import sample_tiles  # noqa: E402
 from appliance.tools.reference_controller import tile_frames  # noqa: E402
 
@@ -208,6 +209,7 @@ class FaultController:
         pull.setsockopt(zmq.RCVHWM, 1)
         pull.setsockopt(zmq.RCVBUF, 4096)
         pull.setsockopt(zmq.LINGER, 0)
+        keep_feedback_connection_alive(pull)  # docs/protocol.md: a stalled reader keeps its connection
         pull.connect(self._feedback_endpoint)
         self._ready.set()
         try:

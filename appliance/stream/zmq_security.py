@@ -48,6 +48,9 @@ POLITE_REFUSAL_FACTOR = 2
 # next connection is admitted instead of waiting for TCP to give up.
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
+# A controller's feedback PULL pings the appliance (keep_feedback_connection_alive).
+CONTROLLER_HEARTBEAT_IVL_MS = 1000
+CONTROLLER_HEARTBEAT_TIMEOUT_MS = 600_000
 # A connection that never completes the ZeroMQ handshake is closed after this (it counts as a peer
 # until then).
 HANDSHAKE_IVL_MS = 10_000
@@ -165,6 +168,19 @@ def check_curve_keys(security: SecurityConfig) -> None:
         log.info("CURVE on: the rig's public key is %s", keys.public.decode("ascii"))
 
 
+def keep_feedback_connection_alive(socket: zmq.Socket) -> None:
+    """Ping the appliance from a controller's feedback PULL every second; call it before `connect`.
+
+    The appliance drops a feedback connection after HEARTBEAT_TIMEOUT_MS without traffic back, and the
+    frames still on it are lost. A PULL whose queue is full reads nothing from the connection, the
+    appliance's PINGs included, so a controller that stops reading for ~7 s would look dead. Its own PINGs
+    go out from libzmq's I/O thread whatever the application does, and count as traffic.
+    """
+    socket.setsockopt(zmq.HEARTBEAT_IVL, CONTROLLER_HEARTBEAT_IVL_MS)
+    # Its PINGs' answers wait unread behind the frames it is not reading: time out only on a long silence.
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, CONTROLLER_HEARTBEAT_TIMEOUT_MS)
+
+
 def secure_client_socket(socket: zmq.Socket, client: CurveKeys, server_public_key: bytes) -> None:
     """Make a controller socket a CURVE client of the appliance; call it before `connect`."""
     if not client.secret:
@@ -258,6 +274,14 @@ class ZapHandler:
                     guarded.open_fds.add(int(event["value"]))
                 elif event["event"] == zmq.EVENT_DISCONNECTED:
                     guarded.open_fds.discard(int(event["value"]))
+                    # Closed by the controller, or dropped by the heartbeat (a dead peer, or a controller that
+                    # stopped reading without pinging): frames still on it are gone, and only the resend rule
+                    # brings their tiles' answers back. Said where an operator looks for why.
+                    log.warning(
+                        "the %s connection closed: answers still on it are lost unless the controller resends "
+                        "its unanswered tiles (docs/protocol.md, resend rule and keeping the connection)",
+                        guarded.role,
+                    )
 
     def _answer_waiting(self) -> None:
         still_waiting = []

@@ -26,7 +26,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 if TYPE_CHECKING:
     from appliance.serving.pipeline import Appliance, RunningEndpoints
 from appliance.stream.protocol import ProtocolError, TileHeader, decode_feedback, encode_end, encode_start, encode_tile
-from appliance.stream.zmq_security import CurveKeys, load_key_pair, secure_client_socket
+from appliance.stream.zmq_security import (
+    CurveKeys,
+    keep_feedback_connection_alive,
+    load_key_pair,
+    secure_client_socket,
+)
 
 MULTISEM_TILES_PER_S = 25.4
 REPLY_TIMEOUT_S = 120.0  # docs/protocol.md: resend a tile still unanswered after this long
@@ -399,6 +404,7 @@ class ReferenceController:
     def _receive_feedback(self) -> None:
         pull = self._context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
+        keep_feedback_connection_alive(pull)  # docs/protocol.md: a pause in reading must not drop the connection
         if self._curve is not None:
             self._curve.apply(pull)
         pull.connect(self._feedback_endpoint)

@@ -16,9 +16,12 @@ import zmq
 
 from appliance.config import RigConfig, SecurityConfig, endpoint_is_loopback
 from appliance.serving.ray_lockdown import ensure_token_file
+from appliance.stream.feedback import FeedbackChannel
+from appliance.stream.protocol import decode_feedback, encode_feedback
 from appliance.stream.zmq_security import (
     SECOND_PEER_WAIT_S,
     CurveKeys,
+    keep_feedback_connection_alive,
     load_key_pair,
     max_message_bytes,
     secure_client_socket,
@@ -245,3 +248,37 @@ def test_the_ray_token_file_is_made_private_and_kept(tmp_path: Path) -> None:
     token.chmod(0o644)  # e.g. written by `ray get-auth-token --generate` under a loose umask
     assert ensure_token_file(token).read_text() == first
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
+
+
+def test_a_controller_that_stops_reading_feedback_for_long_keeps_its_connection_and_every_frame(
+    context: zmq.Context, peers: zmq.Context
+) -> None:
+    # The appliance heartbeats its feedback connection and drops it after 3 s without traffic back. A
+    # controller whose PULL is full reads nothing, PONGs included: without its own pings the connection
+    # was dropped after ~7 s of not reading and the frames on it were lost (the stalled-reader drill lost
+    # 56 errors and 6 answers so, under load). Stalled 12 s here, with the buffers of the drill's controller.
+    channel = FeedbackChannel(context, "tcp://127.0.0.1:*", max_pending=4)
+    controller = peers.socket(zmq.PULL)
+    controller.setsockopt(zmq.LINGER, 0)
+    controller.setsockopt(zmq.RCVHWM, 1)
+    controller.setsockopt(zmq.RCVBUF, 4096)
+    keep_feedback_connection_alive(controller)
+    controller.connect(channel.endpoint)
+    frames = [encode_feedback("draining", message=f"{n} " + "x" * 300) for n in range(1000)]
+    try:
+        for frame in frames:
+            channel.send(frame)
+        stalled_until = time.monotonic() + 12.0
+        while time.monotonic() < stalled_until:  # the sink's periodic flush, while nobody reads
+            channel.flush()
+            time.sleep(0.1)
+        assert channel.pending > 0, "the stall never filled the buffers: nothing was at risk"
+        got: list[str] = []
+        deadline = time.monotonic() + 20
+        while len(got) < len(frames) and time.monotonic() < deadline:
+            channel.flush()
+            if controller.poll(50):
+                got.append(decode_feedback(controller.recv())["message"].split()[0])
+        assert got == [str(n) for n in range(len(frames))]  # every frame, in order, none lost
+    finally:
+        channel.close()
