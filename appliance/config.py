@@ -106,6 +106,9 @@ class OutputConfig(_Strict):
     fsync: bool = Field(True, description="fsync files before a tile counts as done (durability).")
 
 
+REPLICA_SHUTDOWN_POLL_S = 0.1
+
+
 class ReplicaConfig(_Strict):
     """How a Ray Serve deployment is replicated across local GPUs (or CPUs where none)."""
 
@@ -163,6 +166,9 @@ class ReplicaConfig(_Strict):
                 "num_cpus": self.num_cpus_per_replica,
                 "num_gpus": self.num_gpus_per_replica,
             },
+            # A stopping replica sleeps this long before it first counts its ongoing requests (Serve's default
+            # 2 s). The appliance drains every tile before it stops Serve, so there is nothing to wait for.
+            "graceful_shutdown_wait_loop_s": REPLICA_SHUTDOWN_POLL_S,
         }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SINK_OPTIONS = {"max_restarts": -1, "max_task_retries": -1}
 INGEST_OPTIONS = {"max_restarts": -1, "max_task_retries": 0}
 STATS_TIMEOUT_S = 10.0  # a restarting actor answers after its restart; the status line skips a beat
-PORT_ATTEMPTS = 3  # starts of an actor on a freshly resolved wildcard port (on_a_free_port)
+PORT_ATTEMPTS = 3  # starts of the actors on freshly resolved wildcard ports (on_free_ports)
 
 T = TypeVar("T")
 
@@ -55,22 +55,23 @@ def resolve_endpoint(endpoint: str) -> str:
         context.term()
 
 
-def on_a_free_port(configured: str, start: Callable[[str], T]) -> tuple[str, T]:
-    """(the endpoint, start(endpoint)) with a wildcard port resolved (`resolve_endpoint`). The resolved port is
+def on_free_ports(configured: Sequence[str], start: Callable[[list[str]], T]) -> tuple[list[str], T]:
+    """(the endpoints, start(endpoints)) with wildcard ports resolved (`resolve_endpoint`). A resolved port is
     free when probed but not held: another process (any outgoing connection's ephemeral port) can take it
-    before the actor binds it, and the actor's creation then fails with "Address already in use" (seen once
-    in CI, 2026-11-27). At start nobody has connected yet, so a fresh port is resolved and the actor started
-    again, up to PORT_ATTEMPTS times; a fixed port's failure is raised as it is."""
+    before an actor binds it, and the actor's creation then fails with "Address already in use" naming the
+    address (seen once in CI, 2026-11-27). At start nobody has connected yet, so fresh ports are resolved and
+    `start` called again, up to PORT_ATTEMPTS times; a fixed port's failure is raised as it is."""
     attempt = 1
     while True:
-        endpoint = resolve_endpoint(configured)
+        endpoints = [resolve_endpoint(endpoint) for endpoint in configured]
         try:
-            return endpoint, start(endpoint)
+            return endpoints, start(endpoints)
         except ray.exceptions.RayError as exc:
-            taken = configured.endswith(":*") and "Address already in use" in str(exc)
+            resolved = [e for c, e in zip(configured, endpoints, strict=True) if c.endswith(":*")]
+            taken = any(f"Address already in use (addr='{endpoint}')" in str(exc) for endpoint in resolved)
             if not taken or attempt == PORT_ATTEMPTS:
                 raise
-        log.warning("%s was taken before the actor bound it (attempt %d); resolving another port", endpoint, attempt)
+        log.warning("%s: a port was taken before its actor bound it (attempt %d); resolving others", endpoints, attempt)
         attempt += 1
 
 
@@ -105,31 +106,30 @@ class MicroscopeRuntime:
         return self.cfg.detector_for(self.scope).calibration is not None
 
     def start(self, detector: DeploymentHandle, deblur: DeploymentHandle, thresholds: Thresholds) -> RunningEndpoints:
-        """Start the sink (binds feedback), then the ingest (binds tiles) and the supervisor."""
+        """Start the sink (binds feedback) and the ingest (binds tiles, reads once the sink is up), then the
+        supervisor."""
         ingest_cfg = self.cfg.ingest_for(self.scope)
         security = self.cfg.security_for(self.scope)
         detector_cfg = self.cfg.detector_for(self.scope)
         calibration = load_configured_calibration(detector_cfg)
 
-        def start_sink(feedback_endpoint: str) -> tuple[Any, str, dict[str, str]]:
+        def start_sink_and_ingest(endpoints: list[str]) -> tuple[Any, Any, dict[str, str], str]:
+            feedback_endpoint, tile_endpoint = endpoints
             # The ingest finds its sink by this name (IngestActor): unique per start, as tests run several
             # appliances in one Ray and a start on a taken port is tried again.
-            name = f"sink-{self.name}-{uuid.uuid4().hex[:12]}"
-            sink = SinkActor.options(name=name, **SINK_OPTIONS).remote(  # type: ignore[attr-defined]
+            sink_name = f"sink-{self.name}-{uuid.uuid4().hex[:12]}"
+            sink = SinkActor.options(name=sink_name, **SINK_OPTIONS).remote(  # type: ignore[attr-defined]
                 self.cfg.output_for(self.scope),
                 feedback_endpoint,
                 thresholds,
                 feedback_hwm=ingest_cfg.feedback_hwm,
                 security=security,
             )
-            return sink, name, ray.get(sink.endpoints.remote())
-
-        feedback_endpoint, (self.sink, sink_name, sink_info) = on_a_free_port(ingest_cfg.feedback_endpoint, start_sink)
-        ingest_cfg = ingest_cfg.model_copy(update={"feedback_endpoint": feedback_endpoint})
-
-        def start_ingest(tile_endpoint: str) -> tuple[Any, str]:
+            # Created before the sink answers, so that both worker processes spawn at once (~1.5 s each): a
+            # named actor is registered as it is created, so the ingest's constructor finds it. The ingest binds
+            # its tile socket now but reads it only from `start`, once the sink has bound the feedback socket.
             ingest = IngestActor.options(**INGEST_OPTIONS).remote(  # type: ignore[attr-defined]
-                ingest_cfg.model_copy(update={"tile_endpoint": tile_endpoint}),
+                ingest_cfg.model_copy(update={"feedback_endpoint": feedback_endpoint, "tile_endpoint": tile_endpoint}),
                 detector,
                 deblur,
                 sink_name,
@@ -138,9 +138,17 @@ class MicroscopeRuntime:
                 focus=OnlineBaseline(detector_cfg, calibration),
                 microscope=self.name,
             )
-            return ingest, ray.get(ingest.start.remote())
+            try:
+                sink_info = ray.get(sink.endpoints.remote())
+                return sink, ingest, sink_info, ray.get(ingest.start.remote())
+            except ray.exceptions.RayError:
+                for actor in (ingest, sink):  # neither may keep its port for the next attempt
+                    ray.kill(actor, no_restart=True)
+                raise
 
-        _, (self.ingest, tile_endpoint) = on_a_free_port(ingest_cfg.tile_endpoint, start_ingest)
+        _, (self.sink, self.ingest, sink_info, tile_endpoint) = on_free_ports(
+            [ingest_cfg.feedback_endpoint, ingest_cfg.tile_endpoint], start_sink_and_ingest
+        )
         self.supervisor = Supervisor({"sink": self.sink, "ingest": self.ingest})
         self.supervisor.start()
         feedback, output_dir = sink_info["feedback"], sink_info["output_dir"]

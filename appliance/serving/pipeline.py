@@ -4,6 +4,7 @@ drain and stop."""
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -68,27 +69,33 @@ class Appliance:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         # No HTTP proxy: tiles arrive over ZeroMQ only.
         serve.start(proxy_location="Disabled", logging_config=SERVE_LOGGING)
-        detector = serve.run(
-            BlurDetectorDeployment.options(  # type: ignore[attr-defined]  # added by @serve.deployment
-                **self.cfg.detector.deployment_options(), logging_config=SERVE_LOGGING
-            ).bind(self.cfg.detector),
-            name=DETECTOR_APP,
-            route_prefix=None,
-        )
-        deblur = serve.run(
-            DeblurDeployment.options(  # type: ignore[attr-defined]  # added by @serve.deployment
-                **self.cfg.deblur.deployment_options(), logging_config=SERVE_LOGGING
-            ).bind(self.cfg.deblur),
-            name=DEBLUR_APP,
-            route_prefix=None,
+        # Both applications in one deploy: Serve waits for their replicas together (~2 s less per start).
+        detector, deblur = serve.run_many(
+            [
+                serve.RunTarget(
+                    BlurDetectorDeployment.options(  # type: ignore[attr-defined]  # added by @serve.deployment
+                        **self.cfg.detector.deployment_options(), logging_config=SERVE_LOGGING
+                    ).bind(self.cfg.detector),
+                    name=DETECTOR_APP,
+                    route_prefix=None,
+                ),
+                serve.RunTarget(
+                    DeblurDeployment.options(  # type: ignore[attr-defined]  # added by @serve.deployment
+                        **self.cfg.deblur.deployment_options(), logging_config=SERVE_LOGGING
+                    ).bind(self.cfg.deblur),
+                    name=DEBLUR_APP,
+                    route_prefix=None,
+                ),
+            ]
         )
         thresholds = Thresholds(self.cfg.detector.sharp_sigma_px, self.cfg.detector.max_restorable_sigma_px)
-        for scope in self._scopes:
-            self.microscopes[scope.name] = scope.start(detector, deblur, thresholds)
+        # Each microscope's sink and ingest are Ray actors, each a new worker process (1-2 s to spawn):
+        # the microscopes start side by side, not one after another.
+        with ThreadPoolExecutor(max_workers=len(self._scopes)) as pool:
+            started = list(pool.map(lambda scope: scope.start(detector, deblur, thresholds), self._scopes))
         metrics_url = self._start_metrics() if self.cfg.metrics.enabled else None
         self.microscopes = {
-            name: RunningEndpoints(e.tile, e.feedback, e.output_dir, metrics_url, name)
-            for name, e in self.microscopes.items()
+            e.microscope: RunningEndpoints(e.tile, e.feedback, e.output_dir, metrics_url, e.microscope) for e in started
         }
         self.endpoints = next(iter(self.microscopes.values()))
         for endpoints in self.microscopes.values():

@@ -1,4 +1,4 @@
-"""A wildcard port resolved at start but taken before the actor binds it: a fresh port, not a failed start."""
+"""A wildcard port resolved at start but taken before its actor binds it: fresh ports, not a failed start."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import ray
 import zmq
 
-from appliance.serving.microscope import PORT_ATTEMPTS, on_a_free_port
+from appliance.serving.microscope import PORT_ATTEMPTS, on_free_ports
 
 pytestmark = pytest.mark.system
 
@@ -30,7 +30,8 @@ def test_a_port_taken_between_resolving_and_binding_is_resolved_again(ray_cluste
     squatters: list[zmq.Socket] = []
     tried: list[str] = []
 
-    def start(endpoint: str) -> tuple[ray.actor.ActorHandle, str]:
+    def start(endpoints: list[str]) -> tuple[ray.actor.ActorHandle, str]:
+        (endpoint,) = endpoints
         tried.append(endpoint)
         if len(tried) < PORT_ATTEMPTS:  # another process takes the port first, every attempt but the last
             squatter = context.socket(zmq.PULL)
@@ -40,16 +41,23 @@ def test_a_port_taken_between_resolving_and_binding_is_resolved_again(ray_cluste
         actor = BindingActor.remote(endpoint)
         return actor, ray.get(actor.endpoint.remote())
 
+    def bind_each(endpoints: list[str]) -> list[str]:
+        tried.extend(endpoints)
+        actors = [BindingActor.remote(endpoint) for endpoint in endpoints]
+        return ray.get([actor.endpoint.remote() for actor in actors])
+
     try:
-        endpoint, (_, bound) = on_a_free_port("tcp://127.0.0.1:*", start)
+        [endpoint], (_, bound) = on_free_ports(["tcp://127.0.0.1:*"], start)
         assert len(tried) == PORT_ATTEMPTS and len(set(tried)) == PORT_ATTEMPTS
         assert endpoint == bound == tried[-1]
-        # A fixed port is the controller's: taken, the start fails as it is, with no other port tried.
+        # A fixed port is the controller's: taken, the start fails as it is, with no other port tried, also
+        # when the same start binds a wildcard port beside it (the error names the address that was taken).
         fixed = squatters[0].getsockopt_string(zmq.LAST_ENDPOINT)
-        tried.clear()
-        with pytest.raises(ray.exceptions.RayError, match="Address already in use"):
-            on_a_free_port(fixed, lambda e: (tried.append(e), ray.get(BindingActor.remote(e).endpoint.remote())))
-        assert tried == [fixed]
+        for configured in ([fixed], ["tcp://127.0.0.1:*", fixed]):
+            tried.clear()
+            with pytest.raises(ray.exceptions.RayError, match="Address already in use"):
+                on_free_ports(configured, bind_each)
+            assert tried[-1] == fixed and len(tried) == len(configured), tried
     finally:
         for squatter in squatters:
             squatter.close()
