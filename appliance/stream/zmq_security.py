@@ -278,8 +278,9 @@ class ZapHandler:
                     # stopped reading without pinging): frames still on it are gone, and only the resend rule
                     # brings their tiles' answers back. Said where an operator looks for why.
                     log.warning(
-                        "the %s connection closed: answers still on it are lost unless the controller resends "
-                        "its unanswered tiles (docs/protocol.md, resend rule and keeping the connection)",
+                        "a %s connection closed (by its peer, refused, or no answer to the heartbeat): answers "
+                        "still on it are lost unless the controller resends its unanswered tiles (docs/protocol.md, "
+                        "resend rule, and keep the feedback connection alive)",
                         guarded.role,
                     )
 
