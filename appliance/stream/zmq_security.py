@@ -276,7 +276,7 @@ class ZapHandler:
                     guarded.open_fds.discard(int(event["value"]))
                     # Closed by the controller, or dropped by the heartbeat (a dead peer, or a controller that
                     # stopped reading without pinging): frames still on it are gone, and only the resend rule
-                    # brings their tiles' answers back. Said where an operator looks for why.
+                    # brings their tiles' answers back: a warning, so that a loss is never silent.
                     log.warning(
                         "a %s connection closed (by its peer, refused, or no answer to the heartbeat): answers "
                         "still on it are lost unless the controller resends its unanswered tiles (docs/protocol.md, "
