@@ -128,7 +128,9 @@ def test_a_stop_records_the_tiles_held_for_a_controller_that_never_reads_and_non
 ) -> None:
     # A controller sends and never reads its feedback: its outbox fills, its tiles are held (backpressure).
     # A stop must not wait for it forever: after drain_timeout_s the held tiles are recorded anyway.
-    appliance = drill_appliance(feedback_hwm=2, drain_timeout_s=2.0)
+    # 5 s, not 2: in a slow full run on this 2-core box (14:58, 2026-11-28) 4 released tiles were not yet
+    # recorded 2 s after the release and were abandoned; the bound on the stop is what is tested, not its size.
+    appliance = drill_appliance(feedback_hwm=2, drain_timeout_s=5.0)
     endpoints = appliance.endpoints
     stream = tiles(20)
     with silent_controller(endpoints.tile, "s1", stream):
