@@ -14,7 +14,8 @@ live here and the socket owners (ingest, sink) make one call each:
   sending 16-bit tiles against a limit sized for 8-bit ones, and it must learn why, not reconnect and
   resend forever.
 
-The controller side (`secure_client_socket`) is used by the reference controller and by tests.
+The controller side (`secure_client_socket`; `keep_feedback_connection_alive` on its feedback PULL, so that a
+pause in reading is not taken for a dead peer) is used by the reference controller, the fault drills and tests.
 """
 
 from __future__ import annotations
