@@ -14,6 +14,13 @@ them with the same model (appliance.tools.offline.with_restoration_blend), and t
 with the Wiener filter against that rig's spectrum. A source whose calibration is refused is restored by
 the model alone, and the refusal is recorded.
 
+`--adapt-steps N`: the rig protocol. Each source's first 5 tiles are its rig's known-good tiles and up to
+`--tiles` of the others are tested, so no tested tile was seen in any way. With N > 0 the model (the fold
+with `--loso`) is first adapted to the rig on those 5 tiles (`models.deblur.adapt`, N steps); with
+`--calibrated` the rig is calibrated once on them, its blend measured with the model it restores with.
+`--adapt-steps 0` is the same protocol without the adaptation: the baseline to compare with. An adaptation
+that does not improve on the rig's own tiles writes nothing (adapt.py), and the base model restores.
+
 Sources (bench/detector_sources.load_sources): every folder of ../shared/data/em-corpus (its `soft/`
 tiles are soft at the source, never sharp targets, and are not used) plus the isbi2012-train test split
 (images 26-29: the training instrument, held-out slices). The bundled CPU model was trained on the
@@ -50,9 +57,11 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -105,11 +114,19 @@ def packed_source_name(bench_source: str) -> str:
     return ISBI_SOURCE if bench_source.startswith(ISBI_SOURCE) else bench_source
 
 
-def pick_tiles(source: Source, count: int, side: int) -> list[tuple[str, np.ndarray]]:
-    """Up to `count` of the source's sharp tiles, evenly spaced over them, centre-cropped to <= side px."""
-    n = len(source.tiles)
+def pick_tiles(tiles: list[tuple[str, np.ndarray]], count: int, side: int) -> list[tuple[str, np.ndarray]]:
+    """Up to `count` of the sharp tiles, evenly spaced over them, centre-cropped to <= side px."""
+    n = len(tiles)
     indices = sorted({int(round(i)) for i in np.linspace(0, n - 1, min(count, n))})
-    return [(source.tiles[i][0], centre_crop(source.tiles[i][1], side)) for i in indices]
+    return [(tiles[i][0], centre_crop(tiles[i][1], side)) for i in indices]
+
+
+def rig_split(
+    source: Source, count: int, side: int
+) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]:
+    """The rig protocol (`--adapt-steps`): the source's first CALIBRATION_TILES tiles, its rig's known-good
+    tiles, and up to `count` of the others, evenly spaced, centre-cropped to <= side px: the tested tiles."""
+    return source.tiles[:CALIBRATION_TILES], pick_tiles(source.tiles[CALIBRATION_TILES:], count, side)
 
 
 def rig_for_tile(
@@ -126,15 +143,54 @@ def rig_for_tile(
         for n, t in source.tiles
         if n != name and (calibrate_at_nm is None or stated_pixel_size_nm(source.name, n) == calibrate_at_nm)
     ][:CALIBRATION_TILES]
-    sizes = calibration_pixel_sizes(source.name, [n for n, _ in others])
+    return rigs_calibrated_on(source, others, [name], restorer, detector)[0]
+
+
+def rigs_calibrated_on(
+    source: Source,
+    known_good: list[tuple[str, np.ndarray]],
+    names: list[str],
+    restorer: TileRestorer,
+    detector: BlurDetector,
+) -> list[tuple[RigRestoration | None, str]]:
+    """Per tile of `names`, the restoration of the rig calibrated once on `known_good` (its blend measured
+    with `restorer`'s model), and what happened (`rig_for_tile`)."""
+    sizes = calibration_pixel_sizes(source.name, [n for n, _ in known_good])
     try:
-        calibration = calibrate([t for _, t in others], [n for n, _ in others], detector, sizes)
+        calibration = calibrate([t for _, t in known_good], [n for n, _ in known_good], detector, sizes)
     except CalibrationError as exc:
-        return None, f"calibration refused: {exc}"
-    calibration = with_restoration_blend(calibration, [t for _, t in others], restorer, sizes)
-    inputs = calibration.restoration_inputs(tile_pixel_size_nm(source.name, name))
-    rig = None if inputs is None else RigRestoration(*inputs)
-    return rig, "no restoration blend (no spectral reference)" if rig is None else f"model share {rig.model_weight:g}"
+        return [(None, f"calibration refused: {exc}")] * len(names)
+    calibration = with_restoration_blend(calibration, [t for _, t in known_good], restorer, sizes)
+    rigs = []
+    for name in names:
+        inputs = calibration.restoration_inputs(tile_pixel_size_nm(source.name, name))
+        rig = None if inputs is None else RigRestoration(*inputs)
+        what = "no restoration blend (no spectral reference)" if rig is None else f"model share {rig.model_weight:g}"
+        rigs.append((rig, what))
+    return rigs
+
+
+def adapted_model(
+    source: Source, known_good: list[tuple[str, np.ndarray]], base: Path, steps: int, out_dir: Path, args: Any
+) -> tuple[Path, dict[str, Any]]:
+    """The model the rig restores with after adapting `base` on its known-good tiles (models.deblur.adapt),
+    or `base` when the adaptation is refused; and the record of what happened."""
+    from models.deblur.adapt import AdaptError, adapt
+
+    out = out_dir / f"{packed_source_name(source.name)}-rig.onnx"
+    try:
+        done = adapt(
+            [t for _, t in known_good], [n for n, _ in known_good], out, base, steps, args.adapt_device, args.threads
+        )
+    except AdaptError as exc:
+        return base, {"refused": str(exc)}
+    return out, {
+        "model_version": done.sidecar.model_version,
+        "steps": done.steps,
+        "seconds": round(done.seconds, 1),
+        "val_psnr_db_before": round(done.base_psnr_db, 3),
+        "val_psnr_db_after": round(done.adapted_psnr_db, 3),
+    }
 
 
 def score_tile(
@@ -319,8 +375,18 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | {key} | " + " | ".join(values) + " |")
     lines += ["", "In focus, model output on the tile as acquired vs itself (how much it changes it), dB:", ""]
     lines += [f"- {n}: {e['cells']['in_focus']['model_on_acquired']:.2f}" for n, e in result["sources"].items()]
+    if result.get("adapt_steps") is not None:
+        lines += [
+            "",
+            f"Rig protocol: each source's first {CALIBRATION_TILES} tiles are its rig's known-good tiles "
+            f"(calibration{', adaptation' if result['adapt_steps'] else ''}); the tiles above are the others. "
+            f"Adaptation: {result['adapt_steps']} steps per source.",
+            "",
+        ]
+        lines += [f"- {n}: {json.dumps(e['adaptation'])}" for n, e in result["sources"].items() if "adaptation" in e]
     if result.get("calibrated"):
-        lines += ["", "Rig calibration per tile (5 other tiles of its source; restoration blend measured on them):", ""]
+        where = "its source's first 5 tiles" if result.get("adapt_steps") is not None else "5 other tiles of its source"
+        lines += ["", f"Rig calibration per tile ({where}; restoration blend measured on them):", ""]
         lines += [f"- {n}: {'; '.join(e['calibration'])}" for n, e in result["sources"].items()]
     lines += ["", "How each source was cut:", ""]
     lines += [f"- {n}: {e['note']}; tiles used: {', '.join(e['tiles'])}" for n, e in result["sources"].items()]
@@ -356,16 +422,28 @@ def main() -> None:
         help="with --calibrated: calibrate only on other tiles stated at this pixel size (PIXEL_SIZE_NM; the rat "
         "SEM has 100, 130 and 180 nm), as a rig calibrated at one pixel size restores tiles of every size",
     )
+    parser.add_argument(
+        "--adapt-steps",
+        type=int,
+        default=None,
+        help="the rig protocol: each source's first 5 tiles are known-good, the others tested; N > 0 adapts the "
+        "model to the rig on those 5 first (models.deblur.adapt, N steps); 0: the same protocol, not adapted",
+    )
+    parser.add_argument("--adapt-device", choices=("cpu", "cuda"), default="cpu", help="where adaptation trains")
+    parser.add_argument("--adapted-dir", type=Path, default=None, help="keep the adapted models here")
     parser.add_argument("--seed", type=int, default=20261127)
     parser.add_argument(
         "--out", type=Path, default=None, help="default bench/results/deblur_sources.json (_loso with --loso)"
     )
     add_pixel_size_option(parser)
     args = parser.parse_args()
+    if args.adapt_steps is not None and args.calibrate_at_nm is not None:
+        parser.error("--calibrate-at-nm picks calibration tiles per tested tile; --adapt-steps takes the first 5")
     use_pixel_sizes(not args.ignore_pixel_sizes)
     if args.out is None:
         loso, calibrated = "_loso" if args.loso is not None else "", "_calibrated" if args.calibrated else ""
-        stem = f"deblur_sources{loso}{calibrated}"
+        adapted = "" if args.adapt_steps is None else f"_rig{args.adapt_steps}"
+        stem = f"deblur_sources{loso}{calibrated}{adapted}"
         args.out = RESULTS / f"{stem}.json"
     detector = BlurDetector.from_config(DetectorConfig()) if args.calibrated else None
     start = time.monotonic()
@@ -384,21 +462,36 @@ def main() -> None:
             restorers[model_path] = TileRestorer.from_config(cfg)
         return restorers[model_path]
 
+    scratch = tempfile.TemporaryDirectory(prefix="deblur-sources-")
+    adapted_dir = args.adapted_dir if args.adapted_dir is not None else Path(scratch.name)
     sources = {}
     for source in load_sources(args.corpus):
         if args.sources and source.name not in args.sources:
             continue
         t0 = time.monotonic()
         model_path = args.model if args.loso is None else args.loso / f"loso-{packed_source_name(source.name)}.onnx"
-        restorer = restorer_for(model_path)
-        tiles = pick_tiles(source, args.tiles, args.side)
-        rigs = (
-            None
-            if detector is None
-            else [rig_for_tile(source, name, restorer, detector, args.calibrate_at_nm) for name, _ in tiles]
-        )
+        adaptation = None
+        if args.adapt_steps is None:
+            tiles = pick_tiles(source.tiles, args.tiles, args.side)
+            restorer = restorer_for(model_path)
+            rigs = (
+                None
+                if detector is None
+                else [rig_for_tile(source, name, restorer, detector, args.calibrate_at_nm) for name, _ in tiles]
+            )
+        else:
+            known_good, tiles = rig_split(source, args.tiles, args.side)
+            if args.adapt_steps > 0:
+                model_path, adaptation = adapted_model(
+                    source, known_good, model_path, args.adapt_steps, adapted_dir, args
+                )
+            restorer = restorer_for(model_path)
+            names = [name for name, _ in tiles]
+            rigs = None if detector is None else rigs_calibrated_on(source, known_good, names, restorer, detector)
         entry = score_source(restorer, tiles, rng, assess, rigs=rigs)
         sources[source.name] = {"note": source.note, "model_version": restorer.model_version, **entry}
+        if adaptation is not None:
+            sources[source.name]["adaptation"] = adaptation
         print(f"{source.name}: {len(entry['tiles'])} tiles, {time.monotonic() - t0:.0f} s", flush=True)
     result = {
         "command": " ".join(["python", *sys.argv]),
@@ -414,6 +507,8 @@ def main() -> None:
         else "not the bundled model: check its training data (deblur_gpu v3 saw every em-corpus source)",
         "estimate": args.estimate,
         "calibrated": args.calibrated,
+        "adapt_steps": args.adapt_steps,
+        "adapt_device": args.adapt_device if args.adapt_steps else None,
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared, load {os.getloadavg()[0]:.1f}, "
         f"{args.threads} ONNX Runtime thread(s)",
@@ -430,6 +525,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     args.out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
+    scratch.cleanup()
     print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} ({result['runtime_s']:.0f} s)")
 
 

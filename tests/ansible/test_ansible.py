@@ -466,6 +466,7 @@ def test_several_microscopes_render_a_valid_rig_yaml_and_a_firewall_per_controll
         "deblur_appliance_output_dir": "/srv/out",
         "deblur_appliance_curve_server_secret_key_file": str(keys / "server.key_secret"),
         "deblur_appliance_calibration_file": "/etc/em/rig-calibration.json",
+        "deblur_appliance_deblur_model_file": "/etc/em/deblur-rig.onnx",
         "deblur_appliance_monitoring_address": "192.0.2.50",
         "deblur_appliance_deblur_torch_compile": "default",
         "deblur_appliance_tile_shape": [2400, 2048],
@@ -491,6 +492,8 @@ def test_several_microscopes_render_a_valid_rig_yaml_and_a_firewall_per_controll
     assert (config.deblur.num_replicas, config.ray.num_gpus) == (4, 2)
     # The fused deblur network, warmed up at start on the rig's tile shape.
     assert (config.deblur.torch_compile, config.deblur.warmup_tile_shape) == ("default", (2400, 2048))
+    # The deblur model adapted to the rig (models/deblur/adapt.py), shared by both microscopes.
+    assert config.deblur.model_path == Path("/etc/em/deblur-rig.onnx")
     rules = [line.strip() for line in ruleset.read_text(encoding="utf-8").splitlines()
              if line.startswith("        ") and "#" not in line]
     opened = [rule for rule in rules if "saddr" in rule]
@@ -518,6 +521,7 @@ def test_one_microscope_renders_as_before(tmp_path):
     assert "microscopes" not in raw and raw["ingest"]["tile_endpoint"] == "tcp://0.0.0.0:5555"
     (only,) = load_rig_config(rig_yaml).served_microscopes()
     assert (only.name, only.feedback_endpoint) == ("rig-1", "tcp://0.0.0.0:5556")
+    assert load_rig_config(rig_yaml).deblur.model_path is None  # the bundled model
     deblur = load_rig_config(rig_yaml).deblur
     assert (deblur.torch_compile, deblur.warmup_tile_shape) == ("off", None)  # the role's defaults
     assert "tcp dport { 5555, 5556 } ip saddr 192.0.2.10 accept" in ruleset.read_text(encoding="utf-8")

@@ -187,7 +187,33 @@ _LOSO_DEEP = {
     "init_from": None,
     "model": {**_LOSO["model"], "enc_blocks": [1, 1, 4], "middle_blocks": 6},
 }
+# models/deblur/adapt.py replaces `model` with the base model's and the patch sides and bit depth per rig.
+_ADAPT = {
+    **_LOSO,
+    "run_name": "rig-adapt",
+    "seed": 20261128,
+    "init_from": None,
+    "data": {
+        **_LOSO["data"],
+        "own_noise_fraction": 1.0,
+        "batch": 8,
+        "val_patches": 32,
+        "val_patch": 128,
+        "val_seed": 20261129,
+    },
+    "train": {
+        **_LOSO["train"],
+        "steps": 200,
+        "max_minutes": 30.0,
+        "schedule": "steps",
+        "lr": 1.0e-4,
+        "warmup_steps": 10,
+        "val_every": 1000000,
+    },
+    "cpu_overrides": None,
+}
 FROZEN = {
+    "adapt.yaml": _ADAPT,
     "loso.yaml": _LOSO,
     "loso_scratch.yaml": _LOSO_SCRATCH,
     "loso_deep.yaml": _LOSO_DEEP,
