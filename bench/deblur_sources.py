@@ -171,7 +171,13 @@ def rigs_calibrated_on(
 
 
 def adapted_model(
-    source: Source, known_good: list[tuple[str, np.ndarray]], base: Path, steps: int, out_dir: Path, args: Any
+    source: Source,
+    known_good: list[tuple[str, np.ndarray]],
+    base: Path,
+    steps: int,
+    out_dir: Path,
+    device: str,
+    threads: int,
 ) -> tuple[Path, dict[str, Any]]:
     """The model the rig restores with after adapting `base` on its known-good tiles (models.deblur.adapt),
     or `base` when the adaptation is refused; and the record of what happened."""
@@ -179,9 +185,7 @@ def adapted_model(
 
     out = out_dir / f"{packed_source_name(source.name)}-rig.onnx"
     try:
-        done = adapt(
-            [t for _, t in known_good], [n for n, _ in known_good], out, base, steps, args.adapt_device, args.threads
-        )
+        done = adapt([t for _, t in known_good], [n for n, _ in known_good], out, base, steps, device, threads)
     except AdaptError as exc:
         return base, {"refused": str(exc)}
     return out, {
@@ -437,6 +441,8 @@ def main() -> None:
     )
     add_pixel_size_option(parser)
     args = parser.parse_args()
+    if args.adapt_steps is not None and args.adapt_steps < 0:
+        parser.error(f"--adapt-steps {args.adapt_steps}: 0 (the rig protocol, not adapted) or more")
     if args.adapt_steps is not None and args.calibrate_at_nm is not None:
         parser.error("--calibrate-at-nm picks calibration tiles per tested tile; --adapt-steps takes the first 5")
     use_pixel_sizes(not args.ignore_pixel_sizes)
@@ -483,7 +489,7 @@ def main() -> None:
             known_good, tiles = rig_split(source, args.tiles, args.side)
             if args.adapt_steps > 0:
                 model_path, adaptation = adapted_model(
-                    source, known_good, model_path, args.adapt_steps, adapted_dir, args
+                    source, known_good, model_path, args.adapt_steps, adapted_dir, args.adapt_device, args.threads
                 )
             restorer = restorer_for(model_path)
             names = [name for name, _ in tiles]

@@ -14,7 +14,7 @@ from appliance.pixels import centre_crop
 from appliance.restoration.restorer import TileRestorer
 from appliance.tile_io import read_tile
 from bench.deblur_eval import make_assessor
-from bench.deblur_sources import rig_for_tile, score_source
+from bench.deblur_sources import rig_for_tile, rig_split, rigs_calibrated_on, score_source
 from bench.detector_sources import CORPUS, Source
 from models.blur_synth import DATA_DIR, FAMILIES
 
@@ -76,3 +76,21 @@ def test_calibrated_tiles_are_restored_by_a_rig_calibrated_on_five_other_tiles_o
     blank = Source("blank", [(f"b{i}", np.full((256, 256), 90, np.uint8)) for i in range(6)], [], "constant")
     none, why = rig_for_tile(blank, "b0", restorer, detector)
     assert none is None and why.startswith("calibration refused: ") and "constant image" in why
+
+
+def test_the_rig_protocol_calibrates_once_on_the_first_five_tiles_and_tests_only_the_others() -> None:
+    images = [read_tile(DATA_DIR / f"{i}.png") for i in range(22, 26)]
+    crops = [(f"{i}[{o}]", image[o : o + 256, o : o + 256].copy()) for i, image in enumerate(images) for o in (0, 256)]
+    source = Source("isbi-crops", crops, [], "4 slices, 2 crops each")
+    known_good, tested = rig_split(source, 6, 128)
+    assert [n for n, _ in known_good] == [n for n, _ in crops[:5]]
+    assert [n for n, _ in tested] == [n for n, _ in crops[5:]]  # 3 left: all of them, never a known-good one
+    assert all(t.shape == (128, 128) for _, t in tested)
+    restorer = TileRestorer.from_config(DeblurConfig(backend="classical"))
+    detector = BlurDetector.from_config(DetectorConfig())
+    rigs = rigs_calibrated_on(source, known_good, [n for n, _ in tested], restorer, detector)
+    direct = calibrate([t for _, t in known_good], [n for n, _ in known_good], detector).spectral_arrays()
+    assert direct is not None and len(rigs) == 3
+    for rig, what in rigs:  # one calibration, the same for every tested tile
+        assert rig is not None and what == f"model share {rig.model_weight:g}"
+        np.testing.assert_array_equal(rig.reference[0], direct[0])
