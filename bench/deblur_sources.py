@@ -20,6 +20,8 @@ with `--loso`) is first adapted to the rig on those 5 tiles (`models.deblur.adap
 `--calibrated` the rig is calibrated once on them, its blend measured with the model it restores with.
 `--adapt-steps 0` is the same protocol without the adaptation: the baseline to compare with. An adaptation
 that does not improve on the rig's own tiles writes nothing (adapt.py), and the base model restores.
+`--share-from-base` measures the blend's share with the model before adaptation (it never saw the known-good
+tiles) and applies it to the adapted one; `calibrate` measures it with the model it is given, the adapted one.
 
 Sources (bench/detector_sources.load_sources): every folder of ../shared/data/em-corpus (its `soft/`
 tiles are soft at the source, never sharp targets, and are not used) plus the isbi2012-train test split
@@ -53,6 +55,7 @@ ORACLE_MAX_DEFICIT_DB (0.5 dB) below the oracle.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -152,19 +155,24 @@ def rigs_calibrated_on(
     names: list[str],
     restorer: TileRestorer,
     detector: BlurDetector,
+    share_restorer: TileRestorer | None = None,
 ) -> list[tuple[RigRestoration | None, str]]:
     """Per tile of `names`, the restoration of the rig calibrated once on `known_good` (its blend measured
-    with `restorer`'s model), and what happened (`rig_for_tile`)."""
+    with `restorer`'s model, or with `share_restorer`'s and applied to `restorer`'s: `--share-from-base`), and
+    what happened (`rig_for_tile`)."""
     sizes = calibration_pixel_sizes(source.name, [n for n, _ in known_good])
     try:
         calibration = calibrate([t for _, t in known_good], [n for n, _ in known_good], detector, sizes)
     except CalibrationError as exc:
         return [(None, f"calibration refused: {exc}")] * len(names)
-    calibration = with_restoration_blend(calibration, [t for _, t in known_good], restorer, sizes)
+    measured_with = share_restorer if share_restorer is not None else restorer
+    calibration = with_restoration_blend(calibration, [t for _, t in known_good], measured_with, sizes)
     rigs = []
     for name in names:
         inputs = calibration.restoration_inputs(tile_pixel_size_nm(source.name, name))
         rig = None if inputs is None else RigRestoration(*inputs)
+        if rig is not None and share_restorer is not None:
+            rig = dataclasses.replace(rig, deblur_model=restorer.weights_version)
         what = "no restoration blend (no spectral reference)" if rig is None else f"model share {rig.model_weight:g}"
         rigs.append((rig, what))
     return rigs
@@ -435,6 +443,12 @@ def main() -> None:
     )
     parser.add_argument("--adapt-device", choices=("cpu", "cuda"), default="cpu", help="where adaptation trains")
     parser.add_argument("--adapted-dir", type=Path, default=None, help="keep the adapted models here")
+    parser.add_argument(
+        "--share-from-base",
+        action="store_true",
+        help="with --adapt-steps N > 0 and --calibrated: the blend's share is measured with the model before "
+        "adaptation (which never saw the known-good tiles) and applied to the adapted one",
+    )
     parser.add_argument("--seed", type=int, default=20261127)
     parser.add_argument(
         "--out", type=Path, default=None, help="default bench/results/deblur_sources.json (_loso with --loso)"
@@ -443,12 +457,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.adapt_steps is not None and args.adapt_steps < 0:
         parser.error(f"--adapt-steps {args.adapt_steps}: 0 (the rig protocol, not adapted) or more")
+    if args.share_from_base and not (args.calibrated and args.adapt_steps):
+        parser.error("--share-from-base needs --calibrated and --adapt-steps N > 0")
     if args.adapt_steps is not None and args.calibrate_at_nm is not None:
         parser.error("--calibrate-at-nm picks calibration tiles per tested tile; --adapt-steps takes the first 5")
     use_pixel_sizes(not args.ignore_pixel_sizes)
     if args.out is None:
         loso, calibrated = "_loso" if args.loso is not None else "", "_calibrated" if args.calibrated else ""
         adapted = "" if args.adapt_steps is None else f"_rig{args.adapt_steps}"
+        adapted += "_base_share" if args.share_from_base else ""
         stem = f"deblur_sources{loso}{calibrated}{adapted}"
         args.out = RESULTS / f"{stem}.json"
     detector = BlurDetector.from_config(DetectorConfig()) if args.calibrated else None
@@ -487,13 +504,19 @@ def main() -> None:
             )
         else:
             known_good, tiles = rig_split(source, args.tiles, args.side)
+            base_path = model_path
             if args.adapt_steps > 0:
                 model_path, adaptation = adapted_model(
                     source, known_good, model_path, args.adapt_steps, adapted_dir, args.adapt_device, args.threads
                 )
             restorer = restorer_for(model_path)
             names = [name for name, _ in tiles]
-            rigs = None if detector is None else rigs_calibrated_on(source, known_good, names, restorer, detector)
+            share_restorer = restorer_for(base_path) if args.share_from_base and model_path != base_path else None
+            rigs = (
+                None
+                if detector is None
+                else rigs_calibrated_on(source, known_good, names, restorer, detector, share_restorer)
+            )
         entry = score_source(restorer, tiles, rng, assess, rigs=rigs)
         sources[source.name] = {"note": source.note, "model_version": restorer.model_version, **entry}
         if adaptation is not None:
@@ -515,6 +538,7 @@ def main() -> None:
         "calibrated": args.calibrated,
         "adapt_steps": args.adapt_steps,
         "adapt_device": args.adapt_device if args.adapt_steps else None,
+        "share_from_base": args.share_from_base,
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared, load {os.getloadavg()[0]:.1f}, "
         f"{args.threads} ONNX Runtime thread(s)",
