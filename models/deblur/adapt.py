@@ -41,15 +41,16 @@ from appliance.tile_io import TileError, check_tile_pixels, read_tile
 from appliance.weights import WEIGHTS_DIR
 from models.deblur.export import export_run
 from models.deblur.gpu_synth import DeviceImages, SynthConfig, make_batch
-from models.deblur.recipe import DeblurRecipe, ModelConfig, build_model, load_recipe
+from models.deblur.recipe import DeblurRecipe, InitFrom, ModelConfig, build_model, load_recipe
 from models.deblur.train import (
+    backward_step,
     device_setup,
     evaluate,
     learning_rate,
     load_parent_weights,
     make_optimizer,
+    parent_checkpoint,
     to_device,
-    training_loss,
 )
 
 ADAPT_RECIPE = Path(__file__).resolve().parent / "adapt.yaml"
@@ -117,24 +118,29 @@ def base_model(base: Path) -> tuple[DeblurSidecar, dict[str, torch.Tensor]]:
         raise AdaptError(f"{base}: a PSF-aware model; only blind models are adapted (adapt.py)")
     if sidecar.recipe is None or "model" not in sidecar.recipe:
         raise AdaptError(f"{base.with_suffix('.json')}: no recipe.model in the sidecar; re-export the model")
-    program_path = base.with_suffix(".pt2")
+    program_path = base.with_suffix(".pt2").resolve()
     try:
-        program = torch.export.load(str(program_path))
+        state = parent_checkpoint(InitFrom(program=str(program_path)))["model"]
     except (OSError, RuntimeError, ValueError) as exc:
         raise AdaptError(f"{program_path}: cannot load the base model's weights: {exc}") from exc
-    return sidecar, {k: v.detach().clone() for k, v in program.state_dict.items()}
+    return sidecar, state
 
 
 def adaptation_recipe(
-    base: DeblurSidecar, patch: int, uint16: bool, steps: int | None = None, lr: float | None = None
+    recipe: DeblurRecipe,
+    base: DeblurSidecar,
+    patch: int,
+    uint16: bool,
+    steps: int | None = None,
+    lr: float | None = None,
 ) -> DeblurRecipe:
-    """adapt.yaml with the base model's architecture, this run's patch side and bit depth, and the steps and
-    learning rate when given."""
-    recipe = load_recipe(ADAPT_RECIPE)
+    """`recipe` (adapt.yaml) with the base model's architecture, this run's patch side and bit depth, and the
+    steps and learning rate when given."""
+    assert base.recipe is not None  # base_model refuses a sidecar without recipe.model
     data = recipe.data.model_copy(update={"patch": patch, "val_patch": patch, "uint16_fraction": float(uint16)})
     changes = {"steps": steps, "lr": lr}
     train = recipe.train.model_copy(update={k: v for k, v in changes.items() if v is not None})
-    model = ModelConfig.model_validate(base.recipe["model"]) if base.recipe else recipe.model
+    model = ModelConfig.model_validate(base.recipe["model"])
     return recipe.model_copy(update={"model": model, "data": data, "train": train})
 
 
@@ -161,10 +167,10 @@ def adapt(
         raise AdaptError(f"--steps {steps}: adapting takes at least 1 step")
     if lr is not None and not lr > 0:
         raise AdaptError(f"--lr {lr}: the learning rate must be > 0")
-    defaults = load_recipe(ADAPT_RECIPE).data
-    patch = check_tiles(tiles, names, defaults.margin, defaults.patch)
+    defaults = load_recipe(ADAPT_RECIPE)
+    patch = check_tiles(tiles, names, defaults.data.margin, defaults.data.patch)
     base_sidecar, base_state = base_model(Path(base))
-    recipe = adaptation_recipe(base_sidecar, patch, tiles[0].dtype == np.uint16, steps, lr)
+    recipe = adaptation_recipe(defaults, base_sidecar, patch, tiles[0].dtype == np.uint16, steps, lr)
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise AdaptError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
@@ -194,23 +200,16 @@ def adapt(
     rng = np.random.default_rng(recipe.seed)
     generator = torch.Generator(device=torch_device).manual_seed(recipe.seed)
     optimizer = make_optimizer(model, recipe.train, fused=torch_device.type == "cuda")
-    step = 0
+    steps_done = 0
     model.train()
     with _progress(progress, recipe.train.steps) as advance:
         for step in range(recipe.train.steps):
             minutes = (time.monotonic() - started) / 60.0
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, recipe.train, minutes)
-            inputs, sharp = make_batch(images, rng, generator, synth)
-            if torch_device.type == "cuda":
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with amp():
-                restored = model(inputs)
-            loss = training_loss(restored.float(), sharp, recipe.train.loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
+            backward_step(model, optimizer, *make_batch(images, rng, generator, synth), recipe.train, amp)
             optimizer.step()
+            steps_done = step + 1
             advance()
             if minutes >= recipe.train.max_minutes:
                 break
@@ -220,15 +219,16 @@ def adapt(
             f"the adapted model restores the rig's own tiles no better than {base}: {base_psnr:.2f} -> "
             f"{adapted_psnr:.2f} dB (model scale); nothing written, keep the base model"
         )
+    digest = tiles_digest(tiles)
     record: dict[str, Any] = {
         **recipe.as_dict(),
-        "run_name": f"{_run_name(base_sidecar)}-rig{tiles_digest(tiles)[:8]}",
+        "run_name": f"{_run_name(base_sidecar)}-rig{digest[:8]}",
         "adaptation": {
             "base_model": base_sidecar.model_version,
             "base_onnx_sha256": base_sidecar.onnx_sha256,
             "tiles": list(names),
-            "tiles_sha256": tiles_digest(tiles),
-            "steps": step + 1,
+            "tiles_sha256": digest,
+            "steps": steps_done,
             "device": device,
             "val_psnr_db_before": round(base_psnr, 3),
             "val_psnr_db_after": round(adapted_psnr, 3),
@@ -236,11 +236,11 @@ def adapt(
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory(prefix="deblur-adapt-") as tmp:
-        checkpoint = {"model": state, "config": record, "step": step + 1, "val_psnr": adapted_psnr}
+        checkpoint = {"model": state, "config": record, "step": steps_done, "val_psnr": adapted_psnr}
         torch.save(checkpoint, Path(tmp) / "best.pt")
         out.parent.mkdir(parents=True, exist_ok=True)
         sidecar = export_run(Path(tmp), out.parent, name=out.stem)
-    return Adapted(sidecar, base_psnr, adapted_psnr, step + 1, time.monotonic() - started)
+    return Adapted(sidecar, base_psnr, adapted_psnr, steps_done, time.monotonic() - started)
 
 
 def _run_name(sidecar: DeblurSidecar) -> str:

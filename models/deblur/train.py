@@ -236,6 +236,26 @@ def packed_source(cfg: DeblurRecipe, data_path: Path, device: torch.device, rng:
     return DataSource(lambda: make_batch(train, rng, generator, synth), val)
 
 
+def backward_step(
+    model: DeblurNet,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    sharp: torch.Tensor,
+    train_cfg: TrainConfig,
+    amp: Callable[[], contextlib.AbstractContextManager],
+) -> torch.Tensor:
+    """One batch's forward and backward pass, gradients clipped; the loss. The optimizer step is the caller's."""
+    if inputs.is_cuda:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with amp():
+        restored = model(inputs)
+    loss = training_loss(restored.float(), sharp, train_cfg.loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+    return loss
+
+
 def make_optimizer(model: DeblurNet, train_cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
     """AdamW from the `train:` section; fused (one kernel for all parameters) on CUDA."""
     return torch.optim.AdamW(
@@ -344,7 +364,6 @@ def train(
     history: list[dict[str, float]] = []
     best_psnr, stopped_early = -math.inf, False
     steps = train_cfg.steps
-    loss_kind = train_cfg.loss
     cap_minutes = train_cfg.max_minutes
     loop_started = time.monotonic()
     step = 0
@@ -371,15 +390,7 @@ def train(
         minutes = (time.monotonic() - started) / 60.0
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, train_cfg, minutes)
-        inputs, sharp = source.next_batch()
-        if torch_device.type == "cuda":
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with amp():
-            restored = model(inputs)
-        loss = training_loss(restored.float(), sharp, loss_kind)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        loss = backward_step(model, optimizer, *source.next_batch(), train_cfg, amp)
         try:
             optimizer.step()
         except RuntimeError as exc:

@@ -58,9 +58,14 @@ def test_one_crop_gives_psnr_in_db_per_cell_and_the_oracle_beats_the_input_at_si
     assert summary["meets_done_when"] == (summary["gain_over_input_every_cell"] and summary["within_oracle_every_cell"])
 
 
+def isbi_crops(slices: range) -> list[tuple[str, np.ndarray]]:
+    """Two 256 px crops of each ISBI validation slice: a source of one rig."""
+    images = [read_tile(DATA_DIR / f"{i}.png") for i in slices]
+    return [(f"{i}[{o}]", image[o : o + 256, o : o + 256].copy()) for i, image in enumerate(images) for o in (0, 256)]
+
+
 def test_calibrated_tiles_are_restored_by_a_rig_calibrated_on_five_other_tiles_of_the_source() -> None:
-    images = [read_tile(DATA_DIR / f"{i}.png") for i in range(22, 25)]
-    crops = [(f"{i}[{o}]", image[o : o + 256, o : o + 256].copy()) for i, image in enumerate(images) for o in (0, 256)]
+    crops = isbi_crops(range(22, 25))
     source = Source("isbi-crops", crops, [], "3 slices, 2 crops each")
     restorer = TileRestorer.from_config(DeblurConfig(backend="classical"))
     detector = BlurDetector.from_config(DetectorConfig())
@@ -79,8 +84,7 @@ def test_calibrated_tiles_are_restored_by_a_rig_calibrated_on_five_other_tiles_o
 
 
 def test_the_rig_protocol_calibrates_once_on_the_first_five_tiles_and_tests_only_the_others() -> None:
-    images = [read_tile(DATA_DIR / f"{i}.png") for i in range(22, 26)]
-    crops = [(f"{i}[{o}]", image[o : o + 256, o : o + 256].copy()) for i, image in enumerate(images) for o in (0, 256)]
+    crops = isbi_crops(range(22, 26))
     source = Source("isbi-crops", crops, [], "4 slices, 2 crops each")
     known_good, tested = rig_split(source, 6, 128)
     assert [n for n, _ in known_good] == [n for n, _ in crops[:5]]
